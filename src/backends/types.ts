@@ -1,0 +1,106 @@
+import type { ConsolaInstance } from "consola";
+import type * as v from "valibot";
+import type { Sql } from "../db.ts";
+import type { Message } from "../message.ts";
+
+export type Direction = "forward" | "reverse";
+
+/** What a backend gets besides its own options. */
+export interface BackendContext {
+  pipeline: string;
+  direction: Direction;
+  relayGroupId: string;
+  log: ConsolaInstance;
+  /** The relay's own database (the outbox source and the inbox sink use it). */
+  sql: Sql;
+  postgresUrl: string;
+  /** Drain mode: a source ends its iteration once it has nothing pending. */
+  drain: boolean;
+}
+
+/** A message that can never be delivered, on its way to pgtrickle.relay_dead_letters. */
+export interface DeadLetter {
+  dedup_key: string;
+  outbox_id: string | null;
+  message: unknown;
+  error: string;
+  kind: "sink_permanent" | "decode" | "inbox_permanent";
+}
+
+/** A message the sink's system will never accept (too large, invalid name, HTTP 4xx…). */
+export interface Rejection {
+  message: Message;
+  error: string;
+}
+
+/**
+ * A sink writes a whole batch or throws. It resolves only when every message it does not return
+ * as rejected was durably accepted downstream (broker ack, fsync, commit). Throwing a
+ * `transient` RelayError makes the pipeline retry the whole batch; the dedup keys make the
+ * replay harmless. Permanent per-message failures are returned, not thrown.
+ */
+export interface Sink {
+  /** e.g. `nats nats://127.0.0.1:4222 → pgtrickle.{stream_table}.{op}`; never holds a secret. */
+  readonly describe: string;
+  /** Connects and checks the destination exists (or creates it when configured to). */
+  start(): Promise<void>;
+  write(messages: Message[]): Promise<Rejection[]>;
+  close(): Promise<void>;
+}
+
+export interface Batch {
+  messages: Message[];
+  /** Source data that could not be decoded; written to the dead-letter table before ack. */
+  deadLetters: DeadLetter[];
+  /** Commits the source position; called only after the sink accepted the batch. */
+  ack(): Promise<void>;
+  /** Hands the messages back after a failed write (e.g. AMQP nack with requeue). */
+  release?(): Promise<void>;
+}
+
+export interface Lag {
+  rows: number;
+  seconds: number;
+}
+
+export interface Source {
+  readonly describe: string;
+  start(): Promise<void>;
+  /** Yields batches until the signal aborts, or in drain mode until nothing is pending. */
+  batches(signal: AbortSignal): AsyncIterable<Batch>;
+  close(): Promise<void>;
+  /** Rows and age of what is still to be relayed, where the source can know it. */
+  lag?(): Promise<Lag | null>;
+  /** Cuts an idle sleep short (LISTEN notification, push). */
+  wake?(): void;
+}
+
+export interface SinkSpec<S extends v.GenericSchema = v.GenericSchema> {
+  config: S;
+  create(config: v.InferOutput<S>, ctx: BackendContext): Sink;
+}
+
+export interface SourceSpec<S extends v.GenericSchema = v.GenericSchema> {
+  config: S;
+  create(config: v.InferOutput<S>, ctx: BackendContext): Source;
+}
+
+export interface Backend {
+  type: string;
+  aliases?: string[];
+  sink?: SinkSpec<any>;
+  source?: SourceSpec<any>;
+}
+
+/** Keeps each backend file's shape checked by the compiler. */
+export function defineBackend<B extends Backend>(backend: B): B {
+  return backend;
+}
+
+export function sinkSpec<S extends v.GenericSchema>(spec: SinkSpec<S>): SinkSpec<S> {
+  return spec;
+}
+
+export function sourceSpec<S extends v.GenericSchema>(spec: SourceSpec<S>): SourceSpec<S> {
+  return spec;
+}

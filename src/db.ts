@@ -1,0 +1,71 @@
+import postgres from "postgres";
+import { errorMessage } from "./errors.ts";
+
+export type Sql = postgres.Sql<Record<string, never>>;
+
+/** `user@host:port/db` — what a log line may say about a URL; never the password. */
+export function describeUrl(url: string): string {
+  try {
+    const u = new URL(url);
+    const user = u.username ? `${decodeURIComponent(u.username)}@` : "";
+    const db = u.pathname.replace(/^\//, "") || "(default db)";
+    return `${user}${u.hostname || "localhost"}:${u.port || "5432"}/${db}`;
+  } catch {
+    return "(unparseable URL)";
+  }
+}
+
+/** Removes any password that a driver error message may have echoed back. */
+export function redact(text: string, url?: string): string {
+  let out = text.replace(/(\w+:\/\/[^:/@\s]+:)[^@\s]+@/g, "$1***@");
+  if (url) {
+    try {
+      const pw = decodeURIComponent(new URL(url).password);
+      if (pw) out = out.split(pw).join("***");
+    } catch {
+      /* not a URL: nothing more to hide */
+    }
+  }
+  return out;
+}
+
+export interface ConnectOptions {
+  /** Connections in this client's pool; a coordinator or LISTEN session uses 1. */
+  max?: number;
+  /** Seconds before an attempt to connect gives up. */
+  connectTimeout?: number;
+  applicationName?: string;
+}
+
+/**
+ * A postgres.js client with the relay's settings. bigint columns stay strings (outbox ids must
+ * stay exact); notices are not printed (extension functions raise NOTICEs on purpose).
+ */
+export function connect(url: string, options: ConnectOptions = {}): Sql {
+  return postgres(url, {
+    max: options.max ?? 4,
+    connect_timeout: options.connectTimeout ?? 10,
+    idle_timeout: 0,
+    onnotice: () => {},
+    connection: { application_name: options.applicationName ?? "pgtrickle-relay" },
+  }) as Sql;
+}
+
+/** One line for a failed connection: where to, what failed, what to try. No password, no stack. */
+export function explainConnectError(err: unknown, url: string): string {
+  const code = (err as { code?: string })?.code;
+  const target = describeUrl(url);
+  const hint =
+    code === "ECONNREFUSED"
+      ? "is the server running and listening there? (scripts/services starts a local one)"
+      : code === "28P01" || code === "28000"
+        ? "check the user name and password"
+        : code === "3D000"
+          ? "create the database or fix the URL"
+          : code === "CONNECT_TIMEOUT" || code === "ETIMEDOUT"
+            ? "the host did not answer in time; check host, port and firewall"
+            : code === "ENOTFOUND"
+              ? "the host name does not resolve"
+              : "check the URL";
+  return `cannot connect to PostgreSQL at ${target}: ${redact(errorMessage(err), url)} — ${hint}`;
+}

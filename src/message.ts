@@ -1,0 +1,93 @@
+/**
+ * The relay message and its wire envelope (CONTRACT.md §6). One Message flows from a source
+ * through the pipeline to a sink; `context` carries what templates need and is never sent.
+ */
+export type Op = "insert" | "delete" | "summary" | "event";
+
+export interface MessageContext {
+  pipeline: string;
+  /** Forward: the stream table's bare name, its schema and the outbox table name. */
+  stream_table?: string;
+  schema?: string;
+  outbox?: string;
+}
+
+export interface Message {
+  dedup_key: string;
+  subject: string;
+  payload: unknown;
+  op: Op;
+  is_full_refresh: boolean;
+  /** A PostgreSQL bigint, checked to be ≤ 2^53−1 when decoded. */
+  outbox_id: number | null;
+  refresh_id: string | null;
+  context: MessageContext;
+  /** Reverse: transport headers/attributes of the inbound message (trace context, event type…). */
+  headers?: Record<string, string>;
+}
+
+/** The JSON body every broker sink sends: exactly these keys, in this order (§6.1). */
+export interface Envelope {
+  dedup_key: string;
+  subject: string;
+  payload: unknown;
+  op: Op;
+  is_full_refresh: boolean;
+  outbox_id: number | null;
+  refresh_id: string | null;
+}
+
+export function toEnvelope(m: Message): Envelope {
+  return {
+    dedup_key: m.dedup_key,
+    subject: m.subject,
+    payload: m.payload,
+    op: m.op,
+    is_full_refresh: m.is_full_refresh,
+    outbox_id: m.outbox_id,
+    refresh_id: m.refresh_id,
+  };
+}
+
+export const envelopeJson = (m: Message): string => JSON.stringify(toEnvelope(m));
+
+/** `<outbox_table>:<outbox_id>:<row_index>` — depends only on the immutable header row (§6.2). */
+export const forwardDedupKey = (outbox: string, outboxId: string, rowIndex: number) => `${outbox}:${outboxId}:${rowIndex}`;
+
+export const DEFAULT_SUBJECT_TEMPLATE = "pgtrickle.{stream_table}.{op}";
+
+/**
+ * Renders `{name}` placeholders once per message: {stream_table} {schema} {outbox} {pipeline}
+ * {op} {outbox_id} {refresh_id} (empty when null), and any top-level field of the row payload.
+ * Unknown placeholders stay as written, so a typo is visible downstream rather than silently empty.
+ */
+export function renderTemplate(template: string, m: Message): string {
+  return template.replace(/\{([A-Za-z0-9_]+)\}/g, (whole, name: string) => {
+    switch (name) {
+      case "stream_table":
+      case "schema":
+      case "outbox":
+      case "pipeline":
+        return m.context[name] ?? "";
+      case "op":
+        return m.op;
+      case "outbox_id":
+        return m.outbox_id === null ? "" : String(m.outbox_id);
+      case "refresh_id":
+        return m.refresh_id ?? "";
+    }
+    const payload = m.payload;
+    if (payload && typeof payload === "object" && !Array.isArray(payload) && name in payload) {
+      const value = (payload as Record<string, unknown>)[name];
+      if (value === null || value === undefined) return "";
+      return typeof value === "object" ? JSON.stringify(value) : String(value);
+    }
+    return whole;
+  });
+}
+
+/** True when the template uses row fields (anything but the fixed variables). */
+export function templateUsesRowFields(template: string): boolean {
+  const fixed = new Set(["stream_table", "schema", "outbox", "pipeline", "op", "outbox_id", "refresh_id"]);
+  return [...template.matchAll(/\{([A-Za-z0-9_]+)\}/g)].some((m) => !fixed.has(m[1]!));
+}
