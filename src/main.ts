@@ -1,6 +1,7 @@
 #!/usr/bin/env bun
 import { defineCommand, runMain } from "citty";
 import { catalogCommand } from "./commands/catalog.ts";
+import { drainCommand, runCommand } from "./commands/run.ts";
 import { COMMIT, VERSION } from "./version.ts";
 
 const main = defineCommand({
@@ -11,6 +12,8 @@ const main = defineCommand({
       "Relays pg_trickle outbox rows to NATS, Kafka, HTTP, Redis, SQS, RabbitMQ, PostgreSQL or files, and external events into pg_trickle inboxes. Pipelines are configured in SQL (pgtrickle.set_relay_outbox / set_relay_inbox).",
   },
   subCommands: {
+    run: runCommand,
+    drain: drainCommand,
     catalog: catalogCommand,
   },
 });

@@ -73,6 +73,8 @@ export interface Source {
   lag?(): Promise<Lag | null>;
   /** Cuts an idle sleep short (LISTEN notification, push). */
   wake?(): void;
+  /** Rebuilds messages from a `decode` dead letter (after an operator fixed it) for replay. */
+  decodeStored?(stored: unknown): Promise<Message[]>;
 }
 
 export interface SinkSpec<S extends v.GenericSchema = v.GenericSchema> {

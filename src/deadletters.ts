@@ -1,0 +1,77 @@
+import type { DeadLetter, Direction } from "./backends/types.ts";
+import type { Sql } from "./db.ts";
+import type { Message } from "./message.ts";
+import { toEnvelope } from "./message.ts";
+
+/**
+ * Writes undeliverable messages to pgtrickle.relay_dead_letters, in one statement, before the
+ * batch is acknowledged: nothing is dropped. A message that fails again bumps `attempts`.
+ */
+export async function writeDeadLetters(sql: Sql, pipeline: string, direction: Direction, letters: DeadLetter[]): Promise<void> {
+  if (letters.length === 0) return;
+  const rows = letters.map((d) => ({
+    pipeline,
+    direction,
+    dedup_key: d.dedup_key,
+    outbox_id: d.outbox_id,
+    message: d.message,
+    error: d.error,
+    error_kind: d.kind,
+  }));
+  await sql`
+    INSERT INTO pgtrickle.relay_dead_letters (pipeline, direction, dedup_key, outbox_id, message, error, error_kind)
+    SELECT pipeline, direction, dedup_key, outbox_id::bigint, message, error, error_kind
+    FROM jsonb_to_recordset(${sql.json(rows as never)}::jsonb)
+      AS x(pipeline text, direction text, dedup_key text, outbox_id text, message jsonb, error text, error_kind text)
+    ON CONFLICT (pipeline, direction, dedup_key) DO UPDATE
+      SET attempts = relay_dead_letters.attempts + 1, last_seen_at = now(), error = EXCLUDED.error,
+          message = EXCLUDED.message, error_kind = EXCLUDED.error_kind, resolved_at = NULL, replay_requested_at = NULL`;
+}
+
+/** The form a rejected message is stored in: its envelope plus the template context. */
+export function storedMessage(m: Message): unknown {
+  return { ...toEnvelope(m), context: m.context, ...(m.headers ? { headers: m.headers } : {}) };
+}
+
+export function messageFromStored(stored: unknown): Message | null {
+  const s = stored as Partial<Message> | null;
+  if (!s || typeof s.dedup_key !== "string" || typeof s.op !== "string") return null;
+  return {
+    dedup_key: s.dedup_key,
+    subject: s.subject ?? "",
+    payload: s.payload ?? null,
+    op: s.op,
+    is_full_refresh: s.is_full_refresh === true,
+    outbox_id: typeof s.outbox_id === "number" ? s.outbox_id : null,
+    refresh_id: s.refresh_id ?? null,
+    context: s.context ?? { pipeline: "" },
+    ...(s.headers ? { headers: s.headers } : {}),
+  };
+}
+
+export interface ReplayRow {
+  id: string;
+  dedup_key: string;
+  error_kind: string;
+  message: unknown;
+}
+
+/** Dead letters an operator asked to replay (pgtrickle.replay_relay_dead_letters). */
+export async function replayRequests(sql: Sql, pipeline: string, direction: Direction, limit: number): Promise<ReplayRow[]> {
+  return sql<ReplayRow[]>`
+    SELECT id::text AS id, dedup_key, error_kind, message FROM pgtrickle.relay_dead_letters
+    WHERE pipeline = ${pipeline} AND direction = ${direction} AND replay_requested_at IS NOT NULL AND resolved_at IS NULL
+    ORDER BY id LIMIT ${limit}`;
+}
+
+export async function markReplayed(sql: Sql, ids: string[]): Promise<void> {
+  if (ids.length === 0) return;
+  await sql`UPDATE pgtrickle.relay_dead_letters SET resolved_at = now() WHERE id = ANY(${ids}::bigint[])`;
+}
+
+export async function markReplayFailed(sql: Sql, id: string, error: string): Promise<void> {
+  await sql`
+    UPDATE pgtrickle.relay_dead_letters
+    SET replay_requested_at = NULL, attempts = attempts + 1, last_seen_at = now(), error = ${error}
+    WHERE id = ${id}::bigint`;
+}

@@ -1,0 +1,458 @@
+import * as v from "valibot";
+import type { BackendContext, Batch, DeadLetter, Lag, Source } from "../backends/types.ts";
+import type { Sql } from "../db.ts";
+import { configError, decodeError, errorMessage, RelayError } from "../errors.ts";
+import { DEFAULT_SUBJECT_TEMPLATE, forwardDedupKey, renderTemplate, type Message, type Op } from "../message.ts";
+import { cleanRow, planFor, safeOutboxId, type HeaderRow, type Plan } from "./decode.ts";
+import { enableOutbox, findOutbox, type OutboxTarget } from "./resolve.ts";
+import { Sleeper } from "../sleep.ts";
+
+const positiveInt = (fallback: number) => v.optional(v.pipe(v.number(), v.integer(), v.minValue(1)), fallback);
+
+/** Options of the outbox source (CONTRACT.md §5.2). Pipeline tuning keys live here too. */
+export const OutboxSourceConfig = v.looseObject({
+  /** Stream table (`schema.table` or `table`) or outbox table name; resolved via pgt_outbox_config. */
+  outbox: v.pipe(v.string(), v.minLength(1)),
+  /** Consumer group: set ⇒ consumer-group mode (poll_outbox/commit_offset); null ⇒ simple mode. */
+  group: v.optional(v.nullable(v.string()), null),
+  /** Only used to enable the outbox when `auto_enable_outbox` is true. */
+  retention_hours: positiveInt(24),
+  /** Group mode: the consumer id; must stay the same across restarts. Default `<relay group>:<pipeline>`. */
+  consumer_id: v.optional(v.string()),
+  /** Group mode: lease length passed to poll_outbox, extended while a batch is slow. */
+  visibility_seconds: positiveInt(30),
+  /** Group mode: create the group when missing (checked first: create_consumer_group is not idempotent). */
+  create_group: v.optional(v.boolean(), true),
+  /** Group mode: start position of a group this pipeline creates. */
+  auto_offset_reset: v.optional(v.picklist(["earliest", "latest"]), "earliest"),
+  /** Outbox header rows per poll. One header row may expand to many messages. */
+  batch_size: positiveInt(100),
+  /** Most messages handed to the sink at once; a large header row is split over several batches. */
+  max_batch_messages: positiveInt(1000),
+  /** Idle poll interval; doubles while idle up to max(this, 5 s). A NOTIFY cuts the sleep short. */
+  poll_interval_ms: positiveInt(1000),
+  /** Subject of each message, e.g. `pgtrickle.{stream_table}.{op}`; sinks may have their own template. */
+  subject_template: v.optional(v.string(), DEFAULT_SUBJECT_TEMPLATE),
+  /** Delta-table rows read per query for claim-check rows. */
+  claim_check_fetch_size: positiveInt(1000),
+  /** Call outbox_rows_consumed after committing claim-check rows. It frees them for EVERY reader. */
+  release_claim_check: v.optional(v.boolean(), false),
+  /** An undecodable row: `dead_letter` (row to relay_dead_letters, offset advances) or `halt`. */
+  on_decode_error: v.optional(v.picklist(["dead_letter", "halt"]), "dead_letter"),
+  /** Emit one `summary` message for rows without data (NULL payload, pg_tide counts). */
+  summary_messages: v.optional(v.boolean(), true),
+  /** Keep the extension's internal `__pgt_*` columns in row payloads. */
+  keep_internal_columns: v.optional(v.boolean(), false),
+  /** Call enable_outbox(stream_table, retention_hours) when the stream table has no outbox. */
+  auto_enable_outbox: v.optional(v.boolean(), false),
+});
+export type OutboxSourceConfig = v.InferOutput<typeof OutboxSourceConfig>;
+
+/** How far the simple-mode reader may go: see `deliverablePrefix`. */
+interface WriterCheck {
+  writers: Set<string>;
+  /** Highest id the sequence has handed out at check time. */
+  hwm: bigint;
+}
+
+const HEADER_COLUMNS = "id::text AS id, refresh_id::text AS refresh_id, created_at, inserted_count::text AS inserted_count, deleted_count::text AS deleted_count, is_claim_check, payload";
+
+/**
+ * The forward source: reads an outbox, decodes every payload shape, and hands out batches whose
+ * ack() commits the offset (and then, if configured, releases claim-check rows).
+ */
+export class OutboxSource implements Source {
+  readonly describe: string;
+  private target!: OutboxTarget;
+  private committed = 0n;
+  private consumerId: string;
+  private readonly sleeper = new Sleeper();
+  /** Gaps in the id sequence seen earlier, with the writers that could still fill them. */
+  private readonly openGaps = new Map<string, Set<string>>();
+  /** True when the last poll stopped at a gap that may still be filled. */
+  private blockedOnGap = false;
+  private heartbeat: ReturnType<typeof setInterval> | undefined;
+
+  constructor(
+    private readonly cfg: OutboxSourceConfig,
+    private readonly ctx: BackendContext,
+  ) {
+    this.consumerId = cfg.consumer_id ?? `${ctx.relayGroupId}:${ctx.pipeline}`;
+    this.describe = `outbox ${cfg.outbox}${cfg.group ? ` (group ${cfg.group}, consumer ${this.consumerId})` : ""}`;
+  }
+
+  private headerTable() {
+    return this.sql`${this.sql("pgtrickle")}.${this.sql(this.target.outboxTable)}`;
+  }
+
+  get sql(): Sql {
+    return this.ctx.sql;
+  }
+
+  /** True once start() resolved the outbox. */
+  get ready(): boolean {
+    return this.target !== undefined;
+  }
+
+  get outboxTable(): string {
+    return this.target.outboxTable;
+  }
+
+  get groupMode(): boolean {
+    return !!this.cfg.group;
+  }
+
+  async start(): Promise<void> {
+    let target = await findOutbox(this.sql, this.ctx.pipeline, this.cfg.outbox);
+    if (!target && this.cfg.auto_enable_outbox) {
+      this.ctx.log.info(`enabling the outbox of ${this.cfg.outbox} (auto_enable_outbox)`);
+      await enableOutbox(this.sql, this.cfg.outbox, this.cfg.retention_hours);
+      target = await findOutbox(this.sql, this.ctx.pipeline, this.cfg.outbox);
+    }
+    if (!target) {
+      throw configError(
+        `pipeline '${this.ctx.pipeline}': source.outbox '${this.cfg.outbox}' has no outbox (no pgtrickle.pgt_outbox_config row); run pgtrickle.enable_outbox('${this.cfg.outbox}') or set "auto_enable_outbox": true`,
+      );
+    }
+    this.target = target;
+    if (this.groupMode) await this.ensureGroup();
+    else this.committed = await this.readSimpleOffset();
+    if (this.groupMode) {
+      this.heartbeat = setInterval(() => {
+        this.sql`SELECT pgtrickle.consumer_heartbeat(${this.cfg.group!}, ${this.consumerId})`.catch((err) =>
+          this.ctx.log.warn(`consumer heartbeat failed: ${errorMessage(err)}`),
+        );
+      }, 10_000);
+    }
+  }
+
+  wake(): void {
+    this.sleeper.wake();
+  }
+
+  async close(): Promise<void> {
+    clearInterval(this.heartbeat);
+    this.sleeper.wake();
+  }
+
+  async *batches(signal: AbortSignal): AsyncIterable<Batch> {
+    signal.addEventListener("abort", () => this.sleeper.wake(), { once: true });
+    let idlePolls = 0;
+    while (!signal.aborted) {
+      const headers = this.groupMode ? await this.pollGroup() : await this.pollSimple();
+      if (headers.length === 0) {
+        if (this.ctx.drain && !this.blockedOnGap) return;
+        const base = this.cfg.poll_interval_ms;
+        const delay = this.blockedOnGap ? Math.min(base, 200) : Math.min(base * 2 ** idlePolls, Math.max(base, 5000));
+        idlePolls++;
+        await this.sleeper.sleep(delay);
+        continue;
+      }
+      idlePolls = 0;
+      yield* this.expandHeaders(headers);
+    }
+  }
+
+  /** Turns polled header rows into batches of at most max_batch_messages messages. */
+  private async *expandHeaders(headers: HeaderRow[]): AsyncIterable<Batch> {
+    let messages: Message[] = [];
+    let deadLetters: DeadLetter[] = [];
+    let completed: string | null = null;
+    let claimChecks: string[] = [];
+    const take = () => {
+      const batch = this.makeBatch(messages, deadLetters, completed, claimChecks);
+      messages = [];
+      deadLetters = [];
+      claimChecks = [];
+      return batch;
+    };
+    for (const header of headers) {
+      let plan: Plan;
+      try {
+        plan = planFor(header, this.target.streamTable, { summaryMessages: this.cfg.summary_messages, keepInternalColumns: this.cfg.keep_internal_columns });
+        safeOutboxId(header.id);
+      } catch (err) {
+        deadLetters.push(this.decodeDeadLetter(header, err));
+        completed = header.id;
+        continue;
+      }
+      for await (const chunk of this.messagesOf(header, plan)) {
+        for (const m of chunk) {
+          messages.push(m);
+          if (messages.length >= this.cfg.max_batch_messages) yield take();
+        }
+      }
+      completed = header.id;
+      if (plan.kind === "claim_check") claimChecks.push(header.id);
+    }
+    yield take();
+  }
+
+  private decodeDeadLetter(header: HeaderRow, err: unknown): DeadLetter {
+    if (this.cfg.on_decode_error === "halt") {
+      throw configError(`pipeline '${this.ctx.pipeline}': outbox ${this.target.outboxTable} id=${header.id} cannot be decoded and on_decode_error is "halt": ${errorMessage(err)}`);
+    }
+    this.ctx.log.warn(`outbox ${this.target.outboxTable} id=${header.id} cannot be decoded; dead-lettered: ${errorMessage(err)}`);
+    return {
+      dedup_key: `${this.target.outboxTable}:${header.id}:decode`,
+      outbox_id: header.id,
+      message: { header: { ...header, created_at: String(header.created_at) }, stream_table: this.target.streamTable },
+      error: errorMessage(err),
+      kind: "decode",
+    };
+  }
+
+  private makeBatch(messages: Message[], deadLetters: DeadLetter[], completed: string | null, claimChecks: string[]): Batch {
+    return {
+      messages,
+      deadLetters,
+      ack: async () => {
+        if (completed !== null && BigInt(completed) > this.committed) await this.commit(completed);
+        if (claimChecks.length > 0 && this.cfg.release_claim_check) await this.releaseClaimChecks(claimChecks);
+      },
+    };
+  }
+
+  /** The messages of one header row, in chunks, in delivery order: deletes, then inserts. */
+  async *messagesOf(header: HeaderRow, plan: Plan): AsyncIterable<Message[]> {
+    if (plan.kind === "none") return;
+    if (plan.kind === "summary") {
+      yield [this.message(header, "summary", 0, plan.payload, false, plan.refreshId)];
+      return;
+    }
+    if (plan.kind === "rows") {
+      // An UPDATE is a delete plus an insert: deletes go first so that a consumer applying
+      // messages in order ends with the new row. Indexes follow §6.2 (inserts first).
+      const inserted = plan.inserted.length;
+      const out: Message[] = [];
+      plan.deleted.forEach((row, i) => out.push(this.message(header, "delete", inserted + i, row, plan.fullRefresh, plan.refreshId)));
+      plan.inserted.forEach((row, i) => out.push(this.message(header, "insert", i, row, plan.fullRefresh, plan.refreshId)));
+      for (let i = 0; i < out.length; i += this.cfg.max_batch_messages) yield out.slice(i, i + this.cfg.max_batch_messages);
+      return;
+    }
+    yield* this.claimCheckMessages(header, plan.fullRefresh, plan.refreshId);
+  }
+
+  /**
+   * Claim-check rows are paged from the delta table by keyset (row_num > last) in pages of
+   * claim_check_fetch_size, so memory stays flat however large the delta. The delta rows of a
+   * committed header never change, so pages need no long-lived transaction or cursor.
+   */
+  private async *claimCheckMessages(header: HeaderRow, fullRefresh: boolean, refreshId: string | null): AsyncIterable<Message[]> {
+    const cols = this.target.deltaColumns;
+    if (!cols) {
+      throw new RelayError(
+        "transient",
+        `claim-check row id=${header.id}: delta table pgtrickle."${this.target.deltaTable}" is missing or has unknown columns`,
+      );
+    }
+    const table = this.sql`${this.sql("pgtrickle")}.${this.sql(this.target.deltaTable)}`;
+    const opCol = this.sql(cols.op);
+    const dataCol = this.sql(cols.data);
+    const opValues = (op: Op) => (op === "insert" ? ["INSERT", "I"] : ["DELETE", "D"]);
+    const [counts] = await this.sql<{ inserted: string }[]>`
+      SELECT count(*)::text AS inserted FROM ${table} WHERE outbox_id = ${header.id}::bigint AND ${opCol} = ANY(${opValues("insert")})`;
+    const insertedCount = Number(counts?.inserted ?? 0);
+    for (const op of ["delete", "insert"] as const) {
+      let after = "0";
+      let index = op === "insert" ? 0 : insertedCount;
+      for (;;) {
+        const page = await this.sql<{ row_num: string; data: unknown }[]>`
+          SELECT row_num::text AS row_num, ${dataCol} AS data FROM ${table}
+          WHERE outbox_id = ${header.id}::bigint AND ${opCol} = ANY(${opValues(op)}) AND row_num > ${after}::bigint
+          ORDER BY row_num LIMIT ${this.cfg.claim_check_fetch_size}`;
+        if (page.length === 0) break;
+        yield page.map((r) => this.message(header, op, index++, r.data, fullRefresh, refreshId));
+        after = page[page.length - 1]!.row_num;
+        if (page.length < this.cfg.claim_check_fetch_size) break;
+      }
+    }
+  }
+
+  private message(header: HeaderRow, op: Op, index: number, row: unknown, fullRefresh: boolean, refreshId: string | null): Message {
+    const m: Message = {
+      dedup_key: forwardDedupKey(this.target.outboxTable, header.id, index),
+      subject: "",
+      payload: op === "summary" ? row : cleanRow(row, this.cfg.keep_internal_columns),
+      op,
+      is_full_refresh: fullRefresh,
+      outbox_id: safeOutboxId(header.id),
+      refresh_id: refreshId,
+      context: { pipeline: this.ctx.pipeline, stream_table: this.target.streamTable, schema: this.target.schema, outbox: this.target.outboxTable },
+    };
+    m.subject = renderTemplate(this.cfg.subject_template, m);
+    return m;
+  }
+
+  async decodeStored(stored: unknown): Promise<Message[]> {
+    const header = (stored as { header?: HeaderRow } | null)?.header;
+    if (!header || typeof header.id !== "string") throw decodeError("dead letter holds no outbox header row");
+    const plan = planFor(header, this.target.streamTable, { summaryMessages: this.cfg.summary_messages, keepInternalColumns: this.cfg.keep_internal_columns });
+    const out: Message[] = [];
+    for await (const chunk of this.messagesOf(header, plan)) out.push(...chunk);
+    return out;
+  }
+
+  // ---- simple mode: offsets in relay_consumer_offsets -------------------------------------
+
+  private async readSimpleOffset(): Promise<bigint> {
+    const [row] = await this.sql<{ last: string }[]>`
+      SELECT last_change_id::text AS last FROM pgtrickle.relay_consumer_offsets
+      WHERE relay_group_id = ${this.ctx.relayGroupId} AND pipeline_id = ${this.ctx.pipeline}`;
+    return BigInt(row?.last ?? "0");
+  }
+
+  private async pollSimple(): Promise<HeaderRow[]> {
+    const check = await this.checkWriters();
+    const rows = await this.sql<HeaderRow[]>`
+      SELECT ${this.sql.unsafe(HEADER_COLUMNS)} FROM ${this.headerTable()}
+      WHERE id > ${this.committed.toString()}::bigint ORDER BY id LIMIT ${this.cfg.batch_size}`;
+    return this.deliverablePrefix(rows, check);
+  }
+
+  /**
+   * Who is writing to the outbox right now, and how far its id sequence has gone. Taken BEFORE
+   * the rows are read: any id up to `hwm` that the read does not see belongs to a transaction
+   * that held RowExclusiveLock at check time (the lock is taken before the id is drawn) or
+   * rolled back.
+   */
+  private async checkWriters(): Promise<WriterCheck> {
+    const [row] = await this.sql<{ writers: string[]; hwm: string | null }[]>`
+      SELECT coalesce(array_agg(DISTINCT l.virtualtransaction), '{}') AS writers,
+             (SELECT pg_sequence_last_value(${this.target.idSequence ?? ""}::regclass)::text
+              WHERE ${this.target.idSequence !== null}) AS hwm
+      FROM pg_locks l
+      WHERE l.locktype = 'relation' AND l.relation = ${this.target.headerOid}::oid
+        AND l.mode = 'RowExclusiveLock' AND l.pid IS DISTINCT FROM pg_backend_pid()`;
+    return { writers: new Set(row?.writers ?? []), hwm: BigInt(row?.hwm ?? "0") };
+  }
+
+  /**
+   * Rows are handed out in id order, but ids are drawn at insert and become visible at commit,
+   * so `id > last` alone would skip a lower id committed after a higher one. A gap in the ids
+   * is crossed only once it is known to be permanent (rolled back): every transaction that could
+   * fill it has ended and it is still empty. Until then the poll stops at the gap.
+   */
+  deliverablePrefix(rows: HeaderRow[], check: WriterCheck): HeaderRow[] {
+    this.blockedOnGap = false;
+    let expected = this.committed + 1n;
+    const out: HeaderRow[] = [];
+    for (const row of rows) {
+      const id = BigInt(row.id);
+      if (id > expected && !this.gapClosed(expected, id - 1n, check)) {
+        this.blockedOnGap = true;
+        break;
+      }
+      out.push(row);
+      expected = id + 1n;
+    }
+    return out;
+  }
+
+  private gapClosed(first: bigint, last: bigint, check: WriterCheck): boolean {
+    const key = first.toString();
+    if (last > check.hwm) return false; // drawn after the check: judge it at the next poll
+    if (check.writers.size === 0) {
+      this.openGaps.delete(key);
+      return true;
+    }
+    const earlier = this.openGaps.get(key);
+    if (earlier && ![...earlier].some((w) => check.writers.has(w))) {
+      this.openGaps.delete(key);
+      return true;
+    }
+    if (!earlier) this.openGaps.set(key, check.writers);
+    return false;
+  }
+
+  private async commit(id: string): Promise<void> {
+    if (this.groupMode) {
+      await this.sql`SELECT pgtrickle.commit_offset(${this.cfg.group!}, ${this.consumerId}, ${id}::bigint)`;
+    } else {
+      // Never moves the offset backwards: a stale process cannot rewind a newer owner (§3.1).
+      await this.sql`
+        INSERT INTO pgtrickle.relay_consumer_offsets (relay_group_id, pipeline_id, last_change_id, worker_id, updated_at)
+        VALUES (${this.ctx.relayGroupId}, ${this.ctx.pipeline}, ${id}::bigint, ${workerId()}, now())
+        ON CONFLICT (relay_group_id, pipeline_id) DO UPDATE
+          SET last_change_id = EXCLUDED.last_change_id, worker_id = EXCLUDED.worker_id, updated_at = now()
+          WHERE relay_consumer_offsets.last_change_id <= EXCLUDED.last_change_id`;
+    }
+    this.committed = BigInt(id);
+    for (const key of this.openGaps.keys()) if (BigInt(key) <= this.committed) this.openGaps.delete(key);
+  }
+
+  private async releaseClaimChecks(ids: string[]): Promise<void> {
+    const last = ids[ids.length - 1]!;
+    await this.sql`SELECT pgtrickle.outbox_rows_consumed(${`${this.target.schema}.${this.target.streamTable}`}, ${last}::bigint)`;
+  }
+
+  // ---- consumer-group mode: poll_outbox / commit_offset ------------------------------------
+
+  private async ensureGroup(): Promise<void> {
+    const group = this.cfg.group!;
+    const [existing] = await this.sql<{ outbox_name: string }[]>`
+      SELECT outbox_name FROM pgtrickle.pgt_consumer_groups WHERE group_name = ${group}`;
+    if (existing && existing.outbox_name !== this.target.outboxTable) {
+      throw configError(
+        `pipeline '${this.ctx.pipeline}': consumer group '${group}' belongs to outbox '${existing.outbox_name}', not '${this.target.outboxTable}'`,
+      );
+    }
+    if (!existing) {
+      if (!this.cfg.create_group) throw configError(`pipeline '${this.ctx.pipeline}': consumer group '${group}' does not exist (source.create_group is false)`);
+      try {
+        await this.sql`SELECT pgtrickle.create_consumer_group(${group}, ${this.target.outboxTable}, ${this.cfg.auto_offset_reset})`;
+        this.ctx.log.info(`created consumer group '${group}' on ${this.target.outboxTable} (${this.cfg.auto_offset_reset})`);
+      } catch (err) {
+        if (!/already exists/.test(errorMessage(err))) throw err; // another replica won the race
+      }
+    }
+    const [row] = await this.sql<{ off: string | null }[]>`
+      SELECT committed_offset::text AS off FROM pgtrickle.pgt_consumer_offsets WHERE group_name = ${group} AND consumer_id = ${this.consumerId}`;
+    this.committed = BigInt(row?.off ?? "0");
+  }
+
+  private async pollGroup(): Promise<HeaderRow[]> {
+    const rows = await this.sql<HeaderRow[]>`
+      SELECT outbox_id::text AS id, NULL::text AS refresh_id, created_at, inserted_count::text AS inserted_count,
+             deleted_count::text AS deleted_count, is_claim_check, payload
+      FROM pgtrickle.poll_outbox(${this.cfg.group!}, ${this.consumerId}, ${this.cfg.batch_size}::int, ${this.cfg.visibility_seconds}::int)`;
+    if (rows.length > 0) this.keepLeaseWhileBusy();
+    return rows;
+  }
+
+  private leaseTimer: ReturnType<typeof setInterval> | undefined;
+
+  /** A slow batch keeps its lease: extend_lease every visibility/2 until the next poll. */
+  private keepLeaseWhileBusy(): void {
+    clearInterval(this.leaseTimer);
+    const every = (this.cfg.visibility_seconds * 1000) / 2;
+    this.leaseTimer = setInterval(() => {
+      this.sql`SELECT pgtrickle.extend_lease(${this.cfg.group!}, ${this.consumerId}, ${this.cfg.visibility_seconds}::int)`
+        .then(([r]) => {
+          if (!r || Object.values(r)[0] === null) clearInterval(this.leaseTimer); // committed: no lease left
+        })
+        .catch((err) => this.ctx.log.warn(`extend_lease failed: ${errorMessage(err)}`));
+    }, every);
+  }
+
+  // ---- lag ---------------------------------------------------------------------------------
+
+  async lag(): Promise<Lag | null> {
+    if (!this.target) return null;
+    const [row] = await this.sql<{ max: string | null; oldest: number | null }[]>`
+      SELECT (SELECT max(id) FROM ${this.headerTable()})::text AS max,
+             (SELECT extract(epoch FROM now() - created_at)::float8 FROM ${this.headerTable()}
+              WHERE id > ${this.committed.toString()}::bigint ORDER BY id LIMIT 1) AS oldest`;
+    const max = BigInt(row?.max ?? "0");
+    const rows = max > this.committed ? Number(max - this.committed) : 0;
+    return { rows, seconds: rows === 0 ? 0 : Math.max(0, row?.oldest ?? 0) };
+  }
+
+  get committedOffset(): string {
+    return this.committed.toString();
+  }
+}
+
+function workerId(): string {
+  return `${process.env.HOSTNAME ?? "relay"}:${process.pid}`;
+}

@@ -1,0 +1,238 @@
+import type { ConsolaInstance } from "consola";
+import { sinkBackend, sourceBackend } from "./backends/index.ts";
+import type { Batch, DeadLetter, Direction, Rejection, Sink, Source } from "./backends/types.ts";
+import type { Sql } from "./db.ts";
+import { markReplayed, markReplayFailed, messageFromStored, replayRequests, storedMessage, writeDeadLetters } from "./deadletters.ts";
+import { errorKind, errorMessage, RelayError } from "./errors.ts";
+import type { Message } from "./message.ts";
+import type { Metrics } from "./observe/metrics.ts";
+import { parseBackendConfig, type PipelineSpec } from "./pipeline-config.ts";
+import { abortableDelay, backoffMs } from "./sleep.ts";
+
+export type PipelineState = "starting" | "running" | "degraded" | "failed" | "stopped" | "drained";
+
+export interface PipelineDeps {
+  sql: Sql;
+  postgresUrl: string;
+  relayGroupId: string;
+  metrics: Metrics;
+  log: ConsolaInstance;
+  /** Drain mode: stop once the source has nothing pending. */
+  drain: boolean;
+}
+
+/** How often to look for dead letters an operator asked to replay. */
+const REPLAY_CHECK_MS = 5000;
+
+/**
+ * One pipeline: `for await (batch of source) { write to sink; ack }`, with the error kinds of
+ * CONTRACT.md §7.8 around it. Nothing is acknowledged before the sink accepted it (or it sits
+ * in the dead-letter table); transient failures pause the pipeline and retry, never skip.
+ */
+export class Pipeline {
+  readonly name: string;
+  readonly direction: Direction;
+  state: PipelineState = "starting";
+  lastError: string | null = null;
+  lastPollAt: Date | null = null;
+  lastCommitAt: Date | null = null;
+  delivered = 0;
+  deadLettered = 0;
+  readonly source: Source;
+  readonly sink: Sink;
+  private readonly onPermanentError: "dead_letter" | "halt";
+  private lastReplayCheck = 0;
+
+  constructor(
+    readonly spec: PipelineSpec,
+    private readonly deps: PipelineDeps,
+  ) {
+    this.name = spec.name;
+    this.direction = spec.direction;
+    const ctx = {
+      pipeline: spec.name,
+      direction: spec.direction,
+      relayGroupId: deps.relayGroupId,
+      log: deps.log,
+      sql: deps.sql,
+      postgresUrl: deps.postgresUrl,
+      drain: deps.drain,
+    };
+    const sourceB = sourceBackend(spec.sourceType, spec.name);
+    const sinkB = sinkBackend(spec.sinkType, spec.name);
+    this.source = sourceB.source!.create(parseBackendConfig(spec, "source", sourceB, sourceB.source!.config), ctx);
+    this.sink = sinkB.sink!.create(parseBackendConfig(spec, "sink", sinkB, sinkB.sink!.config, ["on_permanent_error"]), ctx);
+    const mode = spec.source.on_permanent_error ?? spec.sink.on_permanent_error;
+    this.onPermanentError = mode === "halt" ? "halt" : "dead_letter";
+    for (const w of spec.warnings) deps.log.warn(w);
+  }
+
+  private get labels() {
+    return { pipeline: this.name, direction: this.direction };
+  }
+
+  /** Runs until `stop` aborts (finishing the batch in hand), the source is drained, or a config error. */
+  async run(stop: AbortSignal): Promise<PipelineState> {
+    const log = this.deps.log;
+    try {
+      await this.retrying(stop, "start", async () => {
+        await this.source.start();
+        await this.sink.start();
+      });
+      if (stop.aborted) return this.finish("stopped");
+      this.setState("running");
+      log.info(`started: ${this.source.describe} → ${this.sink.describe}`);
+      let attempt = 0;
+      while (!stop.aborted) {
+        try {
+          for await (const batch of this.source.batches(stop)) {
+            attempt = 0;
+            await this.deliver(batch, stop);
+            await this.replayRequested(stop);
+            if (stop.aborted) break;
+          }
+          if (!stop.aborted && this.deps.drain) return this.finish("drained");
+        } catch (err) {
+          if (errorKind(err) === "config" || stop.aborted) throw err;
+          this.deps.metrics.sourceErrors.inc(this.labels);
+          this.transient(err, "source");
+          await abortableDelay(backoffMs(attempt++), stop);
+        }
+      }
+      return this.finish("stopped");
+    } catch (err) {
+      if (stop.aborted && errorKind(err) !== "config") return this.finish("stopped");
+      this.lastError = errorMessage(err);
+      this.deps.metrics.errors.inc({ ...this.labels, kind: "config" });
+      log.error(`failed: ${this.lastError}`);
+      return this.finish("failed");
+    }
+  }
+
+  private async finish(state: PipelineState): Promise<PipelineState> {
+    this.setState(state);
+    await Promise.allSettled([this.source.close(), this.sink.close()]);
+    return state;
+  }
+
+  private setState(state: PipelineState): void {
+    this.state = state;
+    this.deps.metrics.healthy.set({ pipeline: this.name }, state === "running" || state === "drained" ? 1 : 0);
+  }
+
+  private transient(err: unknown, where: string): void {
+    this.lastError = `${where}: ${errorMessage(err)}`;
+    this.deps.metrics.errors.inc({ ...this.labels, kind: "transient" });
+    if (this.state !== "degraded") this.deps.log.warn(`degraded, will retry: ${this.lastError}`);
+    else this.deps.log.debug(`still failing: ${this.lastError}`);
+    this.setState("degraded");
+  }
+
+  /** Retries transient failures with jittered backoff until success, a config error, or stop. */
+  private async retrying(stop: AbortSignal, what: string, work: () => Promise<void>): Promise<void> {
+    for (let attempt = 0; ; attempt++) {
+      try {
+        await work();
+        if (this.state === "degraded") {
+          this.deps.log.info(`recovered (${what})`);
+          this.setState("running");
+        }
+        return;
+      } catch (err) {
+        if (errorKind(err) === "config") throw err;
+        this.transient(err, what);
+        if (stop.aborted) throw err;
+        await abortableDelay(backoffMs(attempt), stop);
+        if (stop.aborted) throw err;
+      }
+    }
+  }
+
+  /** Write → dead letters → ack, retried as a whole on transient errors. */
+  private async deliver(batch: Batch, stop: AbortSignal): Promise<void> {
+    this.lastPollAt = new Date();
+    const m = this.deps.metrics;
+    m.polls.inc(this.labels);
+    m.consumed.inc(this.labels, batch.messages.length);
+    if (batch.messages.some((x) => x.is_full_refresh)) m.fullRefreshBatches.inc({ pipeline: this.name });
+    try {
+      await this.retrying(stop, "sink", async () => {
+        const timer = m.publishDuration.startTimer(this.labels);
+        let rejections: Rejection[];
+        try {
+          rejections = batch.messages.length > 0 ? await this.sink.write(batch.messages) : [];
+        } catch (err) {
+          m.publishErrors.inc(this.labels);
+          if (errorKind(err) !== "permanent") throw err;
+          // The system refused the batch as a whole: every message of it is undeliverable.
+          rejections = batch.messages.map((message) => ({ message, error: errorMessage(err) }));
+        } finally {
+          timer();
+        }
+        await this.deadLetter([...batch.deadLetters, ...rejections.map(rejectionLetter)], rejections.length);
+        await batch.ack();
+        m.published.inc(this.labels, batch.messages.length - rejections.length);
+        m.batchesCommitted.inc(this.labels);
+        this.delivered += batch.messages.length - rejections.length;
+        this.lastCommitAt = new Date();
+      });
+    } catch (err) {
+      await batch.release?.().catch(() => {});
+      throw err;
+    }
+  }
+
+  private async deadLetter(letters: DeadLetter[], rejected: number): Promise<void> {
+    if (letters.length === 0) return;
+    if (rejected > 0 && this.onPermanentError === "halt") {
+      throw new RelayError("config", `sink rejected ${rejected} message(s) and on_permanent_error is "halt": ${letters[0]!.error}`);
+    }
+    await writeDeadLetters(this.deps.sql, this.name, this.direction, letters);
+    this.deadLettered += letters.length;
+    for (const d of letters) {
+      this.deps.metrics.deadLetters.inc({ ...this.labels, kind: d.kind });
+      this.deps.metrics.errors.inc({ ...this.labels, kind: d.kind });
+    }
+    this.deps.log.warn(`${letters.length} message(s) written to pgtrickle.relay_dead_letters; first: ${letters[0]!.dedup_key}: ${letters[0]!.error}`);
+  }
+
+  /** Re-sends dead letters an operator marked with pgtrickle.replay_relay_dead_letters(). */
+  private async replayRequested(stop: AbortSignal): Promise<void> {
+    if (Date.now() - this.lastReplayCheck < REPLAY_CHECK_MS || stop.aborted) return;
+    this.lastReplayCheck = Date.now();
+    const rows = await replayRequests(this.deps.sql, this.name, this.direction, 100);
+    for (const row of rows) {
+      const messages = await this.replayMessages(row.error_kind, row.message);
+      if (!messages) {
+        await markReplayFailed(this.deps.sql, row.id, "stored message cannot be replayed (unknown shape)");
+        continue;
+      }
+      try {
+        const rejections = messages.length > 0 ? await this.sink.write(messages) : [];
+        if (rejections.length > 0) await markReplayFailed(this.deps.sql, row.id, rejections[0]!.error);
+        else {
+          await markReplayed(this.deps.sql, [row.id]);
+          this.deps.log.info(`dead letter ${row.dedup_key} replayed`);
+        }
+      } catch (err) {
+        await markReplayFailed(this.deps.sql, row.id, errorMessage(err));
+      }
+    }
+  }
+
+  private async replayMessages(kind: string, stored: unknown): Promise<Message[] | null> {
+    if (kind === "decode") return this.source.decodeStored ? this.source.decodeStored(stored) : null;
+    const m = messageFromStored(stored);
+    return m ? [m] : null;
+  }
+}
+
+function rejectionLetter(r: Rejection): DeadLetter {
+  return {
+    dedup_key: r.message.dedup_key,
+    outbox_id: r.message.outbox_id === null ? null : String(r.message.outbox_id),
+    message: storedMessage(r.message),
+    error: r.error,
+    kind: r.message.op === "event" ? "inbox_permanent" : "sink_permanent",
+  };
+}

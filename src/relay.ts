@@ -1,0 +1,95 @@
+import { Coordinator, type Outcome } from "./coordinator.ts";
+import { connect, explainConnectError, type Sql } from "./db.ts";
+import { requireCatalog } from "./catalog/index.ts";
+import { errorKind, errorMessage } from "./errors.ts";
+import { log } from "./observe/log.ts";
+import { Metrics } from "./observe/metrics.ts";
+import { startHttp } from "./observe/http.ts";
+import type { Settings } from "./settings.ts";
+import { abortableDelay, backoffMs } from "./sleep.ts";
+
+export interface RelayOptions {
+  drain: boolean;
+  only?: string[];
+  /** drain: give up after this many seconds (0 = no limit). */
+  timeoutSecs?: number;
+  /** Serve /metrics and /health (run: yes; drain: only when asked). */
+  http: boolean;
+  /** Connect attempts before giving up; run retries forever, one-shot commands do not. */
+  retryConnect: boolean;
+}
+
+/** Connects, retrying with jittered backoff for a service, once for a one-shot command. */
+async function connectDatabase(settings: Settings, retry: boolean, stop: AbortSignal): Promise<Sql> {
+  for (let attempt = 0; ; attempt++) {
+    const sql = connect(settings.postgresUrl, { max: settings.maxWorkers + 4, connectTimeout: 10 });
+    try {
+      await sql`select 1`;
+      return sql;
+    } catch (err) {
+      await sql.end({ timeout: 1 });
+      const line = explainConnectError(err, settings.postgresUrl);
+      if (!retry || stop.aborted) throw Object.assign(new Error(line), { unreachable: true });
+      const wait = backoffMs(attempt, 100, 30_000);
+      log.warn(`${line}; retrying in ${(wait / 1000).toFixed(1)} s`);
+      await abortableDelay(wait, stop);
+    }
+  }
+}
+
+/**
+ * The process: database, catalog check, HTTP endpoints, coordinator; SIGINT/SIGTERM finish the
+ * in-flight batches and release the locks within the shutdown timeout; a second signal exits 130.
+ */
+export async function runRelay(settings: Settings, options: RelayOptions): Promise<{ exitCode: number; outcomes: Outcome[] }> {
+  const shutdown = new AbortController();
+  let signals = 0;
+  const onSignal = (name: string) => {
+    signals++;
+    if (signals > 1) {
+      log.warn(`second ${name}: exiting now; unacknowledged batches will be replayed`);
+      process.exit(130);
+    }
+    log.info(`received ${name}: finishing in-flight batches (up to ${settings.shutdownTimeoutSecs} s)`);
+    shutdown.abort();
+  };
+  const sigint = () => onSignal("SIGINT");
+  const sigterm = () => onSignal("SIGTERM");
+  process.on("SIGINT", sigint);
+  process.on("SIGTERM", sigterm);
+
+  const sql = await connectDatabase(settings, options.retryConnect, shutdown.signal);
+  let timedOut = false;
+  try {
+    await requireCatalog(sql);
+    const metrics = new Metrics();
+    const coordinator = new Coordinator(settings, sql, metrics, { drain: options.drain, only: options.only });
+    const http = options.http ? startHttp(settings.metricsAddr, coordinator, metrics) : null;
+    const running = coordinator.run();
+    const timeout = options.timeoutSecs ? setTimeout(() => ((timedOut = true), shutdown.abort()), options.timeoutSecs * 1000) : undefined;
+    await Promise.race([running, new Promise((r) => shutdown.signal.addEventListener("abort", r, { once: true }))]);
+    clearTimeout(timeout);
+    const graceful = coordinator.stop();
+    const deadline = new Promise<"late">((r) => setTimeout(() => r("late"), settings.shutdownTimeoutSecs * 1000).unref());
+    const finished = await Promise.race([graceful.then(() => "ok" as const), deadline]);
+    await running.catch((err) => {
+      if (errorKind(err) !== "config") throw err;
+      log.error(errorMessage(err));
+    });
+    http?.stop(true);
+    if (finished === "late") {
+      log.error(`shutdown timeout (${settings.shutdownTimeoutSecs} s) passed with batches in flight; they will be replayed`);
+      return { exitCode: 1, outcomes: coordinator.outcomes };
+    }
+    if (options.drain) {
+      const failed = coordinator.outcomes.filter((o) => o.state !== "drained");
+      if (timedOut) log.error(`drain: --timeout of ${options.timeoutSecs} s passed before every pipeline caught up`);
+      return { exitCode: failed.length > 0 || timedOut ? 1 : 0, outcomes: coordinator.outcomes };
+    }
+    return { exitCode: 0, outcomes: coordinator.outcomes };
+  } finally {
+    process.off("SIGINT", sigint);
+    process.off("SIGTERM", sigterm);
+    await sql.end({ timeout: 2 });
+  }
+}

@@ -1,0 +1,48 @@
+/** A sleep that a notification can cut short. */
+export class Sleeper {
+  private wakeUp: (() => void) | null = null;
+  private pendingWake = false;
+
+  sleep(ms: number): Promise<void> {
+    if (this.pendingWake) {
+      // A wake-up that arrived while busy must not be lost: the next sleep returns at once.
+      this.pendingWake = false;
+      return Promise.resolve();
+    }
+    return new Promise((resolve) => {
+      const timer = setTimeout(done, ms);
+      const self = this;
+      function done() {
+        clearTimeout(timer);
+        self.wakeUp = null;
+        resolve();
+      }
+      this.wakeUp = done;
+    });
+  }
+
+  wake(): void {
+    if (this.wakeUp) this.wakeUp();
+    else this.pendingWake = true;
+  }
+}
+
+/** Exponential backoff with ±20 % jitter: base·2^attempt, capped. */
+export function backoffMs(attempt: number, baseMs = 500, capMs = 60_000): number {
+  const raw = Math.min(capMs, baseMs * 2 ** Math.min(attempt, 30));
+  return Math.round(raw * (0.8 + Math.random() * 0.4));
+}
+
+/** Resolves after `ms`, or early when the signal aborts. */
+export function abortableDelay(ms: number, signal: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    if (signal.aborted) return resolve();
+    const timer = setTimeout(finish, ms);
+    function finish() {
+      clearTimeout(timer);
+      signal.removeEventListener("abort", finish);
+      resolve();
+    }
+    signal.addEventListener("abort", finish, { once: true });
+  });
+}
