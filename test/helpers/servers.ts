@@ -1,0 +1,85 @@
+import { connect as tcpConnect } from "node:net";
+
+/**
+ * Where the real servers that `scripts/services` starts listen: loopback only, fixed ports.
+ * Integration tests take every address from here and call `requireServer` first, so a missing
+ * server fails the test with a message saying how to start it; tests never skip.
+ */
+
+/** PostgreSQL 15, user postgres with trust auth. PGTRICKLE_TEST_PG_URL overrides (as in pg.ts). */
+export const POSTGRES_URL = process.env.PGTRICKLE_TEST_PG_URL ?? "postgres://postgres@127.0.0.1:5432/postgres";
+
+/** nats-server with JetStream; its monitoring endpoint is NATS_MONITOR_URL. */
+export const NATS_URL = "nats://127.0.0.1:4222";
+export const NATS_MONITOR_URL = "http://127.0.0.1:8222";
+
+/** Redis 7, no persistence. */
+export const REDIS_URL = "redis://127.0.0.1:6379";
+
+/** RabbitMQ 3.10, default vhost, guest/guest (allowed from loopback only). */
+export const AMQP_URL = "amqp://guest:guest@127.0.0.1:5672";
+
+/** Single-node KRaft Kafka 3.9; topics are auto-created, every replication factor is 1. */
+export const KAFKA_BROKERS = ["127.0.0.1:9092"];
+
+/**
+ * fauxqs, an SQS emulator. Queue URLs it hands out look like
+ * http://sqs.us-east-1.localhost:4566/000000000000/<name>; clients must set `endpoint` to
+ * SQS_ENDPOINT (the AWS SDK then sends every call there, whatever the queue URL's host).
+ */
+export const SQS_ENDPOINT = "http://127.0.0.1:4566";
+/** The emulator accepts any credentials; these dummies keep the AWS SDK from looking further. */
+export const AWS_REGION = "us-east-1";
+export const AWS_CREDENTIALS = { accessKeyId: "test", secretAccessKey: "test" } as const;
+/** Ready-made SQSClient options for the emulator. */
+export const SQS_CLIENT_CONFIG = {
+  endpoint: SQS_ENDPOINT,
+  region: AWS_REGION,
+  credentials: AWS_CREDENTIALS,
+} as const;
+
+export type ServerName = "postgres" | "nats" | "redis" | "rabbitmq" | "kafka" | "sqs";
+
+function hostPort(url: string): { host: string; port: number } {
+  const u = new URL(url);
+  return { host: u.hostname.replace(/^\[|\]$/g, ""), port: Number(u.port) };
+}
+
+/** host and port of each server, as `requireServer` probes them. */
+export const SERVER_ADDRESSES: Record<ServerName, { host: string; port: number }> = {
+  postgres: { host: hostPort(POSTGRES_URL).host, port: hostPort(POSTGRES_URL).port || 5432 },
+  nats: hostPort(NATS_URL),
+  redis: hostPort(REDIS_URL),
+  rabbitmq: hostPort(AMQP_URL),
+  kafka: hostPort(`kafka://${KAFKA_BROKERS[0]}`),
+  sqs: hostPort(SQS_ENDPOINT),
+};
+
+function portAnswers(host: string, port: number, timeoutMs: number): Promise<true | string> {
+  return new Promise((resolve) => {
+    const socket = tcpConnect({ host, port });
+    const done = (result: true | string) => {
+      clearTimeout(timer);
+      socket.destroy();
+      resolve(result);
+    };
+    const timer = setTimeout(() => done(`no answer within ${timeoutMs} ms`), timeoutMs);
+    socket.once("connect", () => done(true));
+    socket.once("error", (err: NodeJS.ErrnoException) => done(err.code ?? err.message));
+  });
+}
+
+/**
+ * Throws unless `name`'s port accepts a TCP connection within 2 s. Call it at the top of a
+ * test (or in beforeAll) so a stopped server is a failure that says how to fix it.
+ */
+export async function requireServer(name: ServerName): Promise<void> {
+  const addr = SERVER_ADDRESSES[name];
+  if (!addr) throw new Error(`unknown server "${name}"; known: ${Object.keys(SERVER_ADDRESSES).join(", ")}`);
+  const result = await portAnswers(addr.host, addr.port, 2000);
+  if (result !== true) {
+    throw new Error(`${name} is not running at ${addr.host}:${addr.port}; start it with scripts/services`, {
+      cause: result,
+    });
+  }
+}
