@@ -1,0 +1,461 @@
+/**
+ * Amazon SQS sink (CONTRACT.md §5.3 sqs, §6.4), also for SQS-compatible servers (`endpoint`).
+ *
+ * Messages go out with SendMessageBatch: at most 10 entries and `max_batch_bytes` per call, the
+ * entry Id being the index within the call. Body = envelope JSON; message attributes
+ * `pgt_dedup_key` (every message) and `pgtrickle-full-refresh` = "true" (full-refresh messages).
+ * FIFO queues: MessageDeduplicationId = dedup key (hex SHA-256 of it when it is longer than 128
+ * characters or uses characters SQS refuses), MessageGroupId = rendered `message_group_id`. Calls
+ * carrying the same message group never run concurrently, so a group's order is kept; calls for
+ * different groups, and every call to a standard queue, run up to `max_in_flight` at once.
+ *
+ * Entries a call reports as failed are retried alone a few times inside write() when the failure is
+ * the service's (throttling, internal error); entries SQS will never take (SenderFault, e.g.
+ * InvalidMessageContents, too large) come back as rejections. The per-message size limit is the
+ * queue's own MaximumMessageSize, read at start (AWS raised the ceiling from 256 KiB to 1 MiB).
+ */
+import {
+  GetQueueAttributesCommand,
+  SendMessageBatchCommand,
+  SendMessageCommand,
+  SQSClient,
+  type MessageAttributeValue,
+  type SendMessageBatchRequestEntry,
+} from "@aws-sdk/client-sqs";
+import { createHash } from "node:crypto";
+import * as v from "valibot";
+import { configError, errorMessage, RelayError, transientError } from "../errors.ts";
+import { envelopeJson, renderTemplate, type Message } from "../message.ts";
+import { defineBackend, sinkSpec, type BackendContext, type Rejection, type Sink } from "./types.ts";
+
+const SqsSinkConfig = v.pipe(
+  v.looseObject({
+    /** Sink type (`sqs`); ignored here. */
+    type: v.optional(v.string()),
+    /** Queue URL, e.g. `https://sqs.eu-west-1.amazonaws.com/123456789012/orders.fifo`. */
+    queue_url: v.pipe(
+      v.string("queue_url is required"),
+      v.check((u) => /^https?:\/\/[^/]+\/.+/i.test(u) && URL.canParse(u), "queue_url must be an http(s) queue URL"),
+    ),
+    /**
+     * AWS region. Default: AWS_REGION / AWS_DEFAULT_REGION, else the region in an AWS queue URL,
+     * else the profile's region, else `us-east-1` when `endpoint` is set.
+     */
+    region: v.optional(v.string()),
+    /** Endpoint of an SQS-compatible server (or a VPC endpoint), e.g. `http://127.0.0.1:4566`. */
+    endpoint: v.optional(
+      v.pipe(v.string(), v.check((u) => /^https?:\/\/[^/]/i.test(u) && URL.canParse(u), "endpoint must be an http(s) URL")),
+    ),
+    /** FIFO queue; default: the queue URL ends in `.fifo`. Checked against the queue at start. */
+    fifo: v.optional(v.boolean()),
+    /** FIFO MessageGroupId template (variables as in subject templates, plus row fields). */
+    message_group_id: v.optional(v.string(), "{stream_table}"),
+    /** false: one SendMessage call per message instead of SendMessageBatch. */
+    batch_send: v.optional(v.boolean(), true),
+    /** SQS calls in flight at once (across message groups). */
+    max_in_flight: v.optional(v.pipe(v.number(), v.integer(), v.minValue(1)), 16),
+    /**
+     * Bytes per SendMessageBatch call (bodies plus attributes). 256 KiB suits every
+     * SQS-compatible server; a larger message still goes alone in its own call.
+     */
+    max_batch_bytes: v.optional(v.pipe(v.number(), v.integer(), v.minValue(1024), v.maxValue(1048576)), 262144),
+    /** Per-message size limit; default: the queue's MaximumMessageSize. */
+    max_message_bytes: v.optional(v.pipe(v.number(), v.integer(), v.minValue(1024), v.maxValue(1048576))),
+    /** Timeout of one SQS request in milliseconds. */
+    timeout_ms: v.optional(v.pipe(v.number(), v.integer(), v.minValue(1)), 10000),
+    /** Static credentials (e.g. `${env:SQS_KEY_ID}`); default: the AWS credential provider chain. */
+    access_key_id: v.optional(v.string("access_key_id must be a string")),
+    /** Secret for `access_key_id`; never logged. */
+    secret_access_key: v.optional(v.string("secret_access_key must be a string")),
+    /** Session token for temporary static credentials; never logged. */
+    session_token: v.optional(v.string("session_token must be a string")),
+    /** Named profile from ~/.aws/config and ~/.aws/credentials (like AWS_PROFILE). */
+    profile: v.optional(v.string()),
+  }),
+  v.transform((cfg) => ({ ...cfg, fifo: cfg.fifo ?? cfg.queue_url.endsWith(".fifo") })),
+);
+
+export type SqsSinkOptions = v.InferOutput<typeof SqsSinkConfig>;
+
+const MAX_ENTRIES = 10;
+const DEFAULT_MESSAGE_LIMIT = 262144;
+const ENTRY_RETRIES = 3;
+/** MessageDeduplicationId / MessageGroupId: ≤128 of alphanumerics and ASCII punctuation. */
+const SQS_ID = /^[\x21-\x7e]{1,128}$/;
+
+const sha256Hex = (text: string) => createHash("sha256").update(text).digest("hex");
+export const sqsId = (value: string) => (SQS_ID.test(value) ? value : sha256Hex(value));
+
+/** Failure codes that say "try again later": the service's fault, not the message's. */
+const TRANSIENT_CODES = new Set([
+  "ThrottlingException",
+  "Throttling",
+  "RequestThrottled",
+  "RequestThrottledException",
+  "TooManyRequestsException",
+  "ServiceUnavailable",
+  "InternalError",
+  "InternalFailure",
+  "RequestTimeout",
+  "RequestTimeoutException",
+  "KmsThrottled",
+  "KMS.ThrottlingException",
+]);
+const QUEUE_MISSING = new Set(["QueueDoesNotExist", "AWS.SimpleQueueService.NonExistentQueue", "NonExistentQueue"]);
+const AUTH_CODES = new Set([
+  "CredentialsProviderError",
+  "InvalidClientTokenId",
+  "UnrecognizedClientException",
+  "SignatureDoesNotMatch",
+  "IncompleteSignature",
+  "MissingAuthenticationToken",
+  "AccessDenied",
+  "AccessDeniedException",
+  "InvalidSecurity",
+  "ExpiredToken",
+  "KmsAccessDenied",
+  "KmsDisabled",
+  "KmsNotFound",
+  "KmsInvalidKeyUsage",
+  "KmsInvalidState",
+  "KMS.AccessDeniedException",
+  "KMS.DisabledException",
+  "KMS.NotFoundException",
+]);
+const NETWORK_CODES = new Set(["ECONNREFUSED", "ECONNRESET", "ETIMEDOUT", "EPIPE", "ENOTFOUND", "EAI_AGAIN", "EHOSTUNREACH", "ENETUNREACH", "ConnectionRefused", "ConnectionClosed"]);
+
+/**
+ * Runs tasks with at most `limit` in flight; a task starts only after every earlier task sharing
+ * one of its keys has finished. After the first throw no further task starts.
+ */
+async function runKeyed<T>(tasks: { keys: string[]; run: () => Promise<T> }[], limit: number): Promise<{ results: T[]; errors: unknown[] }> {
+  const results: T[] = [];
+  const errors: unknown[] = [];
+  const tails = new Map<string, Promise<unknown>>();
+  const waiting: (() => void)[] = [];
+  let active = 0;
+  let stopped = false;
+  const acquire = () => (active < limit ? (active++, Promise.resolve()) : new Promise<void>((r) => waiting.push(r)));
+  const release = () => {
+    const next = waiting.shift();
+    if (next) next();
+    else active--;
+  };
+  const all = tasks.map((task) => {
+    const deps = task.keys.map((k) => tails.get(k)).filter((p): p is Promise<unknown> => p !== undefined);
+    const done = (async () => {
+      if (deps.length) await Promise.all(deps);
+      await acquire();
+      try {
+        if (stopped) return;
+        results.push(await task.run());
+      } catch (err) {
+        stopped = true;
+        errors.push(err);
+      } finally {
+        release();
+      }
+    })();
+    for (const k of task.keys) tails.set(k, done);
+    return done;
+  });
+  await Promise.all(all);
+  return { results, errors };
+}
+
+interface Entry {
+  message: Message;
+  body: string;
+  attributes: Record<string, MessageAttributeValue>;
+  size: number;
+  group?: string;
+  dedupId?: string;
+}
+
+function attributeBytes(attributes: Record<string, MessageAttributeValue>): number {
+  let size = 0;
+  for (const [name, a] of Object.entries(attributes)) {
+    size += Buffer.byteLength(name) + Buffer.byteLength(a.DataType ?? "") + Buffer.byteLength(a.StringValue ?? "");
+  }
+  return size;
+}
+
+/** The AWS error code of anything the SDK throws (`name` for service errors, `code` for sockets). */
+function awsCode(err: unknown): string {
+  const e = err as { name?: string; code?: string; Code?: string };
+  return e?.Code ?? (e?.name && e.name !== "Error" ? e.name : undefined) ?? e?.code ?? "Error";
+}
+
+function regionFromQueueUrl(url: string): string | undefined {
+  const host = new URL(url).hostname;
+  return /^sqs\.([a-z]{2}(?:-[a-z]+)+-\d+)\.amazonaws\.com/.exec(host)?.[1] ?? /^([a-z]{2}(?:-[a-z]+)+-\d+)\.queue\.amazonaws\.com/.exec(host)?.[1];
+}
+
+class SqsSink implements Sink {
+  readonly describe: string;
+  private client: SQSClient | undefined;
+  private readonly where: string;
+  private readonly region: string | undefined;
+  private readonly secrets: string[];
+  private messageLimit: number;
+
+  constructor(
+    private readonly cfg: SqsSinkOptions,
+    private readonly ctx: BackendContext,
+  ) {
+    if (Boolean(cfg.access_key_id) !== Boolean(cfg.secret_access_key)) {
+      throw configError("access_key_id and secret_access_key must be set together");
+    }
+    if (cfg.session_token && !cfg.access_key_id) throw configError("session_token needs access_key_id and secret_access_key");
+    this.region =
+      cfg.region ??
+      process.env.AWS_REGION ??
+      process.env.AWS_DEFAULT_REGION ??
+      regionFromQueueUrl(cfg.queue_url) ??
+      (cfg.endpoint ? "us-east-1" : undefined);
+    const endpoint = new URL(cfg.endpoint ?? (this.region ? `https://sqs.${this.region}.amazonaws.com` : cfg.queue_url));
+    this.where = `${endpoint.hostname}:${endpoint.port || (endpoint.protocol === "https:" ? "443" : "80")}`;
+    this.secrets = [cfg.secret_access_key ?? "", cfg.session_token ?? ""].filter((s) => s.length >= 4);
+    this.messageLimit = cfg.max_message_bytes ?? DEFAULT_MESSAGE_LIMIT;
+    const traits = [cfg.fifo ? `fifo, group ${cfg.message_group_id}` : "standard"];
+    if (cfg.endpoint) traits.push(`via ${this.where}`);
+    this.describe = `sqs ${cfg.queue_url} (${traits.join(", ")})`;
+  }
+
+  async start(): Promise<void> {
+    this.client?.destroy();
+    const cfg = this.cfg;
+    this.client = new SQSClient({
+      ...(this.region ? { region: this.region } : {}),
+      ...(cfg.endpoint ? { endpoint: cfg.endpoint } : {}),
+      ...(cfg.profile ? { profile: cfg.profile } : {}),
+      ...(cfg.access_key_id && cfg.secret_access_key
+        ? {
+            credentials: {
+              accessKeyId: cfg.access_key_id,
+              secretAccessKey: cfg.secret_access_key,
+              ...(cfg.session_token ? { sessionToken: cfg.session_token } : {}),
+            },
+          }
+        : {}),
+      maxAttempts: 3,
+      requestHandler: { connectionTimeout: Math.min(cfg.timeout_ms, 5000), requestTimeout: cfg.timeout_ms },
+    });
+    let attributes: Record<string, string>;
+    try {
+      const out = await this.client.send(
+        new GetQueueAttributesCommand({
+          QueueUrl: cfg.queue_url,
+          AttributeNames: ["FifoQueue", "ContentBasedDeduplication", "MaximumMessageSize"],
+        }),
+      );
+      attributes = out.Attributes ?? {};
+    } catch (err) {
+      throw this.classify(err, `checking queue ${cfg.queue_url}`);
+    }
+    const queueFifo = attributes.FifoQueue === "true";
+    if (queueFifo !== cfg.fifo) {
+      throw configError(
+        `queue ${cfg.queue_url} is ${queueFifo ? "a FIFO" : "a standard"} queue but fifo is ${cfg.fifo}${
+          cfg.fifo && !queueFifo ? " (FIFO queue names end in .fifo)" : ""
+        }`,
+      );
+    }
+    if (attributes.ContentBasedDeduplication === "true") {
+      this.ctx.log.debug(`sqs queue ${cfg.queue_url} has ContentBasedDeduplication; the relay's explicit deduplication ids take precedence`);
+    }
+    const queueLimit = Number(attributes.MaximumMessageSize);
+    if (cfg.max_message_bytes === undefined) this.messageLimit = Number.isInteger(queueLimit) && queueLimit > 0 ? queueLimit : DEFAULT_MESSAGE_LIMIT;
+  }
+
+  async write(messages: Message[]): Promise<Rejection[]> {
+    if (messages.length === 0) return [];
+    if (!this.client) throw transientError(`sqs sink for ${this.cfg.queue_url} is not started`);
+    const rejected: Rejection[] = [];
+    const entries: Entry[] = [];
+    for (const message of messages) {
+      const entry = this.entry(message);
+      if (entry.size > this.messageLimit) {
+        rejected.push({
+          message,
+          error: `message is ${entry.size} bytes with its attributes; queue ${this.cfg.queue_url} accepts at most ${this.messageLimit}`,
+        });
+      } else entries.push(entry);
+    }
+    // FIFO: a stable sort by group keeps each group's order and packs small groups together.
+    if (this.cfg.fifo) {
+      const firstSeen = new Map<string, number>();
+      entries.forEach((e, i) => firstSeen.has(e.group!) || firstSeen.set(e.group!, i));
+      entries.sort((a, b) => firstSeen.get(a.group!)! - firstSeen.get(b.group!)!);
+    }
+    const calls = this.cfg.batch_send ? this.pack(entries) : entries.map((e) => [e]);
+    const tasks = calls.map((call) => ({
+      keys: this.cfg.fifo ? [...new Set(call.map((e) => e.group!))] : [],
+      run: () => (this.cfg.batch_send ? this.sendBatch(call) : this.sendOne(call[0]!)),
+    }));
+    const { results, errors } = await runKeyed(tasks, this.cfg.max_in_flight);
+    if (errors.length) {
+      const first = errors[0];
+      if (first instanceof RelayError && first.kind === "config") throw first;
+      const more = errors.length > 1 ? ` (and ${errors.length - 1} more failed calls)` : "";
+      throw transientError(`${errorMessage(first)}${more}`, first);
+    }
+    return rejected.concat(results.flat());
+  }
+
+  async close(): Promise<void> {
+    this.client?.destroy();
+    this.client = undefined;
+  }
+
+  private entry(message: Message): Entry {
+    const body = envelopeJson(message);
+    const attributes: Record<string, MessageAttributeValue> = {
+      pgt_dedup_key: { DataType: "String", StringValue: message.dedup_key },
+    };
+    if (message.is_full_refresh) attributes["pgtrickle-full-refresh"] = { DataType: "String", StringValue: "true" };
+    const entry: Entry = { message, body, attributes, size: Buffer.byteLength(body) + attributeBytes(attributes) };
+    if (this.cfg.fifo) {
+      entry.group = sqsId(renderTemplate(this.cfg.message_group_id, message));
+      entry.dedupId = sqsId(message.dedup_key);
+    }
+    return entry;
+  }
+
+  /** Consecutive entries into calls of ≤10 entries and ≤ max_batch_bytes (a bigger entry alone). */
+  private pack(entries: Entry[]): Entry[][] {
+    const calls: Entry[][] = [];
+    let current: Entry[] = [];
+    let bytes = 0;
+    for (const e of entries) {
+      if (current.length && (current.length >= MAX_ENTRIES || bytes + e.size > this.cfg.max_batch_bytes)) {
+        calls.push(current);
+        current = [];
+        bytes = 0;
+      }
+      current.push(e);
+      bytes += e.size;
+    }
+    if (current.length) calls.push(current);
+    return calls;
+  }
+
+  private toBatchEntry(e: Entry, id: number): SendMessageBatchRequestEntry {
+    return {
+      Id: String(id),
+      MessageBody: e.body,
+      MessageAttributes: e.attributes,
+      ...(this.cfg.fifo ? { MessageGroupId: e.group, MessageDeduplicationId: e.dedupId } : {}),
+    };
+  }
+
+  /** One call's entries; failed entries retried alone (service faults) or rejected (sender faults). */
+  private async sendBatch(call: Entry[]): Promise<Rejection[]> {
+    const rejected: Rejection[] = [];
+    let pending = call;
+    for (let attempt = 0; pending.length; attempt++) {
+      let failed: { Id?: string; Code?: string; Message?: string; SenderFault?: boolean }[];
+      try {
+        const out = await this.client!.send(
+          new SendMessageBatchCommand({ QueueUrl: this.cfg.queue_url, Entries: pending.map((e, i) => this.toBatchEntry(e, i)) }),
+        );
+        failed = out.Failed ?? [];
+      } catch (err) {
+        const kind = this.kindOf(err);
+        if (kind === "rejected" && pending.length > 1) {
+          // A whole call refused as malformed (e.g. a server whose batch size limit is lower):
+          // send its entries one by one, in order, so only the culprits are rejected.
+          for (const e of pending) rejected.push(...(await this.sendOne(e)));
+          return rejected;
+        }
+        if (kind === "rejected") return [...rejected, { message: pending[0]!.message, error: this.describeFailure(err) }];
+        throw this.classify(err, `SendMessageBatch to ${this.cfg.queue_url}`);
+      }
+      const retry: Entry[] = [];
+      let lastTransient = "";
+      for (const f of failed) {
+        const entry = pending[Number(f.Id)];
+        if (!entry) throw transientError(`SendMessageBatch to ${this.cfg.queue_url}: the response names an unknown entry id ${f.Id}`);
+        const code = f.Code ?? "UnknownError";
+        const text = `${code}: ${this.redact(f.Message ?? "")}`;
+        if (AUTH_CODES.has(code)) throw configError(`SendMessageBatch to ${this.cfg.queue_url} refused: ${text}`);
+        if (f.SenderFault && !TRANSIENT_CODES.has(code)) rejected.push({ message: entry.message, error: `SQS refused the message: ${text}` });
+        else {
+          retry.push(entry);
+          lastTransient = text;
+        }
+      }
+      if (retry.length && attempt + 1 >= ENTRY_RETRIES) {
+        throw transientError(
+          `SendMessageBatch to ${this.cfg.queue_url}: ${retry.length} entries still failing after ${ENTRY_RETRIES} attempts (${lastTransient})`,
+        );
+      }
+      if (retry.length) await Bun.sleep(100 * 2 ** attempt * (0.8 + Math.random() * 0.4));
+      pending = retry;
+    }
+    return rejected;
+  }
+
+  private async sendOne(e: Entry): Promise<Rejection[]> {
+    try {
+      await this.client!.send(
+        new SendMessageCommand({
+          QueueUrl: this.cfg.queue_url,
+          MessageBody: e.body,
+          MessageAttributes: e.attributes,
+          ...(this.cfg.fifo ? { MessageGroupId: e.group, MessageDeduplicationId: e.dedupId } : {}),
+        }),
+      );
+      return [];
+    } catch (err) {
+      if (this.kindOf(err) === "rejected") return [{ message: e.message, error: this.describeFailure(err) }];
+      throw this.classify(err, `SendMessage to ${this.cfg.queue_url}`);
+    }
+  }
+
+  /** "rejected" only for a client fault that is about the request itself, not access or the queue. */
+  private kindOf(err: unknown): "rejected" | "other" {
+    const code = awsCode(err);
+    const fault = (err as { $fault?: string }).$fault;
+    if (fault !== "client" || QUEUE_MISSING.has(code) || AUTH_CODES.has(code) || TRANSIENT_CODES.has(code)) return "other";
+    const status = (err as { $metadata?: { httpStatusCode?: number } }).$metadata?.httpStatusCode;
+    return status === 429 || (err as { $retryable?: unknown }).$retryable ? "other" : "rejected";
+  }
+
+  private describeFailure(err: unknown): string {
+    return `SQS refused the message: ${awsCode(err)}: ${this.redact(errorMessage(err))}`;
+  }
+
+  private classify(err: unknown, doing: string): RelayError {
+    if (err instanceof RelayError) return err;
+    const code = awsCode(err);
+    const text = this.redact(errorMessage(err));
+    if (QUEUE_MISSING.has(code)) {
+      return configError(`sqs queue ${this.cfg.queue_url} does not exist (${doing} at ${this.where}); create it or fix queue_url`);
+    }
+    if (AUTH_CODES.has(code) || /could not load credentials/i.test(text)) {
+      return configError(`${doing} at ${this.where}: credentials or permissions refused: ${code}: ${text}`);
+    }
+    if (/region is missing/i.test(text)) {
+      return configError(`region: no AWS region configured (set region, AWS_REGION or the profile's region)`);
+    }
+    if (NETWORK_CODES.has(code) || code === "TimeoutError" || /ECONNREFUSED|socket|timed? ?out|connect/i.test(text)) {
+      return transientError(`${doing}: sqs endpoint ${this.where} unreachable: ${code}: ${text}`);
+    }
+    return transientError(`${doing} at ${this.where} failed: ${code}: ${text}`);
+  }
+
+  private redact(text: string): string {
+    let out = text;
+    for (const s of this.secrets) out = out.split(s).join("***");
+    return out;
+  }
+}
+
+export default defineBackend({
+  type: "sqs",
+  sink: sinkSpec({
+    config: SqsSinkConfig,
+    create: (cfg, ctx) => new SqsSink(cfg, ctx),
+  }),
+});
