@@ -1,0 +1,76 @@
+/**
+ * HTTP webhook sink throughput: 20k messages through `sink.write` in batches of 500 against a
+ * Bun.serve receiver on 127.0.0.1, run in a child process so the receiver does not share this
+ * event loop. Three shapes: batch mode (one request per 500), per-event mode with 16 requests in
+ * flight across keys (`ordering_key_template: "{dedup_key}"`), and per-event mode with the default
+ * ordering key (one stream table = one request at a time). Prints msg/s per shape.
+ *
+ *   node_modules/.bin/bun bench/http-sink.ts [total=20000] [batch=500]
+ */
+import { createConsola } from "consola";
+import * as v from "valibot";
+import http from "../src/backends/http.ts";
+import type { BackendContext } from "../src/backends/types.ts";
+import { forwardMessages } from "../test/helpers/messages.ts";
+
+const total = Number(process.argv[2] ?? 20_000);
+const batchSize = Number(process.argv[3] ?? 500);
+
+const receiver = Bun.spawn(
+  [
+    process.execPath,
+    "-e",
+    `let received = 0;
+     const server = Bun.serve({ hostname: "127.0.0.1", port: 0, async fetch(req) {
+       if (req.method === "GET") return new Response(String(received));
+       const body = await req.json();
+       received += Array.isArray(body) ? body.length : 1;
+       return new Response("ok");
+     }});
+     console.log(server.port);`,
+  ],
+  { stdout: "pipe", stderr: "inherit" },
+);
+const reader = receiver.stdout.getReader();
+const port = Number(new TextDecoder().decode((await reader.read()).value).trim());
+const url = `http://127.0.0.1:${port}/hook`;
+const received = async () => Number(await (await fetch(url)).text());
+
+const ctx: BackendContext = {
+  pipeline: "bench",
+  direction: "forward",
+  relayGroupId: "bench",
+  log: createConsola({ level: 1 }),
+  sql: undefined as never,
+  postgresUrl: "",
+  drain: false,
+};
+
+async function measure(label: string, options: Record<string, unknown>, count: number): Promise<void> {
+  const sink = http.sink.create(v.parse(http.sink.config, { url, ...options }), ctx);
+  await sink.start();
+  const batches = Array.from({ length: Math.ceil(count / batchSize) }, (_, b) =>
+    forwardMessages(Math.min(batchSize, count - b * batchSize), { outboxId: b + 1 }),
+  );
+  await sink.write(forwardMessages(100, { outboxId: 1_000_000 })); // warm-up
+  const before = await received();
+  const t0 = performance.now();
+  for (const batch of batches) {
+    const rejected = await sink.write(batch);
+    if (rejected.length) throw new Error(`${rejected.length} rejected: ${rejected[0]!.error}`);
+  }
+  const secs = (performance.now() - t0) / 1000;
+  await sink.close();
+  const got = (await received()) - before;
+  if (got !== count) throw new Error(`${label}: receiver counted ${got}, expected ${count}`);
+  console.log(`${label.padEnd(44)} ${String(Math.round(count / secs)).padStart(7)} msg/s  (${count} in ${secs.toFixed(2)} s)`);
+}
+
+try {
+  await measure("batch mode (500 per request)", {}, total);
+  await measure("per-event, 16 in flight, key {dedup_key}", { batch_mode: false, ordering_key_template: "{dedup_key}" }, total);
+  await measure("per-event, default key (serial per table)", { batch_mode: false }, Math.min(total, 5000));
+  await measure("batch mode, signed + CloudEvents", { signing_secret: "bench-secret", cloudevents: true }, total);
+} finally {
+  receiver.kill();
+}
