@@ -69,3 +69,17 @@ export function explainConnectError(err: unknown, url: string): string {
               : "check the URL";
   return `cannot connect to PostgreSQL at ${target}: ${redact(errorMessage(err), url)} — ${hint}`;
 }
+
+/**
+ * One identifier, quoted whole. postgres.js's `sql(name)` splits a name at dots (schema.table),
+ * which would turn a table named `a.b` into two identifiers; names from the catalog are single
+ * identifiers, so they are quoted here with every `"` doubled.
+ */
+export function ident(sql: Sql, name: string) {
+  return sql.unsafe(`"${name.replace(/"/g, '""')}"`);
+}
+
+/** `"schema"."table"`, each part quoted whole. */
+export function qualifiedIdent(sql: Sql, schema: string, name: string) {
+  return sql.unsafe(`"${schema.replace(/"/g, '""')}"."${name.replace(/"/g, '""')}"`);
+}

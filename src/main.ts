@@ -1,6 +1,7 @@
 #!/usr/bin/env bun
 import { defineCommand, runMain } from "citty";
 import { catalogCommand } from "./commands/catalog.ts";
+import { demoCommand } from "./commands/demo.ts";
 import { drainCommand, runCommand } from "./commands/run.ts";
 import { COMMIT, VERSION } from "./version.ts";
 
@@ -15,6 +16,7 @@ const main = defineCommand({
     run: runCommand,
     drain: drainCommand,
     catalog: catalogCommand,
+    demo: demoCommand,
   },
 });
 

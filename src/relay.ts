@@ -17,6 +17,8 @@ export interface RelayOptions {
   http: boolean;
   /** Connect attempts before giving up; run retries forever, one-shot commands do not. */
   retryConnect: boolean;
+  /** Stop gracefully once this resolves (the demo's --count). */
+  stopWhen?: Promise<void>;
 }
 
 /** Connects, retrying with jittered backoff for a service, once for a one-shot command. */
@@ -57,6 +59,7 @@ export async function runRelay(settings: Settings, options: RelayOptions): Promi
   const sigterm = () => onSignal("SIGTERM");
   process.on("SIGINT", sigint);
   process.on("SIGTERM", sigterm);
+  options.stopWhen?.then(() => shutdown.abort());
 
   const sql = await connectDatabase(settings, options.retryConnect, shutdown.signal);
   let timedOut = false;

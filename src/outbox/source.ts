@@ -1,6 +1,6 @@
 import * as v from "valibot";
 import type { BackendContext, Batch, DeadLetter, Lag, Source } from "../backends/types.ts";
-import type { Sql } from "../db.ts";
+import { ident, qualifiedIdent, type Sql } from "../db.ts";
 import { configError, decodeError, errorMessage, RelayError } from "../errors.ts";
 import { DEFAULT_SUBJECT_TEMPLATE, forwardDedupKey, renderTemplate, type Message, type Op } from "../message.ts";
 import { cleanRow, planFor, safeOutboxId, type HeaderRow, type Plan } from "./decode.ts";
@@ -55,7 +55,9 @@ interface WriterCheck {
   hwm: bigint;
 }
 
-const HEADER_COLUMNS = "id::text AS id, refresh_id::text AS refresh_id, created_at, inserted_count::text AS inserted_count, deleted_count::text AS deleted_count, is_claim_check, payload";
+/** Bigints as text (exact); ORDER BY must then name `h.id`, or it would sort the text alias. */
+const HEADER_COLUMNS =
+  "h.id::text AS id, h.refresh_id::text AS refresh_id, h.created_at, h.inserted_count::text AS inserted_count, h.deleted_count::text AS deleted_count, h.is_claim_check, h.payload";
 
 /**
  * The forward source: reads an outbox, decodes every payload shape, and hands out batches whose
@@ -82,7 +84,7 @@ export class OutboxSource implements Source {
   }
 
   private headerTable() {
-    return this.sql`${this.sql("pgtrickle")}.${this.sql(this.target.outboxTable)}`;
+    return qualifiedIdent(this.sql, "pgtrickle", this.target.outboxTable);
   }
 
   get sql(): Sql {
@@ -246,9 +248,9 @@ export class OutboxSource implements Source {
         `claim-check row id=${header.id}: delta table pgtrickle."${this.target.deltaTable}" is missing or has unknown columns`,
       );
     }
-    const table = this.sql`${this.sql("pgtrickle")}.${this.sql(this.target.deltaTable)}`;
-    const opCol = this.sql(cols.op);
-    const dataCol = this.sql(cols.data);
+    const table = qualifiedIdent(this.sql, "pgtrickle", this.target.deltaTable);
+    const opCol = ident(this.sql, cols.op);
+    const dataCol = ident(this.sql, cols.data);
     const opValues = (op: Op) => (op === "insert" ? ["INSERT", "I"] : ["DELETE", "D"]);
     const [counts] = await this.sql<{ inserted: string }[]>`
       SELECT count(*)::text AS inserted FROM ${table} WHERE outbox_id = ${header.id}::bigint AND ${opCol} = ANY(${opValues("insert")})`;
@@ -258,9 +260,9 @@ export class OutboxSource implements Source {
       let index = op === "insert" ? 0 : insertedCount;
       for (;;) {
         const page = await this.sql<{ row_num: string; data: unknown }[]>`
-          SELECT row_num::text AS row_num, ${dataCol} AS data FROM ${table}
-          WHERE outbox_id = ${header.id}::bigint AND ${opCol} = ANY(${opValues(op)}) AND row_num > ${after}::bigint
-          ORDER BY row_num LIMIT ${this.cfg.claim_check_fetch_size}`;
+          SELECT d.row_num::text AS row_num, d.${dataCol} AS data FROM ${table} AS d
+          WHERE d.outbox_id = ${header.id}::bigint AND d.${opCol} = ANY(${opValues(op)}) AND d.row_num > ${after}::bigint
+          ORDER BY d.row_num LIMIT ${this.cfg.claim_check_fetch_size}`;
         if (page.length === 0) break;
         yield page.map((r) => this.message(header, op, index++, r.data, fullRefresh, refreshId));
         after = page[page.length - 1]!.row_num;
@@ -305,8 +307,8 @@ export class OutboxSource implements Source {
   private async pollSimple(): Promise<HeaderRow[]> {
     const check = await this.checkWriters();
     const rows = await this.sql<HeaderRow[]>`
-      SELECT ${this.sql.unsafe(HEADER_COLUMNS)} FROM ${this.headerTable()}
-      WHERE id > ${this.committed.toString()}::bigint ORDER BY id LIMIT ${this.cfg.batch_size}`;
+      SELECT ${this.sql.unsafe(HEADER_COLUMNS)} FROM ${this.headerTable()} AS h
+      WHERE h.id > ${this.committed.toString()}::bigint ORDER BY h.id LIMIT ${this.cfg.batch_size}`;
     return this.deliverablePrefix(rows, check);
   }
 

@@ -1,0 +1,347 @@
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { mkdtempSync, readFileSync, existsSync, readdirSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { testDatabase, type TestDatabase } from "../helpers/pg.ts";
+import { eventually, relayOnce, RunningRelay } from "../helpers/relay.ts";
+import {
+  createStreamTable,
+  enableOutbox,
+  writeClaimCheck,
+  writeNullPayload,
+  writePgTideSummary,
+  writeRaw,
+  writeSnapshotArray,
+  writeV1Inline,
+  type OutboxTables,
+} from "../fixtures/outbox.ts";
+
+let db: TestDatabase;
+const dir = mkdtempSync(join(tmpdir(), "relay-forward-"));
+
+beforeAll(async () => {
+  db = await testDatabase("forward");
+});
+afterAll(async () => {
+  await db?.drop();
+});
+
+interface Line {
+  dedup_key: string;
+  subject: string;
+  payload: unknown;
+  op: string;
+  is_full_refresh: boolean;
+  outbox_id: number | null;
+  refresh_id: string | null;
+}
+
+function readLines(path: string): Line[] {
+  if (!existsSync(path)) return [];
+  return readFileSync(path, "utf8")
+    .split("\n")
+    .filter((l) => l.trim() !== "")
+    .map((l) => JSON.parse(l));
+}
+
+/** A stream table with an outbox and a file pipeline for it. */
+async function setup(name: string, source: Record<string, unknown> = {}, sink: Record<string, unknown> = {}) {
+  await createStreamTable(db.sql, `public.${name}`, "id int primary key, amount int");
+  const tables = await enableOutbox(db.sql, `public.${name}`);
+  const output = join(dir, `${name}.jsonl`);
+  await configurePipeline(name, `public.${name}`, { type: "file", output, ...sink }, source);
+  return { tables, output };
+}
+
+async function configurePipeline(name: string, outbox: string, sink: Record<string, unknown>, source: Record<string, unknown> = {}, group: string | null = null) {
+  await db.sql`SELECT pgtrickle.set_relay_outbox(${name}, ${outbox}, ${group}, ${db.sql.json(sink as never)})`;
+  if (Object.keys(source).length > 0) {
+    await db.sql`UPDATE pgtrickle.relay_outbox_config SET config = jsonb_set(config, '{source}', config->'source' || ${db.sql.json(source as never)}) WHERE name = ${name}`;
+  }
+}
+
+const drain = (name: string, extra: string[] = []) => relayOnce(["drain", "--postgres-url", db.url, "--pipeline", name, ...extra]);
+
+async function offsetOf(name: string): Promise<string | null> {
+  const [row] = await db.sql<{ last: string }[]>`SELECT last_change_id::text AS last FROM pgtrickle.relay_consumer_offsets WHERE pipeline_id = ${name}`;
+  return row?.last ?? null;
+}
+
+describe("decoding every payload shape", () => {
+  test("v1 inline, full refresh, snapshot array, NULL, pg_tide summary, claim-check: exact messages in order", async () => {
+    const { tables, output } = await setup("shapes", { claim_check_fetch_size: 2, max_batch_messages: 3 });
+    const t: OutboxTables = tables;
+    const id1 = await writeV1Inline(db.sql, t.outboxTable, {
+      inserted: [{ id: 1, amount: 10 }, { id: 2, amount: 20 }],
+      deleted: [{ id: 9, amount: 90 }],
+      refresh_id: "11111111-1111-1111-1111-111111111111",
+    });
+    const id2 = await writeV1Inline(db.sql, t.outboxTable, { inserted: [{ id: 3, amount: 30 }], deleted: [], full_refresh: true, pgt_id: "22222222-2222-2222-2222-222222222222" });
+    const id3 = await writeSnapshotArray(db.sql, t.outboxTable, [{ id: 4, amount: 40 }, { id: 5, amount: 50 }]);
+    const id4 = await writeNullPayload(db.sql, t.outboxTable, { inserted_count: 3, deleted_count: 1 });
+    const id5 = await writePgTideSummary(db.sql, t.outboxTable, { inserted: 7, deleted: 2, source: "public.shapes" });
+    const id6 = await writeClaimCheck(db.sql, t.outboxTable, t.deltaTable, [
+      { op: "INSERT", data: { id: 6, amount: 60 } },
+      { op: "DELETE", data: { id: 7, amount: 70 } },
+      { op: "INSERT", data: { id: 8, amount: 80, __pgt_row_id: 123 } },
+      { op: "INSERT", data: { id: 10, amount: 100 } },
+    ], { v1Header: true, refresh_id: "33333333-3333-3333-3333-333333333333" });
+    const id7 = await writeClaimCheck(db.sql, t.outboxTable, t.deltaTable, [{ op: "INSERT", data: { id: 11, amount: 110 } }]);
+
+    const result = await drain("shapes");
+    expect(result.exitCode).toBe(0);
+    const got = readLines(output).map((l) => [l.dedup_key, l.op, JSON.stringify(l.payload), l.is_full_refresh, l.refresh_id]);
+    const k = (id: string, i: number) => `${t.outboxTable}:${id}:${i}`;
+    const summary = (id: string, ins: number, del: number) =>
+      JSON.stringify({ outbox_id: Number(id), inserted_count: ins, deleted_count: del });
+    expect(got.map((g) => g.slice(0, 2))).toEqual([
+      [k(id1, 2), "delete"],
+      [k(id1, 0), "insert"],
+      [k(id1, 1), "insert"],
+      [k(id2, 0), "insert"],
+      [k(id3, 0), "insert"],
+      [k(id3, 1), "insert"],
+      [k(id4, 0), "summary"],
+      [k(id5, 0), "summary"],
+      [k(id6, 3), "delete"],
+      [k(id6, 0), "insert"],
+      [k(id6, 1), "insert"],
+      [k(id6, 2), "insert"],
+      [k(id7, 0), "insert"],
+    ]);
+    const lines = readLines(output);
+    expect(lines[0]!.payload).toEqual({ id: 9, amount: 90 });
+    expect(lines[0]!.refresh_id).toBe("11111111-1111-1111-1111-111111111111");
+    expect(lines[0]!.subject).toBe("pgtrickle.shapes.delete");
+    expect(lines[3]!.is_full_refresh).toBe(true);
+    expect(lines[3]!.refresh_id).toBe("22222222-2222-2222-2222-222222222222");
+    expect(lines[4]!.is_full_refresh).toBe(true); // bare snapshot array
+    expect(lines[4]!.payload).toEqual({ id: 4, amount: 40 }); // __pgt_row_id stripped
+    expect(JSON.stringify(lines[6]!.payload)).toContain(summary(id4, 3, 1).slice(0, -1));
+    expect(lines[6]!.payload).toMatchObject({ stream_table: "shapes", refresh_id: null });
+    expect(lines[7]!.payload).toMatchObject({ inserted_count: Number(lines[7]!.outbox_id) ? expect.any(Number) : 0 });
+    expect(lines[10]!.payload).toEqual({ id: 8, amount: 80 }); // claim-check row, internal column stripped
+    expect(lines[8]!.is_full_refresh).toBe(false); // v1 claim-check header without full_refresh
+    expect(lines[12]!.is_full_refresh).toBe(true); // 0.37–0.45 claim-check: NULL payload = snapshot
+    expect(lines.every((l) => l.outbox_id !== null && Number.isSafeInteger(l.outbox_id))).toBe(true);
+    expect(await offsetOf("shapes")).toBe(id7);
+  });
+
+  test("a replay produces identical keys, and a second drain delivers nothing new", async () => {
+    const { tables, output } = await setup("replay");
+    await writeV1Inline(db.sql, tables.outboxTable, { inserted: [{ id: 1, amount: 1 }, { id: 2, amount: 2 }], deleted: [] });
+    expect((await drain("replay")).exitCode).toBe(0);
+    const first = readLines(output).map((l) => l.dedup_key);
+    await db.sql`UPDATE pgtrickle.relay_consumer_offsets SET last_change_id = 0 WHERE pipeline_id = 'replay'`;
+    expect((await drain("replay")).exitCode).toBe(0);
+    const all = readLines(output).map((l) => l.dedup_key);
+    expect(all).toEqual([...first, ...first]);
+    expect((await drain("replay")).exitCode).toBe(0);
+    expect(readLines(output).length).toBe(4);
+  });
+});
+
+describe("dead letters", () => {
+  test("a poison row lands in relay_dead_letters while later rows flow, and can be replayed after a fix", async () => {
+    const { tables, output } = await setup("poison");
+    await writeV1Inline(db.sql, tables.outboxTable, { inserted: [{ id: 1, amount: 1 }], deleted: [] });
+    const bad = await writeRaw(db.sql, tables.outboxTable, { v: 99, inserted: [] });
+    const last = await writeV1Inline(db.sql, tables.outboxTable, { inserted: [{ id: 3, amount: 3 }], deleted: [] });
+    const result = await drain("poison");
+    expect(result.exitCode).toBe(0);
+    expect(readLines(output).map((l) => l.payload)).toEqual([{ id: 1, amount: 1 }, { id: 3, amount: 3 }]);
+    const letters = await db.sql<{ dedup_key: string; error: string; error_kind: string; outbox_id: string }[]>`
+      SELECT dedup_key, error, error_kind, outbox_id::text FROM pgtrickle.relay_dead_letters WHERE pipeline = 'poison'`;
+    expect(letters).toHaveLength(1);
+    expect(letters[0]!.outbox_id).toBe(bad);
+    expect(letters[0]!.error_kind).toBe("decode");
+    expect(letters[0]!.error).toContain("unsupported payload version 99");
+    expect(await offsetOf("poison")).toBe(last);
+
+    // An operator fixes the stored row and asks for a replay; the running relay re-sends it.
+    await db.sql`UPDATE pgtrickle.relay_dead_letters
+      SET message = jsonb_set(message, '{header,payload}', '{"v":1,"inserted":[{"id":2,"amount":2}],"deleted":[]}')
+      WHERE pipeline = 'poison'`;
+    const [{ n }] = await db.sql<{ n: number }[]>`SELECT pgtrickle.replay_relay_dead_letters('poison') AS n`;
+    expect(n).toBe(1);
+    const relay = new RunningRelay(["--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0"]);
+    try {
+      await writeV1Inline(db.sql, tables.outboxTable, { inserted: [{ id: 4, amount: 4 }], deleted: [] });
+      await eventually(async () => {
+        const [r] = await db.sql<{ resolved: boolean }[]>`SELECT resolved_at IS NOT NULL AS resolved FROM pgtrickle.relay_dead_letters WHERE pipeline = 'poison'`;
+        return r?.resolved === true;
+      }, 20_000, "the dead letter to be replayed");
+      expect(readLines(output).map((l) => l.payload)).toContainEqual({ id: 2, amount: 2 });
+      expect(readLines(output).find((l) => (l.payload as { id: number }).id === 2)!.dedup_key).toBe(`${tables.outboxTable}:${bad}:0`);
+    } finally {
+      await relay.stop();
+    }
+  });
+
+  test("on_decode_error=halt stops the pipeline and drain exits 1 naming it", async () => {
+    const { tables } = await setup("halting", { on_decode_error: "halt" });
+    await writeRaw(db.sql, tables.outboxTable, "not an object");
+    const result = await drain("halting");
+    expect(result.exitCode).toBe(1);
+    expect(result.stderr).toContain("halting");
+    expect(result.stderr).toContain("on_decode_error");
+    expect(await offsetOf("halting")).toBeNull();
+  });
+});
+
+describe("no row skipped", () => {
+  test("two writers committing out of id order: both rows are delivered, the later id is held until the earlier commits", async () => {
+    const { tables, output } = await setup("ooo", { poll_interval_ms: 50 });
+    const relay = new RunningRelay(["--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0"]);
+    try {
+      await relay.waitForLog(/\[ooo\] started/);
+      let release!: () => void;
+      const held = new Promise<void>((r) => (release = r));
+      let lowId = "";
+      const writerA = db.sql.begin(async (tx) => {
+        const [row] = await tx.unsafe(`INSERT INTO pgtrickle."${tables.outboxTable}" (payload) VALUES ('{"v":1,"inserted":[{"id":1,"amount":1}],"deleted":[]}') RETURNING id::text AS id`);
+        lowId = (row as { id: string }).id;
+        await held;
+      });
+      await eventually(() => lowId !== "", 5000, "writer A to insert");
+      const highId = await writeV1Inline(db.sql, tables.outboxTable, { inserted: [{ id: 2, amount: 2 }], deleted: [] });
+      expect(BigInt(highId)).toBeGreaterThan(BigInt(lowId));
+      // Give the relay several polls while A is open: it must not hand out B's row yet.
+      await Bun.sleep(600);
+      expect(readLines(output)).toHaveLength(0);
+      release();
+      await writerA;
+      await eventually(() => readLines(output).length === 2, 10_000, "both rows");
+      expect(readLines(output).map((l) => l.outbox_id)).toEqual([Number(lowId), Number(highId)]);
+    } finally {
+      await relay.stop();
+    }
+  });
+
+  test("a rolled-back id leaves a gap that is crossed once no writer can fill it", async () => {
+    const { tables, output } = await setup("gaps");
+    await writeV1Inline(db.sql, tables.outboxTable, { inserted: [{ id: 1, amount: 1 }], deleted: [] });
+    await db.sql.begin(async (tx) => {
+      await tx.unsafe(`INSERT INTO pgtrickle."${tables.outboxTable}" (payload) VALUES ('[]')`);
+      throw new Error("rollback");
+    }).catch(() => {});
+    await writeV1Inline(db.sql, tables.outboxTable, { inserted: [{ id: 3, amount: 3 }], deleted: [] });
+    expect((await drain("gaps", ["--timeout", "20"])).exitCode).toBe(0);
+    expect(readLines(output).map((l) => l.payload)).toEqual([{ id: 1, amount: 1 }, { id: 3, amount: 3 }]);
+  });
+
+  test("kill -9 mid-stream and a restart deliver every row; duplicates only from the unacknowledged batch, with identical keys", async () => {
+    const { tables, output } = await setup("crash", { batch_size: 20 });
+    const total = 1500;
+    await db.sql.unsafe(
+      `INSERT INTO pgtrickle."${tables.outboxTable}" (payload)
+       SELECT jsonb_build_object('v', 1, 'inserted', jsonb_build_array(jsonb_build_object('id', g, 'amount', g)), 'deleted', '[]'::jsonb)
+       FROM generate_series(1, ${total}) g`,
+    );
+    const relay = new RunningRelay(["--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0"]);
+    await eventually(() => readLines(output).length >= 200, 20_000, "some rows to be delivered");
+    await relay.stop("SIGKILL");
+    const beforeRestart = readLines(output).length;
+    expect(beforeRestart).toBeLessThan(total);
+    const result = await drain("crash");
+    expect(result.exitCode).toBe(0);
+    const keys = readLines(output).map((l) => l.dedup_key);
+    const unique = new Set(keys);
+    expect(unique.size).toBe(total);
+    expect(keys.length - unique.size).toBeLessThanOrEqual(20);
+    const [{ max }] = await db.sql.unsafe<{ max: string }[]>(`SELECT max(id)::text AS max FROM pgtrickle."${tables.outboxTable}"`);
+    expect(await offsetOf("crash")).toBe(max);
+  });
+});
+
+describe("wake-up", () => {
+  test("with a 60 s poll interval a new row still arrives at once through pg_notify", async () => {
+    const { tables, output } = await setup("notify", { poll_interval_ms: 60_000 });
+    const relay = new RunningRelay(["--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0"]);
+    try {
+      await relay.waitForLog(/\[notify\] started/);
+      await Bun.sleep(300); // the first (empty) poll is done; the pipeline now sleeps for 60 s
+      await writeV1Inline(db.sql, tables.outboxTable, { inserted: [{ id: 1, amount: 1 }], deleted: [] });
+      await eventually(() => readLines(output).length === 1, 10_000, "the notified row (well before the 60 s poll)");
+    } finally {
+      expect(await relay.stop("SIGTERM")).toBe(0);
+    }
+  });
+});
+
+describe("consumer-group mode", () => {
+  test("creates the group, delivers through poll_outbox and commits with a stable consumer id", async () => {
+    await createStreamTable(db.sql, "public.grouped", "id int primary key");
+    const t = await enableOutbox(db.sql, "public.grouped");
+    await writeV1Inline(db.sql, t.outboxTable, { inserted: [{ id: 1 }], deleted: [] });
+    const last = await writeV1Inline(db.sql, t.outboxTable, { inserted: [{ id: 2 }], deleted: [{ id: 1 }] });
+    const output = join(dir, "grouped.jsonl");
+    await configurePipeline("grouped", "public.grouped", { type: "file", output }, {}, "analytics");
+    expect((await drain("grouped")).exitCode).toBe(0);
+    expect(readLines(output).map((l) => l.op)).toEqual(["insert", "delete", "insert"]);
+    const [group] = await db.sql`SELECT outbox_name, auto_offset_reset FROM pgtrickle.pgt_consumer_groups WHERE group_name = 'analytics'`;
+    expect(group).toEqual({ outbox_name: t.outboxTable, auto_offset_reset: "earliest" });
+    const offsets = await db.sql`SELECT consumer_id, committed_offset::text AS off FROM pgtrickle.pgt_consumer_offsets WHERE group_name = 'analytics'`;
+    expect(offsets).toEqual([{ consumer_id: "default:grouped", off: last }]);
+    // A second drain (same consumer id) has nothing left.
+    expect((await drain("grouped")).exitCode).toBe(0);
+    expect(readLines(output)).toHaveLength(3);
+  });
+});
+
+describe("claim-check release", () => {
+  test("outbox_rows_consumed runs after the commit only when release_claim_check is true", async () => {
+    const keep = await setup("cc_keep");
+    await writeClaimCheck(db.sql, keep.tables.outboxTable, keep.tables.deltaTable, [{ op: "INSERT", data: { id: 1, amount: 1 } }]);
+    expect((await drain("cc_keep")).exitCode).toBe(0);
+    const [kept] = await db.sql.unsafe(`SELECT count(*)::int AS n FROM pgtrickle."${keep.tables.deltaTable}"`);
+    expect(kept).toEqual({ n: 1 });
+
+    const free = await setup("cc_free", { release_claim_check: true });
+    await writeClaimCheck(db.sql, free.tables.outboxTable, free.tables.deltaTable, [{ op: "INSERT", data: { id: 1, amount: 1 } }]);
+    expect((await drain("cc_free")).exitCode).toBe(0);
+    expect(readLines(free.output)).toHaveLength(1);
+    const [freed] = await db.sql.unsafe(`SELECT count(*)::int AS n FROM pgtrickle."${free.tables.deltaTable}"`);
+    expect(freed).toEqual({ n: 0 });
+  });
+});
+
+describe("drain", () => {
+  test("exits 1 with a summary naming a pipeline whose config is invalid, 0 for the healthy one", async () => {
+    await setup("healthy");
+    await db.sql`SELECT pgtrickle.set_relay_outbox('broken', 'public.healthy', NULL, '{"type":"file","format":"xml"}'::jsonb)`;
+    const ok = await drain("healthy");
+    expect(ok.exitCode).toBe(0);
+    const bad = await drain("broken");
+    expect(bad.exitCode).toBe(1);
+    expect(bad.stderr).toContain("broken");
+    expect(bad.stderr).toContain("sink.format");
+  });
+
+  test("an unreachable database is one clear line and exit 3", async () => {
+    const result = await relayOnce(["drain", "--postgres-url", "postgres://nobody:secret-pw@127.0.0.1:1/x"]);
+    expect(result.exitCode).toBe(3);
+    expect(result.stderr).toContain("127.0.0.1:1");
+    expect(result.stderr).not.toContain("secret-pw");
+    expect(result.stderr).not.toContain("    at ");
+  });
+});
+
+describe("file sink", () => {
+  test("csv writes the header once per file and rotates by size", async () => {
+    const { tables, output } = await setup("csvout", { batch_size: 1 }, { format: "csv", output: join(dir, "csvout.csv"), rotate_bytes: 300 });
+    for (let i = 0; i < 6; i++) await writeV1Inline(db.sql, tables.outboxTable, { inserted: [{ id: i, amount: i }], deleted: [] });
+    expect((await relayOnce(["drain", "--postgres-url", db.url, "--pipeline", "csvout"])).exitCode).toBe(0);
+    void output;
+    const files = readdirSync(dir).filter((f) => f.startsWith("csvout.csv"));
+    expect(files.length).toBeGreaterThan(1);
+    let rows = 0;
+    for (const f of files) {
+      const lines = readFileSync(join(dir, f), "utf8").trim().split("\n");
+      expect(lines[0]).toBe("dedup_key,subject,op,is_full_refresh,outbox_id,refresh_id,payload");
+      expect(lines.filter((l) => l.startsWith("dedup_key"))).toHaveLength(1);
+      rows += lines.length - 1;
+    }
+    expect(rows).toBe(6);
+  });
+});
