@@ -24,6 +24,15 @@ export interface Message {
   context: MessageContext;
   /** Reverse: transport headers/attributes of the inbound message (trace context, event type…). */
   headers?: Record<string, string>;
+  /** Reverse: the inbox columns besides event_id (= dedup_key), event_type (= subject), payload. */
+  inbound?: InboundColumns;
+}
+
+/** Inbox columns a reverse source derives per CONTRACT.md §6.6. */
+export interface InboundColumns {
+  source: string | null;
+  aggregate_id: string | null;
+  trace_id: string | null;
 }
 
 /** The JSON body every broker sink sends: exactly these keys, in this order (§6.1). */

@@ -1,5 +1,11 @@
 import { configError } from "../errors.ts";
+import http from "./http.ts";
+import kafka from "./kafka.ts";
+import nats from "./nats.ts";
 import outbox from "./outbox.ts";
+import rabbitmq from "./rabbitmq.ts";
+import redis from "./redis.ts";
+import sqs from "./sqs.ts";
 import stdout from "./stdout.ts";
 import type { Backend } from "./types.ts";
 
@@ -7,7 +13,7 @@ import type { Backend } from "./types.ts";
  * Every backend, by type name. Imports are static on purpose: `bun build --compile` bundles only
  * static imports, so a backend loaded dynamically would silently be missing from the binary.
  */
-export const BACKENDS: Backend[] = [outbox, stdout];
+export const BACKENDS: Backend[] = [outbox, stdout, nats, kafka, http, redis, sqs, rabbitmq];
 
 export function findBackend(type: string): Backend | undefined {
   return BACKENDS.find((b) => b.type === type || b.aliases?.includes(type));

@@ -10,6 +10,7 @@ const StdoutSinkConfig = v.looseObject({
   format: v.optional(v.picklist(["jsonl", "json_pretty", "csv"]), "jsonl"),
   /** File path, opened for append; absent = standard output. Alias `path`. */
   output: v.optional(v.string()),
+  /** Alias of `output`. */
   path: v.optional(v.string()),
   /** Rotate the file once it reaches this many bytes: it is renamed to `<output>.<timestamp>`. */
   rotate_bytes: v.optional(v.pipe(v.number(), v.integer(), v.minValue(1))),
