@@ -3,6 +3,8 @@
  * `sink.write` in batches of 500, on a standard queue and on a FIFO queue (8 message groups, and
  * one group). For comparison, the raw client sending the same bodies with SendMessageBatch,
  * 16 calls in flight. DESIGN.md: SQS batch send (emulator) ≈ 11k msg/s on the reference machine.
+ * msg/s swings widely when other work shares the two cores (the emulator runs on them too), so
+ * the client CPU per message is printed as well.
  *
  *   node_modules/.bin/bun bench/sqs-sink.ts [total=20000] [batch=500] [max_in_flight=16]
  */
@@ -48,6 +50,12 @@ const batches = Array.from({ length: Math.ceil(total / batchSize) }, (_, b) =>
   forwardMessages(Math.min(batchSize, total - b * batchSize), { outboxId: b + 1 }),
 );
 
+/** Client-side CPU per message: steadier than msg/s when other work shares the cores. */
+function cpuPerMessage(since: NodeJS.CpuUsage): string {
+  const used = process.cpuUsage(since);
+  return ((used.user + used.system) / total).toFixed(1);
+}
+
 async function measure(label: string, fifo: boolean, options: Record<string, unknown>): Promise<number> {
   const url = await queue(label.replace(/\W+/g, "").slice(0, 20), fifo);
   const sink = sqs.sink.create(
@@ -64,26 +72,29 @@ async function measure(label: string, fifo: boolean, options: Record<string, unk
   );
   await sink.start();
   await sink.write(forwardMessages(100, { outboxId: 1_000_000 })); // warm-up
+  const c0 = process.cpuUsage();
   const t0 = performance.now();
   for (const batch of batches) {
     const rejected = await sink.write(batch);
     if (rejected.length) throw new Error(`${rejected.length} rejected: ${rejected[0]!.error}`);
   }
   const secs = (performance.now() - t0) / 1000;
+  const cpu = cpuPerMessage(c0);
   await sink.close();
   const stored = await depth(url);
   await admin.send(new DeleteQueueCommand({ QueueUrl: url }));
   if (stored !== total + 100) throw new Error(`${label}: queue holds ${stored}, expected ${total + 100}`);
   const rate = Math.round(total / secs);
-  console.log(`${label.padEnd(36)} ${String(rate).padStart(7)} msg/s  (${total} in ${secs.toFixed(2)} s)`);
+  console.log(`${label.padEnd(36)} ${String(rate).padStart(7)} msg/s  (${total} in ${secs.toFixed(2)} s, client CPU ${cpu} µs/msg)`);
   return rate;
 }
 
-async function raw(): Promise<number> {
+async function raw(report = true): Promise<number> {
   const url = await queue("raw", false);
   const all = batches.flat();
   const calls = Array.from({ length: Math.ceil(all.length / 10) }, (_, i) => all.slice(i * 10, i * 10 + 10));
   let next = 0;
+  const c0 = process.cpuUsage();
   const t0 = performance.now();
   await Promise.all(
     Array.from({ length: maxInFlight }, async () => {
@@ -103,12 +114,16 @@ async function raw(): Promise<number> {
     }),
   );
   const secs = (performance.now() - t0) / 1000;
+  const cpu = cpuPerMessage(c0);
   await admin.send(new DeleteQueueCommand({ QueueUrl: url }));
   const rate = Math.round(total / secs);
-  console.log(`${"raw SendMessageBatch, same window".padEnd(36)} ${String(rate).padStart(7)} msg/s`);
+  if (report) console.log(`${"raw SendMessageBatch, same window".padEnd(36)} ${String(rate).padStart(7)} msg/s  (client CPU ${cpu} µs/msg)`);
   return rate;
 }
 
+// Warm-up: whatever runs first otherwise pays for JIT compilation of the SDK and of the sink.
+await raw(false);
+await measure("(warm-up) standard queue", false, {});
 const std = await measure("standard queue", false, {});
 await measure("FIFO, 7 groups ({customer})", true, { message_group_id: "{stream_table}-{customer}" });
 await measure("FIFO, one group ({stream_table})", true, {});
