@@ -303,20 +303,22 @@ class NatsSink implements Sink {
   private async connect(): Promise<void> {
     if (this.nc && !this.nc.isClosed()) return;
     // Concurrent callers share one attempt instead of opening several connections.
-    this.connecting ??= (async () => {
-      let nc: NatsConnection;
-      try {
-        nc = await connect(connectionOptions(this.cfg, this.target, this.ctx));
-      } catch (err) {
-        throw this.connectFailure(err);
-      } finally {
-        this.connecting = null;
-      }
-      this.nc = nc;
-      this.js = nc.jetstream({ timeout: this.cfg.ack_timeout_ms });
-      void this.watch(nc);
-    })();
+    this.connecting ??= this.open().finally(() => {
+      this.connecting = null;
+    });
     return this.connecting;
+  }
+
+  private async open(): Promise<void> {
+    let nc: NatsConnection;
+    try {
+      nc = await connect(connectionOptions(this.cfg, this.target, this.ctx));
+    } catch (err) {
+      throw this.connectFailure(err);
+    }
+    this.nc = nc;
+    this.js = nc.jetstream({ timeout: this.cfg.ack_timeout_ms });
+    void this.watch(nc);
   }
 
   /** Logs what the client does by itself (reconnects, async errors); never holds a secret. */
@@ -447,12 +449,13 @@ class NatsSink implements Sink {
       const subject = this.cfg.subject_template ? renderTemplate(this.cfg.subject_template, m) : m.subject;
       const bad = invalidSubject(subject);
       if (bad) return { ok: false, reject: `NATS: ${bad}` };
-      const h = natsHeaders();
-      if (m.is_full_refresh) h.set("Pgtrickle-Full-Refresh", "true");
-      const opts: Partial<JetStreamPublishOptions> = { msgID: m.dedup_key, headers: h, timeout: this.cfg.ack_timeout_ms };
-      if (this.cfg.stream) opts.expect = { streamName: this.cfg.stream };
+      if (/[\r\n]/.test(m.dedup_key)) return { ok: false, reject: "NATS: the dedup key contains a line break, illegal in a header" };
       const body = this.encoder.encode(envelopeJson(m));
       try {
+        const h = natsHeaders();
+        if (m.is_full_refresh) h.set("Pgtrickle-Full-Refresh", "true");
+        const opts: Partial<JetStreamPublishOptions> = { msgID: m.dedup_key, headers: h, timeout: this.cfg.ack_timeout_ms };
+        if (this.cfg.stream) opts.expect = { streamName: this.cfg.stream };
         // A duplicate PubAck means the stream already holds this dedup key: delivered.
         await js.publish(subject, body, opts);
         return { ok: true };

@@ -3,7 +3,7 @@ import { createConsola } from "consola";
 import { createServer, connect as tcpConnect, type Server, type Socket } from "node:net";
 import { connect, type JetStreamManager, type NatsConnection, type StoredMsg } from "nats";
 import * as v from "valibot";
-import nats, { NatsSinkConfig } from "../../src/backends/nats.ts";
+import nats, { defaultStreamSubjects, filterCovers, invalidSubject, NatsSinkConfig, subjectsOverlap, templatePattern } from "../../src/backends/nats.ts";
 import type { BackendContext, Sink } from "../../src/backends/types.ts";
 import { RelayError } from "../../src/errors.ts";
 import { envelopeJson, type Message } from "../../src/message.ts";
@@ -214,6 +214,18 @@ describe("nats sink", () => {
     expect(err.message).toContain(`rt${RUN}.uncaptured.x`);
   });
 
+  test("with `stream` set, a subject captured by another stream is a config error naming it", async () => {
+    const mine = await stream("mine", [`rt${RUN}.mine.>`]);
+    await stream("theirs", [`rt${RUN}.theirs.>`]);
+    const sink = sinkFor({ stream: mine });
+    await sink.start();
+    const msgs = forwardMessages(2, { outboxId: 20 }).map((m) => ({ ...m, subject: `rt${RUN}.theirs.x` }));
+    const err = await errorOf(sink.write(msgs));
+    expect(err.kind).toBe("config");
+    expect(err.message).toContain(mine);
+    expect((await jsm.streams.info(mine)).state.messages).toBe(0);
+  });
+
   test("an unreachable server is a transient error naming host:port and no secret", async () => {
     const port = await closedPort();
     const sink = sinkFor({ url: `nats://alice:pw-s3cret-42@127.0.0.1:${port}`, token: "tok-s3cret-99" });
@@ -257,6 +269,29 @@ describe("nats sink", () => {
     } finally {
       await proxy.stop();
     }
+  });
+});
+
+describe("nats subject helpers", () => {
+  test("template patterns, stream coverage and overlap", () => {
+    expect(templatePattern("pgtrickle.{stream_table}.{op}")).toBe("pgtrickle.*.*");
+    expect(templatePattern("a.x_{op}.b")).toBe("a.*.b");
+    expect(defaultStreamSubjects("pgtrickle.{stream_table}.{op}")).toEqual(["pgtrickle.>"]);
+    expect(defaultStreamSubjects("fixed.subject")).toEqual(["fixed.subject"]);
+    expect(() => defaultStreamSubjects("{op}.x")).toThrow("stream_subjects");
+    expect(filterCovers("pgtrickle.>", "pgtrickle.*.*")).toBe(true);
+    expect(filterCovers("pgtrickle.*.*", "pgtrickle.*.*")).toBe(true);
+    expect(filterCovers("pgtrickle.orders.*", "pgtrickle.*.*")).toBe(false);
+    expect(filterCovers("pgtrickle.>", "pgtrickle")).toBe(false);
+    expect(filterCovers("a.*", "a.b.c")).toBe(false);
+    expect(subjectsOverlap("pgtrickle.orders.*", "pgtrickle.*.*")).toBe(true);
+    expect(subjectsOverlap("pgtrickle.orders.*", "pgtrickle.*")).toBe(false);
+    expect(subjectsOverlap("other.>", "pgtrickle.*.*")).toBe(false);
+    expect(subjectsOverlap("a.>", "a")).toBe(false);
+    expect(invalidSubject("a.b")).toBeNull();
+    expect(invalidSubject("a..b")).toContain("empty token");
+    expect(invalidSubject("a.b c")).toContain("whitespace");
+    expect(invalidSubject("a.*")).toContain("wildcard");
   });
 });
 
