@@ -1,0 +1,225 @@
+/**
+ * The mapping every reverse source shares (CONTRACT.md §6.5, §6.6): raw inbound data → a Message
+ * whose dedup_key becomes the inbox `event_id`, subject the `event_type`, payload the `payload`,
+ * and `inbound` the `source` / `aggregate_id` / `trace_id` columns.
+ *
+ * A source supplies what only it knows (its type, where it read from, its producer key, its
+ * event-type candidate, its coordinates for a synthesized key); everything else is decided here,
+ * so the rules are the same for NATS, Kafka, HTTP, Redis, SQS, RabbitMQ and stdin/file.
+ */
+import { createHash } from "node:crypto";
+import * as v from "valibot";
+import type { Message } from "./message.ts";
+
+const positiveInt = (fallback: number) => v.optional(v.pipe(v.number(), v.integer(), v.minValue(1)), fallback);
+
+/**
+ * Keys shared by every reverse source (CONTRACT.md §5.4). Spread into a source's schema:
+ * `v.looseObject({ ...reverseSourceKeys, url: …, … })`.
+ */
+export const reverseSourceKeys = {
+  /** Event type when neither the body nor the transport names one; default: the source type. */
+  event_type: v.optional(v.pipe(v.string(), v.minLength(1))),
+  /** Body field holding the event type; a string there wins over everything else. */
+  event_type_field: v.optional(v.pipe(v.string(), v.minLength(1)), "event_type"),
+  /** Most messages handed to the inbox in one transaction. */
+  batch_size: positiveInt(100),
+  /** Idle poll interval, for sources that poll. */
+  poll_interval_ms: positiveInt(1000),
+};
+
+export type ReverseSourceKeys = v.InferOutput<v.ObjectSchema<typeof reverseSourceKeys, undefined>>;
+
+type JsonObject = Record<string, unknown>;
+
+export const isJsonObject = (x: unknown): x is JsonObject => typeof x === "object" && x !== null && !Array.isArray(x);
+
+/** A decoded body: `json` tells a parsed JSON value from a fallback (string or base64 object). */
+export interface DecodedBody {
+  payload: unknown;
+  json: boolean;
+}
+
+const strictUtf8 = new TextDecoder("utf-8", { fatal: true });
+
+/** Valid UTF-8 text, or null. A leading byte-order mark is dropped. */
+export function utf8OrNull(bytes: Uint8Array): string | null {
+  try {
+    return strictUtf8.decode(bytes);
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * Body → payload, never null for a non-JSON body (§6.6, defect 37): parsed JSON when it parses;
+ * otherwise the text as a JSON string when it is valid UTF-8; otherwise `{"base64": "…"}`.
+ */
+export function decodeBody(body: Uint8Array | string): DecodedBody {
+  const text = typeof body === "string" ? body : utf8OrNull(body);
+  if (text === null) return { payload: { base64: Buffer.from(body as Uint8Array).toString("base64") }, json: false };
+  const parsed = parseJson(text);
+  return parsed.ok ? { payload: parsed.value, json: true } : { payload: text, json: false };
+}
+
+/** JSON.parse without throwing; a leading BOM is ignored. */
+export function parseJson(text: string): { ok: true; value: unknown } | { ok: false; error: string } {
+  try {
+    return { ok: true, value: JSON.parse(text.charCodeAt(0) === 0xfeff ? text.slice(1) : text) };
+  } catch (err) {
+    return { ok: false, error: err instanceof Error ? err.message : String(err) };
+  }
+}
+
+const nonEmptyString = (x: unknown): x is string => typeof x === "string" && x !== "";
+
+/** A top-level field of an object body, when it is a non-empty string. */
+export function bodyString(payload: unknown, field: string): string | null {
+  if (!isJsonObject(payload)) return null;
+  const value = payload[field];
+  return nonEmptyString(value) ? value : null;
+}
+
+export interface EventTypeRule {
+  /** `event_type_field` (default `event_type`). */
+  field: string;
+  /** The source's own candidate: NATS subject, Kafka `event-type` header or topic, … */
+  candidate?: string | null;
+  /** The configured `event_type`. */
+  configured?: string | null;
+  /** Final fallback: the source type (`nats`, `kafka`, `file`, …). */
+  sourceType: string;
+}
+
+/** body[event_type_field] if a string, else the source's candidate, else `event_type`, else the source type. */
+export function eventTypeOf(payload: unknown, rule: EventTypeRule): string {
+  return bodyString(payload, rule.field) ?? (nonEmptyString(rule.candidate) ? rule.candidate : null) ?? (nonEmptyString(rule.configured) ? rule.configured : null) ?? rule.sourceType;
+}
+
+/** body `source` if a string, else `<source_type>:<topic/subject/stream/queue/path>` (just the type when there is no place). */
+export function inboundSourceOf(payload: unknown, sourceType: string, where?: string | null): string {
+  return bodyString(payload, "source") ?? (nonEmptyString(where) ? `${sourceType}:${where}` : sourceType);
+}
+
+/** body `aggregate_id` (string, or number as text), else the source's fallback (e.g. the Kafka record key), else null. */
+export function aggregateIdOf(payload: unknown, fallback?: string | null): string | null {
+  if (isJsonObject(payload)) {
+    const value = payload.aggregate_id;
+    if (nonEmptyString(value)) return value;
+    if (typeof value === "number" && Number.isFinite(value)) return String(value);
+  }
+  return nonEmptyString(fallback) ? fallback : null;
+}
+
+// version "-" trace-id "-" parent-id "-" flags, lower-case hex; later versions may append fields.
+const TRACEPARENT = /^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$/;
+
+/**
+ * The trace-id of a W3C `traceparent` value, or null when the value is not a valid one: version
+ * `ff` is forbidden, version `00` has exactly four fields, all-zero trace or parent ids are invalid.
+ */
+export function traceIdFromTraceparent(value: string | null | undefined): string | null {
+  if (typeof value !== "string") return null;
+  const m = TRACEPARENT.exec(value.trim());
+  if (!m) return null;
+  const [, version, traceId, parentId, , rest] = m;
+  if (version === "ff") return null;
+  if (version === "00" && rest !== undefined) return null;
+  if (/^0+$/.test(traceId!) || /^0+$/.test(parentId!)) return null;
+  return traceId!;
+}
+
+/** A header by name, case-insensitively (HTTP, Kafka and AMQP headers differ in case conventions). */
+export function headerValue(headers: Record<string, string> | undefined, name: string): string | null {
+  if (!headers) return null;
+  if (name in headers) return headers[name] ?? null;
+  const lower = name.toLowerCase();
+  for (const [k, value] of Object.entries(headers)) if (k.toLowerCase() === lower) return value;
+  return null;
+}
+
+/**
+ * trace-id of a valid W3C `traceparent` header/attribute, else body `trace_id`, else the trace-id
+ * of a body `traceparent` field (a file line or a broker body can carry the context itself).
+ */
+export function traceIdOf(headers: Record<string, string> | undefined, payload: unknown): string | null {
+  return traceIdFromTraceparent(headerValue(headers, "traceparent")) ?? bodyString(payload, "trace_id") ?? traceIdFromTraceparent(bodyString(payload, "traceparent"));
+}
+
+/** Body fields that carry a producer's dedup key, in order of preference. */
+export const BODY_DEDUP_FIELDS = ["dedup_key", "pgt_dedup_key"] as const;
+
+/** The first non-empty string among a body's dedup fields (used verbatim), or null. */
+export function bodyDedupKey(payload: unknown, fields: readonly string[] = BODY_DEDUP_FIELDS): string | null {
+  for (const f of fields) {
+    const key = bodyString(payload, f);
+    if (key !== null) return key;
+  }
+  return null;
+}
+
+export function sha256Hex(data: Uint8Array | string): string {
+  return createHash("sha256").update(data).digest("hex");
+}
+
+/**
+ * A producer-supplied key verbatim (so forward relay → broker → reverse relay keeps the original
+ * key), else the synthesized one. Synthesized keys are built from broker coordinates or content
+ * and carry a source prefix (`kafka:…`, `file:…`, `http:<sha256>`); never random (§6.5).
+ */
+export function reverseDedupKey(producerKey: string | null | undefined, synthesized: string | (() => string)): string {
+  if (nonEmptyString(producerKey)) return producerKey;
+  const key = typeof synthesized === "function" ? synthesized() : synthesized;
+  if (!nonEmptyString(key)) throw new Error("a synthesized dedup key must not be empty");
+  return key;
+}
+
+export interface InboundInput {
+  pipeline: string;
+  /** The source type, as a name: `nats`, `kafka`, `http`, `redis`, `sqs`, `rabbitmq`, `stdin`, `file`. */
+  sourceType: string;
+  /** Topic / subject / stream / queue / path the message came from (for `inbound.source`). */
+  where?: string | null;
+  /** The raw body, or a body the source already decoded with decodeBody(). */
+  body: Uint8Array | string | DecodedBody;
+  /** Transport headers/attributes (trace context, event type…); kept on the message. */
+  headers?: Record<string, string>;
+  /** The producer's key (header, property, body field…), used verbatim when present. */
+  producerKey?: string | null;
+  /** Prefixed key from coordinates/content, used when there is no producer key. */
+  synthesizedKey: string | (() => string);
+  /** The source-specific event type (§6.6), tried after the body field. */
+  eventTypeCandidate?: string | null;
+  /** aggregate_id when the body has none (e.g. the Kafka record key). */
+  aggregateIdFallback?: string | null;
+  config: { event_type?: string | undefined; event_type_field: string };
+}
+
+const isDecoded = (b: InboundInput["body"]): b is DecodedBody => typeof b === "object" && b !== null && !(b instanceof Uint8Array) && "json" in b;
+
+/** Builds the reverse Message: op `event`, never full refresh, no outbox id, no refresh id. */
+export function inboundMessage(input: InboundInput): Message {
+  const { payload } = isDecoded(input.body) ? input.body : decodeBody(input.body);
+  const message: Message = {
+    dedup_key: reverseDedupKey(input.producerKey, input.synthesizedKey),
+    subject: eventTypeOf(payload, {
+      field: input.config.event_type_field,
+      candidate: input.eventTypeCandidate,
+      configured: input.config.event_type,
+      sourceType: input.sourceType,
+    }),
+    payload,
+    op: "event",
+    is_full_refresh: false,
+    outbox_id: null,
+    refresh_id: null,
+    context: { pipeline: input.pipeline },
+    inbound: {
+      source: inboundSourceOf(payload, input.sourceType, input.where),
+      aggregate_id: aggregateIdOf(payload, input.aggregateIdFallback),
+      trace_id: traceIdOf(input.headers, payload),
+    },
+  };
+  if (input.headers && Object.keys(input.headers).length > 0) message.headers = input.headers;
+  return message;
+}
