@@ -214,6 +214,20 @@ describe("kafka sink", () => {
     expect(records.map((r) => r.headers.pgt_dedup_key)).toEqual(batch.filter((_, i) => i !== 17).map((m) => m.dedup_key));
   }, 60_000);
 
+  test("when the broker refuses a batch as too large (limit set too high), the offending message is isolated", async () => {
+    const topic = topicName("lying");
+    await admin.createTopics({ topics: [{ topic, numPartitions: 1, configEntries: [{ name: "max.message.bytes", value: "4096" }] }] });
+    // max_message_bytes above the topic's real limit: the size pre-check lets everything through.
+    const sink = track(makeSink({ topic, max_message_bytes: 100_000 }));
+    await sink.start();
+    const batch = forwardMessages(12, { payload: (i) => ({ id: i, blob: i === 5 ? "x".repeat(8000) : "y".repeat(100) }) });
+    const rejected = await sink.write(batch);
+    expect(rejected.map((r) => r.message.dedup_key)).toEqual([batch[5]!.dedup_key]);
+    expect(rejected[0]!.error).toContain("larger than the max message size");
+    const records = await consume([topic], 11);
+    expect(records.map((r) => r.headers.pgt_dedup_key)).toEqual(batch.filter((_, i) => i !== 5).map((m) => m.dedup_key));
+  }, 60_000);
+
   test("write reconnects after close()", async () => {
     const topic = topicName("reconnect");
     const sink = track(makeSink({ topic, create_topic: true }));
