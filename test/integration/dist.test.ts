@@ -1,4 +1,4 @@
-import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import {
   existsSync,
   mkdirSync,
@@ -32,7 +32,7 @@ const NAME = "pgtrickle-relay";
 const BUILD_TIMEOUT = 15 * 60_000;
 /** Per test: unpacking 100 MB archives and qemu start-up are slow on a loaded 2-core machine. */
 const SLOW = 240_000;
-setDefaultTimeout(SLOW);
+const slow = (name: string, fn: () => Promise<void> | void) => test(name, fn, SLOW);
 
 const TARGETS = [
   "linux-x64",
@@ -152,7 +152,7 @@ function versionPattern(commit = commitAtBuild): RegExp {
 }
 
 describe("scripts/build", () => {
-  test("makes one archive per target and a SHA256SUMS that sha256sum -c accepts", async () => {
+  slow("makes one archive per target and a SHA256SUMS that sha256sum -c accepts", async () => {
     const archives = readdirSync(DIST)
       .filter((f) => f.endsWith(".tar.gz"))
       .sort();
@@ -167,7 +167,7 @@ describe("scripts/build", () => {
     console.log(`scripts/build: ${buildSeconds.toFixed(0)} s for ${TARGETS.length} targets; archives: ${sizes.join(", ")}`);
   });
 
-  test("each archive holds only the executable (mode 0755, owner 0) and LICENSE/README when the repository has them", async () => {
+  slow("each archive holds only the executable (mode 0755, owner 0) and LICENSE/README when the repository has them", async () => {
     const extras = ["LICENSE", "README.md"].filter((f) => existsSync(join(ROOT, f)));
     for (const t of TARGETS) {
       const list = await ok(["tar", "-tvzf", join(DIST, archiveName(t))]);
@@ -178,7 +178,7 @@ describe("scripts/build", () => {
     }
   });
 
-  test("each executable is built for its platform, with the program inside", async () => {
+  slow("each executable is built for its platform, with the program inside", async () => {
     for (const t of TARGETS) {
       const exe = await unpack(t);
       const buf = Buffer.from(await Bun.file(exe).arrayBuffer());
@@ -205,7 +205,7 @@ describe("scripts/build", () => {
     }
   });
 
-  test(`the ${HOST} executable prints its version and commit, from any directory`, async () => {
+  slow(`the ${HOST} executable prints its version and commit, from any directory`, async () => {
     const exe = await unpack(HOST);
     const r = await ok([exe, "--version"], { cwd: "/" });
     expect(r.stdout).toMatch(versionPattern());
@@ -215,7 +215,7 @@ describe("scripts/build", () => {
     }
   });
 
-  test(`the ${FOREIGN} executable prints its version under ${QEMU} (qemu-user)`, async () => {
+  slow(`the ${FOREIGN} executable prints its version under ${QEMU} (qemu-user)`, async () => {
     const qemu = await requireTool(QEMU);
     if (!existsSync(QEMU_SYSROOT)) throw new Error(`${QEMU_SYSROOT} is missing; scripts/dev-packages installs it`);
     const exe = await unpack(FOREIGN);
@@ -225,7 +225,7 @@ describe("scripts/build", () => {
     console.log(`${FOREIGN} under ${QEMU}: --version in ${((performance.now() - started) / 1000).toFixed(1)} s`);
   });
 
-  test("--native writes dist/pgtrickle-relay, which runs from any directory", async () => {
+  slow("--native writes dist/pgtrickle-relay, which runs from any directory", async () => {
     const commit = await headCommit();
     const started = performance.now();
     await ok(["scripts/build", "--native"], { timeoutMs: 120_000 });
@@ -235,7 +235,7 @@ describe("scripts/build", () => {
     console.log(`scripts/build --native: ${seconds.toFixed(1)} s, ${(statSync(join(DIST, NAME)).size / 2 ** 20).toFixed(1)} MiB`);
   });
 
-  test("dist/pgtrickle-relay.rb lists the four Homebrew archives with SHA256SUMS's hashes", async () => {
+  slow("dist/pgtrickle-relay.rb lists the four Homebrew archives with SHA256SUMS's hashes", async () => {
     const sums = new Map(
       readFileSync(join(DIST, "SHA256SUMS"), "utf8")
         .trim()
@@ -326,7 +326,7 @@ describe("install.sh", () => {
     return { PATH: process.env.PATH ?? "/usr/bin:/bin", HOME: join(scratch, "home"), ...extra };
   }
 
-  test("passes shellcheck as POSIX sh (and the build scripts as bash)", async () => {
+  slow("passes shellcheck as POSIX sh (and the build scripts as bash)", async () => {
     const shellcheck = await requireTool("shellcheck");
     await ok([shellcheck, "-s", "sh", installer]);
     await ok([
@@ -338,7 +338,7 @@ describe("install.sh", () => {
     ]);
   });
 
-  test("installs this platform's archive into --prefix DIR/bin, with curl", async () => {
+  slow("installs this platform's archive into --prefix DIR/bin, with curl", async () => {
     const prefix = join(scratch, "prefix-curl");
     const r = await ok(["sh", installer, "--prefix", prefix], {
       env: env({ PGTRICKLE_RELAY_DOWNLOAD_URL: `${base}/good` }),
@@ -351,7 +351,7 @@ describe("install.sh", () => {
     expect((await ok([exe, "--version"])).stdout).toMatch(versionPattern());
   });
 
-  test("installs with wget when curl is absent, into PGTRICKLE_RELAY_INSTALL_DIR", async () => {
+  slow("installs with wget when curl is absent, into PGTRICKLE_RELAY_INSTALL_DIR", async () => {
     await requireTool("wget");
     // A PATH holding only the tools install.sh uses, wget but no curl.
     const bin = join(scratch, "no-curl-bin");
@@ -371,7 +371,7 @@ describe("install.sh", () => {
     expect((await ok([join(dir, NAME), "--version"])).stdout).toMatch(versionPattern());
   });
 
-  test("refuses a tampered archive and leaves nothing installed, nor an earlier install changed", async () => {
+  slow("refuses a tampered archive and leaves nothing installed, nor an earlier install changed", async () => {
     const fresh = join(scratch, "prefix-tampered");
     const r = await run(["sh", installer, "--prefix", fresh], {
       env: env({ PGTRICKLE_RELAY_DOWNLOAD_URL: `${base}/tampered` }),
@@ -391,7 +391,7 @@ describe("install.sh", () => {
     expect(Buffer.from(await Bun.file(join(prefix, "bin", NAME)).arrayBuffer()).equals(Buffer.from(before))).toBe(true);
   });
 
-  test("fails clearly on a failed download, a missing version and an unknown target", async () => {
+  slow("fails clearly on a failed download, a missing version and an unknown target", async () => {
     const dir = join(scratch, "prefix-fail");
     const closed = await run(["sh", installer, "--prefix", dir], {
       env: env({ PGTRICKLE_RELAY_DOWNLOAD_URL: "http://127.0.0.1:1/none" }),
@@ -427,11 +427,11 @@ describe("container image file tree (scripts/rootfs, as the Dockerfile lays it o
   beforeAll(async () => {
     rootfs = join(scratch, "rootfs");
     await ok(["scripts/rootfs", rootfs, await unpack(HOST)]);
-  });
+  }, SLOW);
 
   afterAll(async () => {
     await db?.drop();
-  });
+  }, SLOW);
 
   /** Runs the executable in the tree as uid 65532, with /proc mounted in a private mount namespace. */
   async function inChroot(args: string[]): Promise<Ran> {
@@ -440,7 +440,7 @@ describe("container image file tree (scripts/rootfs, as the Dockerfile lays it o
     return run([unshare, "--mount", "sh", "-c", script, "sh", rootfs, ...args], { cwd: "/", env: { PATH: "/usr/sbin:/usr/bin:/sbin:/bin" } });
   }
 
-  test("holds the executable, the libraries ldd lists, CA certificates and a non-root user, and no shell", async () => {
+  slow("holds the executable, the libraries ldd lists, CA certificates and a non-root user, and no shell", async () => {
     const files: string[] = [];
     const walk = (dir: string, rel: string) => {
       for (const e of readdirSync(dir, { withFileTypes: true })) {
@@ -472,13 +472,13 @@ describe("container image file tree (scripts/rootfs, as the Dockerfile lays it o
     expect(Buffer.from(await Bun.file(join(rootfs, NAME)).arrayBuffer()).equals(Buffer.from(original))).toBe(true);
   });
 
-  test("runs under chroot as uid 65532: --version", async () => {
+  slow("runs under chroot as uid 65532: --version", async () => {
     const r = await inChroot(["--version"]);
     expect(r.exitCode, explain(r)).toBe(0);
     expect(r.stdout).toMatch(versionPattern());
   });
 
-  test("connects to PostgreSQL at 127.0.0.1:5432 from the chroot (catalog status --json)", async () => {
+  slow("connects to PostgreSQL at 127.0.0.1:5432 from the chroot (catalog status --json)", async () => {
     await requireServer("postgres");
     db = await testDatabase("dist_chroot");
     const r = await inChroot(["catalog", "status", "--json", "--postgres-url", db.url]);
@@ -488,7 +488,7 @@ describe("container image file tree (scripts/rootfs, as the Dockerfile lays it o
     expect(status.relayCatalog.state).toBe("complete");
   });
 
-  test("resolves localhost through the tree's /etc/hosts, and names an unreachable server", async () => {
+  slow("resolves localhost through the tree's /etc/hosts, and names an unreachable server", async () => {
     const url = new URL(db?.url ?? "postgres://postgres@127.0.0.1:5432/postgres");
     url.hostname = "localhost";
     const viaName = await inChroot(["catalog", "status", "--json", "--postgres-url", url.toString()]);
@@ -499,7 +499,7 @@ describe("container image file tree (scripts/rootfs, as the Dockerfile lays it o
     expect(refused.stderr + refused.stdout).toContain("127.0.0.1:1");
   });
 
-  test("the Dockerfile builds FROM scratch with that tree, a non-root USER and the executable as ENTRYPOINT", () => {
+  slow("the Dockerfile builds FROM scratch with that tree, a non-root USER and the executable as ENTRYPOINT", () => {
     const dockerfile = readFileSync(join(ROOT, "Dockerfile"), "utf8");
     const froms = [...dockerfile.matchAll(/^FROM\s+(.+)$/gm)].map((m) => m[1]?.trim());
     expect(froms.at(-1)).toBe("scratch");
@@ -568,7 +568,7 @@ puts JSON.generate(Formula.facts)
 }
 
 describe("Formula/pgtrickle-relay.rb", () => {
-  test("is valid Ruby and declares an archive with a sha256 for macOS and Linux on arm and intel, and a test", async () => {
+  slow("is valid Ruby and declares an archive with a sha256 for macOS and Linux on arm and intel, and a test", async () => {
     const f = await formulaFacts(join(ROOT, "Formula", "pgtrickle-relay.rb"));
     expect(f.className).toBe("PgtrickleRelay");
     expect(Object.keys(f.urls).sort()).toEqual(["linux/arm", "linux/intel", "macos/arm", "macos/intel"]);
@@ -616,7 +616,7 @@ describe("GitHub workflows", () => {
     return all;
   }
 
-  test("ci.yml installs the dependencies, starts the servers, tests and builds", () => {
+  slow("ci.yml installs the dependencies, starts the servers, tests and builds", () => {
     const w = load("ci.yml");
     const runs = commonShape(w)
       .map((s) => s.run ?? "")
@@ -626,7 +626,7 @@ describe("GitHub workflows", () => {
     }
   });
 
-  test("release.yml builds on v* tags, publishes archives, SHA256SUMS and install.sh, a multi-arch image and the formula", () => {
+  slow("release.yml builds on v* tags, publishes archives, SHA256SUMS and install.sh, a multi-arch image and the formula", () => {
     const w = load("release.yml");
     expect(w.on).toEqual({ push: { tags: ["v*"] } });
     const steps = commonShape(w);
