@@ -225,6 +225,43 @@ describe("scripts/build", () => {
     console.log(`${FOREIGN} under ${QEMU}: --version in ${((performance.now() - started) / 1000).toFixed(1)} s`);
   });
 
+  /** A database with one outbox row and a stdout pipeline: what `drain` of each executable must relay. */
+  async function oneRowDatabase(label: string): Promise<TestDatabase> {
+    await requireServer("postgres");
+    const rdb = await testDatabase(label);
+    await rdb.sql`CREATE TABLE public.orders (id int primary key)`;
+    await rdb.sql`SELECT pgtrickle.enable_outbox('public.orders')`;
+    await rdb.sql`INSERT INTO pgtrickle.outbox_orders (payload) VALUES ('{"v":1,"inserted":[{"id":7}],"deleted":[]}')`;
+    await rdb.sql`SELECT pgtrickle.set_relay_outbox('to_stdout', 'public.orders', NULL, '{"type":"stdout"}')`;
+    return rdb;
+  }
+
+  function expectOneRelayedRow(r: Ran): void {
+    expect(r.exitCode, explain(r)).toBe(0);
+    const lines = r.stdout.trim().split("\n").map((l) => JSON.parse(l) as { dedup_key: string; payload: unknown });
+    expect(lines).toEqual([expect.objectContaining({ dedup_key: "outbox_orders:1:0", payload: { id: 7 } })]);
+  }
+
+  slow(`the ${HOST} executable relays one outbox row to stdout (drain)`, async () => {
+    const rdb = await oneRowDatabase("dist_host_row");
+    try {
+      expectOneRelayedRow(await run([await unpack(HOST), "drain", "--postgres-url", rdb.url], { cwd: "/" }));
+    } finally {
+      await rdb.drop();
+    }
+  });
+
+  slow(`the ${FOREIGN} executable relays one outbox row to stdout under ${QEMU}`, async () => {
+    const qemu = await requireTool(QEMU);
+    const rdb = await oneRowDatabase("dist_foreign_row");
+    try {
+      const r = await run([qemu, "-L", QEMU_SYSROOT, await unpack(FOREIGN), "drain", "--postgres-url", rdb.url], { cwd: "/", timeoutMs: 200_000 });
+      expectOneRelayedRow(r);
+    } finally {
+      await rdb.drop();
+    }
+  });
+
   slow("--native writes dist/pgtrickle-relay, which runs from any directory", async () => {
     const commit = await headCommit();
     const started = performance.now();
