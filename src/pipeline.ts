@@ -19,7 +19,33 @@ export interface PipelineDeps {
   log: ConsolaInstance;
   /** Drain mode: stop once the source has nothing pending. */
   drain: boolean;
+  /** Most messages polled but not yet acknowledged (CONTRACT.md §7.9); 0 = unlimited. */
+  sinkMaxInflight?: number;
+  /** Proof of ownership (the pipeline's advisory lock); absent = unguarded (tests, one-off tools). */
+  guard?: LockGuard;
+  /** Called on every state or last-error change (the coordinator persists it for `status`). */
+  onStatus?: (pipeline: Pipeline) => void;
 }
+
+/**
+ * The pipeline's advisory lock, seen from the worker. `lost` aborts the moment the coordinator
+ * knows the lock may be gone; `confirm()` asks the lock's own session, right before each commit,
+ * whether it still holds the lock. See Coordinator for the window that remains.
+ */
+export interface LockGuard {
+  readonly lost: AbortSignal;
+  confirm(): Promise<boolean>;
+}
+
+/** The lock is gone: stop at once, publish and commit nothing more; the batch in hand is replayed by the next owner. */
+export class LockLost extends Error {
+  constructor(pipeline: string, when: string) {
+    super(`pipeline '${pipeline}': advisory lock lost ${when}; stopping without acknowledging the batch in hand`);
+    this.name = "LockLost";
+  }
+}
+
+const DEFAULT_MAX_BATCH_MESSAGES = 1000;
 
 /** How often to look for dead letters an operator asked to replay. */
 const REPLAY_CHECK_MS = 5000;
@@ -60,7 +86,21 @@ export class Pipeline {
     };
     const sourceB = sourceBackend(spec.sourceType, spec.name);
     const sinkB = sinkBackend(spec.sinkType, spec.name);
-    this.source = sourceB.source!.create(parseBackendConfig(spec, "source", sourceB, sourceB.source!.config), ctx);
+    const window = deps.sinkMaxInflight ?? 0;
+    // Backpressure (§7.9): the loop holds one batch at a time, so a batch never larger than the
+    // window keeps polled-but-unacknowledged messages within it. batch_size (outbox header rows
+    // or broker messages per poll) is clipped too, so a poll never reads more than the window.
+    const sourceOptions = { ...spec.source };
+    if (window > 0) {
+      const clip = (key: string, fallback: number) => {
+        const configured = typeof sourceOptions[key] === "number" ? (sourceOptions[key] as number) : fallback;
+        if (configured > window) sourceOptions[key] = window;
+      };
+      clip("max_batch_messages", DEFAULT_MAX_BATCH_MESSAGES);
+      if (typeof sourceOptions.batch_size === "number") clip("batch_size", window);
+    }
+    const sourceSpec = { ...spec, source: sourceOptions };
+    this.source = sourceB.source!.create(parseBackendConfig(sourceSpec, "source", sourceB, sourceB.source!.config), ctx);
     this.sink = sinkB.sink!.create(parseBackendConfig(spec, "sink", sinkB, sinkB.sink!.config, ["on_permanent_error"]), ctx);
     const mode = spec.source.on_permanent_error ?? spec.sink.on_permanent_error;
     this.onPermanentError = mode === "halt" ? "halt" : "dead_letter";
@@ -80,6 +120,8 @@ export class Pipeline {
         await this.sink.start();
       });
       if (stop.aborted) return this.finish("stopped");
+      this.deps.metrics.sourceConnected.set({ pipeline: this.name }, 1);
+      this.deps.metrics.sinkConnected.set({ pipeline: this.name }, 1);
       this.setState("running");
       log.info(`started: ${this.source.describe} → ${this.sink.describe}`);
       let attempt = 0;
@@ -93,7 +135,7 @@ export class Pipeline {
           }
           if (!stop.aborted && this.deps.drain) return this.finish("drained");
         } catch (err) {
-          if (errorKind(err) === "config" || stop.aborted) throw err;
+          if (errorKind(err) === "config" || stop.aborted || err instanceof LockLost) throw err;
           this.deps.metrics.sourceErrors.inc(this.labels);
           this.transient(err, "source");
           await abortableDelay(backoffMs(attempt++), stop);
@@ -101,6 +143,10 @@ export class Pipeline {
       }
       return this.finish("stopped");
     } catch (err) {
+      if (err instanceof LockLost) {
+        log.warn(err.message);
+        return this.finish("stopped");
+      }
       if (stop.aborted && errorKind(err) !== "config") return this.finish("stopped");
       this.lastError = errorMessage(err);
       this.deps.metrics.errors.inc({ ...this.labels, kind: "config" });
@@ -116,16 +162,29 @@ export class Pipeline {
   }
 
   private setState(state: PipelineState): void {
+    const changed = state !== this.state;
     this.state = state;
     this.deps.metrics.healthy.set({ pipeline: this.name }, state === "running" || state === "drained" ? 1 : 0);
+    if (changed) this.deps.onStatus?.(this);
   }
 
   private transient(err: unknown, where: string): void {
+    const previous = this.lastError;
     this.lastError = `${where}: ${errorMessage(err)}`;
     this.deps.metrics.errors.inc({ ...this.labels, kind: "transient" });
+    if (where === "sink") this.deps.metrics.sinkConnected.set({ pipeline: this.name }, 0);
+    else this.deps.metrics.sourceConnected.set({ pipeline: this.name }, 0);
     if (this.state !== "degraded") this.deps.log.warn(`degraded, will retry: ${this.lastError}`);
     else this.deps.log.debug(`still failing: ${this.lastError}`);
+    if (this.state === "degraded" && previous !== this.lastError) this.deps.onStatus?.(this);
     this.setState("degraded");
+  }
+
+  /** Throws LockLost unless this process still owns the pipeline; `confirm` asks the database. */
+  private async ensureOwned(when: string, confirm: boolean): Promise<void> {
+    const guard = this.deps.guard;
+    if (!guard) return;
+    if (guard.lost.aborted || (confirm && !(await guard.confirm()))) throw new LockLost(this.name, when);
   }
 
   /** Retries transient failures with jittered backoff until success, a config error, or stop. */
@@ -135,11 +194,13 @@ export class Pipeline {
         await work();
         if (this.state === "degraded") {
           this.deps.log.info(`recovered (${what})`);
+          this.deps.metrics.sourceConnected.set({ pipeline: this.name }, 1);
+          this.deps.metrics.sinkConnected.set({ pipeline: this.name }, 1);
           this.setState("running");
         }
         return;
       } catch (err) {
-        if (errorKind(err) === "config") throw err;
+        if (errorKind(err) === "config" || err instanceof LockLost) throw err;
         this.transient(err, what);
         if (stop.aborted) throw err;
         await abortableDelay(backoffMs(attempt), stop);
@@ -157,6 +218,7 @@ export class Pipeline {
     if (batch.messages.some((x) => x.is_full_refresh)) m.fullRefreshBatches.inc({ pipeline: this.name });
     try {
       await this.retrying(stop, "sink", async () => {
+        await this.ensureOwned("before publishing", false);
         const timer = m.publishDuration.startTimer(this.labels);
         let rejections: Rejection[];
         try {
@@ -169,10 +231,14 @@ export class Pipeline {
         } finally {
           timer();
         }
+        // The commit is the step a stale owner must not take: ask the lock's session first.
+        await this.ensureOwned("before committing", true);
         await this.deadLetter([...batch.deadLetters, ...rejections.map(rejectionLetter)], rejections.length);
         await batch.ack();
         m.published.inc(this.labels, batch.messages.length - rejections.length);
         m.batchesCommitted.inc(this.labels);
+        const offset = (this.source as { committedOffset?: string }).committedOffset;
+        if (offset !== undefined) m.lastOffset.set({ pipeline: this.name }, Number(offset));
         this.delivered += batch.messages.length - rejections.length;
         this.lastCommitAt = new Date();
       });
@@ -198,7 +264,7 @@ export class Pipeline {
 
   /** Re-sends dead letters an operator marked with pgtrickle.replay_relay_dead_letters(). */
   private async replayRequested(stop: AbortSignal): Promise<void> {
-    if (Date.now() - this.lastReplayCheck < REPLAY_CHECK_MS || stop.aborted) return;
+    if (Date.now() - this.lastReplayCheck < REPLAY_CHECK_MS || stop.aborted || this.deps.guard?.lost.aborted) return;
     this.lastReplayCheck = Date.now();
     const rows = await replayRequests(this.deps.sql, this.name, this.direction, 100);
     for (const row of rows) {

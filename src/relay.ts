@@ -1,5 +1,5 @@
-import { Coordinator, type Outcome } from "./coordinator.ts";
-import { connect, explainConnectError, type Sql } from "./db.ts";
+import { Coordinator, processIdentity, type Outcome } from "./coordinator.ts";
+import { connect, describeUrl, explainConnectError, type Sql } from "./db.ts";
 import { requireCatalog } from "./catalog/index.ts";
 import { errorKind, errorMessage } from "./errors.ts";
 import { log } from "./observe/log.ts";
@@ -24,7 +24,12 @@ export interface RelayOptions {
 /** Connects, retrying with jittered backoff for a service, once for a one-shot command. */
 async function connectDatabase(settings: Settings, retry: boolean, stop: AbortSignal): Promise<Sql> {
   for (let attempt = 0; ; attempt++) {
-    const sql = connect(settings.postgresUrl, { max: settings.maxWorkers + 4, connectTimeout: 10 });
+    // Named after this process (like the coordinator session), so an operator can tell whose it is.
+    const sql = connect(settings.postgresUrl, {
+      max: settings.maxWorkers + 4,
+      connectTimeout: 10,
+      applicationName: `pgtrickle-relay ${processIdentity()}`.slice(0, 63),
+    });
     try {
       await sql`select 1`;
       return sql;
@@ -63,10 +68,17 @@ export async function runRelay(settings: Settings, options: RelayOptions): Promi
 
   const sql = await connectDatabase(settings, options.retryConnect, shutdown.signal);
   let timedOut = false;
+  let sighup: (() => void) | undefined;
   try {
     await requireCatalog(sql);
+    log.info(`relay ${processIdentity()} (group '${settings.relayGroupId}', ${options.drain ? "drain" : "run"}) on ${describeUrl(settings.postgresUrl)}`);
     const metrics = new Metrics();
     const coordinator = new Coordinator(settings, sql, metrics, { drain: options.drain, only: options.only });
+    sighup = () => {
+      log.info("received SIGHUP: re-reading every pipeline config and re-resolving secrets");
+      coordinator.requestReload(true);
+    };
+    process.on("SIGHUP", sighup);
     const http = options.http ? startHttp(settings.metricsAddr, coordinator, metrics) : null;
     const running = coordinator.run();
     const timeout = options.timeoutSecs ? setTimeout(() => ((timedOut = true), shutdown.abort()), options.timeoutSecs * 1000) : undefined;
@@ -93,6 +105,7 @@ export async function runRelay(settings: Settings, options: RelayOptions): Promi
   } finally {
     process.off("SIGINT", sigint);
     process.off("SIGTERM", sigterm);
+    if (sighup) process.off("SIGHUP", sighup);
     await sql.end({ timeout: 2 });
   }
 }

@@ -1,6 +1,6 @@
 import { readFileSync } from "node:fs";
 import { configError } from "./errors.ts";
-import { LOG_LEVELS, type LogFormat, type LogLevel } from "./observe/log.ts";
+import { LOG_LEVELS, registerSecrets, type LogFormat, type LogLevel } from "./observe/log.ts";
 import { resolveSecretsIn } from "./secrets.ts";
 
 /** Process-wide settings (CONTRACT.md §7.1). Precedence per key: flag > environment > file > default. */
@@ -73,8 +73,10 @@ export function resolveSettings(flags: Record<string, unknown>, env: Record<stri
     throw configError(`--log-level must be one of ${LOG_LEVELS.join(", ")}, got "${raw.logLevel}"`);
   }
   if (raw.logFormat !== "text" && raw.logFormat !== "json") throw configError(`--log-format must be text or json, got "${raw.logFormat}"`);
+  const postgresUrl = resolveSecretsIn(raw.postgresUrl, "--postgres-url", env);
+  registerSecrets(urlPassword(postgresUrl));
   return {
-    postgresUrl: resolveSecretsIn(raw.postgresUrl, "--postgres-url"),
+    postgresUrl,
     relayGroupId: raw.relayGroupId!,
     metricsAddr: raw.metricsAddr!,
     logFormat: raw.logFormat,
@@ -85,6 +87,16 @@ export function resolveSettings(flags: Record<string, unknown>, env: Record<stri
     shutdownTimeoutSecs: integer("shutdown-timeout", raw.shutdownTimeoutSecs!, 0),
     sinkMaxInflight: integer("sink-max-inflight", raw.sinkMaxInflight!, 0),
   };
+}
+
+/** The password of a URL (decoded), so the log redactor can hide it wherever a driver echoes it. */
+function urlPassword(url: string): string[] {
+  try {
+    const pw = decodeURIComponent(new URL(url).password);
+    return pw ? [pw] : [];
+  } catch {
+    return [];
+  }
 }
 
 /** citty argument definitions for every setting, with the env var and default in the help text. */

@@ -415,6 +415,23 @@ COMMENT ON FUNCTION pgtrickle.replay_relay_dead_letters(TEXT, BIGINT) IS
     'pgtrickle-relay: asks the relay to re-send the unresolved dead letters of a pipeline (or only id p_id); '
     'returns how many were marked.';
 
+-- Relay-only: what the owner of each pipeline last reported (state, last error), so that
+-- `pgtrickle-relay status` can show it from anywhere. Written by the process holding the
+-- pipeline's advisory lock on every state change; who owns a pipeline NOW is pg_locks' answer.
+CREATE TABLE IF NOT EXISTS pgtrickle.relay_pipeline_status (
+    relay_group_id TEXT        NOT NULL,
+    pipeline       TEXT        NOT NULL,
+    direction      TEXT        NOT NULL CHECK (direction IN ('forward', 'reverse')),
+    owner          TEXT,
+    state          TEXT        NOT NULL,
+    last_error     TEXT,
+    updated_at     TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (relay_group_id, pipeline, direction)
+);
+
+COMMENT ON TABLE pgtrickle.relay_pipeline_status IS
+    'pgtrickle-relay: last reported state and error per pipeline (owner = application_name part <host>:<pid>). Never holds secret values.';
+
 -- One row: which relay catalog version this database holds.
 CREATE TABLE IF NOT EXISTS pgtrickle.relay_catalog_version (
     singleton    BOOLEAN     PRIMARY KEY DEFAULT true CHECK (singleton),
@@ -435,3 +452,4 @@ GRANT EXECUTE ON FUNCTION pgtrickle.replay_relay_dead_letters(TEXT, BIGINT) TO p
 GRANT SELECT, INSERT, UPDATE ON pgtrickle.relay_dead_letters TO pgtrickle_relay;
 GRANT USAGE ON SEQUENCE pgtrickle.relay_dead_letters_id_seq TO pgtrickle_relay;
 GRANT SELECT ON pgtrickle.relay_catalog_version TO pgtrickle_relay;
+GRANT SELECT, INSERT, UPDATE ON pgtrickle.relay_pipeline_status TO pgtrickle_relay;

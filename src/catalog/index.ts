@@ -48,7 +48,7 @@ const CORE_TRIGGERS = [
   { name: "relay_outbox_config_notify", table: "relay_outbox_config" },
   { name: "relay_inbox_config_notify", table: "relay_inbox_config" },
 ] as const;
-const RELAY_TABLES = ["relay_dead_letters", "relay_catalog_version"] as const;
+const RELAY_TABLES = ["relay_dead_letters", "relay_catalog_version", "relay_pipeline_status"] as const;
 const RELAY_INDEXES = ["relay_dead_letters_replay_pending"] as const;
 const REPLAY_FUNCTION = "replay_relay_dead_letters(text,bigint)";
 const DEAD_LETTER_SEQUENCE = "relay_dead_letters_id_seq";
@@ -131,6 +131,13 @@ const GRANTS: readonly GrantSpec[] = [
   })),
   { kind: "sequence", object: DEAD_LETTER_SEQUENCE, privilege: "USAGE", section: "relay", runtime: true },
   { kind: "table", object: "relay_catalog_version", privilege: "SELECT", section: "relay", runtime: true },
+  ...["SELECT", "INSERT", "UPDATE"].map((privilege) => ({
+    kind: "table" as const,
+    object: "relay_pipeline_status",
+    privilege,
+    section: "relay" as const,
+    runtime: true,
+  })),
 ];
 
 function grantObjectName(g: GrantSpec): string {

@@ -1,44 +1,112 @@
+import type { Lag } from "../backends/types.ts";
 import type { Coordinator } from "../coordinator.ts";
-import { log } from "./log.ts";
+import type { Pipeline } from "../pipeline.ts";
+import { log, redactSecrets } from "./log.ts";
 import type { Metrics } from "./metrics.ts";
 
 const started = Date.now();
+/** A lag query that hangs (database gone) must not hang the endpoint that reports it. */
+const LAG_TIMEOUT_MS = 2000;
 
-function parseAddr(addr: string): { hostname: string; port: number } {
+export function parseAddr(addr: string): { hostname: string; port: number } {
   const i = addr.lastIndexOf(":");
   const hostname = (i > 0 ? addr.slice(0, i) : "0.0.0.0").replace(/^\[(.*)\]$/, "$1");
   const port = Number(i >= 0 ? addr.slice(i + 1) : addr);
   return { hostname, port };
 }
 
-/** JSON of /health (CONTRACT.md §7.12); never holds a secret (sources/sinks describe themselves safely). */
-export async function healthReport(coordinator: Coordinator) {
-  const pipelines = await Promise.all(
+async function lagOf(p: Pipeline): Promise<Lag | null> {
+  if (!p.source.lag) return null;
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const timeout = new Promise<null>((r) => (timer = setTimeout(() => r(null), LAG_TIMEOUT_MS)));
+  try {
+    return await Promise.race([p.source.lag().catch(() => null), timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** Refreshes the lag gauges of every owned pipeline (on each scrape: Prometheus pulls). */
+export async function refreshLag(coordinator: Coordinator, metrics: Metrics): Promise<Map<string, Lag | null>> {
+  const out = new Map<string, Lag | null>();
+  await Promise.all(
     coordinator.pipelines.map(async (p) => {
-      const lag = await p.source.lag?.().catch(() => null);
-      return {
-        name: p.name,
-        direction: p.direction,
-        state: p.state,
-        source: p.source.describe,
-        sink: p.sink.describe,
-        source_healthy: p.state !== "degraded" || !p.lastError?.startsWith("source"),
-        sink_healthy: p.state !== "degraded" || !p.lastError?.startsWith("sink"),
-        last_poll_at: p.lastPollAt?.toISOString() ?? null,
-        last_commit_at: p.lastCommitAt?.toISOString() ?? null,
-        lag_rows: lag?.rows ?? null,
-        last_error: p.lastError,
-      };
+      const lag = await lagOf(p);
+      out.set(`${p.direction}:${p.name}`, lag);
+      if (lag) {
+        metrics.lagRows.set({ pipeline: p.name }, lag.rows);
+        metrics.lagSeconds.set({ pipeline: p.name }, lag.seconds);
+      }
     }),
   );
-  const healthy = coordinator.postgresConnected && pipelines.every((p) => p.state === "running" || p.state === "starting");
+  return out;
+}
+
+const failing = (p: Pipeline, ...prefixes: string[]) => p.state === "degraded" && prefixes.some((x) => p.lastError?.startsWith(x));
+
+/**
+ * JSON of /health (CONTRACT.md §7.12). `degraded` (503) when the database is unreachable, or a
+ * pipeline of this process is degraded (its system is down) or failed (bad config, unresolved
+ * secret) — those are listed with their last error, secrets redacted.
+ */
+export async function healthReport(coordinator: Coordinator, metrics: Metrics) {
+  const lags = await refreshLag(coordinator, metrics);
+  const running = coordinator.pipelines.map((p) => {
+    const lag = lags.get(`${p.direction}:${p.name}`);
+    return {
+      name: p.name,
+      direction: p.direction,
+      state: p.state as string,
+      source: p.source.describe,
+      sink: p.sink.describe,
+      source_healthy: !failing(p, "source", "start"),
+      sink_healthy: !failing(p, "sink", "start"),
+      last_poll_at: p.lastPollAt?.toISOString() ?? null,
+      last_commit_at: p.lastCommitAt?.toISOString() ?? null,
+      lag_rows: lag?.rows ?? null,
+      last_error: p.lastError,
+    };
+  });
+  const runningKeys = new Set(running.map((p) => `${p.direction}:${p.name}`));
+  const failed = [...coordinator.failedPipelines.values()]
+    .filter((f) => !runningKeys.has(`${f.direction}:${f.name}`))
+    .map((f) => ({
+      name: f.name,
+      direction: f.direction,
+      state: "failed",
+      source: null,
+      sink: null,
+      source_healthy: false,
+      sink_healthy: false,
+      last_poll_at: null,
+      last_commit_at: null,
+      lag_rows: null,
+      last_error: f.error,
+    }));
+  const pipelines = [...running, ...failed];
+  const healthy = coordinator.postgresConnected && pipelines.every((p) => p.state === "running" || p.state === "starting" || p.state === "drained");
   return {
     status: healthy ? "healthy" : "degraded",
-    pipelines_owned: pipelines.length,
+    pipelines_owned: running.length,
     uptime_seconds: Math.round((Date.now() - started) / 1000),
     postgres: coordinator.postgresConnected ? "connected" : "disconnected",
     pipelines,
   };
+}
+
+/** 200 `{"drained":true,…}` once every owned pipeline has nothing left; 202 with the laggards otherwise. */
+export async function drainedReport(coordinator: Coordinator, metrics: Metrics) {
+  const lags = await refreshLag(coordinator, metrics);
+  const rows = coordinator.pipelines.map((p) => ({ name: p.name, rows: lags.get(`${p.direction}:${p.name}`)?.rows ?? 0 }));
+  const lagging = rows.filter((r) => r.rows > 0);
+  const max = Math.max(0, ...rows.map((r) => r.rows));
+  return lagging.length === 0
+    ? { drained: true as const, max_lag_rows: 0 }
+    : { drained: false as const, max_lag_rows: max, lagging_pipelines: lagging.map((r) => r.name) };
+}
+
+function json(body: unknown, status: number): Response {
+  return new Response(redactSecrets(JSON.stringify(body)), { status, headers: { "content-type": "application/json" } });
 }
 
 /** /metrics, /health and /health/drained on one listener. */
@@ -49,28 +117,22 @@ export function startHttp(addr: string, coordinator: Coordinator, metrics: Metri
     port,
     async fetch(req) {
       const path = new URL(req.url).pathname;
-      if (path === "/metrics") {
-        for (const p of coordinator.pipelines) {
-          const lag = await p.source.lag?.().catch(() => null);
-          if (lag) {
-            metrics.lagRows.set({ pipeline: p.name }, lag.rows);
-            metrics.lagSeconds.set({ pipeline: p.name }, lag.seconds);
-          }
+      if (req.method !== "GET" && req.method !== "HEAD") return new Response("method not allowed\n", { status: 405 });
+      try {
+        if (path === "/metrics") {
+          await refreshLag(coordinator, metrics);
+          return new Response(redactSecrets(await metrics.registry.metrics()), { headers: { "content-type": metrics.registry.contentType } });
         }
-        return new Response(await metrics.registry.metrics(), { headers: { "content-type": metrics.registry.contentType } });
-      }
-      if (path === "/health") {
-        const report = await healthReport(coordinator);
-        return Response.json(report, { status: report.status === "healthy" ? 200 : 503 });
-      }
-      if (path === "/health/drained") {
-        const report = await healthReport(coordinator);
-        const lagging = report.pipelines.filter((p) => (p.lag_rows ?? 0) > 0);
-        const max = Math.max(0, ...report.pipelines.map((p) => p.lag_rows ?? 0));
-        return Response.json(
-          lagging.length === 0 ? { drained: true, max_lag_rows: 0 } : { drained: false, max_lag_rows: max, lagging_pipelines: lagging.map((p) => p.name) },
-          { status: lagging.length === 0 ? 200 : 202 },
-        );
+        if (path === "/health") {
+          const report = await healthReport(coordinator, metrics);
+          return json(report, report.status === "healthy" ? 200 : 503);
+        }
+        if (path === "/health/drained") {
+          const report = await drainedReport(coordinator, metrics);
+          return json(report, report.drained ? 200 : 202);
+        }
+      } catch (err) {
+        return new Response(redactSecrets(`error: ${(err as Error).message}\n`), { status: 500 });
       }
       return new Response("not found\n", { status: 404 });
     },

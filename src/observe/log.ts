@@ -6,24 +6,69 @@ export type LogLevel = (typeof LOG_LEVELS)[number];
 
 const consolaLevel: Record<LogLevel, number> = { error: 0, warn: 1, info: 3, debug: 4, trace: 5 };
 
+// ── secret redaction ──────────────────────────────────────────────────────────────────────────
+
+/**
+ * Every resolved secret value this process holds (URL password, `${env:…}` / `${file:…}`
+ * results). Each log line, health report and persisted error passes through `redactSecrets`, so
+ * a value cannot leak even when a library echoes it back inside an error message.
+ */
+const secretValues = new Set<string>();
+/** Shorter values would blank out ordinary words; a secret that short protects nothing anyway. */
+const MIN_SECRET_LENGTH = 3;
+
+export function registerSecrets(values: Iterable<string>): void {
+  for (const v of values) {
+    if (v.length >= MIN_SECRET_LENGTH) secretValues.add(v);
+    // A value may also appear URL-encoded (credentials inside a URL).
+    const enc = encodeURIComponent(v);
+    if (enc !== v && enc.length >= MIN_SECRET_LENGTH) secretValues.add(enc);
+  }
+}
+
+export function redactSecrets(text: string): string {
+  if (secretValues.size === 0) return text;
+  let out = text;
+  // Longest first: a secret that contains another must be replaced whole.
+  for (const v of [...secretValues].sort((a, b) => b.length - a.length)) {
+    if (out.includes(v)) out = out.split(v).join("***");
+  }
+  return out;
+}
+
+// ── formatting ────────────────────────────────────────────────────────────────────────────────
+
+function messageOf(entry: LogObject): string {
+  const text = entry.args
+    .map((a) => (a instanceof Error ? a.message : typeof a === "string" ? a : JSON.stringify(a)))
+    .join(" ");
+  return redactSecrets(text);
+}
+
+const LEVEL_NAME: Record<string, string> = { fatal: "error", error: "error", warn: "warn", log: "info", info: "info", success: "info", ready: "info", start: "info", box: "info", debug: "debug", trace: "trace", verbose: "trace" };
+
 /** One JSON object per line, so log shippers need no parser of their own. */
 const jsonReporter = {
   log(entry: LogObject) {
-    const line: Record<string, unknown> = { time: entry.date.toISOString(), level: entry.type };
+    const line: Record<string, unknown> = { time: entry.date.toISOString(), level: LEVEL_NAME[entry.type] ?? entry.type };
     if (entry.tag) line.pipeline = entry.tag;
-    line.msg = entry.args.map((a) => (a instanceof Error ? a.message : typeof a === "string" ? a : JSON.stringify(a))).join(" ");
+    line.msg = messageOf(entry);
     process.stderr.write(JSON.stringify(line) + "\n");
   },
 };
 
+/** `<time> <LEVEL> [pipeline] message`: greppable, one line per event, no colours. */
+const textReporter = {
+  log(entry: LogObject) {
+    const level = (LEVEL_NAME[entry.type] ?? entry.type).toUpperCase().padEnd(5);
+    const tag = entry.tag ? `[${entry.tag}] ` : "";
+    process.stderr.write(`${entry.date.toISOString()} ${level} ${tag}${messageOf(entry)}\n`);
+  },
+};
+
 function build(level: LogLevel, format: LogFormat): ConsolaInstance {
-  // Logs go to stderr: stdout belongs to the stdout sink's data.
-  return createConsola({
-    level: consolaLevel[level],
-    stdout: process.stderr,
-    stderr: process.stderr,
-    ...(format === "json" ? { reporters: [jsonReporter] } : { fancy: false, formatOptions: { date: true, colors: false } }),
-  });
+  // Logs go to stderr: stdout belongs to the stdout sink's data and to command output.
+  return createConsola({ level: consolaLevel[level], reporters: [format === "json" ? jsonReporter : textReporter] });
 }
 
 /** The process logger. `configureLogging` replaces it once the flags are known. */
@@ -33,7 +78,7 @@ export function configureLogging(level: LogLevel, format: LogFormat): void {
   log = build(level, format);
 }
 
-/** A logger whose every line names the pipeline. */
+/** A logger whose every line names the pipeline (text: `[name]`, JSON: `"pipeline"`). */
 export function pipelineLog(name: string): ConsolaInstance {
   return log.withTag(name);
 }

@@ -225,6 +225,7 @@ describe("install and status on an empty database", () => {
       "pgtrickle.relay_dead_letters UNIQUE (pipeline, direction, dedup_key)",
       "pgtrickle.relay_inbox_config PRIMARY KEY (name)",
       "pgtrickle.relay_outbox_config PRIMARY KEY (name)",
+      "pgtrickle.relay_pipeline_status PRIMARY KEY (relay_group_id, pipeline, direction)",
     ]);
   });
 
@@ -788,6 +789,7 @@ describe("relay tables owned by an extension", () => {
         [
           "table pgtrickle.relay_dead_letters",
           "table pgtrickle.relay_catalog_version",
+          "table pgtrickle.relay_pipeline_status",
           "index pgtrickle.relay_dead_letters_replay_pending",
           "function pgtrickle.replay_relay_dead_letters(text,bigint)",
         ].sort(),
