@@ -435,6 +435,7 @@ export class Coordinator {
         if (this.options.drain) this.outcomes.push(outcome(d.row, "locked_elsewhere", "owned by another relay process of this relay group"));
         continue;
       }
+      pipelineLog(d.row.name).debug(`advisory lock won (coordinator backend ${session.pid})`);
       this.startWorker(d, session);
     }
     this.metrics.owned.set(this.lockCount());
@@ -592,6 +593,7 @@ export class Coordinator {
       this.startWorker(next, w.session); // keeps the lock: no other replica can slip in between
     } else {
       await w.session.unlock(this.settings.relayGroupId, w.row.name);
+      pipelineLog(w.row.name).debug("advisory lock released");
     }
     this.metrics.owned.set(this.lockCount());
     this.sleeper.wake();

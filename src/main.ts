@@ -1,8 +1,10 @@
 #!/usr/bin/env bun
 import { defineCommand, runMain } from "citty";
 import { catalogCommand } from "./commands/catalog.ts";
+import { checkCommand } from "./commands/check.ts";
 import { demoCommand } from "./commands/demo.ts";
 import { drainCommand, runCommand } from "./commands/run.ts";
+import { statusCommand } from "./commands/status.ts";
 import { COMMIT, VERSION } from "./version.ts";
 
 const main = defineCommand({
@@ -15,6 +17,8 @@ const main = defineCommand({
   subCommands: {
     run: runCommand,
     drain: drainCommand,
+    status: statusCommand,
+    check: checkCommand,
     catalog: catalogCommand,
     demo: demoCommand,
   },

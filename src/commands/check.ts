@@ -1,0 +1,160 @@
+import { defineCommand } from "citty";
+import { catalogStatus, requireCatalog } from "../catalog/index.ts";
+import { connectionArgs, EXIT, fail, loadSettings, withDatabase } from "../cli-common.ts";
+import type { Sql } from "../db.ts";
+import { errorMessage } from "../errors.ts";
+import { log, pipelineLog, redactSecrets } from "../observe/log.ts";
+import { Metrics } from "../observe/metrics.ts";
+import { Pipeline } from "../pipeline.ts";
+import { normalizePipeline, type CatalogRow } from "../pipeline-config.ts";
+import { resolveSecrets } from "../secrets.ts";
+import { settingArgs, type Settings } from "../settings.ts";
+import { describeSide } from "./status.ts";
+
+export interface CheckResult {
+  name: string;
+  direction: string;
+  enabled: boolean;
+  ok: boolean;
+  source: string | null;
+  sink: string | null;
+  /** Which step failed: config, secret, source, sink. */
+  failed_at: string | null;
+  error: string | null;
+}
+
+/** Thrown to roll back the probe transaction: a check leaves nothing behind in the database. */
+const ROLLBACK = Symbol("rollback");
+
+function withTimeout<T>(work: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const timeout = new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`${what}: no answer within ${ms / 1000} s`)), ms)));
+  return Promise.race([work, timeout]).finally(() => clearTimeout(timer));
+}
+
+/**
+ * Starts one side of a pipeline (connect + destination checks) and closes it again, inside a
+ * transaction that is always rolled back: a consumer group or inbox the start would create, or
+ * an outbox `auto_enable_outbox` would enable, is not left behind by a mere check.
+ */
+async function probe(sql: Sql, settings: Settings, row: CatalogRow, side: "source" | "sink", timeoutMs: number): Promise<string> {
+  let described = "";
+  await sql
+    .begin(async (tx) => {
+      const pipeline = new Pipeline(normalizePipeline(row), {
+        sql: tx as unknown as Sql,
+        postgresUrl: settings.postgresUrl,
+        relayGroupId: settings.relayGroupId,
+        metrics: new Metrics(),
+        log: pipelineLog(row.name),
+        drain: true,
+      });
+      const part = side === "source" ? pipeline.source : pipeline.sink;
+      described = part.describe;
+      try {
+        await withTimeout(part.start(), timeoutMs, `${side} start`);
+      } finally {
+        await withTimeout(part.close(), 5000, `${side} close`).catch(() => {});
+      }
+      throw ROLLBACK;
+    })
+    .catch((err) => {
+      if (err !== ROLLBACK) throw err;
+    });
+  return described;
+}
+
+export async function checkPipeline(sql: Sql, settings: Settings, row: CatalogRow, timeoutMs: number): Promise<CheckResult> {
+  const result: CheckResult = { name: row.name, direction: row.direction, enabled: row.enabled, ok: false, source: null, sink: null, failed_at: null, error: null };
+  const failWith = (step: string, err: unknown) => {
+    result.failed_at = step;
+    result.error = redactSecrets(errorMessage(err));
+    return result;
+  };
+  try {
+    const spec = normalizePipeline(row);
+    result.source = describeSide(spec.sourceType, spec.source);
+    result.sink = describeSide(spec.sinkType, spec.sink);
+  } catch (err) {
+    return failWith("config", err);
+  }
+  try {
+    resolveSecrets(row.config, `pipeline '${row.name}'`);
+  } catch (err) {
+    return failWith("secret", err);
+  }
+  try {
+    // Validates both sides against the backend schemas without connecting anything.
+    new Pipeline(normalizePipeline(row), {
+      sql,
+      postgresUrl: settings.postgresUrl,
+      relayGroupId: settings.relayGroupId,
+      metrics: new Metrics(),
+      log: pipelineLog(row.name),
+      drain: true,
+    });
+  } catch (err) {
+    return failWith("config", err);
+  }
+  for (const side of ["source", "sink"] as const) {
+    try {
+      result[side] = redactSecrets(await probe(sql, settings, row, side, timeoutMs));
+    } catch (err) {
+      return failWith(side, err);
+    }
+  }
+  result.ok = true;
+  return result;
+}
+
+export function formatCheck(r: CheckResult): string {
+  const head = `${r.ok ? "ok  " : "FAIL"}  ${r.name} (${r.direction}${r.enabled ? "" : ", disabled"})`;
+  const route = r.source || r.sink ? `: ${r.source ?? "?"} → ${r.sink ?? "?"}` : "";
+  return r.ok ? `${head}${route}` : `${head}${route}\n      ${r.failed_at}: ${r.error}`;
+}
+
+export const checkCommand = defineCommand({
+  meta: {
+    name: "check",
+    description:
+      "Validate every pipeline's config against the backend schemas, resolve its secrets, and connect to its source and sink (start, then close; database changes rolled back). One verdict per pipeline; exit 1 if any fails. Secrets are never printed.",
+  },
+  args: {
+    ...connectionArgs,
+    ...settingArgs({ relayGroupId: "relay group (offsets and consumer ids are looked up for it)" }),
+    pipeline: { type: "string", description: "check only these pipelines (comma-separated names)" },
+    timeout: { type: "string", description: "seconds to wait for each source/sink to connect (default 15)" },
+    json: { type: "boolean", description: "print JSON instead of text" },
+  },
+  async run({ args }) {
+    const settings = loadSettings(args);
+    const timeoutSecs = args.timeout === undefined ? 15 : Number(args.timeout);
+    if (!(timeoutSecs > 0)) fail(`--timeout must be a positive number of seconds, got "${args.timeout}"`, EXIT.config);
+    const only = args.pipeline ? String(args.pipeline).split(",").map((s) => s.trim()).filter(Boolean) : undefined;
+    const exitCode = await withDatabase(settings, async (sql) => {
+      await requireCatalog(sql);
+      const rows = (await sql<CatalogRow[]>`SELECT name, direction, enabled, config FROM pgtrickle.list_relay_configs()`).filter(
+        (r) => !only || only.includes(r.name),
+      );
+      const missing = only?.filter((n) => !rows.some((r) => r.name === n)) ?? [];
+      const access = (await catalogStatus(sql)).access;
+      const results: CheckResult[] = [];
+      for (const row of rows) {
+        const r = await checkPipeline(sql, settings, row, timeoutSecs * 1000);
+        results.push(r);
+        if (!args.json) process.stdout.write(redactSecrets(formatCheck(r)) + "\n");
+      }
+      if (args.json) {
+        process.stdout.write(redactSecrets(JSON.stringify({ pipelines: results, missing, access_missing: access.missing }, null, 2)) + "\n");
+      } else {
+        if (rows.length === 0 && !only) process.stdout.write("no pipelines (add one with pgtrickle.set_relay_outbox / set_relay_inbox)\n");
+        for (const name of missing) process.stdout.write(`FAIL  ${name}: no such pipeline\n`);
+        if (access.missing.length > 0) process.stdout.write(`FAIL  database access: ${access.user} lacks ${access.missing.join("; ")}\n`);
+      }
+      const failed = results.filter((r) => !r.ok).length + missing.length + (access.missing.length > 0 ? 1 : 0);
+      if (failed > 0) log.error(`check: ${failed} problem(s) found`);
+      return failed > 0 ? EXIT.failed : 0;
+    });
+    process.exit(exitCode);
+  },
+});

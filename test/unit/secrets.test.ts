@@ -1,0 +1,84 @@
+import { describe, expect, test } from "bun:test";
+import { mkdtempSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { RelayError } from "../../src/errors.ts";
+import { redactSecrets, registerSecrets } from "../../src/observe/log.ts";
+import { hasSecretToken, resolveSecrets, resolveSecretsIn } from "../../src/secrets.ts";
+
+const dir = mkdtempSync(join(tmpdir(), "relay-secrets-"));
+const env = { TOKEN: "t0ken-value", Other_1: "o", EMPTY: "" };
+
+function configErrorOf(fn: () => unknown): RelayError {
+  try {
+    fn();
+  } catch (err) {
+    expect(err).toBeInstanceOf(RelayError);
+    expect((err as RelayError).kind).toBe("config");
+    return err as RelayError;
+  }
+  throw new Error("expected a config error");
+}
+
+describe("resolveSecretsIn", () => {
+  test("${env:…} and ${ENV:…} anywhere in a string, several per string", () => {
+    expect(resolveSecretsIn("Bearer ${env:TOKEN}", "x", env)).toBe("Bearer t0ken-value");
+    expect(resolveSecretsIn("postgres://u:${ENV:TOKEN}@h/${env:Other_1}", "x", env)).toBe("postgres://u:t0ken-value@h/o");
+    expect(resolveSecretsIn("${env:EMPTY}", "x", env)).toBe("");
+  });
+
+  test("${file:/path}: UTF-8 contents with trailing newlines stripped, inner ones kept", () => {
+    const path = join(dir, "pw");
+    writeFileSync(path, "line1\nlíne2\r\n\n");
+    expect(resolveSecretsIn("<${file:" + path + "}>", "x", env)).toBe("<line1\nlíne2>");
+  });
+
+  test("text without tokens, unknown kinds and unclosed tokens pass through untouched", () => {
+    for (const s of ["plain", "${vault:a}", "${env:TOKEN", "$env:TOKEN", "{env:TOKEN}"]) expect(resolveSecretsIn(s, "x", env)).toBe(s);
+  });
+
+  test("an unset variable, a bad name or an unreadable file is a config error naming the token, never a value", () => {
+    const unset = configErrorOf(() => resolveSecretsIn("a ${env:NOPE} ${env:TOKEN}", "pipeline 'p'.sink.url", env));
+    expect(unset.message).toBe("pipeline 'p'.sink.url: environment variable NOPE is not set (referenced as ${env:NOPE})");
+    const bad = configErrorOf(() => resolveSecretsIn("${env:1BAD}", "w", env));
+    expect(bad.message).toBe("w: ${env:1BAD} is not a valid environment variable name");
+    const file = configErrorOf(() => resolveSecretsIn("${file:/no/such/secret}", "w", env));
+    expect(file.message).toBe("w: secret file ${file:/no/such/secret} cannot be read (ENOENT)");
+    for (const e of [unset, bad, file]) expect(e.message).not.toContain("t0ken-value");
+  });
+});
+
+describe("resolveSecrets", () => {
+  test("every string of objects and arrays, recursively; other values unchanged; the input is not modified", () => {
+    const config = { url: "${env:TOKEN}", n: 3, on: true, none: null, headers: { a: "x-${env:Other_1}" }, list: ["${env:TOKEN}", 1, { k: "${ENV:Other_1}" }] };
+    const copy = structuredClone(config);
+    expect(resolveSecrets(config, "p", env)).toEqual({ url: "t0ken-value", n: 3, on: true, none: null, headers: { a: "x-o" }, list: ["t0ken-value", 1, { k: "o" }] });
+    expect(config).toEqual(copy);
+  });
+
+  test("the error names the path of the key that failed", () => {
+    const err = configErrorOf(() => resolveSecrets({ sink: { headers: ["ok", "${env:MISSING_X}"] } }, "pipeline 'p'", env));
+    expect(err.message).toStartWith("pipeline 'p'.sink.headers[1]: environment variable MISSING_X is not set");
+  });
+
+  test("hasSecretToken", () => {
+    expect(hasSecretToken("a ${file:/x} b")).toBe(true);
+    expect(hasSecretToken("${ENV:A}")).toBe(true);
+    expect(hasSecretToken("${secret:x}")).toBe(false);
+  });
+});
+
+describe("redaction", () => {
+  test("every resolved value is registered and redacted, URL-encoded forms too; short values are left alone", () => {
+    const value = `s3cr3t/${crypto.randomUUID()}`;
+    resolveSecretsIn("${env:V}", "x", { V: value, S: "ab" });
+    resolveSecretsIn("${env:S}", "x", { S: "ab" });
+    expect(redactSecrets(`failed: connect to https://u:${value}@host (${encodeURIComponent(value)})`)).toBe("failed: connect to https://u:***@host (***)");
+    expect(redactSecrets("about a cab")).toBe("about a cab");
+  });
+
+  test("a secret containing another is replaced whole", () => {
+    registerSecrets(["inner-secret", "outer-inner-secret-x"]);
+    expect(redactSecrets("v=outer-inner-secret-x; w=inner-secret")).toBe("v=***; w=***");
+  });
+});
