@@ -364,3 +364,58 @@ describe("periodic reload", () => {
     expect(payloadIds(out("a"))).toEqual([4, 5]);
   }, 60_000);
 });
+
+describe("limits and shutdown", () => {
+  let f: Fixture;
+  const names = ["w1", "w2", "w3", "w4", "w5"];
+  beforeAll(async () => {
+    f = await fixture("coord_limits", names, { poll_interval_ms: 100 });
+  });
+  afterAll(() => teardown(f));
+
+  test("--max-workers caps what one process owns; a second process takes more, the rest waits unowned", async () => {
+    const one = startRelay(f, ["--max-workers", "2"]);
+    await eventually(async () => (await ownership(f, names, [one])).byRelay[0]!.length === 2, 20_000, "two pipelines in the first relay");
+    const two = startRelay(f, ["--max-workers", "2"]);
+    await eventually(
+      async () => {
+        const { byRelay, orphans } = await ownership(f, names, [one, two]);
+        return byRelay.every((o) => o.length === 2) && orphans.length === 1;
+      },
+      20_000,
+      "2 + 2 owned, one unowned",
+    );
+    await Bun.sleep(500);
+    const { byRelay, orphans } = await ownership(f, names, [one, two]);
+    expect(byRelay.map((o) => o.length)).toEqual([2, 2]);
+    expect(orphans).toHaveLength(1);
+    await Promise.all([one.stop(), two.stop()]);
+  }, 60_000);
+
+  test("a batch that cannot finish within --shutdown-timeout: exit 1; a second signal exits 130 at once", async () => {
+    // A receiver that never answers keeps a batch in flight.
+    const server = Bun.serve({ hostname: "127.0.0.1", port: 0, fetch: () => new Promise<Response>(() => {}) });
+    try {
+      await f.db.sql`DELETE FROM pgtrickle.relay_outbox_config WHERE name <> 'w1'`;
+      await addPipeline(f.db.sql, "w1", { type: "http", url: `http://127.0.0.1:${server.port}/`, timeout_ms: 120_000 });
+      await insertRows(f, "w1", 1, 3);
+      const slow = startRelay(f, ["--shutdown-timeout", "1"]);
+      await slow.waitForLog(/\[w1\] started/);
+      await Bun.sleep(300);
+      slow.proc.kill("SIGTERM");
+      expect(await slow.proc.exited).toBe(1);
+      expect(slow.stderr).toContain("shutdown timeout (1 s) passed with batches in flight");
+
+      const impatient = startRelay(f, ["--shutdown-timeout", "60"]);
+      await impatient.waitForLog(/\[w1\] started/);
+      await Bun.sleep(300);
+      impatient.proc.kill("SIGTERM");
+      await impatient.waitForLog(/received SIGTERM/);
+      impatient.proc.kill("SIGINT");
+      expect(await impatient.proc.exited).toBe(130);
+      expect(impatient.stderr).toContain("second SIGINT: exiting now");
+    } finally {
+      server.stop(true);
+    }
+  }, 60_000);
+});
