@@ -10,6 +10,7 @@
 import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { BACKENDS } from "../src/backends/index.ts";
+import { reverseSourceKeys } from "../src/inbound.ts";
 
 type AnySchema = { type: string; kind?: string; entries?: Record<string, AnySchema>; wrapped?: AnySchema; default?: unknown; pipe?: AnySchema[]; options?: unknown[]; item?: AnySchema; options_?: unknown };
 
@@ -57,7 +58,13 @@ function comments(file: string): Map<string, string> {
   return out;
 }
 
-const FILES: Record<string, string> = { outbox: "src/outbox/source.ts" };
+const FILES: Record<string, string> = { outbox: "src/outbox/source.ts", "stdout:source": "src/backends/stdin.ts" };
+
+/** Doc comments of the keys every reverse source spreads in (`reverseSourceKeys`). */
+function sharedReverseDocs(): Map<string, string> {
+  const shared = new Set(Object.keys(reverseSourceKeys));
+  return new Map([...comments(join(root, "src/inbound.ts"))].filter(([key]) => shared.has(key)));
+}
 
 function table(schema: AnySchema, docs: Map<string, string>): string {
   const entries = entriesOf(schema) ?? {};
@@ -83,8 +90,10 @@ export function generate(): string {
   for (const b of BACKENDS) {
     const file = FILES[b.type] ?? `src/backends/${b.type}.ts`;
     const docs = comments(join(root, file));
+    // A source may live in a file of its own; keys every reverse source shares are documented in src/inbound.ts.
+    const sourceDocs = new Map([...sharedReverseDocs(), ...comments(join(root, FILES[`${b.type}:source`] ?? file))]);
     const alias = b.aliases?.length ? ` (alias ${b.aliases.map((a) => `\`${a}\``).join(", ")})` : "";
-    if (b.source) parts.push(`## \`${b.type}\` source${alias}`, "", table(b.source.config as AnySchema, docs), "");
+    if (b.source) parts.push(`## \`${b.type}\` source${alias}`, "", table(b.source.config as AnySchema, sourceDocs), "");
     if (b.sink) parts.push(`## \`${b.type}\` sink${alias}`, "", table(b.sink.config as AnySchema, docs), "");
   }
   return parts.join("\n");

@@ -83,6 +83,10 @@ export class Pipeline {
       sql: deps.sql,
       postgresUrl: deps.postgresUrl,
       drain: deps.drain,
+      onInboxWrite: (inserted: number, dedupSkipped: number) => {
+        deps.metrics.inboxWrites.inc({ pipeline: spec.name }, inserted);
+        deps.metrics.dedupSkipped.inc({ pipeline: spec.name }, dedupSkipped);
+      },
     };
     const sourceB = sourceBackend(spec.sourceType, spec.name);
     const sinkB = sinkBackend(spec.sinkType, spec.name);
@@ -134,6 +138,15 @@ export class Pipeline {
             if (stop.aborted) break;
           }
           if (!stop.aborted && this.deps.drain) return this.finish("drained");
+          if (!stop.aborted && this.source.exhausted) {
+            // End of input (stdin EOF, a file without follow). Outside drain mode the pipeline
+            // stays owned and idle until stopped or reconfigured: ending would make the
+            // coordinator start it again at once, in a loop.
+            this.setState("drained");
+            log.info(`drained: ${this.source.describe} has reached the end of its input; idle until stopped or reconfigured`);
+            while (!stop.aborted) await abortableDelay(3_600_000, stop);
+            return this.finish("drained");
+          }
         } catch (err) {
           if (errorKind(err) === "config" || stop.aborted || err instanceof LockLost) throw err;
           this.deps.metrics.sourceErrors.inc(this.labels);
@@ -268,7 +281,14 @@ export class Pipeline {
     this.lastReplayCheck = Date.now();
     const rows = await replayRequests(this.deps.sql, this.name, this.direction, 100);
     for (const row of rows) {
-      const messages = await this.replayMessages(row.error_kind, row.message);
+      let messages: Message[] | null;
+      try {
+        messages = await this.replayMessages(row.error_kind, row.message);
+      } catch (err) {
+        // Still undecodable (the operator has not fixed it yet): the row stays, marked failed.
+        await markReplayFailed(this.deps.sql, row.id, errorMessage(err));
+        continue;
+      }
       if (!messages) {
         await markReplayFailed(this.deps.sql, row.id, "stored message cannot be replayed (unknown shape)");
         continue;

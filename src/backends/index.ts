@@ -3,6 +3,7 @@ import http from "./http.ts";
 import kafka from "./kafka.ts";
 import nats from "./nats.ts";
 import outbox from "./outbox.ts";
+import pgInbox from "./pg-inbox.ts";
 import rabbitmq from "./rabbitmq.ts";
 import redis from "./redis.ts";
 import sqs from "./sqs.ts";
@@ -13,7 +14,7 @@ import type { Backend } from "./types.ts";
  * Every backend, by type name. Imports are static on purpose: `bun build --compile` bundles only
  * static imports, so a backend loaded dynamically would silently be missing from the binary.
  */
-export const BACKENDS: Backend[] = [outbox, stdout, nats, kafka, http, redis, sqs, rabbitmq];
+export const BACKENDS: Backend[] = [outbox, stdout, nats, kafka, http, redis, sqs, rabbitmq, pgInbox];
 
 export function findBackend(type: string): Backend | undefined {
   return BACKENDS.find((b) => b.type === type || b.aliases?.includes(type));

@@ -2,6 +2,7 @@ import { open, rename, stat, type FileHandle } from "node:fs/promises";
 import * as v from "valibot";
 import { configError, errorMessage, transientError } from "../errors.ts";
 import { toEnvelope, type Message } from "../message.ts";
+import { stdinSource } from "./stdin.ts";
 import { defineBackend, sinkSpec, type Sink } from "./types.ts";
 
 /** Options of the stdout/file sink (CONTRACT.md §5.3). */
@@ -134,7 +135,8 @@ async function exists(path: string): Promise<boolean> {
 
 export default defineBackend({
   type: "stdout",
-  aliases: ["file"],
+  // `file` is the sink's alias (forward) and the source's (reverse); `stdin` only names the source.
+  aliases: ["file", "stdin"],
   sink: sinkSpec({
     config: StdoutSinkConfig,
     create(cfg) {
@@ -142,4 +144,6 @@ export default defineBackend({
       return path && path !== "-" ? new FileSink(cfg, path) : new StdoutSink(cfg);
     },
   }),
+  // The reverse stdin/file source (src/backends/stdin.ts) shares this entry: `file` names both.
+  source: stdinSource,
 });

@@ -16,6 +16,8 @@ export interface BackendContext {
   postgresUrl: string;
   /** Drain mode: a source ends its iteration once it has nothing pending. */
   drain: boolean;
+  /** Inbox sinks report each committed write: rows inserted, rows skipped by ON CONFLICT (metrics). */
+  onInboxWrite?(inserted: number, dedupSkipped: number): void;
 }
 
 /** A message that can never be delivered, on its way to pgtrickle.relay_dead_letters. */
@@ -75,6 +77,11 @@ export interface Source {
   wake?(): void;
   /** Rebuilds messages from a `decode` dead letter (after an operator fixed it) for replay. */
   decodeStored?(stored: unknown): Promise<Message[]>;
+  /**
+   * True once the source can never yield again (stdin at EOF, a file read to its end without
+   * `follow`): the pipeline then ends `drained` even outside drain mode.
+   */
+  readonly exhausted?: boolean;
 }
 
 export interface SinkSpec<S extends v.GenericSchema = v.GenericSchema> {

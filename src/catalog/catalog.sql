@@ -432,6 +432,22 @@ CREATE TABLE IF NOT EXISTS pgtrickle.relay_pipeline_status (
 COMMENT ON TABLE pgtrickle.relay_pipeline_status IS
     'pgtrickle-relay: last reported state and error per pipeline (owner = application_name part <host>:<pid>). Never holds secret values.';
 
+-- Relay-only: where a reverse source that has no broker to remember it (a file) stands, as
+-- text the source defines (the file source: JSON with path, byte offset, line, inode). Written
+-- by the batch's ack, after the inbox commit; a crash in between replays rows the inbox already
+-- holds, and ON CONFLICT skips them.
+CREATE TABLE IF NOT EXISTS pgtrickle.relay_source_positions (
+    relay_group_id TEXT        NOT NULL,
+    pipeline       TEXT        NOT NULL,
+    direction      TEXT        NOT NULL CHECK (direction IN ('forward', 'reverse')),
+    position       TEXT        NOT NULL,
+    updated_at     TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (relay_group_id, pipeline, direction)
+);
+
+COMMENT ON TABLE pgtrickle.relay_source_positions IS
+    'pgtrickle-relay: last acknowledged position of a source without broker-side offsets (file input), per relay group and pipeline.';
+
 -- One row: which relay catalog version this database holds.
 CREATE TABLE IF NOT EXISTS pgtrickle.relay_catalog_version (
     singleton    BOOLEAN     PRIMARY KEY DEFAULT true CHECK (singleton),
@@ -453,3 +469,4 @@ GRANT SELECT, INSERT, UPDATE ON pgtrickle.relay_dead_letters TO pgtrickle_relay;
 GRANT USAGE ON SEQUENCE pgtrickle.relay_dead_letters_id_seq TO pgtrickle_relay;
 GRANT SELECT ON pgtrickle.relay_catalog_version TO pgtrickle_relay;
 GRANT SELECT, INSERT, UPDATE ON pgtrickle.relay_pipeline_status TO pgtrickle_relay;
+GRANT SELECT, INSERT, UPDATE ON pgtrickle.relay_source_positions TO pgtrickle_relay;

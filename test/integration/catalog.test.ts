@@ -182,7 +182,7 @@ describe("install and status on an empty database", () => {
       SELECT table_name, column_name, data_type, is_nullable, column_default
         FROM information_schema.columns
        WHERE table_schema = 'pgtrickle'
-         AND table_name IN ('relay_outbox_config', 'relay_inbox_config', 'relay_consumer_offsets', 'relay_dead_letters')
+         AND table_name IN ('relay_outbox_config', 'relay_inbox_config', 'relay_consumer_offsets', 'relay_dead_letters', 'relay_source_positions')
        ORDER BY table_name, ordinal_position`;
     const shape = (t: string) =>
       cols.filter((c) => c.table_name === t).map((c) => [c.column_name, c.data_type, c.is_nullable, c.column_default]);
@@ -215,6 +215,13 @@ describe("install and status on an empty database", () => {
       ["replay_requested_at", "timestamp with time zone", "YES", null],
       ["resolved_at", "timestamp with time zone", "YES", null],
     ]);
+    expect(shape("relay_source_positions")).toEqual([
+      ["relay_group_id", "text", "NO", null],
+      ["pipeline", "text", "NO", null],
+      ["direction", "text", "NO", null],
+      ["position", "text", "NO", null],
+      ["updated_at", "timestamp with time zone", "NO", "now()"],
+    ]);
     const pks = await sql<{ rel: string; def: string }[]>`
       SELECT conrelid::regclass::text AS rel, pg_get_constraintdef(oid) AS def FROM pg_constraint
        WHERE connamespace = 'pgtrickle'::regnamespace AND contype IN ('p', 'u') ORDER BY 1, 2`;
@@ -226,6 +233,7 @@ describe("install and status on an empty database", () => {
       "pgtrickle.relay_inbox_config PRIMARY KEY (name)",
       "pgtrickle.relay_outbox_config PRIMARY KEY (name)",
       "pgtrickle.relay_pipeline_status PRIMARY KEY (relay_group_id, pipeline, direction)",
+      "pgtrickle.relay_source_positions PRIMARY KEY (relay_group_id, pipeline, direction)",
     ]);
   });
 
@@ -635,6 +643,15 @@ describe("grants", () => {
     expect(again[0]).toEqual({ id: dl[0]!.id, attempts: 2 });
     expect((await asMember`SELECT pgtrickle.replay_relay_dead_letters('g1') AS n`)[0]?.n).toBe(1);
     await asMember`UPDATE pgtrickle.relay_dead_letters SET resolved_at = now() WHERE id = ${dl[0]!.id}`;
+
+    // The file source's position commit (src/backends/stdin.ts).
+    for (const position of ['{"offset":10}', '{"offset":20}']) {
+      await asMember`
+        INSERT INTO pgtrickle.relay_source_positions (relay_group_id, pipeline, direction, position, updated_at)
+        VALUES ('default', 'g2', 'reverse', ${position}, now())
+        ON CONFLICT (relay_group_id, pipeline, direction) DO UPDATE SET position = EXCLUDED.position, updated_at = now()`;
+    }
+    expect((await asMember`SELECT position FROM pgtrickle.relay_source_positions WHERE pipeline = 'g2'`)[0]?.position).toBe('{"offset":20}');
 
     await asMember`SELECT pgtrickle.delete_relay('g1')`;
 

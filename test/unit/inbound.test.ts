@@ -1,5 +1,7 @@
 import { describe, expect, test } from "bun:test";
 import * as v from "valibot";
+import { splitQualifiedName, splitTlsParams, tlsOption } from "../../src/backends/pg-inbox.ts";
+import { RecordScanner, type RawRecord } from "../../src/backends/stdin.ts";
 import {
   aggregateIdOf,
   bodyDedupKey,
@@ -185,4 +187,82 @@ test("reverseSourceKeys: defaults of the shared keys", () => {
   expect(v.parse(schema, {})).toEqual({ event_type_field: "event_type", batch_size: 100, poll_interval_ms: 1000 });
   expect(v.safeParse(schema, { batch_size: 0 }).success).toBe(false);
   expect(v.safeParse(schema, { event_type: "" }).success).toBe(false);
+});
+
+// ── pieces of the stdin/file source and the pg-inbox sink that need no server ─────────────────
+
+
+function scanAll(format: "jsonl" | "json_pretty", chunks: string[], finish = true): Array<Omit<RawRecord, "bytes"> & { text: string }> {
+  const s = new RecordScanner(format, 0, 1);
+  const out: RawRecord[] = [];
+  for (const c of chunks) {
+    s.push(Buffer.from(c));
+    for (let r = s.next(); r; r = s.next()) out.push(r);
+  }
+  if (finish) {
+    const last = s.finish();
+    if (last) out.push(last);
+  }
+  return out.map(({ bytes, ...rest }) => ({ text: bytes.toString(), ...rest }));
+}
+
+describe("RecordScanner", () => {
+  test("jsonl: lines with offsets past their newline; blank lines skipped; CRLF trimmed; split chunks", () => {
+    expect(scanAll("jsonl", ['{"a":1}\n\n{"b"', ':2}\r\n', "  \n", "tail"])).toEqual([
+      { text: '{"a":1}', line: 1, end: 8, endLine: 2 },
+      { text: '{"b":2}', line: 3, end: 18, endLine: 4 },
+      { text: "tail", line: 5, end: 25, endLine: 5 },
+    ]);
+  });
+  test("jsonl: a last line without newline waits until finish()", () => {
+    const s = new RecordScanner("jsonl", 100, 7);
+    s.push(Buffer.from('{"a":1}'));
+    expect(s.next()).toBeNull();
+    expect(s.pending).toBe(true);
+    expect(s.finish()).toMatchObject({ line: 7, end: 107, endLine: 7 });
+  });
+  test("json_pretty: values spanning lines, brackets inside strings, garbage costs one line", () => {
+    const a = JSON.stringify({ a: "}{][\"\\", b: [1, { c: 2 }] }, null, 2);
+    const text = `${a}\nnot json at all\n  [1,\n 2]\n"scalar"\n`;
+    const out = scanAll("json_pretty", [text.slice(0, 10), text.slice(10, 33), text.slice(33)]);
+    expect(out.map((r) => [r.text, r.line])).toEqual([
+      [a, 1],
+      ["not json at all", a.split("\n").length + 1],
+      ["[1,\n 2]", a.split("\n").length + 2],
+      ['"scalar"', a.split("\n").length + 4],
+    ]);
+    expect(out.at(-1)!.end).toBe(Buffer.byteLength(text));
+  });
+  test("json_pretty: an unterminated value is handed out by finish()", () => {
+    expect(scanAll("json_pretty", ['{"a": [1, 2'], true).map((r) => r.text)).toEqual(['{"a": [1, 2']);
+    expect(scanAll("json_pretty", ['{"a": [1, 2'], false)).toEqual([]);
+  });
+});
+
+describe("pg-inbox helpers", () => {
+  test("splitQualifiedName", () => {
+    expect(splitQualifiedName("orders_inbox")).toEqual({ schema: null, name: "orders_inbox" });
+    expect(splitQualifiedName("app.orders_inbox")).toEqual({ schema: "app", name: "orders_inbox" });
+    expect(splitQualifiedName('"we.ird"."Na""me"')).toEqual({ schema: "we.ird", name: 'Na"me' });
+    expect(() => splitQualifiedName("a.b.c")).toThrow();
+    expect(() => splitQualifiedName("a.")).toThrow();
+    expect(() => splitQualifiedName('"open')).toThrow();
+  });
+  test("splitTlsParams takes libpq TLS parameters off the URL", () => {
+    const r = splitTlsParams("postgres://u:p@h:5433/db?sslmode=verify-full&sslrootcert=%2Fca.pem&application_name=x");
+    expect(r).toEqual({ url: "postgres://u:p@h:5433/db?application_name=x", sslmode: "verify-full", sslrootcert: "/ca.pem", sslcert: undefined, sslkey: undefined });
+    expect(() => splitTlsParams("postgres://h/db?sslmode=maybe")).toThrow();
+  });
+  test("tlsOption per sslmode", () => {
+    expect(tlsOption(undefined, {})).toBe(false);
+    expect(tlsOption("disable", {})).toBe(false);
+    expect(tlsOption("prefer", {})).toBe("prefer");
+    expect(tlsOption("require", {})).toBe("require");
+    expect(tlsOption("verify-full", {})).toEqual({ rejectUnauthorized: true });
+    expect(tlsOption(undefined, { systemCa: true })).toEqual({ rejectUnauthorized: true });
+    const verifyCa = tlsOption("verify-ca", {}) as { rejectUnauthorized: boolean; checkServerIdentity: () => unknown };
+    expect(verifyCa.rejectUnauthorized).toBe(true);
+    expect(verifyCa.checkServerIdentity()).toBeUndefined();
+    expect(() => tlsOption("verify-full", { ca: "/nonexistent/ca.pem" })).toThrow("/nonexistent/ca.pem");
+  });
 });
