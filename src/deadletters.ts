@@ -12,10 +12,10 @@ export async function writeDeadLetters(sql: Sql, pipeline: string, direction: Di
   const rows = letters.map((d) => ({
     pipeline,
     direction,
-    dedup_key: d.dedup_key,
+    dedup_key: withoutNul(d.dedup_key),
     outbox_id: d.outbox_id,
-    message: d.message,
-    error: d.error,
+    message: storable(d.message),
+    error: withoutNul(d.error),
     error_kind: d.kind,
   }));
   await sql`
@@ -28,9 +28,27 @@ export async function writeDeadLetters(sql: Sql, pipeline: string, direction: Di
           message = EXCLUDED.message, error_kind = EXCLUDED.error_kind, resolved_at = NULL, replay_requested_at = NULL`;
 }
 
+/**
+ * jsonb cannot hold the character U+0000, and a message carrying one (often the very reason it was
+ * rejected) must still reach the dead-letter table: such a message is stored as base64 of its
+ * JSON text, which messageFromStored() reads back unchanged.
+ */
+function storable(message: unknown): unknown {
+  const json = JSON.stringify(message) ?? "null";
+  return json.includes("\\u0000") ? { encoding: "base64-json", data: Buffer.from(json).toString("base64") } : message;
+}
+
+function fromStorable(stored: unknown): unknown {
+  const s = stored as { encoding?: unknown; data?: unknown } | null;
+  return s?.encoding === "base64-json" && typeof s.data === "string" ? JSON.parse(Buffer.from(s.data, "base64").toString()) : stored;
+}
+
+/** text columns refuse U+0000 too; an error message or key keeps a visible marker instead. */
+const withoutNul = (text: string) => text.replace(/\u0000/g, "\\0");
+
 /** The form a rejected message is stored in: its envelope plus the template context. */
 export function storedMessage(m: Message): unknown {
-  return { ...toEnvelope(m), context: m.context, ...(m.headers ? { headers: m.headers } : {}) };
+  return { ...toEnvelope(m), context: m.context, ...(m.headers ? { headers: m.headers } : {}), ...(m.inbound ? { inbound: m.inbound } : {}) };
 }
 
 export function messageFromStored(stored: unknown): Message | null {
@@ -46,6 +64,7 @@ export function messageFromStored(stored: unknown): Message | null {
     refresh_id: s.refresh_id ?? null,
     context: s.context ?? { pipeline: "" },
     ...(s.headers ? { headers: s.headers } : {}),
+    ...(s.inbound ? { inbound: s.inbound } : {}),
   };
 }
 
@@ -58,10 +77,11 @@ export interface ReplayRow {
 
 /** Dead letters an operator asked to replay (pgtrickle.replay_relay_dead_letters). */
 export async function replayRequests(sql: Sql, pipeline: string, direction: Direction, limit: number): Promise<ReplayRow[]> {
-  return sql<ReplayRow[]>`
+  const rows = await sql<ReplayRow[]>`
     SELECT id::text AS id, dedup_key, error_kind, message FROM pgtrickle.relay_dead_letters
     WHERE pipeline = ${pipeline} AND direction = ${direction} AND replay_requested_at IS NOT NULL AND resolved_at IS NULL
     ORDER BY id LIMIT ${limit}`;
+  return rows.map((r) => ({ ...r, message: fromStorable(r.message) }));
 }
 
 export async function markReplayed(sql: Sql, ids: string[]): Promise<void> {

@@ -192,6 +192,34 @@ interface FilePosition {
   line: number;
   /** Inode of the file read; a different one means the file was replaced. */
   ino: string | null;
+  /**
+   * How often the file under this path was replaced or truncated. Part of the synthesized keys
+   * (`file:<path>:g<n>:<line>`), so line 3 of a new file never takes the key of line 3 of the
+   * old one (ON CONFLICT would silently drop it). 0 for the first file: plain `file:<path>:<line>`.
+   */
+  generation?: number;
+  /**
+   * SHA-256 of the file's first `headLength` bytes when the position was committed: a file
+   * replaced by one of the same size that reuses the inode (common after unlink) is still told
+   * apart by its content.
+   */
+  head?: string;
+  headLength?: number;
+}
+
+/** Bytes of a file's beginning that identify it (as log shippers' fingerprints do). */
+const HEAD_BYTES = 1024;
+
+async function headHash(path: string, length: number): Promise<string | null> {
+  const f = await open(path, "r").catch(() => null);
+  if (!f) return null;
+  try {
+    const buf = Buffer.alloc(length);
+    const { bytesRead } = await f.read(buf, 0, length, 0);
+    return bytesRead === length ? sha256Hex(buf) : null;
+  } finally {
+    await f.close();
+  }
 }
 
 /** The stored position of a source (text the source defines), or null. */
@@ -227,7 +255,8 @@ function positionError(err: unknown) {
 
 /**
  * Reads JSON values from standard input or a file into inbox messages. Dedup key: the body's
- * `dedup_key` (or `pgt_dedup_key`) verbatim, else `file:<absolute path>:<line>` or `stdin:` +
+ * `dedup_key` (or `pgt_dedup_key`) verbatim, else `file:<absolute path>:<line>` (with `g<n>:` before
+ * the line once the file was replaced or truncated n times) or `stdin:` +
  * SHA-256 of the line (§6.5). A value that is not JSON (or not UTF-8) becomes a `decode` dead
  * letter of its batch, so the lines around it are delivered and the position moves past it.
  * A file's position (byte offset past the last acknowledged value) is committed in the relay
@@ -266,12 +295,12 @@ export class StdinSource implements Source {
       if (err.code === "ENOENT" && this.cfg.follow) return null;
       throw configError(`pipeline '${this.ctx.pipeline}': source.input ${this.path}: ${err.code === "ENOENT" ? "no such file" : (err.code ?? errorMessage(err))}`);
     });
-    this.committed = this.resumePosition(stored, st ? { size: st.size, ino: String(st.ino) } : null);
+    this.committed = await this.resumePosition(stored, st ? { size: st.size, ino: String(st.ino) } : null);
   }
 
   /** Where to start: the stored position when it still describes this file, else its beginning. */
-  private resumePosition(stored: string | null, file: { size: number; ino: string } | null): FilePosition {
-    const fresh: FilePosition = { path: this.path!, offset: 0, line: 1, ino: file?.ino ?? null };
+  private async resumePosition(stored: string | null, file: { size: number; ino: string } | null): Promise<FilePosition> {
+    const fresh: FilePosition = { path: this.path!, offset: 0, line: 1, ino: file?.ino ?? null, generation: 0 };
     if (!stored) return fresh;
     let p: Partial<FilePosition>;
     try {
@@ -284,16 +313,22 @@ export class StdinSource implements Source {
       this.ctx.log.info(`input changed (was ${p.path ?? "?"}): reading ${this.path} from the beginning`);
       return fresh;
     }
-    if (!file) return { path: this.path, offset: p.offset, line: p.line, ino: p.ino ?? null };
+    const generation = p.generation ?? 0;
+    if (!file) return { path: this.path, offset: p.offset, line: p.line, ino: p.ino ?? null, generation };
+    const next = { ...fresh, generation: generation + 1 };
     if (p.ino && p.ino !== file.ino) {
-      this.ctx.log.warn(`${this.path} was replaced since the last run (new inode): reading it from the beginning; lines without a dedup_key get the keys of the old file's lines`);
-      return fresh;
+      this.ctx.log.warn(`${this.path} was replaced since the last run (new inode): reading it from the beginning`);
+      return next;
     }
     if (file.size < p.offset) {
       this.ctx.log.warn(`${this.path} is shorter than the stored position (${file.size} < ${p.offset} bytes): it was truncated; reading it from the beginning`);
-      return fresh;
+      return next;
     }
-    return { path: this.path, offset: p.offset, line: p.line, ino: file.ino };
+    if (p.head && p.headLength && (await headHash(this.path, p.headLength)) !== p.head) {
+      this.ctx.log.warn(`${this.path} begins differently than when last read: it was replaced; reading it from the beginning`);
+      return next;
+    }
+    return { path: this.path, offset: p.offset, line: p.line, ino: file.ino, generation };
   }
 
   wake(): void {
@@ -340,7 +375,7 @@ export class StdinSource implements Source {
           ino = String((await file.stat()).ino);
           if (at.ino !== null && at.ino !== ino && at.offset > 0) {
             this.ctx.log.warn(`${path} was replaced: reading the new file from the beginning`);
-            at = { path, offset: 0, line: 1, ino };
+            at = { path, offset: 0, line: 1, ino, generation: (at.generation ?? 0) + 1 };
             scanner = new RecordScanner(this.cfg.format, 0, 1);
             readOffset = 0;
           }
@@ -369,7 +404,7 @@ export class StdinSource implements Source {
           if (last) records.push(last);
         }
         if (records.length > 0) {
-          yield this.batch(records, ino);
+          yield this.batch(records, ino, at.generation ?? 0);
           continue;
         }
         if (!this.cfg.follow) {
@@ -385,13 +420,13 @@ export class StdinSource implements Source {
             await file.close();
             file = null;
             this.ctx.log.warn(`${path} was ${String(now.ino) !== ino ? "rotated" : "truncated"}: reading it from the beginning`);
-            at = { path, offset: 0, line: 1, ino: null };
+            at = { path, offset: 0, line: 1, ino: null, generation: (at.generation ?? 0) + 1 };
             scanner = new RecordScanner(this.cfg.format, 0, 1);
             readOffset = 0;
           } else {
             // Rotated with an unterminated last value: deliver it before moving on.
             const last = scanner.finish();
-            if (last) yield this.batch([last], ino);
+            if (last) yield this.batch([last], ino, at.generation ?? 0);
           }
         }
       }
@@ -425,7 +460,7 @@ export class StdinSource implements Source {
       }
       if (records.length > 0) {
         // What is buffered goes out now: waiting to fill the batch could wait for ever.
-        yield this.batch(records, null);
+        yield this.batch(records, null, 0);
         continue;
       }
       s.pending ??= s.reader.read();
@@ -437,33 +472,36 @@ export class StdinSource implements Source {
     }
   }
 
-  private batch(records: RawRecord[], ino: string | null): Batch {
+  private batch(records: RawRecord[], ino: string | null, generation: number): Batch {
     const messages: Message[] = [];
     const deadLetters: DeadLetter[] = [];
     for (const r of records) {
-      const item = this.convert(r);
+      const item = this.convert(r, this.synthesizedKey(r, generation));
       if (item.ok) messages.push(item.message);
       else deadLetters.push(item.deadLetter);
     }
     const last = records[records.length - 1]!;
-    const position: FilePosition | null = this.path ? { path: this.path, offset: last.end, line: last.endLine, ino } : null;
+    const position: FilePosition | null = this.path ? { path: this.path, offset: last.end, line: last.endLine, ino, generation } : null;
     return {
       messages,
       deadLetters,
       ack: async () => {
         if (!position) return;
+        position.headLength = Math.min(HEAD_BYTES, position.offset);
+        position.head = (await headHash(position.path, position.headLength)) ?? undefined;
         await saveSourcePosition(this.ctx.sql, this.ctx, JSON.stringify(position));
         this.committed = position;
       },
     };
   }
 
-  private synthesizedKey(r: RawRecord): string {
-    return this.path ? `file:${this.path}:${r.line}` : `stdin:${sha256Hex(r.bytes)}`;
+  private synthesizedKey(r: RawRecord, generation: number): string {
+    if (!this.path) return `stdin:${sha256Hex(r.bytes)}`;
+    return generation === 0 ? `file:${this.path}:${r.line}` : `file:${this.path}:g${generation}:${r.line}`;
   }
 
   /** One record → its message, or a `decode` dead letter holding the raw text for a later fix and replay. */
-  private convert(r: RawRecord, key = this.synthesizedKey(r)): { ok: true; message: Message } | { ok: false; deadLetter: DeadLetter } {
+  private convert(r: RawRecord, key: string): { ok: true; message: Message } | { ok: false; deadLetter: DeadLetter } {
     const text = utf8OrNull(r.bytes);
     const parsed = text === null ? null : parseJson(text);
     if (parsed?.ok) {
@@ -504,7 +542,7 @@ export class StdinSource implements Source {
     const line = typeof s.line === "number" ? s.line : 0;
     const record: RawRecord = { bytes: Buffer.from(s.raw), line, end: 0, endLine: line };
     // The original key, so a replay after a fix lands where the first attempt would have.
-    const item = this.convert(record, typeof s.key === "string" && s.key !== "" ? s.key : this.synthesizedKey(record));
+    const item = this.convert(record, typeof s.key === "string" && s.key !== "" ? s.key : this.synthesizedKey(record, 0));
     if (!item.ok) throw decodeError(item.deadLetter.error);
     return [item.message];
   }

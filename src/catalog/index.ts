@@ -48,7 +48,7 @@ const CORE_TRIGGERS = [
   { name: "relay_outbox_config_notify", table: "relay_outbox_config" },
   { name: "relay_inbox_config_notify", table: "relay_inbox_config" },
 ] as const;
-const RELAY_TABLES = ["relay_dead_letters", "relay_catalog_version", "relay_pipeline_status"] as const;
+const RELAY_TABLES = ["relay_dead_letters", "relay_catalog_version", "relay_pipeline_status", "relay_source_positions"] as const;
 const RELAY_INDEXES = ["relay_dead_letters_replay_pending"] as const;
 const REPLAY_FUNCTION = "replay_relay_dead_letters(text,bigint)";
 const DEAD_LETTER_SEQUENCE = "relay_dead_letters_id_seq";
@@ -122,22 +122,18 @@ const GRANTS: readonly GrantSpec[] = [
     runtime: true,
   })),
   { kind: "function", object: REPLAY_FUNCTION, privilege: "EXECUTE", section: "relay", runtime: false },
-  ...["SELECT", "INSERT", "UPDATE"].map((privilege) => ({
-    kind: "table" as const,
-    object: "relay_dead_letters",
-    privilege,
-    section: "relay" as const,
-    runtime: true,
-  })),
+  // The tables the running relay writes: dead letters, its status, reverse source positions.
+  ...["relay_dead_letters", "relay_pipeline_status", "relay_source_positions"].flatMap((object) =>
+    ["SELECT", "INSERT", "UPDATE"].map((privilege) => ({
+      kind: "table" as const,
+      object,
+      privilege,
+      section: "relay" as const,
+      runtime: true,
+    })),
+  ),
   { kind: "sequence", object: DEAD_LETTER_SEQUENCE, privilege: "USAGE", section: "relay", runtime: true },
   { kind: "table", object: "relay_catalog_version", privilege: "SELECT", section: "relay", runtime: true },
-  ...["SELECT", "INSERT", "UPDATE"].map((privilege) => ({
-    kind: "table" as const,
-    object: "relay_pipeline_status",
-    privilege,
-    section: "relay" as const,
-    runtime: true,
-  })),
 ];
 
 function grantObjectName(g: GrantSpec): string {

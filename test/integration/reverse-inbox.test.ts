@@ -1,5 +1,5 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { appendFileSync, mkdtempSync, readFileSync, statSync, writeFileSync } from "node:fs";
+import { appendFileSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import net from "node:net";
 import tls from "node:tls";
 import { tmpdir } from "node:os";
@@ -149,6 +149,24 @@ describe("file → pg-inbox (set_relay_inbox, drain)", () => {
 });
 
 describe("follow", () => {
+  test("lines of a replaced file get keys of their own, not the old file's (nothing dropped by ON CONFLICT)", async () => {
+    const p = join(dir, "replaced.jsonl");
+    writeFileSync(p, jsonl([{ n: 1 }, { n: 2 }]));
+    await db.sql`SELECT pgtrickle.set_relay_inbox('replaced_in', 'replaced_inbox', ${db.sql.json({ type: "file", input: p } as never)})`;
+    expect((await drain("replaced_in")).exitCode).toBe(0);
+    rmSync(p);
+    writeFileSync(p, jsonl([{ n: 3 }, { n: 4 }]));
+    const r = await drain("replaced_in");
+    expect(r.exitCode).toBe(0);
+    const rows = await db.sql<{ event_id: string; n: number }[]>`SELECT event_id, (payload->>'n')::int AS n FROM pgtrickle.replaced_inbox ORDER BY n`;
+    expect(rows.map((x) => [x.event_id, x.n])).toEqual([
+      [`file:${p}:1`, 1],
+      [`file:${p}:2`, 2],
+      [`file:${p}:g1:1`, 3],
+      [`file:${p}:g1:2`, 4],
+    ]);
+  });
+
   test("run with follow: appended lines arrive, a half-written line waits for its newline, a rotated file is read anew", async () => {
     const path = join(dir, "follow.jsonl");
     writeFileSync(path, jsonl([{ dedup_key: "f1" }]));
