@@ -45,7 +45,8 @@ try {
 
   // ---- latency ----
   await db.sql`SELECT pgtrickle.set_relay_outbox('bench_lat', 'public.bench', NULL, ${db.sql.json({ type: "stdout" })})`;
-  const [{ max }] = await db.sql.unsafe(`SELECT max(id)::text AS max FROM pgtrickle."${outboxTable}"`);
+  const [top] = await db.sql.unsafe<{ max: string }[]>(`SELECT max(id)::text AS max FROM pgtrickle."${outboxTable}"`);
+  const max = top!.max;
   await db.sql`INSERT INTO pgtrickle.relay_consumer_offsets (relay_group_id, pipeline_id, last_change_id) VALUES ('default', 'bench_lat', ${max}::bigint)`;
   const relay = Bun.spawn(relayCommand(["run", "--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0", "--log-level", "warn"]), { stdout: "pipe", stderr: "inherit" });
   const arrived = new Map<number, number>();
@@ -72,7 +73,7 @@ try {
     const wait = due - performance.now();
     if (wait > 0) await Bun.sleep(wait);
     const [r] = await db.sql.unsafe(`INSERT INTO pgtrickle."${outboxTable}" (inserted_count, payload) VALUES (1, '{"v":1,"inserted":[{"id":${i}}],"deleted":[]}') RETURNING id::int AS id`);
-    committed.set((r as { id: number }).id, performance.now());
+    committed.set((r as unknown as { id: number }).id, performance.now());
   }
   const deadline = performance.now() + 10_000;
   while (arrived.size < total && performance.now() < deadline) await Bun.sleep(50);

@@ -39,5 +39,5 @@ test("a second failure of the same message bumps attempts instead of adding a ro
   await writeDeadLetters(db.sql, "p", "forward", [letter]);
   await writeDeadLetters(db.sql, "p", "forward", [{ ...letter, error: "e2" }]);
   const rows = await db.sql`SELECT attempts, error, outbox_id::text AS outbox_id FROM pgtrickle.relay_dead_letters WHERE dedup_key = 'k2'`;
-  expect(rows).toEqual([{ attempts: 2, error: "e2", outbox_id: "5" }]);
+  expect([...rows]).toEqual([{ attempts: 2, error: "e2", outbox_id: "5" }]);
 });
