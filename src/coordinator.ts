@@ -579,6 +579,10 @@ export class Coordinator {
       this.outcomes.push({ ...outcome(w.row, state, error ? redactSecrets(error) : null), delivered: p?.delivered ?? 0, deadLettered: p?.deadLettered ?? 0 });
     }
     this.clearPipelineGauges(w.row.name, state);
+    if (state !== "failed") {
+      const why = w.endAction === "lost" ? " at once: its lock was lost (a batch in hand stays uncommitted, for the next owner to replay)" : w.endAction === "restart" ? "; restarting" : "";
+      pipelineLog(w.row.name).info(`${state}${why}`);
+    }
     if (w.endAction === "lost") {
       this.workers.delete(w.key);
       this.metrics.owned.set(this.lockCount());

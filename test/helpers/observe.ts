@@ -61,12 +61,12 @@ export interface Line {
   outbox_id: number | null;
 }
 
+/** Complete lines only: the relay may be appending to the file while it is read. */
 export function readLines(path: string): Line[] {
   if (!existsSync(path)) return [];
-  return readFileSync(path, "utf8")
-    .split("\n")
-    .filter((l) => l.trim() !== "")
-    .map((l) => JSON.parse(l));
+  const lines = readFileSync(path, "utf8").split("\n");
+  lines.pop(); // "" after the last newline, or a line still being written
+  return lines.filter((l) => l.trim() !== "").map((l) => JSON.parse(l));
 }
 
 /** The `id`s of the row payloads a file sink wrote, in order (duplicates kept). */

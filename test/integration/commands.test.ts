@@ -68,7 +68,8 @@ describe("status", () => {
         const out = await relayOnce(["status", "--postgres-url", db.url, "--json"]);
         expect(out.exitCode).toBe(0);
         st = JSON.parse(out.stdout);
-        return st.pipelines.find((p: { name: string }) => p.name === "st_run")?.state === "running" && st.pipelines.find((p: { name: string }) => p.name === "st_fail")?.state === "failed";
+        const run = st.pipelines.find((p: { name: string }) => p.name === "st_run");
+        return run?.state === "running" && run.committed_offset === last && st.pipelines.find((p: { name: string }) => p.name === "st_fail")?.state === "failed";
       },
       10_000,
       "status to show st_run running and st_fail failed",

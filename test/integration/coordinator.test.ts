@@ -174,10 +174,10 @@ describe("three relays, ten pipelines", () => {
     await eventually(async () => (await ownership(f, names, [b])).byRelay[0]!.length === 10, 20_000, "the last relay to own all ten");
     await eventually(() => names.every((n) => hasAll(payloadIds(f.file(n)), 1001, 1300)), 30_000, "the whole backlog");
     for (const name of names) {
+      const [row] = await f.db.sql.unsafe<{ max: string }[]>(`SELECT max(id)::text AS max FROM pgtrickle."${f.outbox.get(name)}"`);
+      await eventually(async () => (await offsetOf(f.db.sql, name)) === row!.max, 10_000, `${name}'s offset at the last row`);
       const ids = payloadIds(f.file(name)).filter((id) => id > 1000);
       expect(ids.length).toBe(300); // graceful stop committed everything it published: no replay
-      const [row] = await f.db.sql.unsafe<{ max: string }[]>(`SELECT max(id)::text AS max FROM pgtrickle."${f.outbox.get(name)}"`);
-      expect(await offsetOf(f.db.sql, name)).toBe(row!.max);
     }
   }, 60_000);
 });
@@ -199,15 +199,18 @@ describe("losing PostgreSQL connections", () => {
 
     const coordinator = (await coordinatorBackend(f.db.sql, relay))!;
     expect(coordinator).toBeNumber();
-    // Another session grabs c1's lock the moment the server has released it.
+    // Another session queues for c1's lock: the server grants it to that waiter the moment the
+    // relay's session dies, before the relay can race for it again.
     const thief = connect(f.db.url, { max: 1, applicationName: "lock thief" });
     try {
-      await f.db.sql`SELECT pg_terminate_backend(${coordinator})`;
+      const stolen = thief`SELECT pg_advisory_lock(hashtext('default'), hashtext('c1'))`.execute();
       await eventually(
-        async () => (await thief<{ ok: boolean }[]>`SELECT pg_try_advisory_lock(hashtext('default'), hashtext('c1')) AS ok`)[0]!.ok,
+        async () => (await f.db.sql`SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`).length === 1,
         10_000,
-        "the test session to win c1's lock",
+        "the test session to wait for c1's lock",
       );
+      await f.db.sql`SELECT pg_terminate_backend(${coordinator})`;
+      await stolen;
       await relay.waitForLog(/coordinator connection closed: every advisory lock is gone; stopping 2 pipeline/);
       await relay.waitForLog(/new session/);
       await Bun.sleep(300); // whatever was in flight at the kill has landed
@@ -289,14 +292,16 @@ describe("hot reload", () => {
     await eventually(() => started("r1") === 2, 10_000, "r1 to restart with batch_size 2");
     await insertRows(f, "r1", 1, 400);
     await eventually(() => payloadIds(f.file("r1")).length >= 40, 20_000, "r1 to be busy");
-    // Switch the output file mid-stream.
+    // Switch the output file while the backlog flows (usually mid-stream).
     const second = join(dir, `${f.db.name}-r1-second.jsonl`);
     await addPipeline(f.db.sql, "r1", { type: "file", output: second }, { batch_size: 2, poll_interval_ms: 100 });
     await eventually(() => started("r1") === 3, 10_000, "r1 to restart with the new output");
-    await eventually(() => hasAll([...payloadIds(f.file("r1")), ...payloadIds(second)], 1, 400), 20_000, "all of r1's rows");
+    await insertRows(f, "r1", 401, 410);
+    await eventually(() => hasAll([...payloadIds(f.file("r1")), ...payloadIds(second)], 1, 410), 20_000, "all of r1's rows");
     const all = [...payloadIds(f.file("r1")), ...payloadIds(second)];
-    expect(all.length).toBe(400);
-    expect(payloadIds(second).length).toBeGreaterThan(0);
+    expect(all.length).toBe(410);
+    expect(payloadIds(second)).toContain(410);
+    expect(payloadIds(f.file("r1"))).not.toContain(410);
     expect(started("r2")).toBe(1);
     expect(started("r3")).toBe(2); // from the enable above, not from this change
   }, 60_000);

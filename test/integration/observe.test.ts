@@ -80,7 +80,7 @@ describe("/metrics", () => {
     await rows("m_ok", [1, 2, 3]);
     const last = await rows("m_ok", [4, 5]);
     await writeRaw(db.sql, outbox.get("m_poison")!, { v: 99 });
-    await rows("m_poison", [1]);
+    const poisonLast = await rows("m_poison", [1]);
     const relay = start();
     const base = await httpBase(relay);
     await eventually(() => payloadIds(join(dir, "m_ok.jsonl")).length === 5 && payloadIds(join(dir, "m_poison.jsonl")).length === 1, 20_000, "delivery");
@@ -90,10 +90,16 @@ describe("/metrics", () => {
       async () => {
         const res = await getText(`${base}/metrics`);
         text = res.body;
-        return res.status === 200 && metric(text, "pgtrickle_relay_last_committed_offset", { pipeline: "m_ok" }) === Number(last);
+        return (
+          res.status === 200 &&
+          metric(text, "pgtrickle_relay_last_committed_offset", { pipeline: "m_ok" }) === Number(last) &&
+          metric(text, "pgtrickle_relay_consumer_lag_rows", { pipeline: "m_ok" }) === 0 &&
+          metric(text, "pgtrickle_relay_last_committed_offset", { pipeline: "m_poison" }) === Number(poisonLast) &&
+          metric(text, "pgtrickle_relay_pipeline_healthy", { pipeline: "m_bad" }) === 0
+        );
       },
       10_000,
-      "the committed offset gauge",
+      "both pipelines committed, the bad one failed",
     );
     const fwd = (pipeline: string) => ({ pipeline, direction: "forward" });
     expect(metric(text, "pgtrickle_relay_messages_published_total", fwd("m_ok"))).toBe(5);
@@ -136,7 +142,7 @@ describe("/health and /health/drained", () => {
     const base = await httpBase(relay);
     await relay.waitForLog(/\[h_ok\] started/);
     await rows("h_ok", [1]);
-    await eventually(() => payloadIds(join(dir, "h_ok.jsonl")).length === 1, 20_000, "delivery");
+    await eventually(async () => (await getJson(`${base}/health`)).body.pipelines[0]?.last_commit_at, 20_000, "delivery and commit");
     const ok = await getJson(`${base}/health`);
     expect(ok.status).toBe(200);
     expect(Object.keys(ok.body)).toEqual(["status", "pipelines_owned", "uptime_seconds", "postgres", "pipelines"]);
@@ -215,8 +221,16 @@ describe("backpressure", () => {
     await rows("bp", Array.from({ length: 12 }, (_, i) => i + 1));
     const relay = start(["--sink-max-inflight", "5"]);
     const base = await httpBase(relay);
-    await eventually(() => payloadIds(join(dir, "bp.jsonl")).length === 12, 20_000, "all twelve");
-    const text = (await getText(`${base}/metrics`)).body;
+    let text = "";
+    await eventually(
+      async () => {
+        text = (await getText(`${base}/metrics`)).body;
+        return metric(text, "pgtrickle_relay_messages_published_total", { pipeline: "bp", direction: "forward" }) === 12;
+      },
+      20_000,
+      "all twelve published",
+    );
+    expect(payloadIds(join(dir, "bp.jsonl")).length).toBe(12);
     expect(metric(text, "pgtrickle_relay_messages_published_total", { pipeline: "bp", direction: "forward" })).toBe(12);
     // ceil(12 / 5) = 3 batches; an unbounded window would have taken one.
     expect(metric(text, "pgtrickle_relay_batches_committed_total", { pipeline: "bp", direction: "forward" })).toBe(3);
