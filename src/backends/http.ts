@@ -1,5 +1,6 @@
 /**
- * HTTP webhook sink (CONTRACT.md §5.3 http, §6.4).
+ * HTTP webhook sink (CONTRACT.md §5.3 http, §6.4) and webhook receiver source (§5.4 http; see
+ * HttpSource below).
  *
  * Batch mode (default) POSTs a JSON array of envelopes per request; a batch larger than
  * `max_batch_messages` / `max_batch_bytes` is split into several requests, each with its own
@@ -18,9 +19,12 @@ import { createHash, createHmac, timingSafeEqual } from "node:crypto";
 import { readFileSync } from "node:fs";
 import * as v from "valibot";
 import { configError, errorMessage, RelayError, transientError } from "../errors.ts";
+import { bodyDedupKey, decodeBody, inboundMessage, reverseSourceKeys, sha256Hex } from "../inbound.ts";
 import { envelopeJson, renderTemplate, type Message } from "../message.ts";
+import { Sleeper } from "../sleep.ts";
 import { VERSION } from "../version.ts";
-import { defineBackend, sinkSpec, type BackendContext, type Rejection, type Sink } from "./types.ts";
+import { runKeyed } from "./concurrency.ts";
+import { defineBackend, sinkSpec, sourceSpec, type BackendContext, type Batch, type Rejection, type Sink, type Source } from "./types.ts";
 
 const HEADER_NAME = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
 const RESERVED_HEADERS = ["content-type", "idempotency-key", "x-pgtrickle-signature", "x-pgtrickle-full-refresh"];
@@ -82,7 +86,10 @@ const HttpSinkConfig = v.looseObject({
   retry_on_status: v.optional(v.array(v.pipe(v.number(), v.integer(), v.minValue(100), v.maxValue(599))), [
     429, 500, 502, 503, 504,
   ]),
-  /** HMAC-SHA256 key for the `X-Pgtrickle-Signature` header; never logged. */
+  /**
+   * HMAC-SHA256 key of the `X-Pgtrickle-Signature` header. Sink: every request is signed with it.
+   * Source: requests without a valid signature made with it answer 401. Never logged.
+   */
   signing_secret: v.optional(v.pipe(v.string("signing_secret must be a string"), v.minLength(1, "signing_secret is empty"))),
   /** Send CloudEvents 1.0 in structured JSON mode instead of relay envelopes. */
   cloudevents: v.optional(v.boolean(), false),
@@ -138,49 +145,6 @@ export function verifySignature(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Ordered, bounded concurrency
-
-/**
- * Runs tasks with at most `limit` in flight; a task starts only after every earlier task sharing
- * one of its keys has finished. After the first throw no further task starts (the batch will be
- * replayed anyway, and later messages of a key must not overtake a failed earlier one).
- */
-async function runKeyed<T>(tasks: { keys: string[]; run: () => Promise<T> }[], limit: number): Promise<{ results: T[]; errors: unknown[] }> {
-  const results: T[] = [];
-  const errors: unknown[] = [];
-  const tails = new Map<string, Promise<unknown>>();
-  const waiting: (() => void)[] = [];
-  let active = 0;
-  let stopped = false;
-  const acquire = () => (active < limit ? (active++, Promise.resolve()) : new Promise<void>((r) => waiting.push(r)));
-  const release = () => {
-    const next = waiting.shift();
-    if (next) next();
-    else active--;
-  };
-  const all = tasks.map((task) => {
-    const deps = task.keys.map((k) => tails.get(k)).filter((p): p is Promise<unknown> => p !== undefined);
-    const done = (async () => {
-      if (deps.length) await Promise.all(deps);
-      await acquire();
-      try {
-        if (stopped) return;
-        results.push(await task.run());
-      } catch (err) {
-        stopped = true;
-        errors.push(err);
-      } finally {
-        release();
-      }
-    })();
-    for (const k of task.keys) tails.set(k, done);
-    return done;
-  });
-  await Promise.all(all);
-  return { results, errors };
-}
-
-// ---------------------------------------------------------------------------------------------
 // The sink
 
 /** `https://host:port/path` without credentials or query: what logs and errors may show. */
@@ -202,8 +166,6 @@ function readPem(value: string, key: string): string {
     throw configError(`${key}: cannot read ${value} (${(err as { code?: string }).code ?? errorMessage(err)})`);
   }
 }
-
-const sha256Hex = (text: string) => createHash("sha256").update(text).digest("hex");
 
 interface Outcome {
   rejected: Rejection[];
@@ -384,11 +346,419 @@ function renderOrderingKey(template: string, m: Message): string {
     .join(m.dedup_key);
 }
 
+// ---------------------------------------------------------------------------------------------
+// The receiver (reverse source)
+
+/** `host:port`, `[v6]:port` or `:port` (all interfaces) → parts, or null. */
+export function parseListenAddr(addr: string): { host: string; port: number } | null {
+  const m = /^(?:\[([0-9A-Fa-f:.]+)\]|([^:[\]\s]*)):(\d{1,5})$/.exec(addr.trim());
+  if (!m) return null;
+  const port = Number(m[3]);
+  if (port > 65535) return null;
+  return { host: m[1] ?? (m[2] || "0.0.0.0"), port };
+}
+
+const HttpSourceConfig = v.pipe(
+  v.looseObject({
+    /** Source type (`http` or `webhook`); ignored here. */
+    type: v.optional(v.string()),
+    ...reverseSourceKeys,
+    /**
+     * Address the receiver listens on, `host:port` (`[::1]:8080` for IPv6; port 0 = any free
+     * port, logged at start). Must differ from the relay's metrics address.
+     */
+    listen_addr: v.optional(
+      v.pipe(v.string("listen_addr must be a string"), v.check((a) => parseListenAddr(a) !== null, "listen_addr must be host:port, e.g. 0.0.0.0:8080 or [::1]:8080")),
+      "0.0.0.0:8080",
+    ),
+    /**
+     * Requests to `<path>` and `<path>/<suffix>` are accepted (POST or PUT); the suffix is the
+     * event type when the request has no event-type header. Any other path answers 404.
+     */
+    path: v.optional(
+      v.pipe(v.string("path must be a string"), v.check((p) => /^\/[^\s?#]*$/.test(p), "path must start with / and hold no query, fragment or spaces")),
+      "/inbox",
+    ),
+    /** Header that must carry `auth_value` (e.g. `Authorization`); requests without it answer 401. */
+    auth_header: v.optional(
+      v.pipe(v.string("auth_header must be a string"), v.check((h) => HEADER_NAME.test(h), "auth_header is not a valid HTTP header name")),
+    ),
+    /** The value `auth_header` must hold exactly (e.g. `Bearer ${env:INBOX_TOKEN}`); compared in constant time, never logged. */
+    auth_value: v.optional(v.pipe(v.string("auth_value must be a string"), v.minLength(1, "auth_value is empty"))),
+    /** Requests must carry a valid `X-Pgtrickle-Signature` made with this secret (as the http sink signs); others answer 401. */
+    signing_secret: v.optional(v.pipe(v.string("signing_secret must be a string"), v.minLength(1, "signing_secret is empty"))),
+    /** Oldest accepted `X-Pgtrickle-Signature` timestamp, in seconds from now (replay protection). */
+    signature_tolerance_seconds: v.optional(v.pipe(v.number(), v.integer(), v.minValue(1)), 300),
+    /** Larger request bodies answer 413. */
+    max_body_bytes: v.optional(v.pipe(v.number(), v.integer(), v.minValue(1)), 10485760),
+    /** Request header naming the event type (before the path suffix). */
+    event_type_header: v.optional(
+      v.pipe(v.string(), v.check((h) => HEADER_NAME.test(h), "event_type_header is not a valid HTTP header name")),
+      "X-Event-Type",
+    ),
+    /** A top-level JSON array body is one event per element; false: the array is one event. */
+    split_arrays: v.optional(v.boolean(), true),
+    /**
+     * Messages accepted but not yet committed to the inbox, across requests; a request that does not
+     * fit answers 503 with Retry-After (backpressure). A single request with more events answers 413.
+     */
+    max_pending: v.optional(v.pipe(v.number(), v.integer(), v.minValue(1)), 1000),
+    /** How long an idle receiver waits for more requests to join a batch once one arrived. */
+    linger_ms: v.optional(v.pipe(v.number(), v.integer(), v.minValue(0)), 5),
+    /**
+     * A request not committed within this time answers 503 (its events may still land: a retry is
+     * deduplicated). While a batch has been in flight this long, new requests answer 503 at once.
+     */
+    request_timeout_ms: v.optional(v.pipe(v.number(), v.integer(), v.minValue(100)), 30000),
+  }),
+  v.check((c) => Boolean(c.auth_header) === Boolean(c.auth_value), "auth_header and auth_value must be set together"),
+);
+export type HttpSourceOptions = v.InferOutput<typeof HttpSourceConfig>;
+
+const RETRY_AFTER_FULL = "1";
+const RETRY_AFTER_UNAVAILABLE = "5";
+
+const jsonResponse = (status: number, body: unknown, headers: Record<string, string> = {}) =>
+  new Response(JSON.stringify(body), { status, headers: { "Content-Type": "application/json", ...headers } });
+
+/** A request waiting for its events to be committed. */
+interface Waiting {
+  total: number;
+  remaining: number;
+  done: boolean;
+  respond(response: Response): void;
+  timer: ReturnType<typeof setTimeout> | null;
+}
+
+interface Queued {
+  message: Message;
+  request: Waiting;
+}
+
+const digest = (text: string) => createHash("sha256").update(text).digest();
+
+/**
+ * The webhook receiver (CONTRACT.md §5.4 http, §7.5, §7.9; defect 32).
+ *
+ * Requests queue their events; the pipeline takes them in batches of up to `batch_size` (requests
+ * arriving together share a batch) and a request is answered 200 `{"accepted": n}` only once every
+ * one of its events was committed to the inbox (the batch's ack()). A failed write that the
+ * pipeline gives up on (release()), a request still uncommitted after `request_timeout_ms`, a full
+ * queue and shutdown answer 503 with Retry-After: the sender retries, and the dedup keys make the
+ * retry harmless when part of it had landed. Any Content-Type is accepted: a body that is not
+ * JSON is one event whose payload is the text (or `{"base64": …}`).
+ *
+ * Dedup key (event_id), per event: for a single-event body the `Idempotency-Key` header verbatim,
+ * else the body's `dedup_key` / `pgt_dedup_key`; for an array element its own `dedup_key` /
+ * `pgt_dedup_key` first (the HTTP sink's batch requests carry one key per request, the elements
+ * carry the original keys), else `<Idempotency-Key>:<index>`; else `http:` + SHA-256 of the
+ * event's JSON text (of the raw body when it is not JSON). Consequence: without a key, the same
+ * content sent twice is ONE event — the second is deduplicated — even when the sender meant two;
+ * senders of repeatable events must send an Idempotency-Key or a dedup_key field.
+ * Event type: body field, else the `event_type_header` header, else the path suffix, else
+ * `event_type`, else `http`. Trace: the `traceparent` header.
+ *
+ * The receiver has no backlog, so `drain` skips it (the pipeline ends at once, nothing is bound).
+ */
+export class HttpSource implements Source {
+  private server: ReturnType<typeof Bun.serve> | null = null;
+  private readonly listen: { host: string; port: number };
+  private readonly base: string;
+  private queue: Queued[] = [];
+  private readonly waiting = new Set<Waiting>();
+  /** Messages of the batch handed to the pipeline and not yet acked/released. */
+  private inFlight = 0;
+  private inFlightSince = 0;
+  /** The batch in flight has outlived a request's timeout: new requests answer 503 until it settles. */
+  private stalled = false;
+  private consuming = false;
+  private closing = false;
+  private stallLogged = false;
+  private readonly arrivals = new Sleeper();
+  private readonly authDigest: Buffer | null;
+
+  constructor(
+    private readonly cfg: HttpSourceOptions,
+    private readonly ctx: BackendContext,
+  ) {
+    this.listen = parseListenAddr(cfg.listen_addr)!;
+    this.base = cfg.path.replace(/\/+$/, "");
+    this.authDigest = cfg.auth_value ? digest(cfg.auth_value) : null;
+  }
+
+  get describe(): string {
+    const port = this.server?.port ?? this.listen.port;
+    const host = this.listen.host.includes(":") ? `[${this.listen.host}]` : this.listen.host;
+    const traits = [];
+    if (this.cfg.auth_header) traits.push(`auth ${this.cfg.auth_header}`);
+    if (this.cfg.signing_secret) traits.push("signed");
+    return `http receiver ${host}:${port}${this.base || "/"}${traits.length ? ` (${traits.join(", ")})` : ""}`;
+  }
+
+  async start(): Promise<void> {
+    if (this.ctx.drain || this.server) return;
+    const where = `${this.listen.host.includes(":") ? `[${this.listen.host}]` : this.listen.host}:${this.listen.port}`;
+    try {
+      this.server = Bun.serve({
+        hostname: this.listen.host,
+        port: this.listen.port,
+        // Bun answers 413 itself past this, even for chunked bodies.
+        maxRequestBodySize: this.cfg.max_body_bytes,
+        fetch: (req) => this.handle(req),
+        error: (err) => {
+          this.ctx.log.warn(`http receiver: ${errorMessage(err)}`);
+          return jsonResponse(500, { error: "internal error" });
+        },
+      });
+    } catch (err) {
+      const code = (err as { code?: string }).code;
+      if (code === "EADDRINUSE") {
+        throw transientError(`http receiver cannot listen on ${where}: the address is in use (another process, or the relay's own metrics address)`, err);
+      }
+      if (code === "EADDRNOTAVAIL" || code === "EACCES" || code === "EPERM") {
+        throw configError(`http receiver cannot listen on ${where}: ${code === "EADDRNOTAVAIL" ? "no such local address" : "permission denied"}`, err);
+      }
+      throw transientError(`http receiver cannot listen on ${where}: ${code ?? errorMessage(err)}`, err);
+    }
+    this.closing = false;
+    this.ctx.log.info(`listening: ${this.describe}`);
+  }
+
+  async close(): Promise<void> {
+    this.shutDown("the receiver is shutting down", true);
+    const server = this.server;
+    this.server = null;
+    if (!server) return;
+    // Every waiting request has its answer now; give the responses a moment to be written.
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const graceful = server.stop(false);
+    const forced = new Promise<void>((resolve) => (timer = setTimeout(resolve, 5000)));
+    await Promise.race([graceful, forced]);
+    clearTimeout(timer);
+    await server.stop(true);
+  }
+
+  async *batches(signal: AbortSignal): AsyncIterable<Batch> {
+    if (this.ctx.drain) {
+      this.ctx.log.info("drain: HTTP receivers have no backlog to drain; skipped");
+      return;
+    }
+    if (!this.server) throw transientError("http receiver is not listening (start() not called)");
+    const onAbort = () => {
+      this.shutDown("the relay is stopping", false);
+      this.arrivals.wake();
+    };
+    if (signal.aborted) {
+      onAbort();
+      return;
+    }
+    signal.addEventListener("abort", onAbort, { once: true });
+    this.consuming = true;
+    try {
+      while (!signal.aborted) {
+        if (this.queue.length === 0) {
+          await this.arrivals.sleep(60_000);
+          continue;
+        }
+        if (this.queue.length < this.cfg.batch_size && this.cfg.linger_ms > 0) {
+          const until = Date.now() + this.cfg.linger_ms;
+          while (this.queue.length < this.cfg.batch_size && Date.now() < until && !signal.aborted) {
+            await this.arrivals.sleep(until - Date.now());
+          }
+        }
+        if (signal.aborted) break;
+        const entries = this.queue.splice(0, this.cfg.batch_size);
+        if (entries.length > 0) yield this.batch(entries);
+      }
+    } finally {
+      this.consuming = false;
+      signal.removeEventListener("abort", onAbort);
+    }
+  }
+
+  private batch(entries: Queued[]): Batch {
+    this.inFlight += entries.length;
+    this.inFlightSince = Date.now();
+    let settled = false;
+    const settle = () => {
+      if (settled) return false;
+      settled = true;
+      this.inFlight -= entries.length;
+      this.inFlightSince = 0;
+      this.stalled = false;
+      this.stallLogged = false;
+      return true;
+    };
+    return {
+      messages: entries.map((e) => e.message),
+      deadLetters: [],
+      ack: async () => {
+        if (!settle()) return;
+        const counts = new Map<Waiting, number>();
+        for (const e of entries) counts.set(e.request, (counts.get(e.request) ?? 0) + 1);
+        for (const [request, n] of counts) {
+          request.remaining -= n;
+          if (request.remaining === 0) this.answer(request, jsonResponse(200, { accepted: request.total }));
+        }
+      },
+      release: async () => {
+        if (!settle()) return;
+        for (const request of new Set(entries.map((e) => e.request))) {
+          this.fail(request, "the events could not be written to the inbox; retry later", RETRY_AFTER_UNAVAILABLE);
+        }
+      },
+    };
+  }
+
+  private answer(request: Waiting, response: Response): void {
+    if (request.done) return;
+    request.done = true;
+    if (request.timer) clearTimeout(request.timer);
+    this.waiting.delete(request);
+    request.respond(response);
+  }
+
+  /** 503 for the request; its events still queued are dropped (the sender retries them). */
+  private fail(request: Waiting, error: string, retryAfter: string): void {
+    if (request.done) return;
+    this.queue = this.queue.filter((e) => e.request !== request);
+    this.answer(request, jsonResponse(503, { error }, { "Retry-After": retryAfter }));
+  }
+
+  /**
+   * Refuses new requests and answers 503 to every request with events still queued; requests whose
+   * events are all in the batch in flight wait for its ack/release, unless `everything` (closing).
+   */
+  private shutDown(reason: string, everything: boolean): void {
+    this.closing = true;
+    const queued = new Set(this.queue.map((e) => e.request));
+    this.queue = [];
+    for (const w of [...this.waiting]) if (everything || queued.has(w)) this.fail(w, `${reason}; retry later`, RETRY_AFTER_UNAVAILABLE);
+  }
+
+  private authorized(req: Request): boolean {
+    if (!this.authDigest || !this.cfg.auth_header) return true;
+    const got = req.headers.get(this.cfg.auth_header);
+    // Digests have equal lengths, so the comparison time says nothing about the value.
+    return timingSafeEqual(digest(got ?? ""), this.authDigest) && got !== null;
+  }
+
+  /** The path suffix (possibly empty) when the path is ours, else null. */
+  private suffixOf(pathname: string): string | null {
+    if (pathname === this.base || pathname === `${this.base}/` || (this.base === "" && pathname === "/")) return "";
+    if (!pathname.startsWith(`${this.base}/`)) return null;
+    const raw = pathname.slice(this.base.length + 1).replace(/\/+$/, "");
+    try {
+      return decodeURIComponent(raw);
+    } catch {
+      return raw;
+    }
+  }
+
+  private async handle(req: Request): Promise<Response> {
+    const url = new URL(req.url);
+    const suffix = this.suffixOf(url.pathname);
+    if (suffix === null) return jsonResponse(404, { error: "not found" });
+    if (req.method !== "POST" && req.method !== "PUT") return jsonResponse(405, { error: "method not allowed" }, { Allow: "POST, PUT" });
+    // The same answer whatever was wrong: a prober learns nothing about the header or the value.
+    if (!this.authorized(req)) return jsonResponse(401, { error: "unauthorized" });
+    const unavailable = this.unavailable();
+    if (unavailable) return unavailable;
+    const declared = Number(req.headers.get("content-length") ?? "0");
+    if (declared > this.cfg.max_body_bytes) return jsonResponse(413, { error: `body larger than ${this.cfg.max_body_bytes} bytes` });
+
+    let body: Uint8Array;
+    try {
+      body = new Uint8Array(await req.arrayBuffer());
+    } catch (err) {
+      return jsonResponse(400, { error: `cannot read the body: ${errorMessage(err)}` });
+    }
+    if (body.length > this.cfg.max_body_bytes) return jsonResponse(413, { error: `body larger than ${this.cfg.max_body_bytes} bytes` });
+    if (this.cfg.signing_secret) {
+      const ok = verifySignature(this.cfg.signing_secret, body, req.headers.get("x-pgtrickle-signature"), {
+        toleranceSeconds: this.cfg.signature_tolerance_seconds,
+      });
+      if (!ok) return jsonResponse(401, { error: "unauthorized" });
+    }
+    if (body.length === 0) return jsonResponse(400, { error: "empty body: send one JSON event, a JSON array of events, or any non-empty text" });
+
+    const messages = this.toMessages(req, url.pathname, suffix, body);
+    if (messages.length === 0) return jsonResponse(200, { accepted: 0 });
+    if (messages.length > this.cfg.max_pending) {
+      return jsonResponse(413, { error: `${messages.length} events in one request; at most ${this.cfg.max_pending} (max_pending) fit` });
+    }
+    // Checked again: the pipeline may have stopped while the body was read.
+    const late = this.unavailable(messages.length);
+    if (late) return late;
+
+    return new Promise<Response>((respond) => {
+      const request: Waiting = { total: messages.length, remaining: messages.length, done: false, respond, timer: null };
+      request.timer = setTimeout(() => {
+        // A batch that outlived a request's whole timeout: the inbox is failing or crawling.
+        if (this.inFlight > 0) this.stalled = true;
+        this.fail(request, `not committed to the inbox within ${this.cfg.request_timeout_ms} ms; retry (a retry is deduplicated)`, RETRY_AFTER_UNAVAILABLE);
+      }, this.cfg.request_timeout_ms);
+      this.waiting.add(request);
+      for (const message of messages) this.queue.push({ message, request });
+      this.arrivals.wake();
+    });
+  }
+
+  /** A 503 when the receiver cannot take `count` more events now, else null. */
+  private unavailable(count = 1): Response | null {
+    if (this.closing || !this.server) return jsonResponse(503, { error: "the receiver is shutting down; retry later" }, { "Retry-After": RETRY_AFTER_UNAVAILABLE });
+    if (!this.consuming) return jsonResponse(503, { error: "the pipeline is not running yet; retry later" }, { "Retry-After": RETRY_AFTER_UNAVAILABLE });
+    if (this.stalled || (this.inFlightSince > 0 && Date.now() - this.inFlightSince > this.cfg.request_timeout_ms)) {
+      if (!this.stallLogged) {
+        this.stallLogged = true;
+        this.ctx.log.warn(`http receiver: a batch has waited for the inbox for over ${this.cfg.request_timeout_ms} ms; answering 503 until it is written`);
+      }
+      return jsonResponse(503, { error: "the inbox is not accepting writes right now; retry later" }, { "Retry-After": RETRY_AFTER_UNAVAILABLE });
+    }
+    if (this.queue.length + this.inFlight + count > this.cfg.max_pending) {
+      return jsonResponse(503, { error: `too many events waiting for the inbox (max_pending ${this.cfg.max_pending}); retry later` }, { "Retry-After": RETRY_AFTER_FULL });
+    }
+    return null;
+  }
+
+  private toMessages(req: Request, pathname: string, suffix: string, body: Uint8Array): Message[] {
+    const decoded = decodeBody(body);
+    const split = this.cfg.split_arrays && decoded.json && Array.isArray(decoded.payload);
+    const events: unknown[] = split ? (decoded.payload as unknown[]) : [decoded.payload];
+    const idempotencyKey = req.headers.get("idempotency-key")?.trim() || null;
+    const headers: Record<string, string> = {};
+    for (const name of ["traceparent", "tracestate"]) {
+      const value = req.headers.get(name);
+      if (value) headers[name] = value;
+    }
+    const eventTypeCandidate = req.headers.get(this.cfg.event_type_header)?.trim() || suffix || null;
+    return events.map((event, index) =>
+      inboundMessage({
+        pipeline: this.ctx.pipeline,
+        sourceType: "http",
+        where: pathname,
+        body: split ? { payload: event, json: true } : decoded,
+        headers,
+        producerKey: split
+          ? (bodyDedupKey(event) ?? (idempotencyKey ? `${idempotencyKey}:${index}` : null))
+          : (idempotencyKey ?? bodyDedupKey(event)),
+        synthesizedKey: () => `http:${sha256Hex(decoded.json ? JSON.stringify(event) : body)}`,
+        eventTypeCandidate,
+        config: this.cfg,
+      }),
+    );
+  }
+}
+
 export default defineBackend({
   type: "http",
   aliases: ["webhook"],
   sink: sinkSpec({
     config: HttpSinkConfig,
     create: (cfg, ctx) => new HttpSink(cfg, ctx),
+  }),
+  source: sourceSpec({
+    config: HttpSourceConfig,
+    create: (cfg, ctx) => new HttpSource(cfg, ctx),
   }),
 });
