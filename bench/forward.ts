@@ -49,6 +49,7 @@ try {
   const max = top!.max;
   await db.sql`INSERT INTO pgtrickle.relay_consumer_offsets (relay_group_id, pipeline_id, last_change_id) VALUES ('default', 'bench_lat', ${max}::bigint)`;
   const relay = Bun.spawn(relayCommand(["run", "--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0", "--log-level", "warn"]), { stdout: "pipe", stderr: "inherit" });
+  process.on("exit", () => relay.kill("SIGKILL")); // never leave the relay behind if the bench fails
   const arrived = new Map<number, number>();
   const reading = (async () => {
     let buf = "";
