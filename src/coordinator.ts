@@ -273,7 +273,8 @@ export class Coordinator {
         continue;
       }
       if (this.options.drain && this.drainFinished()) break;
-      await Promise.race([this.sleeper.sleep(this.tickMs), new Promise((r) => this.stopAll.signal.addEventListener("abort", r, { once: true }))]);
+      // stop() wakes the sleeper (no per-tick abort listener: those would pile up for days).
+      await this.sleeper.sleep(this.tickMs);
     }
   }
 
