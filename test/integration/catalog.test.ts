@@ -807,6 +807,7 @@ describe("relay tables owned by an extension", () => {
           "table pgtrickle.relay_dead_letters",
           "table pgtrickle.relay_catalog_version",
           "table pgtrickle.relay_pipeline_status",
+          "table pgtrickle.relay_source_positions",
           "index pgtrickle.relay_dead_letters_replay_pending",
           "function pgtrickle.replay_relay_dead_letters(text,bigint)",
         ].sort(),
