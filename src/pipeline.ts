@@ -87,6 +87,12 @@ export class Pipeline {
         deps.metrics.inboxWrites.inc({ pipeline: spec.name }, inserted);
         deps.metrics.dedupSkipped.inc({ pipeline: spec.name }, dedupSkipped);
       },
+      onPoll: (seconds: number) => {
+        const labels = { pipeline: spec.name, direction: spec.direction };
+        deps.metrics.polls.inc(labels);
+        deps.metrics.pollDuration.observe(labels, seconds);
+        this.lastPollAt = new Date();
+      },
     };
     const sourceB = sourceBackend(spec.sourceType, spec.name);
     const sinkB = sinkBackend(spec.sinkType, spec.name);
@@ -224,9 +230,11 @@ export class Pipeline {
 
   /** Write → dead letters → ack, retried as a whole on transient errors. */
   private async deliver(batch: Batch, stop: AbortSignal): Promise<void> {
-    this.lastPollAt = new Date();
     const m = this.deps.metrics;
-    m.polls.inc(this.labels);
+    if (!this.source.reportsPolls) {
+      m.polls.inc(this.labels);
+      this.lastPollAt = new Date();
+    }
     m.consumed.inc(this.labels, batch.messages.length);
     if (batch.messages.some((x) => x.is_full_refresh)) m.fullRefreshBatches.inc({ pipeline: this.name });
     try {

@@ -18,6 +18,8 @@ export interface BackendContext {
   drain: boolean;
   /** Inbox sinks report each committed write: rows inserted, rows skipped by ON CONFLICT (metrics). */
   onInboxWrite?(inserted: number, dedupSkipped: number): void;
+  /** Sources report each poll of their system (empty ones too) with its duration (metrics). */
+  onPoll?(seconds: number): void;
 }
 
 /** A message that can never be delivered, on its way to pgtrickle.relay_dead_letters. */
@@ -75,6 +77,8 @@ export interface Source {
   lag?(): Promise<Lag | null>;
   /** Cuts an idle sleep short (LISTEN notification, push). */
   wake?(): void;
+  /** True when the source calls ctx.onPoll itself; otherwise every batch counts as one poll. */
+  readonly reportsPolls?: boolean;
   /** Rebuilds messages from a `decode` dead letter (after an operator fixed it) for replay. */
   decodeStored?(stored: unknown): Promise<Message[]>;
   /**

@@ -65,6 +65,7 @@ const HEADER_COLUMNS =
  */
 export class OutboxSource implements Source {
   readonly describe: string;
+  readonly reportsPolls = true;
   private target!: OutboxTarget;
   private committed = 0n;
   private consumerId: string;
@@ -141,7 +142,9 @@ export class OutboxSource implements Source {
     signal.addEventListener("abort", () => this.sleeper.wake(), { once: true });
     let idlePolls = 0;
     while (!signal.aborted) {
+      const started = performance.now();
       const headers = this.groupMode ? await this.pollGroup() : await this.pollSimple();
+      this.ctx.onPoll?.((performance.now() - started) / 1000);
       if (headers.length === 0) {
         if (this.ctx.drain && !this.blockedOnGap) return;
         const base = this.cfg.poll_interval_ms;

@@ -105,6 +105,8 @@ describe("/metrics", () => {
     expect(metric(text, "pgtrickle_relay_messages_published_total", fwd("m_ok"))).toBe(5);
     expect(metric(text, "pgtrickle_relay_messages_consumed_total", fwd("m_ok"))).toBe(5);
     expect(metric(text, "pgtrickle_relay_polls_total", fwd("m_ok"))).toBeGreaterThanOrEqual(1);
+    // Polls are counted where they happen, empty ones included: as many durations as polls.
+    expect(metric(text, "pgtrickle_relay_poll_duration_seconds_count", fwd("m_ok"))).toBe(metric(text, "pgtrickle_relay_polls_total", fwd("m_ok")));
     expect(metric(text, "pgtrickle_relay_batches_committed_total", fwd("m_ok"))).toBeGreaterThanOrEqual(1);
     expect(metric(text, "pgtrickle_relay_batch_publish_duration_seconds_count", fwd("m_ok"))).toBeGreaterThanOrEqual(1);
     expect(metric(text, "pgtrickle_relay_errors_total", { ...fwd("m_poison"), kind: "decode" })).toBe(1);
