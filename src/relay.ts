@@ -5,6 +5,7 @@ import { errorKind, errorMessage } from "./errors.ts";
 import { log } from "./observe/log.ts";
 import { Metrics } from "./observe/metrics.ts";
 import { startHttp } from "./observe/http.ts";
+import { showDrainProgress } from "./observe/progress.ts";
 import type { Settings } from "./settings.ts";
 import { abortableDelay, backoffMs } from "./sleep.ts";
 
@@ -81,9 +82,11 @@ export async function runRelay(settings: Settings, options: RelayOptions): Promi
     process.on("SIGHUP", sighup);
     const http = options.http ? startHttp(settings.metricsAddr, coordinator, metrics) : null;
     const running = coordinator.run();
+    const stopProgress = options.drain ? showDrainProgress(coordinator) : () => {};
     const timeout = options.timeoutSecs ? setTimeout(() => ((timedOut = true), shutdown.abort()), options.timeoutSecs * 1000) : undefined;
     await Promise.race([running, new Promise((r) => shutdown.signal.addEventListener("abort", r, { once: true }))]);
     clearTimeout(timeout);
+    stopProgress();
     const graceful = coordinator.stop();
     const deadline = new Promise<"late">((r) => setTimeout(() => r("late"), settings.shutdownTimeoutSecs * 1000).unref());
     const finished = await Promise.race([graceful.then(() => "ok" as const), deadline]);

@@ -3,7 +3,7 @@ import { mkdtempSync, readFileSync, existsSync, readdirSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { testDatabase, type TestDatabase } from "../helpers/pg.ts";
-import { eventually, relayOnce, RunningRelay } from "../helpers/relay.ts";
+import { eventually, relayCommand, relayOnce, RunningRelay } from "../helpers/relay.ts";
 import {
   createStreamTable,
   enableOutbox,
@@ -317,6 +317,23 @@ describe("drain", () => {
     expect(bad.stderr).toContain("broken");
     expect(bad.stderr).toContain("sink.format");
   });
+
+  test("on a terminal it shows the rows each pipeline has left; in a log it stays plain", async () => {
+    const { tables } = await setup("progress", { batch_size: 20 });
+    await db.sql.unsafe(
+      `INSERT INTO pgtrickle."${tables.outboxTable}" (payload)
+       SELECT jsonb_build_object('v', 1, 'inserted', jsonb_build_array(jsonb_build_object('id', g)), 'deleted', '[]'::jsonb)
+       FROM generate_series(1, 30000) g`,
+    );
+    // `script` runs the drain under a pseudo-terminal, as a person at a shell would.
+    const command = relayCommand(["drain", "--postgres-url", db.url, "--pipeline", "progress"]).map((a) => `'${a}'`).join(" ");
+    const proc = Bun.spawn(["script", "-qec", command, "/dev/null"], { stdout: "pipe", stderr: "pipe" });
+    const [out, code] = await Promise.all([new Response(proc.stdout).text(), proc.exited]);
+    expect(code).toBe(0);
+    expect(out).toMatch(/\rdrain: progress: \d+ rows remaining/);
+    const plain = await drain("progress");
+    expect(plain.stderr).not.toContain("\r");
+  }, 120_000);
 
   test("an unreachable database is one clear line and exit 3", async () => {
     const result = await relayOnce(["drain", "--postgres-url", "postgres://nobody:secret-pw@127.0.0.1:1/x"]);
