@@ -38,6 +38,8 @@ afterAll(async () => {
   for (const r of running) if (r.proc.exitCode === null) await r.stop("SIGKILL");
   await producer?.disconnect();
   if (admin) {
+    const groups = (await admin.listGroups()).groups.map((g) => g.groupId).filter((g) => g.startsWith(`relaysrc-${RUN}-`));
+    if (groups.length) await admin.deleteGroups(groups).catch(() => {});
     const mine = (await admin.listTopics()).filter((t) => t.startsWith(`relaysrc.${RUN}.`));
     if (mine.length) await admin.deleteTopics({ topics: mine }).catch(() => {});
     await admin.disconnect();
@@ -51,9 +53,12 @@ async function newTopic(label: string, partitions = 1): Promise<string> {
   return topic;
 }
 
+/** The consumer group of pipeline `name`: unique per run, so runs sharing the broker never meet. */
+const groupOf = (name: string) => `relaysrc-${RUN}-${name}`;
+
 /** A reverse pipeline `name` → inbox `<name>_inbox`, consuming `topic`. */
 async function pipeline(name: string, topic: string, options: Record<string, unknown> = {}): Promise<string> {
-  const source = { type: "kafka", brokers: KAFKA_BROKERS.join(","), topic, ...options };
+  const source = { type: "kafka", brokers: KAFKA_BROKERS.join(","), topic, group_id: groupOf(name), ...options };
   await db.sql`SELECT pgtrickle.set_relay_inbox(${name}, ${`${name}_inbox`}, ${db.sql.json(source as never)})`;
   return `${name}_inbox`;
 }
@@ -173,14 +178,14 @@ describe("kafka source: mapping, acknowledgement, redelivery", () => {
       expect(row).toMatchObject(want!);
       if (!("source" in want!)) expect(row.source).toBe(`kafka:${topic}`);
     }
-    await expectAllCommitted("pgtrickle-relay-kcols", topic);
+    await expectAllCommitted(groupOf("kcols"), topic);
 
     // Redelivery: the group starts over from the beginning; every record keeps its key.
-    await admin.resetOffsets({ groupId: "pgtrickle-relay-kcols", topic, earliest: true });
-    expect((await offsets("pgtrickle-relay-kcols", topic)).get(0)![0]).toBe("-2"); // "earliest"
+    await admin.resetOffsets({ groupId: groupOf("kcols"), topic, earliest: true });
+    expect((await offsets(groupOf("kcols"), topic)).get(0)![0]).toBe("-2"); // "earliest"
     expect((await drain("kcols")).exitCode).toBe(0);
     expect(await count(inbox)).toBe(N);
-    await expectAllCommitted("pgtrickle-relay-kcols", topic);
+    await expectAllCommitted(groupOf("kcols"), topic);
 
     // A producer retry: the same events sent again (new offsets, same dedup headers).
     const retried = records.filter((_, i) => i % 6 <= 1);
@@ -188,7 +193,7 @@ describe("kafka source: mapping, acknowledgement, redelivery", () => {
     const again = await drain("kcols");
     expect(again.stderr).toContain(`drained, ${retried.length} delivered`);
     expect(await count(inbox)).toBe(N);
-    await expectAllCommitted("pgtrickle-relay-kcols", topic);
+    await expectAllCommitted(groupOf("kcols"), topic);
   }, TIMEOUT);
 
   test("round trip: records written by this relay's Kafka sink keep their original dedup keys", async () => {
@@ -237,7 +242,7 @@ describe("kafka source: mapping, acknowledgement, redelivery", () => {
       [`kafka:${topic}:0:7`, "inbox_permanent"],
     ]);
     expect(letters[0]!.error).toContain("tombstone");
-    await expectAllCommitted("pgtrickle-relay-kpoison", topic);
+    await expectAllCommitted(groupOf("kpoison"), topic);
   }, TIMEOUT);
 
   test("auto_offset_reset latest skips what was there before the first start, but not what arrives between runs", async () => {
@@ -250,7 +255,7 @@ describe("kafka source: mapping, acknowledgement, redelivery", () => {
     await producer.send({ topic, messages: [{ value: JSON.stringify({ fresh: 1 }) }, { value: JSON.stringify({ fresh: 2 }) }] });
     expect((await drain("klatest")).exitCode).toBe(0);
     expect((await rows(inbox)).map((r) => r.payload)).toEqual([{ fresh: 1 }, { fresh: 2 }]);
-    await expectAllCommitted("pgtrickle-relay-klatest", topic);
+    await expectAllCommitted(groupOf("klatest"), topic);
   }, TIMEOUT);
 });
 
@@ -278,7 +283,7 @@ describe("kafka source: crashes and rebalances", () => {
         "the relay to wait for the dead-letter table",
       );
       // The inbox holds the batch; Kafka has not been told.
-      expect((await offsets("pgtrickle-relay-kcrash", topic)).get(0)![0]).toBe("-1");
+      expect((await offsets(groupOf("kcrash"), topic)).get(0)![0]).toBe("-1");
     } finally {
       await relay.stop("SIGKILL");
       await locker`ROLLBACK`;
@@ -289,13 +294,13 @@ describe("kafka source: crashes and rebalances", () => {
     expect(await count(inbox)).toBe(20);
     const letters = await deadLetters("kcrash");
     expect(letters.map((d) => [d.dedup_key, d.error_kind, d.attempts])).toEqual([[`kafka:${topic}:0:20`, "decode", 1]]);
-    await expectAllCommitted("pgtrickle-relay-kcrash", topic);
+    await expectAllCommitted(groupOf("kcrash"), topic);
   }, TIMEOUT);
 
   test("a batch held past the rebalance timeout: its commit is refused, the partition's new owner redelivers it, N rows", async () => {
     const topic = await newTopic("held");
     const name = "khold";
-    const group = `pgtrickle-relay-${name}`;
+    const group = groupOf(name);
     const inbox = await pipeline(name, topic, { batch_size: 100, session_timeout_ms: 6000, heartbeat_interval_ms: 500, rebalance_timeout_ms: 6000, max_wait_ms: 200 });
     await producer.send({ topic, messages: [...Array.from({ length: 20 }, (_, i) => ({ value: JSON.stringify({ n: i }) })), { value: null }] });
     await enableOnly(name);
@@ -337,7 +342,7 @@ describe("kafka source: crashes and rebalances", () => {
   test("a second relay joining the group and the first one leaving mid-stream: exactly N rows, every partition committed", async () => {
     const topic = await newTopic("rebalance", 4);
     const name = "krebal";
-    const group = `pgtrickle-relay-${name}`;
+    const group = groupOf(name);
     const inbox = await pipeline(name, topic, { batch_size: 10, session_timeout_ms: 6000, heartbeat_interval_ms: 500, rebalance_timeout_ms: 10000, max_wait_ms: 200 });
     await enableOnly(name);
     let sent = 0;
@@ -441,6 +446,9 @@ describe("kafka source: failures and configuration", () => {
     expect(parsed.topic).toEqual(["x", "y"]);
     expect(parsed.auto_offset_reset).toBe("latest");
     expect(parsed.batch_size).toBe(100);
+    // One consumer group per pipeline unless group_id says otherwise.
+    const source = kafka.source!.create(parsed, { ...ctx("reverse"), pipeline: "orders_in" });
+    expect(source.describe).toBe("kafka a:1,b:2 ← x,y (group pgtrickle-relay-orders_in)");
   });
 
   test("dedup key precedence: dedup header, then the record key only with dedup_from_key, then coordinates", () => {
