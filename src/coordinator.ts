@@ -364,6 +364,11 @@ export class Coordinator {
       // An unresolved secret may resolve at the next reload (a file appears): try again each time.
       if (d.secretError) this.failed.delete(key);
       else if (this.failed.has(key) && this.failed.get(key) !== d.fingerprint) this.failed.delete(key);
+      // What failed it may be fixed outside the catalog (a stream, topic or queue created later,
+      // a grant given): try again once per discovery interval.
+      else if (this.failed.has(key) && Date.now() - (this.failedPipelines.get(key)?.at.getTime() ?? 0) >= this.settings.discoveryIntervalSecs * 1000) {
+        this.failed.delete(key);
+      }
     }
     for (const key of [...this.failed.keys()]) if (!desired.has(key)) this.failed.delete(key);
     for (const key of [...this.failedPipelines.keys()]) if (!this.failed.has(key)) this.failedPipelines.delete(key);

@@ -269,6 +269,23 @@ describe("wake-up", () => {
   });
 });
 
+describe("failed pipelines", () => {
+  test("a pipeline failed by something outside its config (no outbox yet) is tried again each discovery interval", async () => {
+    await createStreamTable(db.sql, "public.later", "id int primary key");
+    const output = join(dir, "later.jsonl");
+    await configurePipeline("later", "public.later", { type: "file", output });
+    const relay = new RunningRelay(["--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0", "--discovery-interval", "1"]);
+    try {
+      await relay.waitForLog(/\[later\] failed: .*has no outbox/);
+      const t = await enableOutbox(db.sql, "public.later");
+      await writeV1Inline(db.sql, t.outboxTable, { inserted: [{ id: 1 }], deleted: [] });
+      await eventually(() => readLines(output).length === 1, 15_000, "the row once the outbox exists");
+    } finally {
+      await relay.stop();
+    }
+  });
+});
+
 describe("consumer-group mode", () => {
   test("creates the group, delivers through poll_outbox and commits with a stable consumer id", async () => {
     await createStreamTable(db.sql, "public.grouped", "id int primary key");
