@@ -7,10 +7,9 @@
  *
  *   node_modules/.bin/bun bench/http-sink.ts [total=20000] [batch=500]
  */
-import { createConsola } from "consola";
 import * as v from "valibot";
 import http from "../src/backends/http.ts";
-import type { BackendContext } from "../src/backends/types.ts";
+import { benchContext, benchBatches, timedWrites } from "./lib.ts";
 import { forwardMessages } from "../test/helpers/messages.ts";
 
 const total = Number(process.argv[2] ?? 20_000);
@@ -36,30 +35,15 @@ const port = Number(new TextDecoder().decode((await reader.read()).value).trim()
 const url = `http://127.0.0.1:${port}/hook`;
 const received = async () => Number(await (await fetch(url)).text());
 
-const ctx: BackendContext = {
-  pipeline: "bench",
-  direction: "forward",
-  relayGroupId: "bench",
-  log: createConsola({ level: 1 }),
-  sql: undefined as never,
-  postgresUrl: "",
-  drain: false,
-};
+const ctx = benchContext();
 
 async function measure(label: string, options: Record<string, unknown>, count: number): Promise<void> {
   const sink = http.sink.create(v.parse(http.sink.config, { url, ...options }), ctx);
   await sink.start();
-  const batches = Array.from({ length: Math.ceil(count / batchSize) }, (_, b) =>
-    forwardMessages(Math.min(batchSize, count - b * batchSize), { outboxId: b + 1 }),
-  );
+  const batches = benchBatches(count, batchSize);
   await sink.write(forwardMessages(100, { outboxId: 1_000_000 })); // warm-up
   const before = await received();
-  const t0 = performance.now();
-  for (const batch of batches) {
-    const rejected = await sink.write(batch);
-    if (rejected.length) throw new Error(`${rejected.length} rejected: ${rejected[0]!.error}`);
-  }
-  const secs = (performance.now() - t0) / 1000;
+  const secs = await timedWrites(sink, batches);
   await sink.close();
   const got = (await received()) - before;
   if (got !== count) throw new Error(`${label}: receiver counted ${got}, expected ${count}`);

@@ -6,12 +6,11 @@
  *
  *   node_modules/.bin/bun bench/kafka-sink.ts [total=20000] [batch=500] [compression=none]
  */
-import { createConsola } from "consola";
 import { CompressionTypes, Kafka, logLevel, Partitioners } from "kafkajs";
 import * as v from "valibot";
 import kafka from "../src/backends/kafka.ts";
-import type { BackendContext } from "../src/backends/types.ts";
 import { envelopeJson } from "../src/message.ts";
+import { benchContext, benchBatches, timedWrites } from "./lib.ts";
 import { forwardMessages } from "../test/helpers/messages.ts";
 import { KAFKA_BROKERS, requireServer } from "../test/helpers/servers.ts";
 
@@ -23,15 +22,7 @@ await requireServer("kafka");
 const run = `${process.pid}_${Date.now() % 1e6}`;
 const topic = `bench.kafka.${run}`;
 const rawTopic = `${topic}.raw`;
-const ctx: BackendContext = {
-  pipeline: "bench",
-  direction: "forward",
-  relayGroupId: "bench",
-  log: createConsola({ level: 1 }),
-  sql: undefined as never,
-  postgresUrl: "",
-  drain: false,
-};
+const ctx = benchContext();
 const client = new Kafka({ clientId: "bench", brokers: KAFKA_BROKERS, logLevel: logLevel.NOTHING });
 const admin = client.admin();
 await admin.connect();
@@ -39,9 +30,7 @@ await admin.createTopics({ topics: [{ topic, numPartitions: 3 }, { topic: rawTop
 
 const sink = kafka.sink.create(v.parse(kafka.sink.config, { brokers: KAFKA_BROKERS, topic, compression }), ctx);
 await sink.start();
-const batches = Array.from({ length: Math.ceil(total / batchSize) }, (_, b) =>
-  forwardMessages(Math.min(batchSize, total - b * batchSize), { outboxId: b + 1 }),
-);
+const batches = benchBatches(total, batchSize);
 const producer = client.producer({ idempotent: true, maxInFlightRequests: 5, createPartitioner: Partitioners.DefaultPartitioner });
 await producer.connect();
 const rawWrite = (batch: (typeof batches)[number]) =>
@@ -64,13 +53,8 @@ await rawWrite(forwardMessages(200, { outboxId: 1_000_000 }));
 const sinkTimes: number[] = [];
 const rawTimes: number[] = [];
 for (let round = 0; round < 3; round++) {
-  let t0 = performance.now();
-  for (const batch of batches) {
-    const rejected = await sink.write(batch);
-    if (rejected.length) throw new Error(`${rejected.length} rejected: ${rejected[0]!.error}`);
-  }
-  sinkTimes.push((performance.now() - t0) / 1000);
-  t0 = performance.now();
+  sinkTimes.push(await timedWrites(sink, batches));
+  const t0 = performance.now();
   for (const batch of batches) await rawWrite(batch);
   rawTimes.push((performance.now() - t0) / 1000);
 }

@@ -6,12 +6,11 @@
  *
  *   node_modules/.bin/bun bench/nats-sink.ts [total=20000] [batch=500] [max_in_flight=256]
  */
-import { createConsola } from "consola";
 import { connect } from "nats";
 import * as v from "valibot";
 import nats, { NatsSinkConfig } from "../src/backends/nats.ts";
-import type { BackendContext } from "../src/backends/types.ts";
 import { envelopeJson } from "../src/message.ts";
+import { benchContext, benchBatches, timedWrites, median } from "./lib.ts";
 import { forwardMessages } from "../test/helpers/messages.ts";
 import { NATS_URL, requireServer } from "../test/helpers/servers.ts";
 
@@ -22,15 +21,7 @@ const rounds = Number(process.env.ROUNDS ?? 3);
 
 await requireServer("nats");
 const run = `${process.pid}_${Date.now() % 1e6}`;
-const ctx: BackendContext = {
-  pipeline: "bench",
-  direction: "forward",
-  relayGroupId: "bench",
-  log: createConsola({ level: 1 }),
-  sql: undefined as never,
-  postgresUrl: "",
-  drain: false,
-};
+const ctx = benchContext();
 const nc = await connect({ servers: NATS_URL });
 const jsm = await nc.jetstreamManager();
 const js = nc.jetstream();
@@ -44,16 +35,9 @@ async function viaSink(round: number): Promise<number> {
   );
   await sink.start();
   // Distinct outbox ids per batch and round, so no publish is a dedup hit.
-  const batches = Array.from({ length: Math.ceil(total / batchSize) }, (_, b) =>
-    forwardMessages(Math.min(batchSize, total - b * batchSize), { outboxId: round * 1_000_000 + b + 1 }),
-  );
+  const batches = benchBatches(total, batchSize, round * 1_000_000 + 1);
   await sink.write(forwardMessages(200, { outboxId: round * 1_000_000 + 999_999 })); // warm-up
-  const t0 = performance.now();
-  for (const batch of batches) {
-    const rejected = await sink.write(batch);
-    if (rejected.length) throw new Error(`${rejected.length} rejected: ${rejected[0]!.error}`);
-  }
-  const secs = (performance.now() - t0) / 1000;
+  const secs = await timedWrites(sink, batches);
   await sink.close();
   const stored = (await jsm.streams.info(stream)).state.messages;
   if (stored !== total + 200) throw new Error(`stream holds ${stored} messages, expected ${total + 200}`);
@@ -88,7 +72,6 @@ for (let round = 0; round < rounds; round++) {
   sinkRates.push(await viaSink(round));
 }
 await nc.close();
-const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 const rate = median(sinkRates);
 const rawRate = median(rawRates);
 console.log(`nats sink: ${total} messages in batches of ${batchSize}, max_in_flight ${maxInFlight}, median of ${rounds} interleaved rounds`);

@@ -7,11 +7,10 @@
  *
  *   node_modules/.bin/bun bench/nats-source.ts [total=20000] [batch=500]
  */
-import { createConsola } from "consola";
 import { AckPolicy, connect } from "nats";
 import * as v from "valibot";
 import nats, { NatsSourceConfig } from "../src/backends/nats.ts";
-import type { BackendContext } from "../src/backends/types.ts";
+import { benchContext, median } from "./lib.ts";
 import { NATS_URL, requireServer } from "../test/helpers/servers.ts";
 
 const total = Number(process.argv[2] ?? 20_000);
@@ -20,15 +19,7 @@ const rounds = Number(process.env.ROUNDS ?? 3);
 
 await requireServer("nats");
 const run = `${process.pid}_${Date.now() % 1e6}`;
-const ctx: BackendContext = {
-  pipeline: "bench",
-  direction: "reverse",
-  relayGroupId: "bench",
-  log: createConsola({ level: 1 }),
-  sql: undefined as never,
-  postgresUrl: "",
-  drain: true,
-};
+const ctx = benchContext({ direction: "reverse", drain: true });
 const nc = await connect({ servers: NATS_URL });
 const jsm = await nc.jetstreamManager();
 const js = nc.jetstream();
@@ -88,7 +79,6 @@ async function raw(round: number): Promise<number> {
 const results: { source: number; raw: number }[] = [];
 for (let round = 0; round < rounds; round++) results.push({ source: await viaSource(round), raw: await raw(round) });
 await nc.close();
-const median = (xs: number[]) => xs.sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 const fmt = (n: number) => `${Math.round(n).toLocaleString("en")} msg/s`;
 console.log(`nats source, ${total} messages, batch ${batchSize}, ${rounds} rounds (median):`);
 console.log(`  source (confirmed acks): ${fmt(median(results.map((r) => r.source)))}`);

@@ -8,11 +8,10 @@
  *   node_modules/.bin/bun bench/rabbitmq-sink.ts [total=20000] [batch=500] [max_in_flight=1000]
  */
 import amqp from "amqplib";
-import { createConsola } from "consola";
 import * as v from "valibot";
 import rabbitmq from "../src/backends/rabbitmq.ts";
-import type { BackendContext } from "../src/backends/types.ts";
 import { envelopeJson } from "../src/message.ts";
+import { benchContext, benchBatches, timedWrites } from "./lib.ts";
 import { forwardMessages } from "../test/helpers/messages.ts";
 import { AMQP_URL, requireServer } from "../test/helpers/servers.ts";
 
@@ -24,15 +23,7 @@ await requireServer("rabbitmq");
 const run = `${process.pid}_${Date.now() % 1e6}`;
 const exchange = `bench.rabbit.${run}`;
 const queue = `bench.rabbit.${run}`;
-const ctx: BackendContext = {
-  pipeline: "bench",
-  direction: "forward",
-  relayGroupId: "bench",
-  log: createConsola({ level: 1 }),
-  sql: undefined as never,
-  postgresUrl: "",
-  drain: false,
-};
+const ctx = benchContext();
 
 const conn = await amqp.connect(AMQP_URL);
 const admin = await conn.createChannel();
@@ -42,9 +33,7 @@ await admin.bindQueue(queue, exchange, "#");
 
 const sink = rabbitmq.sink.create(v.parse(rabbitmq.sink.config, { url: AMQP_URL, exchange, max_in_flight: maxInFlight }), ctx);
 await sink.start();
-const batches = Array.from({ length: Math.ceil(total / batchSize) }, (_, b) =>
-  forwardMessages(Math.min(batchSize, total - b * batchSize), { outboxId: b + 1 }),
-);
+const batches = benchBatches(total, batchSize);
 
 const raw = await conn.createConfirmChannel();
 async function rawWrite(batch: (typeof batches)[number]): Promise<void> {
@@ -79,13 +68,8 @@ await rawWrite(forwardMessages(200, { outboxId: 1_000_000 }));
 const sinkTimes: number[] = [];
 const rawTimes: number[] = [];
 for (let round = 0; round < 3; round++) {
-  let t0 = performance.now();
-  for (const batch of batches) {
-    const rejected = await sink.write(batch);
-    if (rejected.length) throw new Error(`${rejected.length} rejected: ${rejected[0]!.error}`);
-  }
-  sinkTimes.push((performance.now() - t0) / 1000);
-  t0 = performance.now();
+  sinkTimes.push(await timedWrites(sink, batches));
+  const t0 = performance.now();
   for (const batch of batches) await rawWrite(batch);
   rawTimes.push((performance.now() - t0) / 1000);
 }

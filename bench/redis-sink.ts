@@ -6,12 +6,10 @@
  *
  *   node_modules/.bin/bun bench/redis-sink.ts [total=20000] [batch=500]
  */
-import { createConsola } from "consola";
 import { Redis } from "ioredis";
 import * as v from "valibot";
 import redis, { RedisSinkConfig } from "../src/backends/redis.ts";
-import type { BackendContext } from "../src/backends/types.ts";
-import type { Message } from "../src/message.ts";
+import { benchBatches, benchContext, median, timedWrites } from "./lib.ts";
 import { forwardMessages } from "../test/helpers/messages.ts";
 import { REDIS_URL, requireServer } from "../test/helpers/servers.ts";
 
@@ -20,18 +18,8 @@ const batchSize = Number(process.argv[3] ?? 500);
 
 await requireServer("redis");
 const run = `${process.pid}_${Date.now() % 1e6}`;
-const ctx: BackendContext = {
-  pipeline: "bench",
-  direction: "forward",
-  relayGroupId: "bench",
-  log: createConsola({ level: 1 }),
-  sql: undefined as never,
-  postgresUrl: "",
-  drain: false,
-};
-const batches: Message[][] = Array.from({ length: Math.ceil(total / batchSize) }, (_, b) =>
-  forwardMessages(Math.min(batchSize, total - b * batchSize), { outboxId: b + 1 }),
-);
+const ctx = benchContext();
+const batches = benchBatches(total, batchSize);
 const admin = new Redis(REDIS_URL);
 
 async function viaSink(label: string, options: Record<string, unknown>): Promise<number> {
@@ -39,12 +27,7 @@ async function viaSink(label: string, options: Record<string, unknown>): Promise
   const sink = redis.sink.create(v.parse(RedisSinkConfig, { url: REDIS_URL, stream_key: key, ...options }), ctx);
   await sink.start();
   await sink.write(forwardMessages(200, { outboxId: 1_000_000 })); // warm-up
-  const t0 = performance.now();
-  for (const batch of batches) {
-    const rejected = await sink.write(batch);
-    if (rejected.length) throw new Error(`${rejected.length} rejected: ${rejected[0]!.error}`);
-  }
-  const secs = (performance.now() - t0) / 1000;
+  const secs = await timedWrites(sink, batches);
   await sink.close();
   const len = await admin.xlen(key);
   if (len !== total + 200) throw new Error(`${key} holds ${len} entries, expected ${total + 200}`);
@@ -93,7 +76,6 @@ for (let i = 0; i < rounds; i++) {
   results.replay!.push(await replayed());
 }
 admin.disconnect();
-const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 const [rawRate, plain, dedup, replay] = [results.raw!, results.plain!, results.dedup!, results.replay!].map(median) as [number, number, number, number];
 
 console.log(`redis sink: ${total} messages in batches of ${batchSize}, median of ${rounds} interleaved rounds`);

@@ -9,11 +9,10 @@
  *   node_modules/.bin/bun bench/sqs-sink.ts [total=20000] [batch=500] [max_in_flight=16]
  */
 import { CreateQueueCommand, DeleteQueueCommand, GetQueueAttributesCommand, SendMessageBatchCommand, SQSClient } from "@aws-sdk/client-sqs";
-import { createConsola } from "consola";
 import * as v from "valibot";
 import sqs from "../src/backends/sqs.ts";
-import type { BackendContext } from "../src/backends/types.ts";
 import { envelopeJson } from "../src/message.ts";
+import { benchContext, benchBatches, timedWrites } from "./lib.ts";
 import { forwardMessages } from "../test/helpers/messages.ts";
 import { AWS_CREDENTIALS, requireServer, SQS_CLIENT_CONFIG, SQS_ENDPOINT } from "../test/helpers/servers.ts";
 
@@ -24,15 +23,7 @@ const maxInFlight = Number(process.argv[4] ?? 16);
 await requireServer("sqs");
 const admin = new SQSClient(SQS_CLIENT_CONFIG);
 const run = `${process.pid}-${Date.now() % 1e6}`;
-const ctx: BackendContext = {
-  pipeline: "bench",
-  direction: "forward",
-  relayGroupId: "bench",
-  log: createConsola({ level: 1 }),
-  sql: undefined as never,
-  postgresUrl: "",
-  drain: false,
-};
+const ctx = benchContext();
 
 async function queue(name: string, fifo: boolean): Promise<string> {
   const out = await admin.send(
@@ -46,9 +37,7 @@ async function depth(url: string): Promise<number> {
   return Number(out.Attributes?.ApproximateNumberOfMessages);
 }
 
-const batches = Array.from({ length: Math.ceil(total / batchSize) }, (_, b) =>
-  forwardMessages(Math.min(batchSize, total - b * batchSize), { outboxId: b + 1 }),
-);
+const batches = benchBatches(total, batchSize);
 
 /** Client-side CPU per message: steadier than msg/s when other work shares the cores. */
 function cpuPerMessage(since: NodeJS.CpuUsage): string {
@@ -73,12 +62,7 @@ async function measure(label: string, fifo: boolean, options: Record<string, unk
   await sink.start();
   await sink.write(forwardMessages(100, { outboxId: 1_000_000 })); // warm-up
   const c0 = process.cpuUsage();
-  const t0 = performance.now();
-  for (const batch of batches) {
-    const rejected = await sink.write(batch);
-    if (rejected.length) throw new Error(`${rejected.length} rejected: ${rejected[0]!.error}`);
-  }
-  const secs = (performance.now() - t0) / 1000;
+  const secs = await timedWrites(sink, batches);
   const cpu = cpuPerMessage(c0);
   await sink.close();
   const stored = await depth(url);
