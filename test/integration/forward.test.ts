@@ -306,6 +306,38 @@ describe("consumer-group mode", () => {
   });
 });
 
+describe("consumer-group leases", () => {
+  test("a batch slower than visibility_seconds keeps its lease: extend_lease runs until the commit", async () => {
+    await createStreamTable(db.sql, "public.slow", "id int primary key");
+    const t = await enableOutbox(db.sql, "public.slow");
+    await writeV1Inline(db.sql, t.outboxTable, { inserted: [{ id: 1 }], deleted: [] });
+    let release!: () => void;
+    const held = new Promise<void>((r) => (release = r));
+    const receiver = Bun.serve({ hostname: "127.0.0.1", port: 0, fetch: async () => (await held, new Response("ok")) });
+    await configurePipeline("slow", "public.slow", { type: "http", url: `http://127.0.0.1:${receiver.port}/`, timeout_ms: 60_000 }, { visibility_seconds: 2 }, "slowpokes");
+    const relay = new RunningRelay(["--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0"]);
+    try {
+      const lease = async () =>
+        (await db.sql<{ expires: Date; polled: Date }[]>`
+          SELECT l.lease_expires AS expires, o.last_heartbeat_at AS polled FROM pgtrickle.pgt_consumer_leases l
+          JOIN pgtrickle.pgt_consumer_offsets o USING (group_name, consumer_id) WHERE l.group_name = 'slowpokes'`)[0];
+      await eventually(async () => (await lease()) !== undefined, 15_000, "the batch to be polled");
+      const first = (await lease())!.expires.getTime();
+      // poll_outbox leased 2 s; half-way the relay adds 2 s, and again, while the sink is stuck.
+      await eventually(async () => ((await lease())?.expires.getTime() ?? 0) >= first + 3000, 10_000, "the lease to be extended twice");
+      release();
+      await eventually(async () => (await lease()) === undefined, 10_000, "the commit to end the lease");
+      const [off] = await db.sql<{ off: string }[]>`SELECT committed_offset::text AS off FROM pgtrickle.pgt_consumer_offsets WHERE group_name = 'slowpokes'`;
+      expect(off!.off).not.toBe("0");
+    } finally {
+      release();
+      await relay.stop();
+      receiver.stop(true);
+      await db.sql`SELECT pgtrickle.disable_relay('slow')`;
+    }
+  }, 60_000);
+});
+
 describe("claim-check release", () => {
   test("outbox_rows_consumed runs after the commit only when release_claim_check is true", async () => {
     const keep = await setup("cc_keep");
