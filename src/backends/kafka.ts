@@ -12,7 +12,6 @@
  * batches are held until the pipeline has committed them to the inbox; offsets are committed per
  * partition only in ack(). See KafkaSource.
  */
-import { readFileSync } from "node:fs";
 import { gzipSync } from "node:zlib";
 import {
   CompressionTypes,
@@ -37,6 +36,7 @@ import { configError, decodeError, errorMessage, permanentError, RelayError, tra
 import { headerValue, inboundMessage, reverseSourceKeys, utf8OrNull } from "../inbound.ts";
 import { envelopeJson, renderTemplate, type Message } from "../message.ts";
 import { Sleeper } from "../sleep.ts";
+import { readSettingFile, redactSecrets } from "./redact.ts";
 import { defineBackend, sinkSpec, sourceSpec, type BackendContext, type Batch, type DeadLetter, type Rejection, type Sink, type Source } from "./types.ts";
 
 /** Kafka's own rule for topic names (plus: not `.` or `..`). */
@@ -221,18 +221,12 @@ export interface KafkaConnectionOptions {
   request_timeout_ms: number;
 }
 
-function readPem(path: string, key: string): Buffer {
-  try {
-    return readFileSync(path);
-  } catch (err) {
-    throw configError(`kafka ${key} '${path}' cannot be read (${(err as { code?: string }).code ?? errorMessage(err)})`);
-  }
-}
+const readPem = (path: string, key: string): Buffer => readSettingFile(path, `kafka ${key}`);
 
 /** Removes the SASL password (and TLS key passphrase) from any text kafkajs hands us. */
 export function scrubber(cfg: KafkaConnectionOptions): (text: string) => string {
   const secrets = [cfg.sasl_password, cfg.ssl_key_password].filter((s): s is string => !!s && s.length >= 1);
-  return (text) => secrets.reduce((t, s) => t.split(s).join("***"), text);
+  return (text) => redactSecrets(text, secrets);
 }
 
 /**

@@ -34,6 +34,7 @@ import { configError, errorMessage, RelayError, transientError } from "../errors
 import { headerValue, inboundMessage, reverseSourceKeys } from "../inbound.ts";
 import { DEFAULT_SUBJECT_TEMPLATE, envelopeJson, renderTemplate, type Message } from "../message.ts";
 import { abortableDelay } from "../sleep.ts";
+import { redactUrlsAndSecrets as scrub } from "./redact.ts";
 import { defineBackend, sinkSpec, sourceSpec, type Batch, type BackendContext, type DeadLetter, type Rejection, type Sink, type Source } from "./types.ts";
 
 const positiveInt = (max = Number.MAX_SAFE_INTEGER) => v.pipe(v.number(), v.integer(), v.minValue(1), v.maxValue(max));
@@ -221,12 +222,6 @@ const describeRawServer = (raw: string) => raw.replace(/^([^/]*\/\/)?[^@/]*@/, "
 /** Every secret the options hold, so driver messages can be scrubbed before they are shown. */
 function secretsOf(cfg: ConnectionOptionsOf, target: Target): string[] {
   return [cfg.pass, cfg.token, target.pass, target.token].filter((s): s is string => !!s && s.length >= 3);
-}
-
-function scrub(text: string, secrets: string[]): string {
-  let out = text.replace(/(\w+:\/\/)[^@\s/]+@/g, "$1***@");
-  for (const s of secrets) out = out.split(s).join("***");
-  return out;
 }
 
 function connectionOptions(cfg: ConnectionOptionsOf, target: Target, ctx: BackendContext, side: Side): ConnectionOptions {

@@ -19,13 +19,13 @@
  * gathered into batches and acknowledged cumulatively (`multiple`) after the inbox commit. See
  * RabbitSource.
  */
-import { readFileSync } from "node:fs";
 import amqp, { type Channel, type ChannelModel, type ConfirmChannel, type ConsumeMessage, type Options } from "amqplib";
 import * as v from "valibot";
 import { configError, errorMessage, RelayError, transientError } from "../errors.ts";
 import { headerValue, inboundMessage, reverseSourceKeys, sha256Hex, utf8OrNull } from "../inbound.ts";
 import { envelopeJson, renderTemplate, type Message } from "../message.ts";
 import { Sleeper } from "../sleep.ts";
+import { readSettingFile, redactSecrets } from "./redact.ts";
 import { defineBackend, sinkSpec, sourceSpec, type BackendContext, type Batch, type Rejection, type Sink, type Source } from "./types.ts";
 
 export const DEFAULT_ROUTING_KEY_TEMPLATE = "{stream_table}.{op}";
@@ -128,11 +128,7 @@ export function describeAmqpUrl(url: string, tls = false): string {
 
 function pem(value: string, key: string): Buffer {
   if (value.includes("-----BEGIN")) return Buffer.from(value);
-  try {
-    return readFileSync(value);
-  } catch (err) {
-    throw configError(`rabbitmq ${key} '${value}' cannot be read (${(err as { code?: string }).code ?? errorMessage(err)})`);
-  }
+  return readSettingFile(value, `rabbitmq ${key}`);
 }
 
 /** Connection settings the sink and the source share. */
@@ -169,7 +165,7 @@ const CONFIG_CODES = new Set([403 /* access refused */, 530 /* not allowed (vhos
 export function amqpScrubber(cfg: AmqpConnectionOptions): (text: string) => string {
   const u = new URL(cfg.url);
   const secrets = [u.password, decodeURIComponent(u.password), cfg.tls_key_password ?? ""].filter((s) => s.length > 0);
-  return (text) => secrets.reduce((t, s) => t.split(s).join("***"), text).replace(/(amqps?:\/\/[^:/@\s]+:)[^@\s]+@/gi, "$1***@");
+  return (text) => redactSecrets(text, secrets).replace(/(amqps?:\/\/[^:/@\s]+:)[^@\s]+@/gi, "$1***@");
 }
 
 /** A RelayError naming host:port (`where`); access problems are config, everything else transient. */

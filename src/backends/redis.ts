@@ -22,6 +22,7 @@ import * as v from "valibot";
 import { configError, errorMessage, RelayError, transientError } from "../errors.ts";
 import { decodeBody, inboundMessage, reverseSourceKeys, type DecodedBody } from "../inbound.ts";
 import { renderTemplate, type Message } from "../message.ts";
+import { redactUrlsAndSecrets as scrub } from "./redact.ts";
 import { defineBackend, sinkSpec, sourceSpec, type Batch, type BackendContext, type DeadLetter, type Rejection, type Sink, type Source } from "./types.ts";
 
 const positiveInt = (max = Number.MAX_SAFE_INTEGER) => v.pipe(v.number(), v.integer(), v.minValue(1), v.maxValue(max));
@@ -210,12 +211,6 @@ function redisOptions(cfg: ConnectionOptionsOf, target: Target, ctx: BackendCont
     opts.tls = {};
   }
   return opts;
-}
-
-function scrub(text: string, secrets: string[]): string {
-  let out = text.replace(/(\w+:\/\/)[^@\s/]+@/g, "$1***@");
-  for (const s of secrets) out = out.split(s).join("***");
-  return out;
 }
 
 /** The first word of a Redis error reply (`WRONGTYPE`, `OOM`, `NOPERM`…), if it is one. */

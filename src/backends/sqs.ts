@@ -35,6 +35,7 @@ import { inboundMessage, reverseSourceKeys } from "../inbound.ts";
 import { envelopeJson, renderTemplate, type Message } from "../message.ts";
 import { Sleeper } from "../sleep.ts";
 import { runKeyed } from "./concurrency.ts";
+import { redactSecrets } from "./redact.ts";
 import { defineBackend, sinkSpec, sourceSpec, type BackendContext, type Batch, type Rejection, type Sink, type Source } from "./types.ts";
 
 /** Where the queue is and how to reach it: shared by the sink and the source. */
@@ -236,9 +237,7 @@ class SqsConnection {
   }
 
   redact(text: string): string {
-    let out = text;
-    for (const s of this.secrets) out = out.split(s).join("***");
-    return out;
+    return redactSecrets(text, this.secrets);
   }
 }
 
