@@ -9,9 +9,9 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import * as v from "valibot";
 import http, { signPayload, verifySignature } from "../../src/backends/http.ts";
-import type { BackendContext, Sink } from "../../src/backends/types.ts";
-import { RelayError } from "../../src/errors.ts";
+import type { Sink } from "../../src/backends/types.ts";
 import { log } from "../../src/observe/log.ts";
+import { backendContext, errorOf } from "../helpers/backend.ts";
 import { forwardMessages } from "../helpers/messages.ts";
 
 interface Recorded {
@@ -71,15 +71,7 @@ class Recorder {
   }
 }
 
-const ctx = (): BackendContext => ({
-  pipeline: "orders_hook",
-  direction: "forward",
-  relayGroupId: "test",
-  log,
-  sql: undefined as never,
-  postgresUrl: "postgres://unused",
-  drain: false,
-});
+const ctx = () => backendContext("orders_hook");
 
 const sinks: Sink[] = [];
 async function makeSink(options: Record<string, unknown>): Promise<Sink> {
@@ -89,16 +81,6 @@ async function makeSink(options: Record<string, unknown>): Promise<Sink> {
   await sink.start();
   sinks.push(sink);
   return sink;
-}
-
-async function failure(p: Promise<unknown>): Promise<RelayError> {
-  try {
-    await p;
-  } catch (err) {
-    expect(err).toBeInstanceOf(RelayError);
-    return err as RelayError;
-  }
-  throw new Error("expected the promise to reject");
 }
 
 const sleep = (ms: number) => Bun.sleep(ms);
@@ -173,7 +155,7 @@ describe("http sink, batch mode", () => {
     server.reset((_r, i) => (i === 0 ? new Response("database down", { status: 500 }) : new Response("ok")));
     const sink = await makeSink({ url: server.url });
     const messages = forwardMessages(5);
-    const err = await failure(sink.write(messages));
+    const err = await errorOf(sink.write(messages));
     expect(err.kind).toBe("transient");
     expect(err.message).toContain("HTTP 500");
     expect(err.message).toContain(`127.0.0.1:${server.server.port}`);
@@ -186,7 +168,7 @@ describe("http sink, batch mode", () => {
     const sink = await makeSink({ url: server.url, retry_on_status: [503] });
     for (const status of [408, 429, 503]) {
       server.reset(() => new Response("slow down", { status, headers: { "Retry-After": "2" } }));
-      const err = await failure(sink.write(forwardMessages(1)));
+      const err = await errorOf(sink.write(forwardMessages(1)));
       expect(err.kind).toBe("transient");
       expect(err.message).toContain(`HTTP ${status}`);
     }
@@ -220,7 +202,7 @@ describe("http sink, batch mode", () => {
       return new Response("late");
     });
     const sink = await makeSink({ url: server.url, timeout_ms: 200 });
-    const err = await failure(sink.write(forwardMessages(3)));
+    const err = await errorOf(sink.write(forwardMessages(3)));
     expect(err.kind).toBe("transient");
     expect(err.message).toContain("no response within 200 ms");
   });
@@ -230,7 +212,7 @@ describe("http sink, batch mode", () => {
     const port = closed.port;
     closed.stop(true);
     const sink = await makeSink({ url: `http://127.0.0.1:${port}/hook`, headers: { Authorization: "Bearer s3cr3t-token-value" } });
-    const err = await failure(sink.write(forwardMessages(2)));
+    const err = await errorOf(sink.write(forwardMessages(2)));
     expect(err.kind).toBe("transient");
     expect(err.message).toContain(`127.0.0.1:${port}`);
     expect(err.message).not.toContain("s3cr3t-token-value");
@@ -279,7 +261,7 @@ describe("http sink, per-event mode", () => {
   test("a transient failure stops the later messages of the same key", async () => {
     server.reset((r) => (JSON.parse(r.body).payload.id === 2 ? new Response("busy", { status: 503 }) : new Response("ok")));
     const sink = await makeSink({ url: server.url, batch_mode: false });
-    const err = await failure(sink.write(forwardMessages(6)));
+    const err = await errorOf(sink.write(forwardMessages(6)));
     expect(err.kind).toBe("transient");
     const ids = server.requests.map((r) => JSON.parse(r.body).payload.id);
     expect(ids).toEqual([0, 1, 2]);
@@ -354,7 +336,7 @@ describe("http sink, secrets and configuration", () => {
       expect(text).not.toContain(secret);
     }
     const failing = await makeSink({ url: `${server.url}?fail=500&key=${token}`, headers: { "X-Api-Key": token } });
-    const err = await failure(failing.write(forwardMessages(1)));
+    const err = await errorOf(failing.write(forwardMessages(1)));
     expect(err.message).toContain("HTTP 500");
     expect(err.message).not.toContain(token);
   });
@@ -373,7 +355,7 @@ describe("http sink, secrets and configuration", () => {
       /Idempotency-Key is set by the relay/,
     );
     const sink = http.sink.create(v.parse(http.sink.config, { url: "https://127.0.0.1:1/x", tls_ca: "/nonexistent/ca.pem" }), ctx());
-    const err = await failure(sink.start());
+    const err = await errorOf(sink.start());
     expect(err.kind).toBe("config");
     expect(err.message).toContain("tls_ca");
   });
@@ -396,7 +378,7 @@ describe("http sink, secrets and configuration", () => {
         expect(await trusted.write(forwardMessages(2))).toEqual([]);
         expect(secure.requests).toHaveLength(1);
         const untrusted = await makeSink({ url });
-        const err = await failure(untrusted.write(forwardMessages(2)));
+        const err = await errorOf(untrusted.write(forwardMessages(2)));
         expect(err.kind).toBe("transient");
         expect(err.message).toContain(`127.0.0.1:${secure.server.port}`);
         expect(secure.requests).toHaveLength(1);

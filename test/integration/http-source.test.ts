@@ -5,14 +5,16 @@
  */
 import { afterAll, afterEach, beforeAll, describe, expect, test } from "bun:test";
 import { createHash } from "node:crypto";
-import { createServer } from "node:net";
 import * as v from "valibot";
 import http, { signPayload } from "../../src/backends/http.ts";
-import type { BackendContext, Batch } from "../../src/backends/types.ts";
+import type { Batch } from "../../src/backends/types.ts";
 import { log } from "../../src/observe/log.ts";
+import { backendContext } from "../helpers/backend.ts";
 import { forwardMessages } from "../helpers/messages.ts";
 import { testDatabase, type TestDatabase } from "../helpers/pg.ts";
+import { freePort } from "../helpers/proxy.ts";
 import { eventually, relayOnce, RunningRelay } from "../helpers/relay.ts";
+import { disableInboxes, poisonable } from "../helpers/reverse.ts";
 import { requireServer } from "../helpers/servers.ts";
 
 let db: TestDatabase;
@@ -26,21 +28,7 @@ afterAll(async () => {
   await db?.drop();
 });
 // Each test runs its own relay, which would otherwise also run every earlier test's pipeline.
-afterEach(async () => {
-  await db.sql`UPDATE pgtrickle.relay_inbox_config SET enabled = false WHERE enabled`;
-});
-
-/** A port nothing listens on right now. */
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = createServer();
-    srv.once("error", reject);
-    srv.listen(0, "127.0.0.1", () => {
-      const port = (srv.address() as { port: number }).port;
-      srv.close(() => resolve(port));
-    });
-  });
-}
+afterEach(() => disableInboxes(db));
 
 interface Row {
   event_id: string;
@@ -82,11 +70,6 @@ async function slowInbox(inbox: string, seconds: number) {
     CREATE OR REPLACE FUNCTION pgtrickle.${inbox}_slow() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN PERFORM pg_sleep(${seconds}); RETURN NULL; END $$;
     CREATE TRIGGER slow BEFORE INSERT ON pgtrickle.${inbox} FOR EACH STATEMENT EXECUTE FUNCTION pgtrickle.${inbox}_slow();`);
-}
-
-/** The inbox refuses events whose payload has a `poison` key (a CHECK constraint: SQLSTATE 23514). */
-async function poisonable(inbox: string) {
-  await db.sql.unsafe(`ALTER TABLE pgtrickle.${inbox} ADD CONSTRAINT no_poison CHECK (NOT (payload ? 'poison'))`);
 }
 
 const post = (url: string, body: NonNullable<RequestInit["body"]>, headers: Record<string, string> = {}, method = "POST") => fetch(url, { method, body, headers });
@@ -177,7 +160,7 @@ describe("events → inbox rows", () => {
 
   test("a poison element goes to relay_dead_letters, the others land, the request is answered 200", async () => {
     const p = await pipeline("poison");
-    await poisonable(p.inbox);
+    await poisonable(db, p.inbox);
     const r = relay();
     try {
       await started(r, p.name);
@@ -319,7 +302,7 @@ describe("failures and crashes", () => {
 
   test("kill -9 after the inbox commit, before the answer: the sender's retry to the restarted relay leaves N rows", async () => {
     const p = await pipeline("crash");
-    await poisonable(p.inbox);
+    await poisonable(db, p.inbox);
     const body = '[{"n":1},{"n":2},{"poison":true}]';
     const headers = { "Idempotency-Key": "crash-req" };
     // Holding this lock parks the relay right after the inbox commit: the next step writes the
@@ -413,7 +396,7 @@ describe("round trip with the http sink", () => {
     const secret = `rt-${run}-secret`;
     const p = await pipeline("roundtrip", { signing_secret: secret, auth_header: "Authorization", auth_value: "Bearer rt" });
     const r = relay();
-    const ctx: BackendContext = { pipeline: "fwd", direction: "forward", relayGroupId: "test", log, sql: undefined as never, postgresUrl: "postgres://unused", drain: false };
+    const ctx = backendContext("fwd");
     try {
       await started(r, p.name);
       const messages = forwardMessages(12, { stream_table: `rt_${run}` });
@@ -439,7 +422,7 @@ describe("round trip with the http sink", () => {
 });
 
 describe("the source on its own", () => {
-  const ctx = (): BackendContext => ({ pipeline: `direct_${run}`, direction: "reverse", relayGroupId: "test", log, sql: undefined as never, postgresUrl: "postgres://unused", drain: false });
+  const ctx = () => backendContext(`direct_${run}`, { direction: "reverse" });
 
   test("release() answers the batch's requests 503; ack() answers 200 only for requests whose every event was acked", async () => {
     const port = await freePort();

@@ -6,25 +6,17 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { Kafka, logLevel, type Admin, type IHeaders } from "kafkajs";
 import * as v from "valibot";
 import kafka from "../../src/backends/kafka.ts";
-import type { BackendContext, Sink } from "../../src/backends/types.ts";
-import { RelayError } from "../../src/errors.ts";
+import type { Sink } from "../../src/backends/types.ts";
 import { envelopeJson } from "../../src/message.ts";
 import { log } from "../../src/observe/log.ts";
+import { backendContext, expectRelayError } from "../helpers/backend.ts";
 import { forwardMessages } from "../helpers/messages.ts";
 import { KAFKA_BROKERS, requireServer } from "../helpers/servers.ts";
 
 const RUN = `${Date.now().toString(36)}${Math.random().toString(36).slice(2, 6)}`;
 const topicName = (label: string) => `relaytest.${RUN}.${label}`;
 
-const ctx = (): BackendContext => ({
-  pipeline: "kafka_test",
-  direction: "forward",
-  relayGroupId: "test",
-  log: log.withTag("kafka-test"),
-  sql: undefined as never,
-  postgresUrl: "postgres://unused",
-  drain: false,
-});
+const ctx = () => backendContext("kafka_test", { log: log.withTag("kafka-test") });
 
 const spec = kafka.sink!;
 function makeSink(options: Record<string, unknown>): Sink {
@@ -87,17 +79,6 @@ async function consume(topics: string[], expected: number): Promise<Record_[]> {
     await consumer.disconnect();
   }
   return out;
-}
-
-async function expectRelayError(p: Promise<unknown>, kind: string): Promise<RelayError> {
-  try {
-    await p;
-  } catch (err) {
-    expect(err).toBeInstanceOf(RelayError);
-    expect((err as RelayError).kind).toBe(kind as RelayError["kind"]);
-    return err as RelayError;
-  }
-  throw new Error(`expected a ${kind} error, but it succeeded`);
 }
 
 beforeAll(async () => {

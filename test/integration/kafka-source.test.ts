@@ -4,15 +4,17 @@
  * `drain` / `run` commands, checked in the inbox table and in the group's committed offsets.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { createServer } from "node:net";
 import { AssignerProtocol, Kafka, logLevel, type Admin, type Producer } from "kafkajs";
 import * as v from "valibot";
 import kafka, { convertKafkaRecord } from "../../src/backends/kafka.ts";
 import type { BackendContext } from "../../src/backends/types.ts";
 import { log } from "../../src/observe/log.ts";
+import { backendContext } from "../helpers/backend.ts";
 import { forwardMessages } from "../helpers/messages.ts";
 import { testDatabase, type TestDatabase } from "../helpers/pg.ts";
-import { eventually, relayOnce, RunningRelay } from "../helpers/relay.ts";
+import { freePort } from "../helpers/proxy.ts";
+import { eventually, RunningRelay } from "../helpers/relay.ts";
+import { deadLetters, drainPipeline, enableOnly, inboxCount, inboxRows, killRelays, pickyInbox, setRelayInbox, type InboxRow } from "../helpers/reverse.ts";
 import { KAFKA_BROKERS, requireServer } from "../helpers/servers.ts";
 
 const RUN = `${Date.now().toString(36)}${Math.random().toString(36).slice(2, 6)}`;
@@ -35,7 +37,7 @@ beforeAll(async () => {
 });
 
 afterAll(async () => {
-  for (const r of running) if (r.proc.exitCode === null) await r.stop("SIGKILL");
+  await killRelays(running);
   await producer?.disconnect();
   if (admin) {
     const groups = (await admin.listGroups()).groups.map((g) => g.groupId).filter((g) => g.startsWith(`relaysrc-${RUN}-`));
@@ -59,44 +61,11 @@ const groupOf = (name: string) => `relaysrc-${RUN}-${name}`;
 /** A reverse pipeline `name` → inbox `<name>_inbox`, consuming `topic`. */
 async function pipeline(name: string, topic: string, options: Record<string, unknown> = {}): Promise<string> {
   const source = { type: "kafka", brokers: KAFKA_BROKERS.join(","), topic, group_id: groupOf(name), ...options };
-  await db.sql`SELECT pgtrickle.set_relay_inbox(${name}, ${`${name}_inbox`}, ${db.sql.json(source as never)})`;
+  await setRelayInbox(db, name, `${name}_inbox`, source);
   return `${name}_inbox`;
 }
 
-const drain = (name: string, timeoutSecs = 90) => relayOnce(["drain", "--postgres-url", db.url, "--pipeline", name, "--timeout", String(timeoutSecs)]);
-
-interface Row {
-  event_id: string;
-  event_type: string | null;
-  source: string | null;
-  aggregate_id: string | null;
-  payload: unknown;
-  trace_id: string | null;
-}
-
-async function rows(inbox: string): Promise<Row[]> {
-  const result = await db.sql.unsafe(`SELECT event_id, event_type, source, aggregate_id, payload, trace_id FROM pgtrickle."${inbox}" ORDER BY event_id`);
-  return result.map((r) => ({ ...r }) as unknown as Row);
-}
-
-/** Rows in the inbox (0 while the relay has not created it yet). */
-async function count(inbox: string): Promise<number> {
-  const [exists] = await db.sql`SELECT to_regclass(${`pgtrickle."${inbox}"`}) IS NOT NULL AS ok`;
-  if (!(exists as { ok: boolean }).ok) return 0;
-  const [row] = await db.sql.unsafe(`SELECT count(*)::int AS n FROM pgtrickle."${inbox}"`);
-  return (row as unknown as { n: number }).n;
-}
-
-/** An inbox that refuses rows whose payload has a `bad` field (as a bring-your-own table with a CHECK might). */
-async function pickyInbox(inbox: string): Promise<void> {
-  await db.sql`SELECT pgtrickle.create_inbox(${inbox})`;
-  await db.sql.unsafe(`ALTER TABLE pgtrickle."${inbox}" ADD CONSTRAINT no_bad CHECK (NOT (payload ? 'bad'))`);
-}
-
-async function deadLetters(name: string): Promise<{ dedup_key: string; error_kind: string; attempts: number; error: string }[]> {
-  const result = await db.sql`SELECT dedup_key, error_kind, attempts, error FROM pgtrickle.relay_dead_letters WHERE pipeline = ${name} ORDER BY dedup_key`;
-  return result.map((r) => ({ ...r }) as { dedup_key: string; error_kind: string; attempts: number; error: string });
-}
+const drain = (name: string, timeoutSecs = 90) => drainPipeline(db, name, ["--timeout", String(timeoutSecs)]);
 
 /** partition → [committed offset of the group, high watermark]. */
 async function offsets(group: string, topic: string): Promise<Map<number, [string, string]>> {
@@ -119,12 +88,6 @@ async function expectAllCommitted(group: string, topic: string): Promise<void> {
   }
 }
 
-/** Only `names` run when a `run` relay starts (other tests' pipelines stay idle). */
-async function enableOnly(...names: string[]): Promise<void> {
-  await db.sql`UPDATE pgtrickle.relay_inbox_config SET enabled = (name = ANY(${names}))`;
-  await db.sql`UPDATE pgtrickle.relay_outbox_config SET enabled = false`;
-}
-
 const TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
 describe("kafka source: mapping, acknowledgement, redelivery", () => {
@@ -134,7 +97,7 @@ describe("kafka source: mapping, acknowledgement, redelivery", () => {
     const N = 240;
     // Explicit partitions, one send: offsets within a partition follow the order below.
     const nextOffset = [0, 0, 0];
-    const expected = new Map<string, Partial<Row>>();
+    const expected = new Map<string, Partial<InboxRow>>();
     const records = Array.from({ length: N }, (_, i) => {
       const partition = i % 3;
       const offset = nextOffset[partition]!++;
@@ -170,7 +133,7 @@ describe("kafka source: mapping, acknowledgement, redelivery", () => {
     const result = await drain("kcols");
     expect(result.stderr).toContain(`kcols (reverse): drained, ${N} delivered, 0 dead-lettered`);
     expect(result.exitCode).toBe(0);
-    const got = await rows(inbox);
+    const got = await inboxRows(db, inbox);
     expect(got.length).toBe(N);
     for (const row of got) {
       const want = expected.get(row.event_id);
@@ -184,7 +147,7 @@ describe("kafka source: mapping, acknowledgement, redelivery", () => {
     await admin.resetOffsets({ groupId: groupOf("kcols"), topic, earliest: true });
     expect((await offsets(groupOf("kcols"), topic)).get(0)![0]).toBe("-2"); // "earliest"
     expect((await drain("kcols")).exitCode).toBe(0);
-    expect(await count(inbox)).toBe(N);
+    expect(await inboxCount(db, inbox)).toBe(N);
     await expectAllCommitted(groupOf("kcols"), topic);
 
     // A producer retry: the same events sent again (new offsets, same dedup headers).
@@ -192,7 +155,7 @@ describe("kafka source: mapping, acknowledgement, redelivery", () => {
     await producer.send({ topic, messages: retried });
     const again = await drain("kcols");
     expect(again.stderr).toContain(`drained, ${retried.length} delivered`);
-    expect(await count(inbox)).toBe(N);
+    expect(await inboxCount(db, inbox)).toBe(N);
     await expectAllCommitted(groupOf("kcols"), topic);
   }, TIMEOUT);
 
@@ -208,7 +171,7 @@ describe("kafka source: mapping, acknowledgement, redelivery", () => {
     }
     const inbox = await pipeline("kround", topic, { batch_size: 15 });
     expect((await drain("kround")).exitCode).toBe(0);
-    const got = await rows(inbox);
+    const got = await inboxRows(db, inbox);
     expect(got.map((r) => r.event_id).sort()).toEqual(sent.map((m) => m.dedup_key).sort());
     const byKey = new Map(sent.map((m) => [m.dedup_key, m]));
     for (const row of got) {
@@ -222,7 +185,7 @@ describe("kafka source: mapping, acknowledgement, redelivery", () => {
   test("a tombstone and a value the inbox refuses go to relay_dead_letters; the rest land and everything is committed", async () => {
     const topic = await newTopic("poison");
     const inbox = await pipeline("kpoison", topic, { batch_size: 50 });
-    await pickyInbox(inbox);
+    await pickyInbox(db, inbox);
     await producer.send({
       topic,
       messages: [
@@ -235,8 +198,8 @@ describe("kafka source: mapping, acknowledgement, redelivery", () => {
     });
     const result = await drain("kpoison");
     expect(result.exitCode).toBe(0);
-    expect(await count(inbox)).toBe(8);
-    const letters = await deadLetters("kpoison");
+    expect(await inboxCount(db, inbox)).toBe(8);
+    const letters = await deadLetters(db, "kpoison");
     expect(letters.map((d) => [d.dedup_key, d.error_kind])).toEqual([
       [`kafka:${topic}:0:5`, "decode"],
       [`kafka:${topic}:0:7`, "inbox_permanent"],
@@ -250,11 +213,11 @@ describe("kafka source: mapping, acknowledgement, redelivery", () => {
     await producer.send({ topic, messages: [{ value: JSON.stringify({ old: 1 }) }, { value: JSON.stringify({ old: 2 }) }] });
     const inbox = await pipeline("klatest", topic, { auto_offset_reset: "latest" });
     expect((await drain("klatest")).exitCode).toBe(0);
-    expect(await count(inbox)).toBe(0);
+    expect(await inboxCount(db, inbox)).toBe(0);
     // Produced while no relay runs: the start position was committed by the first run.
     await producer.send({ topic, messages: [{ value: JSON.stringify({ fresh: 1 }) }, { value: JSON.stringify({ fresh: 2 }) }] });
     expect((await drain("klatest")).exitCode).toBe(0);
-    expect((await rows(inbox)).map((r) => r.payload)).toEqual([{ fresh: 1 }, { fresh: 2 }]);
+    expect((await inboxRows(db, inbox)).map((r) => r.payload)).toEqual([{ fresh: 1 }, { fresh: 2 }]);
     await expectAllCommitted(groupOf("klatest"), topic);
   }, TIMEOUT);
 });
@@ -266,14 +229,14 @@ describe("kafka source: crashes and rebalances", () => {
     // letter, then commits the offsets; holding a lock on relay_dead_letters stops it in between.
     const inbox = await pipeline("kcrash", topic, { batch_size: 100, session_timeout_ms: 6000, heartbeat_interval_ms: 1000, rebalance_timeout_ms: 8000 });
     await producer.send({ topic, messages: [...Array.from({ length: 20 }, (_, i) => ({ value: JSON.stringify({ n: i }) })), { key: "gone", value: null }] });
-    await enableOnly("kcrash");
+    await enableOnly(db, "kcrash");
     const locker = await db.sql.reserve();
     await locker`BEGIN`;
     await locker`LOCK TABLE pgtrickle.relay_dead_letters IN EXCLUSIVE MODE`;
     const relay = new RunningRelay(["--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0"]);
     running.push(relay);
     try {
-      await eventually(async () => (await count(inbox)) === 20, 30_000, "the batch's inbox commit");
+      await eventually(async () => (await inboxCount(db, inbox)) === 20, 30_000, "the batch's inbox commit");
       await eventually(
         async () => {
           const [row] = await db.sql`SELECT count(*)::int AS n FROM pg_locks WHERE NOT granted AND relation = 'pgtrickle.relay_dead_letters'::regclass`;
@@ -291,8 +254,8 @@ describe("kafka source: crashes and rebalances", () => {
     }
     const result = await drain("kcrash");
     expect(result.exitCode).toBe(0);
-    expect(await count(inbox)).toBe(20);
-    const letters = await deadLetters("kcrash");
+    expect(await inboxCount(db, inbox)).toBe(20);
+    const letters = await deadLetters(db, "kcrash");
     expect(letters.map((d) => [d.dedup_key, d.error_kind, d.attempts])).toEqual([[`kafka:${topic}:0:20`, "decode", 1]]);
     await expectAllCommitted(groupOf("kcrash"), topic);
   }, TIMEOUT);
@@ -303,7 +266,7 @@ describe("kafka source: crashes and rebalances", () => {
     const group = groupOf(name);
     const inbox = await pipeline(name, topic, { batch_size: 100, session_timeout_ms: 6000, heartbeat_interval_ms: 500, rebalance_timeout_ms: 6000, max_wait_ms: 200 });
     await producer.send({ topic, messages: [...Array.from({ length: 20 }, (_, i) => ({ value: JSON.stringify({ n: i }) })), { value: null }] });
-    await enableOnly(name);
+    await enableOnly(db, name);
     const waitingForLock = async () => {
       const [row] = await db.sql`SELECT count(*)::int AS n FROM pg_locks WHERE NOT granted AND relation = 'pgtrickle.relay_dead_letters'::regclass`;
       return (row as { n: number }).n;
@@ -317,7 +280,7 @@ describe("kafka source: crashes and rebalances", () => {
     let locked = true;
     try {
       // A has written the batch to the inbox and waits (holding the partition) before its commit.
-      await eventually(async () => (await count(inbox)) === 20 && (await waitingForLock()) === 1, 30_000, "relay A to hold its batch");
+      await eventually(async () => (await inboxCount(db, inbox)) === 20 && (await waitingForLock()) === 1, 30_000, "relay A to hold its batch");
       b = new RunningRelay(["--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0", "--relay-group-id", `hb${RUN}`]);
       running.push(b);
       // A cannot rejoin while it holds the batch: after rebalance_timeout_ms the group goes on
@@ -327,8 +290,8 @@ describe("kafka source: crashes and rebalances", () => {
       locked = false;
       await eventually(async () => (await uncommitted(group, topic)) === 0, 30_000, "the partition to be committed");
       await eventually(() => /offsets for 21 records not committed \((UNKNOWN_MEMBER_ID|ILLEGAL_GENERATION|REBALANCE_IN_PROGRESS)/.test(a.stderr), 10_000, "relay A to report its refused commit");
-      expect(await count(inbox)).toBe(20);
-      expect((await deadLetters(name)).map((d) => [d.dedup_key, d.attempts])).toEqual([[`kafka:${topic}:0:20`, 2]]);
+      expect(await inboxCount(db, inbox)).toBe(20);
+      expect((await deadLetters(db, name)).map((d) => [d.dedup_key, d.attempts])).toEqual([[`kafka:${topic}:0:20`, 2]]);
       expect(await a.stop("SIGTERM")).toBe(0);
       expect(await b.stop("SIGTERM")).toBe(0);
       await expectAllCommitted(group, topic);
@@ -344,7 +307,7 @@ describe("kafka source: crashes and rebalances", () => {
     const name = "krebal";
     const group = groupOf(name);
     const inbox = await pipeline(name, topic, { batch_size: 10, session_timeout_ms: 6000, heartbeat_interval_ms: 500, rebalance_timeout_ms: 10000, max_wait_ms: 200 });
-    await enableOnly(name);
+    await enableOnly(db, name);
     let sent = 0;
     /** `n` records, round-robin over the partitions, 5 per send with a pause between sends. */
     const produce = async (n: number, pauseMs: number) => {
@@ -371,13 +334,13 @@ describe("kafka source: crashes and rebalances", () => {
     running.push(a);
     let b: RunningRelay | undefined;
     try {
-      await eventually(async () => (await count(inbox)) >= 100, 30_000, "relay A to consume");
+      await eventually(async () => (await inboxCount(db, inbox)) >= 100, 30_000, "relay A to consume");
       b = new RunningRelay(["--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0", "--relay-group-id", `b${RUN}`]);
       running.push(b);
       // B joins while A is busy: A finishes (and commits) its batch in hand before rejoining.
       await Promise.all([produce(100, 20), eventually(async () => (await stableMembers()) === 2, 40_000, "both relays to hold partitions")]);
       await produce(200, 20);
-      await eventually(async () => (await count(inbox)) >= 400, 30_000, "both relays to consume");
+      await eventually(async () => (await inboxCount(db, inbox)) >= 400, 30_000, "both relays to consume");
       const byA = await published(a);
       const byB = await published(b);
       expect(byA).toBeGreaterThan(100);
@@ -388,11 +351,11 @@ describe("kafka source: crashes and rebalances", () => {
       expect(await a.stop("SIGTERM")).toBe(0);
       await producing;
       expect(a.stderr).not.toMatch(/ERROR/);
-      await eventually(async () => (await count(inbox)) >= 600, 60_000, "all 600 rows");
+      await eventually(async () => (await inboxCount(db, inbox)) >= 600, 60_000, "all 600 rows");
       await eventually(async () => (await uncommitted(group, topic)) === 0, 30_000, "every partition to be committed");
       expect(await published(b)).toBeGreaterThan(byB);
       expect(await b.stop("SIGTERM")).toBe(0);
-      const got = await rows(inbox);
+      const got = await inboxRows(db, inbox);
       expect(got.length).toBe(600);
       expect(new Set(got.map((r) => (r.payload as { seq: number }).seq)).size).toBe(600);
       await expectAllCommitted(group, topic);
@@ -404,7 +367,7 @@ describe("kafka source: crashes and rebalances", () => {
 
 describe("kafka source: failures and configuration", () => {
   test("an unreachable broker leaves the pipeline degraded (transient), with host:port named and no secret in the output", async () => {
-    const port = await closedPort();
+    const port = await freePort();
     const secret = `pw-${RUN}-do-not-print`;
     await pipeline("kdown", "some.topic", {
       brokers: `127.0.0.1:${port}`,
@@ -469,14 +432,5 @@ describe("kafka source: failures and configuration", () => {
 });
 
 function ctx(direction: "forward" | "reverse"): BackendContext {
-  return { pipeline: "kafka_source_test", direction, relayGroupId: "test", log: log.withTag("kafka-source-test"), sql: db.sql, postgresUrl: db.url, drain: true };
-}
-
-/** A loopback port nothing listens on. */
-async function closedPort(): Promise<number> {
-  const server = createServer();
-  await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
-  const { port } = server.address() as { port: number };
-  await new Promise<void>((r) => server.close(() => r()));
-  return port;
+  return backendContext("kafka_source_test", { direction, log: log.withTag("kafka-source-test"), sql: db.sql, postgresUrl: db.url, drain: true });
 }

@@ -1,15 +1,16 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { createConsola } from "consola";
-import { createServer, connect as tcpConnect, type Server, type Socket } from "node:net";
 import { AckPolicy, connect, headers as natsHeaders, nanos, type JetStreamClient, type JetStreamManager, type NatsConnection } from "nats";
 import * as v from "valibot";
 import nats, { NatsSinkConfig, NatsSourceConfig } from "../../src/backends/nats.ts";
 import type { Batch, BackendContext, Source } from "../../src/backends/types.ts";
-import { RelayError } from "../../src/errors.ts";
 import { envelopeJson } from "../../src/message.ts";
+import { backendContext, errorOf } from "../helpers/backend.ts";
 import { forwardMessages } from "../helpers/messages.ts";
 import { testDatabase, type TestDatabase } from "../helpers/pg.ts";
-import { eventually, relayOnce, RunningRelay } from "../helpers/relay.ts";
+import { freePort, freezingProxy, tcpProxy } from "../helpers/proxy.ts";
+import { eventually, RunningRelay } from "../helpers/relay.ts";
+import { drainPipeline, inboxCount, inboxRows, setRelayInbox } from "../helpers/reverse.ts";
 import { NATS_URL, requireServer, SERVER_ADDRESSES } from "../helpers/servers.ts";
 
 const RUN = `${process.pid}_${Math.floor(Math.random() * 1e6)}`;
@@ -57,20 +58,10 @@ async function publish(subject: string, body: string | Uint8Array, hdrs: Record<
 }
 
 async function pipeline(name: string, inbox: string, source: Record<string, unknown>, database: TestDatabase = db): Promise<void> {
-  await database.sql`SELECT pgtrickle.set_relay_inbox(${name}, ${inbox}, ${database.sql.json({ type: "nats", url: NATS_URL, ...source } as never)})`;
+  await setRelayInbox(database, name, inbox, { type: "nats", url: NATS_URL, ...source });
 }
 
-const drain = (name: string, extra: string[] = [], database: TestDatabase = db) =>
-  relayOnce(["drain", "--postgres-url", database.url, "--pipeline", name, ...extra]);
-
-async function rows(inbox: string, database: TestDatabase = db) {
-  return database.sql.unsafe(`SELECT event_id, event_type, source, aggregate_id, payload, trace_id FROM pgtrickle."${inbox}" ORDER BY event_id`);
-}
-
-async function count(inbox: string, database: TestDatabase = db): Promise<number> {
-  const [r] = await database.sql.unsafe<{ n: number }[]>(`SELECT count(*)::int AS n FROM pgtrickle."${inbox}"`);
-  return r!.n;
-}
+const drain = (name: string, extra: string[] = [], database: TestDatabase = db) => drainPipeline(database, name, extra);
 
 async function consumerState(streamName: string, durable: string) {
   const info = await jsm.consumers.info(streamName, durable);
@@ -78,15 +69,7 @@ async function consumerState(streamName: string, durable: string) {
 }
 
 function ctxFor(pipelineName: string, drainMode: boolean): BackendContext {
-  return {
-    pipeline: pipelineName,
-    direction: "reverse",
-    relayGroupId: "test",
-    log: createConsola({ level: 0 }),
-    sql: db.sql,
-    postgresUrl: db.url,
-    drain: drainMode,
-  };
+  return backendContext(pipelineName, { direction: "reverse", log: createConsola({ level: 0 }), sql: db.sql, postgresUrl: db.url, drain: drainMode });
 }
 
 function sourceFor(options: Record<string, unknown>, drainMode = true, name = `direct_${RUN}`): Source {
@@ -94,16 +77,6 @@ function sourceFor(options: Record<string, unknown>, drainMode = true, name = `d
   const source = nats.source.create(cfg, ctxFor(name, drainMode));
   sources.push(source);
   return source;
-}
-
-async function errorOf(p: Promise<unknown>): Promise<RelayError> {
-  try {
-    await p;
-  } catch (err) {
-    expect(err).toBeInstanceOf(RelayError);
-    return err as RelayError;
-  }
-  throw new Error("expected a RelayError, but the call succeeded");
 }
 
 /** Takes batches until `n` messages (or dead letters) arrived, without acknowledging them. */
@@ -140,7 +113,7 @@ describe("nats source → inbox (set_relay_inbox, drain)", () => {
     expect(r.stderr).toContain("drained, 202 delivered, 0 dead-lettered");
     expect(r.exitCode).toBe(0);
 
-    const all = await rows("nats_basic_inbox");
+    const all = await inboxRows(db, "nats_basic_inbox");
     expect(all.length).toBe(202);
     const byId = Object.fromEntries(all.map((row) => [row.event_id, row]));
     expect(byId["order-0"]).toEqual({
@@ -173,7 +146,7 @@ describe("nats source → inbox (set_relay_inbox, drain)", () => {
     await jsm.consumers.delete(name, durable);
     const again = await drain("nats_basic");
     expect(again.stderr).toContain("drained, 202 delivered");
-    expect(await rows("nats_basic_inbox")).toEqual(all);
+    expect(await inboxRows(db, "nats_basic_inbox")).toEqual(all);
 
     // Producer retry after the stream's duplicate window: the stream stores them again, the inbox not.
     await Bun.sleep(1100);
@@ -181,7 +154,7 @@ describe("nats source → inbox (set_relay_inbox, drain)", () => {
     expect((await jsm.streams.info(name)).state.messages).toBe(252);
     const retry = await drain("nats_basic");
     expect(retry.stderr).toContain("drained, 50 delivered");
-    expect(await count("nats_basic_inbox")).toBe(202);
+    expect(await inboxCount(db, "nats_basic_inbox")).toBe(202);
     expect(await consumerState(name, durable)).toMatchObject({ pending: 0, unacked: 0 });
   }, 60_000);
 
@@ -200,7 +173,7 @@ describe("nats source → inbox (set_relay_inbox, drain)", () => {
 
     await pipeline("nats_roundtrip", "nats_roundtrip_inbox", { subject: `${prefix}.>`, stream: name, durable_name: `rt_${RUN}` });
     expect((await drain("nats_roundtrip")).exitCode).toBe(0);
-    const got = await rows("nats_roundtrip_inbox");
+    const got = await inboxRows(db, "nats_roundtrip_inbox");
     expect(got.map((row) => row.event_id).sort()).toEqual(sent.map((m) => m.dedup_key).sort());
     const first = got.find((row) => row.event_id === sent[0]!.dedup_key)!;
     expect(first.event_type).toBe(`${prefix}.orders.insert`);
@@ -219,7 +192,7 @@ describe("nats source → inbox (set_relay_inbox, drain)", () => {
     const r = await drain("nats_poison");
     expect(r.stderr).toContain("drained, 9 delivered, 1 dead-lettered");
     expect(r.exitCode).toBe(0);
-    expect(await count("nats_poison_inbox")).toBe(9);
+    expect(await inboxCount(db, "nats_poison_inbox")).toBe(9);
     const dl = await db.sql`SELECT dedup_key, error_kind, error FROM pgtrickle.relay_dead_letters WHERE pipeline = 'nats_poison'`;
     expect(dl.length).toBe(1);
     expect(dl[0]).toMatchObject({ dedup_key: `nats:${name}:${seqs[4]}`, error_kind: "inbox_permanent" });
@@ -229,7 +202,7 @@ describe("nats source → inbox (set_relay_inbox, drain)", () => {
 
   test("kill -9 between the inbox commit and the broker ack, then a restart: every row once, nothing pending or unacked", async () => {
     const own = await testDatabase("nats_source_kill");
-    const proxy = await ackFreezingProxy(SERVER_ADDRESSES.nats.port);
+    const proxy = await freezingProxy(SERVER_ADDRESSES.nats.port, (chunk) => chunk.includes("+ACK"));
     try {
       const { name, prefix } = await stream("kill");
       for (let i = 0; i < 300; i++) await publish(`${prefix}.e`, JSON.stringify({ i }), {}, `kill-${i}`);
@@ -238,7 +211,7 @@ describe("nats source → inbox (set_relay_inbox, drain)", () => {
       const relay = new RunningRelay(["--postgres-url", own.url, "--metrics-addr", "127.0.0.1:0"]);
       try {
         // The first batch commits; its acknowledgements never reach the server.
-        await eventually(async () => proxy.frozen && (await count("nats_kill_inbox", own).catch(() => 0)) === 100, 20_000, "the first batch in the inbox");
+        await eventually(async () => proxy.frozen && (await inboxCount(own, "nats_kill_inbox").catch(() => 0)) === 100, 20_000, "the first batch in the inbox");
         const state = await consumerState(name, "pgtrickle-relay-nats_kill");
         expect(state.unacked).toBe(100);
       } finally {
@@ -249,7 +222,7 @@ describe("nats source → inbox (set_relay_inbox, drain)", () => {
       // The 100 committed-but-unacked messages come back after their ack wait and are absorbed.
       expect(r.stderr).toContain("drained, 300 delivered");
       expect(r.exitCode).toBe(0);
-      expect(await count("nats_kill_inbox", own)).toBe(300);
+      expect(await inboxCount(own, "nats_kill_inbox")).toBe(300);
       expect(await consumerState(name, "pgtrickle-relay-nats_kill")).toMatchObject({ pending: 0, unacked: 0 });
     } finally {
       await proxy.stop();
@@ -258,7 +231,7 @@ describe("nats source → inbox (set_relay_inbox, drain)", () => {
   }, 60_000);
 
   test("an unreachable broker: the pipeline is degraded, the error names host:port and no secret", async () => {
-    const port = await closedPort();
+    const port = await freePort();
     await pipeline("nats_down", "nats_down_inbox", { url: `nats://alice:pw-s3cret-42@127.0.0.1:${port}`, subject: `rs${RUN}.down.>` });
     const r = await drain("nats_down", ["--timeout", "3"]);
     expect(r.exitCode).toBe(1);
@@ -410,88 +383,3 @@ describe("nats source (direct)", () => {
     }
   }, 60_000);
 });
-
-/** A loopback port nothing listens on. */
-async function closedPort(): Promise<number> {
-  const server = createServer();
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-  const port = (server.address() as { port: number }).port;
-  await new Promise<void>((resolve) => server.close(() => resolve()));
-  return port;
-}
-
-/**
- * A TCP forwarder to the real server that goes silent in both directions the moment the client
- * sends a JetStream acknowledgement: the relay has committed the batch to the inbox by then, and
- * the ack never arrives — the window a kill -9 must survive.
- */
-async function ackFreezingProxy(targetPort: number) {
-  const sockets = new Set<Socket>();
-  const state = { frozen: false };
-  const server: Server = createServer((client) => {
-    const upstream = tcpConnect({ host: "127.0.0.1", port: targetPort });
-    sockets.add(client).add(upstream);
-    client.on("data", (chunk: Buffer) => {
-      if (!state.frozen && chunk.includes("+ACK")) state.frozen = true;
-      if (!state.frozen) upstream.write(chunk);
-    });
-    upstream.on("data", (chunk: Buffer) => {
-      if (!state.frozen) client.write(chunk);
-    });
-    const end = () => {
-      client.destroy();
-      upstream.destroy();
-    };
-    client.on("error", end).on("close", end);
-    upstream.on("error", end).on("close", end);
-  });
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-  return {
-    port: (server.address() as { port: number }).port,
-    get frozen() {
-      return state.frozen;
-    },
-    async stop() {
-      for (const s of sockets) s.destroy();
-      await new Promise<void>((resolve) => server.close(() => resolve()));
-    },
-  };
-}
-
-/** A TCP forwarder to the real server that a test can cut and restore, on a fixed port. */
-async function tcpProxy(targetPort: number) {
-  const sockets = new Set<Socket>();
-  let server: Server | null = null;
-  const listen = (port: number) =>
-    new Promise<number>((resolve, reject) => {
-      server = createServer((client) => {
-        const upstream = tcpConnect({ host: "127.0.0.1", port: targetPort });
-        sockets.add(client).add(upstream);
-        client.pipe(upstream).pipe(client);
-        const end = () => {
-          client.destroy();
-          upstream.destroy();
-          sockets.delete(client);
-          sockets.delete(upstream);
-        };
-        client.on("error", end).on("close", end);
-        upstream.on("error", end).on("close", end);
-      });
-      server.once("error", reject);
-      server.listen(port, "127.0.0.1", () => resolve((server!.address() as { port: number }).port));
-    });
-  const port = await listen(0);
-  return {
-    port,
-    async stop() {
-      for (const s of sockets) s.destroy();
-      sockets.clear();
-      const s = server;
-      server = null;
-      if (s) await new Promise<void>((resolve) => s.close(() => resolve()));
-    },
-    async resume() {
-      await listen(port);
-    },
-  };
-}

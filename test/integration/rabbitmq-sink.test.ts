@@ -6,25 +6,17 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import amqp, { type Channel, type ChannelModel, type GetMessage } from "amqplib";
 import * as v from "valibot";
 import rabbitmq from "../../src/backends/rabbitmq.ts";
-import type { BackendContext, Sink } from "../../src/backends/types.ts";
-import { RelayError } from "../../src/errors.ts";
+import type { Sink } from "../../src/backends/types.ts";
 import { envelopeJson } from "../../src/message.ts";
 import { log } from "../../src/observe/log.ts";
+import { backendContext, expectRelayError } from "../helpers/backend.ts";
 import { forwardMessages } from "../helpers/messages.ts";
 import { AMQP_URL, requireServer } from "../helpers/servers.ts";
 
 const RUN = `${Date.now().toString(36)}${Math.random().toString(36).slice(2, 6)}`;
 const name = (label: string) => `relaytest.${RUN}.${label}`;
 
-const ctx = (): BackendContext => ({
-  pipeline: "rabbit_test",
-  direction: "forward",
-  relayGroupId: "test",
-  log: log.withTag("rabbitmq-test"),
-  sql: undefined as never,
-  postgresUrl: "postgres://unused",
-  drain: false,
-});
+const ctx = () => backendContext("rabbit_test", { log: log.withTag("rabbitmq-test") });
 
 const spec = rabbitmq.sink!;
 const sinks: Sink[] = [];
@@ -76,17 +68,6 @@ async function drain(queue: string, expected: number): Promise<GetMessage[]> {
     await Bun.sleep(50);
   }
   return out;
-}
-
-async function expectRelayError(p: Promise<unknown>, kind: string): Promise<RelayError> {
-  try {
-    await p;
-  } catch (err) {
-    expect(err).toBeInstanceOf(RelayError);
-    expect((err as RelayError).kind).toBe(kind as RelayError["kind"]);
-    return err as RelayError;
-  }
-  throw new Error(`expected a ${kind} error, but it succeeded`);
 }
 
 beforeAll(async () => {

@@ -5,16 +5,18 @@
  * unacknowledged once the relay is gone).
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { createServer } from "node:net";
 import amqp, { type Channel, type ChannelModel, type Options } from "amqplib";
 import * as v from "valibot";
 import rabbitmq, { convertAmqpDelivery } from "../../src/backends/rabbitmq.ts";
 import type { BackendContext } from "../../src/backends/types.ts";
 import { sha256Hex } from "../../src/inbound.ts";
 import { log } from "../../src/observe/log.ts";
+import { backendContext } from "../helpers/backend.ts";
 import { forwardMessages } from "../helpers/messages.ts";
 import { testDatabase, type TestDatabase } from "../helpers/pg.ts";
-import { eventually, relayOnce, RunningRelay } from "../helpers/relay.ts";
+import { freePort } from "../helpers/proxy.ts";
+import { eventually, RunningRelay } from "../helpers/relay.ts";
+import { deadLetters, drainPipeline, enableOnly, inboxCount, inboxRows, killRelays, pickyInbox, setRelayInbox, type InboxRow } from "../helpers/reverse.ts";
 import { AMQP_URL, requireServer } from "../helpers/servers.ts";
 
 const RUN = `${Date.now().toString(36)}${Math.random().toString(36).slice(2, 6)}`;
@@ -37,7 +39,7 @@ beforeAll(async () => {
 });
 
 afterAll(async () => {
-  for (const r of running) if (r.proc.exitCode === null) await r.stop("SIGKILL");
+  await killRelays(running);
   if (ch) {
     for (const q of queues) await ch.deleteQueue(q).catch(() => {});
     for (const x of exchanges) await ch.deleteExchange(x).catch(() => {});
@@ -57,53 +59,15 @@ async function newQueue(label: string, options: Options.AssertQueue = { durable:
 /** A reverse pipeline `pname` → inbox `<pname>_inbox`, consuming `queue`. */
 async function pipeline(pname: string, queue: string, options: Record<string, unknown> = {}): Promise<string> {
   const source = { type: "rabbitmq", url: AMQP_URL, queue, ...options };
-  await db.sql`SELECT pgtrickle.set_relay_inbox(${pname}, ${`${pname}_inbox`}, ${db.sql.json(source as never)})`;
+  await setRelayInbox(db, pname, `${pname}_inbox`, source);
   return `${pname}_inbox`;
 }
 
-const drain = (pname: string, timeoutSecs = 60) => relayOnce(["drain", "--postgres-url", db.url, "--pipeline", pname, "--timeout", String(timeoutSecs)]);
-
-interface Row {
-  event_id: string;
-  event_type: string | null;
-  source: string | null;
-  aggregate_id: string | null;
-  payload: unknown;
-  trace_id: string | null;
-}
-
-async function rows(inbox: string): Promise<Row[]> {
-  const result = await db.sql.unsafe(`SELECT event_id, event_type, source, aggregate_id, payload, trace_id FROM pgtrickle."${inbox}" ORDER BY event_id`);
-  return result.map((r) => ({ ...r }) as unknown as Row);
-}
-
-/** Rows in the inbox (0 while the relay has not created it yet). */
-async function count(inbox: string): Promise<number> {
-  const [exists] = await db.sql`SELECT to_regclass(${`pgtrickle."${inbox}"`}) IS NOT NULL AS ok`;
-  if (!(exists as { ok: boolean }).ok) return 0;
-  const [row] = await db.sql.unsafe(`SELECT count(*)::int AS n FROM pgtrickle."${inbox}"`);
-  return (row as unknown as { n: number }).n;
-}
-
-async function deadLetters(pname: string): Promise<{ dedup_key: string; error_kind: string; attempts: number }[]> {
-  const result = await db.sql`SELECT dedup_key, error_kind, attempts FROM pgtrickle.relay_dead_letters WHERE pipeline = ${pname} ORDER BY dedup_key`;
-  return result.map((r) => ({ ...r }) as { dedup_key: string; error_kind: string; attempts: number });
-}
-
-/** An inbox that refuses rows whose payload has a `bad` field (as a bring-your-own table with a CHECK might). */
-async function pickyInbox(inbox: string): Promise<void> {
-  await db.sql`SELECT pgtrickle.create_inbox(${inbox})`;
-  await db.sql.unsafe(`ALTER TABLE pgtrickle."${inbox}" ADD CONSTRAINT no_bad CHECK (NOT (payload ? 'bad'))`);
-}
+const drain = (pname: string, timeoutSecs = 60) => drainPipeline(db, pname, ["--timeout", String(timeoutSecs)]);
 
 /** Nothing ready and nobody consuming: with no consumer left, an unacknowledged delivery would be ready again. */
 async function expectEmptyQueue(queue: string): Promise<void> {
   expect(await ch.checkQueue(queue)).toMatchObject({ messageCount: 0, consumerCount: 0 });
-}
-
-async function enableOnly(...names: string[]): Promise<void> {
-  await db.sql`UPDATE pgtrickle.relay_inbox_config SET enabled = (name = ANY(${names}))`;
-  await db.sql`UPDATE pgtrickle.relay_outbox_config SET enabled = false`;
 }
 
 const synthesizedKey = (exchange: string, routingKey: string, body: string) =>
@@ -119,7 +83,7 @@ describe("rabbitmq source: mapping, acknowledgement, redelivery", () => {
     exchanges.push(exchange);
     await ch.bindQueue(queue, exchange, "orders.#");
     const N = 150;
-    const expected = new Map<string, Partial<Row>>();
+    const expected = new Map<string, Partial<InboxRow>>();
     const publish = () => {
       for (let i = 0; i < N; i++) {
         const body = JSON.stringify({ i });
@@ -156,7 +120,7 @@ describe("rabbitmq source: mapping, acknowledgement, redelivery", () => {
     const result = await drain("rcols");
     expect(result.stderr).toContain(`rcols (reverse): drained, ${N} delivered, 0 dead-lettered`);
     expect(result.exitCode).toBe(0);
-    const got = await rows(inbox);
+    const got = await inboxRows(db, inbox);
     expect(got.length).toBe(N);
     for (const row of got) {
       const want = expected.get(row.event_id);
@@ -171,7 +135,7 @@ describe("rabbitmq source: mapping, acknowledgement, redelivery", () => {
     publish();
     const again = await drain("rcols");
     expect(again.stderr).toContain(`drained, ${N} delivered`);
-    expect(await count(inbox)).toBe(N);
+    expect(await inboxCount(db, inbox)).toBe(N);
     await expectEmptyQueue(queue);
   }, TIMEOUT);
 
@@ -189,7 +153,7 @@ describe("rabbitmq source: mapping, acknowledgement, redelivery", () => {
       const sent = forwardMessages(30);
       expect(await sink.write(sent)).toEqual([]);
       expect((await drain("rround")).exitCode).toBe(0);
-      const got = await rows(inbox);
+      const got = await inboxRows(db, inbox);
       expect(got.map((r) => r.event_id).sort()).toEqual(sent.map((m) => m.dedup_key).sort());
       const byKey = new Map(sent.map((m) => [m.dedup_key, m]));
       for (const row of got) {
@@ -206,12 +170,12 @@ describe("rabbitmq source: mapping, acknowledgement, redelivery", () => {
   test("a message the inbox refuses goes to relay_dead_letters and is acknowledged; the others land", async () => {
     const queue = await newQueue("poison");
     const inbox = await pipeline("rpoison", queue, { batch_size: 50 });
-    await pickyInbox(inbox);
+    await pickyInbox(db, inbox);
     for (let i = 0; i < 9; i++) ch.sendToQueue(queue, Buffer.from(JSON.stringify(i === 4 ? { bad: true } : { good: i })), { messageId: `p-${i}` });
     const result = await drain("rpoison");
     expect(result.exitCode).toBe(0);
-    expect(await count(inbox)).toBe(8);
-    expect((await deadLetters("rpoison")).map((d) => [d.dedup_key, d.error_kind])).toEqual([["p-4", "inbox_permanent"]]);
+    expect(await inboxCount(db, inbox)).toBe(8);
+    expect((await deadLetters(db, "rpoison")).map((d) => [d.dedup_key, d.error_kind])).toEqual([["p-4", "inbox_permanent"]]);
     await expectEmptyQueue(queue);
   }, TIMEOUT);
 });
@@ -220,18 +184,18 @@ describe("rabbitmq source: crashes", () => {
   test("kill -9 after the inbox commit but before the ack, then a restart: RabbitMQ redelivers, N rows, nothing left in the queue", async () => {
     const queue = await newQueue("crash");
     const inbox = await pipeline("rcrash", queue, { batch_size: 100 });
-    await pickyInbox(inbox);
+    await pickyInbox(db, inbox);
     // One batch: 20 events and one the inbox refuses. The pipeline commits the inbox rows, then
     // writes the dead letter, then acks; a lock on relay_dead_letters stops it in between.
     for (let i = 0; i < 21; i++) ch.sendToQueue(queue, Buffer.from(JSON.stringify(i === 20 ? { bad: i } : { n: i })), { messageId: `c-${i}` });
-    await enableOnly("rcrash");
+    await enableOnly(db, "rcrash");
     const locker = await db.sql.reserve();
     await locker`BEGIN`;
     await locker`LOCK TABLE pgtrickle.relay_dead_letters IN EXCLUSIVE MODE`;
     const relay = new RunningRelay(["--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0"]);
     running.push(relay);
     try {
-      await eventually(async () => (await count(inbox)) === 20, 30_000, "the batch's inbox commit");
+      await eventually(async () => (await inboxCount(db, inbox)) === 20, 30_000, "the batch's inbox commit");
       await eventually(
         async () => {
           const [row] = await db.sql`SELECT count(*)::int AS n FROM pg_locks WHERE NOT granted AND relation = 'pgtrickle.relay_dead_letters'::regclass`;
@@ -250,15 +214,15 @@ describe("rabbitmq source: crashes", () => {
     await eventually(async () => (await ch.checkQueue(queue)).messageCount === 21, 10_000, "RabbitMQ to requeue the unacknowledged deliveries");
     const result = await drain("rcrash");
     expect(result.exitCode).toBe(0);
-    expect(await count(inbox)).toBe(20);
-    expect((await deadLetters("rcrash")).map((d) => [d.dedup_key, d.error_kind, d.attempts])).toEqual([["c-20", "inbox_permanent", 1]]);
+    expect(await inboxCount(db, inbox)).toBe(20);
+    expect((await deadLetters(db, "rcrash")).map((d) => [d.dedup_key, d.error_kind, d.attempts])).toEqual([["c-20", "inbox_permanent", 1]]);
     await expectEmptyQueue(queue);
   }, TIMEOUT);
 
   test("SIGTERM while deliveries keep arriving: the batch in hand is finished, the rest stays queued, a restart delivers it all", async () => {
     const queue = await newQueue("sigterm");
     const inbox = await pipeline("rterm", queue, { batch_size: 10, prefetch_count: 50 });
-    await enableOnly("rterm");
+    await enableOnly(db, "rterm");
     const relay = new RunningRelay(["--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0"]);
     running.push(relay);
     let sent = 0;
@@ -269,14 +233,14 @@ describe("rabbitmq source: crashes", () => {
           await Bun.sleep(10);
         }
       })();
-      await eventually(async () => (await count(inbox)) >= 50, 30_000, "the relay to consume");
+      await eventually(async () => (await inboxCount(db, inbox)) >= 50, 30_000, "the relay to consume");
       expect(await relay.stop("SIGTERM")).toBe(0);
       await publishing;
     } finally {
       if (relay.proc.exitCode === null) await relay.stop("SIGKILL");
     }
     expect((await drain("rterm")).exitCode).toBe(0);
-    const got = await rows(inbox);
+    const got = await inboxRows(db, inbox);
     expect(got.length).toBe(400);
     await expectEmptyQueue(queue);
   }, TIMEOUT);
@@ -284,7 +248,7 @@ describe("rabbitmq source: crashes", () => {
 
 describe("rabbitmq source: failures and configuration", () => {
   test("an unreachable broker leaves the pipeline degraded (transient), with host:port named and no secret in the output", async () => {
-    const port = await closedPort();
+    const port = await freePort();
     const secret = `pw-${RUN}-do-not-print`;
     await pipeline("rdown", "some.queue", { url: `amqp://relay:${secret}@127.0.0.1:${port}/`, connection_timeout_ms: 1000 });
     const result = await drain("rdown", 5);
@@ -310,7 +274,7 @@ describe("rabbitmq source: failures and configuration", () => {
     const result = await drain("rodd");
     expect(result.exitCode).toBe(0);
     expect(result.stderr).toContain("exists with other properties than a plain durable queue; using it as it is");
-    expect((await rows(inbox)).map((r) => r.event_id)).toEqual(["odd-1"]);
+    expect((await inboxRows(db, inbox)).map((r) => r.event_id)).toEqual(["odd-1"]);
     await expectEmptyQueue(odd);
 
     await pipeline("rnoqueue", name("never-declared"), { declare_queue: false });
@@ -354,14 +318,5 @@ describe("rabbitmq source: failures and configuration", () => {
 });
 
 function ctx(direction: "forward" | "reverse"): BackendContext {
-  return { pipeline: "rabbitmq_source_test", direction, relayGroupId: "test", log: log.withTag("rabbitmq-source-test"), sql: db.sql, postgresUrl: db.url, drain: true };
-}
-
-/** A loopback port nothing listens on. */
-async function closedPort(): Promise<number> {
-  const server = createServer();
-  await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
-  const { port } = server.address() as { port: number };
-  await new Promise<void>((r) => server.close(() => r()));
-  return port;
+  return backendContext("rabbitmq_source_test", { direction, log: log.withTag("rabbitmq-source-test"), sql: db.sql, postgresUrl: db.url, drain: true });
 }

@@ -1,26 +1,19 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { createConsola } from "consola";
 import { Redis } from "ioredis";
-import { createServer, connect as tcpConnect, type Server, type Socket } from "node:net";
 import * as v from "valibot";
 import redis, { RedisSinkConfig } from "../../src/backends/redis.ts";
-import type { BackendContext, Sink } from "../../src/backends/types.ts";
+import type { Sink } from "../../src/backends/types.ts";
 import { RelayError } from "../../src/errors.ts";
 import type { Message } from "../../src/message.ts";
+import { backendContext, errorOf } from "../helpers/backend.ts";
 import { forwardMessages } from "../helpers/messages.ts";
+import { freePort, tcpProxy } from "../helpers/proxy.ts";
 import { REDIS_URL, requireServer, SERVER_ADDRESSES } from "../helpers/servers.ts";
 
 const RUN = `${process.pid}_${Math.floor(Math.random() * 1e6)}`;
 const PREFIX = `rt:${RUN}`;
-const ctx: BackendContext = {
-  pipeline: "redis_sink_test",
-  direction: "forward",
-  relayGroupId: "test",
-  log: createConsola({ level: 0 }),
-  sql: undefined as never,
-  postgresUrl: "",
-  drain: false,
-};
+const ctx = backendContext("redis_sink_test", { log: createConsola({ level: 0 }), postgresUrl: "" });
 
 let r: Redis;
 const sinks: Sink[] = [];
@@ -46,24 +39,6 @@ async function entries(key: string): Promise<Record<string, string>[]> {
 async function rawFields(key: string): Promise<string[]> {
   const raw = (await r.xrange(key, "-", "+", "COUNT", 1)) as [string, string[]][];
   return raw[0]![1].filter((_, i) => i % 2 === 0);
-}
-
-async function errorOf(p: Promise<unknown>): Promise<RelayError> {
-  try {
-    await p;
-  } catch (err) {
-    expect(err).toBeInstanceOf(RelayError);
-    return err as RelayError;
-  }
-  throw new Error("expected a RelayError, but the call succeeded");
-}
-
-async function closedPort(): Promise<number> {
-  const server = createServer();
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-  const port = (server.address() as { port: number }).port;
-  await new Promise<void>((resolve) => server.close(() => resolve()));
-  return port;
 }
 
 beforeAll(async () => {
@@ -216,7 +191,7 @@ describe("redis sink", () => {
   });
 
   test("an unreachable server is a transient error naming host:port and no secret", async () => {
-    const port = await closedPort();
+    const port = await freePort();
     const sink = sinkFor({ url: `redis://relay:pw-s3cret-1@127.0.0.1:${port}/0`, password: "pw-s3cret-2" });
     expect(sink.describe).toContain(`127.0.0.1:${port}`);
     expect(sink.describe).not.toContain("s3cret");
@@ -283,41 +258,3 @@ describe("redis sink", () => {
     }
   });
 });
-
-/** A TCP forwarder to the real server that a test can cut and restore, on a fixed port. */
-async function tcpProxy(targetPort: number) {
-  const sockets = new Set<Socket>();
-  let server: Server | null = null;
-  const listen = (port: number) =>
-    new Promise<number>((resolve, reject) => {
-      server = createServer((client) => {
-        const upstream = tcpConnect({ host: "127.0.0.1", port: targetPort });
-        sockets.add(client).add(upstream);
-        client.pipe(upstream).pipe(client);
-        const end = () => {
-          client.destroy();
-          upstream.destroy();
-          sockets.delete(client);
-          sockets.delete(upstream);
-        };
-        client.on("error", end).on("close", end);
-        upstream.on("error", end).on("close", end);
-      });
-      server.once("error", reject);
-      server.listen(port, "127.0.0.1", () => resolve((server!.address() as { port: number }).port));
-    });
-  const port = await listen(0);
-  return {
-    port,
-    async stop() {
-      for (const s of sockets) s.destroy();
-      sockets.clear();
-      const s = server;
-      server = null;
-      if (s) await new Promise<void>((resolve) => s.close(() => resolve()));
-    },
-    async resume() {
-      await listen(port);
-    },
-  };
-}

@@ -1,14 +1,15 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { createConsola } from "consola";
 import { Redis } from "ioredis";
-import { createServer, connect as tcpConnect, type Server, type Socket } from "node:net";
 import * as v from "valibot";
 import redis, { RedisSinkConfig, RedisSourceConfig } from "../../src/backends/redis.ts";
 import type { Batch, BackendContext, Source } from "../../src/backends/types.ts";
-import { RelayError } from "../../src/errors.ts";
+import { backendContext, errorOf } from "../helpers/backend.ts";
 import { forwardMessages } from "../helpers/messages.ts";
 import { testDatabase, type TestDatabase } from "../helpers/pg.ts";
-import { eventually, relayOnce, RunningRelay } from "../helpers/relay.ts";
+import { freePort, freezingProxy, tcpProxy } from "../helpers/proxy.ts";
+import { eventually, RunningRelay } from "../helpers/relay.ts";
+import { drainPipeline, inboxCount, inboxRows, setRelayInbox } from "../helpers/reverse.ts";
 import { REDIS_URL, requireServer, SERVER_ADDRESSES } from "../helpers/servers.ts";
 
 const RUN = `${process.pid}_${Math.floor(Math.random() * 1e6)}`;
@@ -47,20 +48,10 @@ async function xadd(key: string, fields: Record<string, string | Buffer>): Promi
 }
 
 async function pipeline(name: string, inbox: string, source: Record<string, unknown>, database: TestDatabase = db): Promise<void> {
-  await database.sql`SELECT pgtrickle.set_relay_inbox(${name}, ${inbox}, ${database.sql.json({ type: "redis", url: REDIS_URL, ...source } as never)})`;
+  await setRelayInbox(database, name, inbox, { type: "redis", url: REDIS_URL, ...source });
 }
 
-const drain = (name: string, extra: string[] = [], database: TestDatabase = db) =>
-  relayOnce(["drain", "--postgres-url", database.url, "--pipeline", name, ...extra]);
-
-async function rows(inbox: string, database: TestDatabase = db) {
-  return database.sql.unsafe(`SELECT event_id, event_type, source, aggregate_id, payload, trace_id FROM pgtrickle."${inbox}" ORDER BY event_id`);
-}
-
-async function count(inbox: string, database: TestDatabase = db): Promise<number> {
-  const [row] = await database.sql.unsafe<{ n: number }[]>(`SELECT count(*)::int AS n FROM pgtrickle."${inbox}"`);
-  return row!.n;
-}
+const drain = (name: string, extra: string[] = [], database: TestDatabase = db) => drainPipeline(database, name, extra);
 
 /** Entries read by the group and not yet acknowledged, in total and per consumer. */
 async function pending(key: string, group = GROUP): Promise<{ total: number; byConsumer: Record<string, number> }> {
@@ -69,15 +60,7 @@ async function pending(key: string, group = GROUP): Promise<{ total: number; byC
 }
 
 function ctxFor(pipelineName: string, drainMode: boolean): BackendContext {
-  return {
-    pipeline: pipelineName,
-    direction: "reverse",
-    relayGroupId: "test",
-    log: createConsola({ level: 0 }),
-    sql: db.sql,
-    postgresUrl: db.url,
-    drain: drainMode,
-  };
+  return backendContext(pipelineName, { direction: "reverse", log: createConsola({ level: 0 }), sql: db.sql, postgresUrl: db.url, drain: drainMode });
 }
 
 function sourceFor(options: Record<string, unknown>, drainMode = true, name = `direct_${RUN}`): Source {
@@ -85,16 +68,6 @@ function sourceFor(options: Record<string, unknown>, drainMode = true, name = `d
   const source = redis.source.create(cfg, ctxFor(name, drainMode));
   sources.push(source);
   return source;
-}
-
-async function errorOf(p: Promise<unknown>): Promise<RelayError> {
-  try {
-    await p;
-  } catch (err) {
-    expect(err).toBeInstanceOf(RelayError);
-    return err as RelayError;
-  }
-  throw new Error("expected a RelayError, but the call succeeded");
 }
 
 /** Every batch until the iteration ends (drain mode), acknowledging each. */
@@ -133,7 +106,7 @@ describe("redis source → inbox (set_relay_inbox, drain)", () => {
     expect(res.stderr).toContain("drained, 202 delivered, 0 dead-lettered");
     expect(res.exitCode).toBe(0);
 
-    const all = await rows("redis_basic_inbox");
+    const all = await inboxRows(db, "redis_basic_inbox");
     expect(all.length).toBe(202);
     const byId = Object.fromEntries(all.map((row) => [row.event_id, row]));
     expect(byId["order-0"]).toEqual({
@@ -162,14 +135,14 @@ describe("redis source → inbox (set_relay_inbox, drain)", () => {
     // Redelivery: the group is moved back to the start; every entry keeps its key.
     await r.call("XGROUP", "SETID", key, GROUP, "0");
     expect((await drain("redis_basic")).stderr).toContain("drained, 202 delivered");
-    expect(await rows("redis_basic_inbox")).toEqual(all);
+    expect(await inboxRows(db, "redis_basic_inbox")).toEqual(all);
 
     // A producer retrying the first 50 appends them again: new entries, same keys.
     for (let i = 0; i < 50; i++) {
       await xadd(key, { pgt_dedup_key: `order-${i}`, event_type: "order.created", payload: JSON.stringify({ aggregate_id: `ord-${i}`, amount: i }) });
     }
     expect((await drain("redis_basic")).stderr).toContain("drained, 50 delivered");
-    expect(await count("redis_basic_inbox")).toBe(202);
+    expect(await inboxCount(db, "redis_basic_inbox")).toBe(202);
     expect(await pending(key)).toEqual({ total: 0, byConsumer: {} });
   }, 60_000);
 
@@ -185,7 +158,7 @@ describe("redis source → inbox (set_relay_inbox, drain)", () => {
     await pipeline("redis_roundtrip", "redis_roundtrip_inbox", { stream_key: key, group: `rt_${RUN}` });
     const res = await drain("redis_roundtrip");
     expect(res.stderr).toContain("drained, 40 delivered");
-    const got = await rows("redis_roundtrip_inbox");
+    const got = await inboxRows(db, "redis_roundtrip_inbox");
     expect(got.map((row) => row.event_id).sort()).toEqual(sent.map((m) => m.dedup_key).sort());
     const first = got.find((row) => row.event_id === sent[0]!.dedup_key)!;
     expect(first).toMatchObject({ payload: sent[0]!.payload, event_type: key, source: `redis:${key}` });
@@ -203,7 +176,7 @@ describe("redis source → inbox (set_relay_inbox, drain)", () => {
     const res = await drain("redis_poison");
     expect(res.stderr).toContain("drained, 9 delivered, 1 dead-lettered");
     expect(res.exitCode).toBe(0);
-    expect(await count("redis_poison_inbox")).toBe(9);
+    expect(await inboxCount(db, "redis_poison_inbox")).toBe(9);
     const dl = await db.sql`SELECT dedup_key, error_kind FROM pgtrickle.relay_dead_letters WHERE pipeline = 'redis_poison'`;
     expect([...dl]).toEqual([{ dedup_key: `redis:${key}:${ids[4]}`, error_kind: "inbox_permanent" }]);
     expect(await pending(key)).toEqual({ total: 0, byConsumer: {} });
@@ -211,7 +184,7 @@ describe("redis source → inbox (set_relay_inbox, drain)", () => {
 
   test("kill -9 between the inbox commit and XACK, then a restart: every row once, nothing pending", async () => {
     const own = await testDatabase("redis_source_kill");
-    const proxy = await xackFreezingProxy(SERVER_ADDRESSES.redis.port);
+    const proxy = await freezingProxy(SERVER_ADDRESSES.redis.port, (chunk) => /XACK/i.test(chunk.toString("latin1")));
     try {
       const key = `${PREFIX}:kill`;
       for (let i = 0; i < 300; i++) await xadd(key, { pgt_dedup_key: `kill-${i}`, payload: JSON.stringify({ i }) });
@@ -219,7 +192,7 @@ describe("redis source → inbox (set_relay_inbox, drain)", () => {
       const relay = new RunningRelay(["--postgres-url", own.url, "--metrics-addr", "127.0.0.1:0"]);
       try {
         // The first batch commits; its XACK never reaches the server.
-        await eventually(async () => proxy.frozen && (await count("redis_kill_inbox", own).catch(() => 0)) === 100, 20_000, "the first batch in the inbox");
+        await eventually(async () => proxy.frozen && (await inboxCount(own, "redis_kill_inbox").catch(() => 0)) === 100, 20_000, "the first batch in the inbox");
         expect(await pending(key)).toEqual({ total: 100, byConsumer: { "default:redis_kill": 100 } });
       } finally {
         await relay.stop("SIGKILL");
@@ -229,7 +202,7 @@ describe("redis source → inbox (set_relay_inbox, drain)", () => {
       const res = await drain("redis_kill", [], own);
       expect(res.stderr).toContain("drained, 300 delivered");
       expect(res.exitCode).toBe(0);
-      expect(await count("redis_kill_inbox", own)).toBe(300);
+      expect(await inboxCount(own, "redis_kill_inbox")).toBe(300);
       expect(await pending(key)).toEqual({ total: 0, byConsumer: {} });
     } finally {
       await proxy.stop();
@@ -253,14 +226,14 @@ describe("redis source → inbox (set_relay_inbox, drain)", () => {
     const res = await drain("redis_claim");
     expect(res.stderr).toContain("drained, 29 delivered");
     expect(res.exitCode).toBe(0);
-    expect((await rows("redis_claim_inbox")).map((row) => row.event_id).sort()).toEqual(
+    expect((await inboxRows(db, "redis_claim_inbox")).map((row) => row.event_id).sort()).toEqual(
       Array.from({ length: 30 }, (_, i) => `claim-${i}`).filter((k) => k !== "claim-7").sort(),
     );
     expect(await pending(key)).toEqual({ total: 0, byConsumer: {} });
   }, 30_000);
 
   test("an unreachable broker: the pipeline is degraded, the error names host:port and no secret", async () => {
-    const port = await closedPort();
+    const port = await freePort();
     await pipeline("redis_down", "redis_down_inbox", { url: `redis://alice:pw-s3cret-42@127.0.0.1:${port}`, stream_key: `${PREFIX}:down` });
     const res = await drain("redis_down", ["--timeout", "3"]);
     expect(res.exitCode).toBe(1);
@@ -381,87 +354,3 @@ describe("redis source (direct)", () => {
     }
   }, 30_000);
 });
-
-async function closedPort(): Promise<number> {
-  const server = createServer();
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-  const port = (server.address() as { port: number }).port;
-  await new Promise<void>((resolve) => server.close(() => resolve()));
-  return port;
-}
-
-/**
- * A TCP forwarder to the real server that goes silent in both directions the moment the client
- * sends XACK: the relay has committed the batch to the inbox by then, and the XACK never arrives —
- * the window a kill -9 must survive.
- */
-async function xackFreezingProxy(targetPort: number) {
-  const sockets = new Set<Socket>();
-  const state = { frozen: false };
-  const server: Server = createServer((client) => {
-    const upstream = tcpConnect({ host: "127.0.0.1", port: targetPort });
-    sockets.add(client).add(upstream);
-    client.on("data", (chunk: Buffer) => {
-      if (!state.frozen && /XACK/i.test(chunk.toString("latin1"))) state.frozen = true;
-      if (!state.frozen) upstream.write(chunk);
-    });
-    upstream.on("data", (chunk: Buffer) => {
-      if (!state.frozen) client.write(chunk);
-    });
-    const end = () => {
-      client.destroy();
-      upstream.destroy();
-    };
-    client.on("error", end).on("close", end);
-    upstream.on("error", end).on("close", end);
-  });
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-  return {
-    port: (server.address() as { port: number }).port,
-    get frozen() {
-      return state.frozen;
-    },
-    async stop() {
-      for (const s of sockets) s.destroy();
-      await new Promise<void>((resolve) => server.close(() => resolve()));
-    },
-  };
-}
-
-/** A TCP forwarder to the real server that a test can cut and restore, on a fixed port. */
-async function tcpProxy(targetPort: number) {
-  const sockets = new Set<Socket>();
-  let server: Server | null = null;
-  const listen = (port: number) =>
-    new Promise<number>((resolve, reject) => {
-      server = createServer((client) => {
-        const upstream = tcpConnect({ host: "127.0.0.1", port: targetPort });
-        sockets.add(client).add(upstream);
-        client.pipe(upstream).pipe(client);
-        const end = () => {
-          client.destroy();
-          upstream.destroy();
-          sockets.delete(client);
-          sockets.delete(upstream);
-        };
-        client.on("error", end).on("close", end);
-        upstream.on("error", end).on("close", end);
-      });
-      server.once("error", reject);
-      server.listen(port, "127.0.0.1", () => resolve((server!.address() as { port: number }).port));
-    });
-  const port = await listen(0);
-  return {
-    port,
-    async stop() {
-      for (const s of sockets) s.destroy();
-      sockets.clear();
-      const s = server;
-      server = null;
-      if (s) await new Promise<void>((resolve) => s.close(() => resolve()));
-    },
-    async resume() {
-      await listen(port);
-    },
-  };
-}

@@ -11,10 +11,10 @@ import { afterAll, afterEach, beforeAll, describe, expect, test } from "bun:test
 import { createHash } from "node:crypto";
 import * as v from "valibot";
 import sqs from "../../src/backends/sqs.ts";
-import type { BackendContext, Sink } from "../../src/backends/types.ts";
-import { RelayError } from "../../src/errors.ts";
+import type { Sink } from "../../src/backends/types.ts";
 import { envelopeJson, type Message } from "../../src/message.ts";
 import { log } from "../../src/observe/log.ts";
+import { backendContext, errorOf } from "../helpers/backend.ts";
 import { forwardMessages } from "../helpers/messages.ts";
 import { AWS_CREDENTIALS, requireServer, SQS_CLIENT_CONFIG, SQS_ENDPOINT } from "../helpers/servers.ts";
 
@@ -23,15 +23,7 @@ const admin = new SQSClient(SQS_CLIENT_CONFIG);
 const queues: string[] = [];
 const sinks: Sink[] = [];
 
-const ctx = (): BackendContext => ({
-  pipeline: "orders_sqs",
-  direction: "forward",
-  relayGroupId: "test",
-  log,
-  sql: undefined as never,
-  postgresUrl: "postgres://unused",
-  drain: false,
-});
+const ctx = () => backendContext("orders_sqs");
 
 async function createQueue(name: string, attributes: Record<string, string> = {}): Promise<string> {
   const fifo = name.endsWith(".fifo");
@@ -82,16 +74,6 @@ async function drain(queueUrl: string): Promise<SqsMessage[]> {
     );
   }
   return got;
-}
-
-async function failure(p: Promise<unknown>): Promise<RelayError> {
-  try {
-    await p;
-  } catch (err) {
-    expect(err).toBeInstanceOf(RelayError);
-    return err as RelayError;
-  }
-  throw new Error("expected the promise to reject");
 }
 
 const keys = (ms: SqsMessage[]) => ms.map((m) => m.MessageAttributes?.pgt_dedup_key?.StringValue);
@@ -246,7 +228,7 @@ describe("sqs sink, configuration and failures", () => {
   test("start() on a missing queue: config error naming the queue", async () => {
     const missing = `${SQS_ENDPOINT}/000000000000/relay-missing-${run}`;
     const sink = await makeSink({ queue_url: missing }, false);
-    const err = await failure(sink.start());
+    const err = await errorOf(sink.start());
     expect(err.kind).toBe("config");
     expect(err.message).toContain(`relay-missing-${run}`);
     expect(err.message).toContain("does not exist");
@@ -255,7 +237,7 @@ describe("sqs sink, configuration and failures", () => {
   test("start(): FIFO setting that contradicts the queue is a config error", async () => {
     const queue = await createQueue("plain");
     const sink = await makeSink({ queue_url: queue, fifo: true }, false);
-    const err = await failure(sink.start());
+    const err = await errorOf(sink.start());
     expect(err.kind).toBe("config");
     expect(err.message).toContain("fifo");
     expect(err.message).toContain(queue);
@@ -270,7 +252,7 @@ describe("sqs sink, configuration and failures", () => {
     const sink = await makeSink({ queue_url: queue }, true);
     // Started against the real server; now point a second sink at a dead port.
     const dead = await makeSink({ queue_url: queue, endpoint: `http://127.0.0.1:${port}`, secret_access_key: secret, timeout_ms: 2000 }, false);
-    const err = await failure(dead.start());
+    const err = await errorOf(dead.start());
     expect(err.kind).toBe("transient");
     expect(err.message).toContain(`127.0.0.1:${port}`);
     expect(err.message).not.toContain(secret);

@@ -16,15 +16,17 @@ import {
   type MessageAttributeValue,
 } from "@aws-sdk/client-sqs";
 import { afterAll, afterEach, beforeAll, describe, expect, test } from "bun:test";
-import { createServer } from "node:net";
 import * as v from "valibot";
 import sqs from "../../src/backends/sqs.ts";
-import type { BackendContext, Batch } from "../../src/backends/types.ts";
+import type { Batch } from "../../src/backends/types.ts";
 import { RelayError } from "../../src/errors.ts";
 import { log } from "../../src/observe/log.ts";
+import { backendContext } from "../helpers/backend.ts";
 import { forwardMessages } from "../helpers/messages.ts";
 import { testDatabase, type TestDatabase } from "../helpers/pg.ts";
+import { freePort } from "../helpers/proxy.ts";
 import { eventually, relayOnce, RunningRelay } from "../helpers/relay.ts";
+import { disableInboxes, poisonable } from "../helpers/reverse.ts";
 import { AWS_CREDENTIALS, requireServer, SQS_CLIENT_CONFIG, SQS_ENDPOINT } from "../helpers/servers.ts";
 
 const run = `${process.pid}-${Math.random().toString(36).slice(2, 7)}`;
@@ -39,9 +41,7 @@ beforeAll(async () => {
   db = await testDatabase("sqs_source");
 });
 // Each test runs its own relay, which would otherwise also run every earlier test's pipeline.
-afterEach(async () => {
-  await db.sql`UPDATE pgtrickle.relay_inbox_config SET enabled = false WHERE enabled`;
-});
+afterEach(() => disableInboxes(db));
 afterAll(async () => {
   for (const q of queues) await admin.send(new DeleteQueueCommand({ QueueUrl: q })).catch(() => {});
   admin.destroy();
@@ -122,22 +122,6 @@ async function sendMany(queueUrl: string, bodies: string[]): Promise<string[]> {
   return ids;
 }
 
-/** The inbox refuses events whose payload has a `poison` key (a CHECK constraint: SQLSTATE 23514). */
-async function poisonable(inbox: string) {
-  await db.sql.unsafe(`ALTER TABLE pgtrickle.${inbox} ADD CONSTRAINT no_poison CHECK (NOT (payload ? 'poison'))`);
-}
-
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = createServer();
-    srv.once("error", reject);
-    srv.listen(0, "127.0.0.1", () => {
-      const port = (srv.address() as { port: number }).port;
-      srv.close(() => resolve(port));
-    });
-  });
-}
-
 const relay = () => new RunningRelay(["--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0"]);
 
 const TRACE = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -205,7 +189,7 @@ describe("messages → inbox rows", () => {
 
   test("round trip with the SQS sink: original dedup keys, batches larger than max_messages; a replay stays N", async () => {
     const p = await pipeline("roundtrip", { batch_size: 25, max_messages: 7 });
-    const ctx: BackendContext = { pipeline: "fwd", direction: "forward", relayGroupId: "test", log, sql: undefined as never, postgresUrl: "postgres://unused", drain: false };
+    const ctx = backendContext("fwd");
     const messages = forwardMessages(30, { stream_table: `rt_${tag}` });
     const forward = async () => {
       const sink = sqs.sink.create(v.parse(sqs.sink.config, { queue_url: p.queueUrl, ...connection }), ctx);
@@ -238,7 +222,7 @@ describe("messages → inbox rows", () => {
 
   test("a poison message goes to relay_dead_letters and is deleted with its batch; the others land", async () => {
     const p = await pipeline("poison");
-    await poisonable(p.inbox);
+    await poisonable(db, p.inbox);
     const ids = await sendMany(p.queueUrl, ['{"n":1}', '{"poison":true}', '{"n":3}', '{"n":4}']);
     expect((await p.drain()).exitCode).toBe(0);
     expect(await p.count()).toBe(3);
@@ -284,7 +268,7 @@ describe("visibility and crashes", () => {
 
   test("kill -9 after the inbox commit, before DeleteMessageBatch: redelivered after the visibility timeout, N rows, queue empty", async () => {
     const p = await pipeline("crash", { visibility_timeout: 3, wait_time_seconds: 1 });
-    await poisonable(p.inbox);
+    await poisonable(db, p.inbox);
     const ids = await sendMany(p.queueUrl, ['{"n":1}', '{"n":2}', '{"n":3}', '{"poison":true}']);
     // Holding this lock parks the relay right after the inbox commit: the next steps are the
     // poison message's dead letter, then the deletes.
@@ -327,7 +311,7 @@ describe("visibility and crashes", () => {
 });
 
 describe("the source on its own", () => {
-  const ctx = (drain = false): BackendContext => ({ pipeline: `direct_${tag}`, direction: "reverse", relayGroupId: "test", log, sql: undefined as never, postgresUrl: "postgres://unused", drain });
+  const ctx = (drain = false) => backendContext(`direct_${tag}`, { direction: "reverse", drain });
   const make = (queueUrl: string, options: Record<string, unknown> = {}, drain = false) =>
     sqs.source.create(v.parse(sqs.source.config, { queue_url: queueUrl, ...connection, ...options }), ctx(drain));
 
