@@ -1,0 +1,176 @@
+/**
+ * Servers going away mid-stream, at the pipeline level: every sink's connection runs through a
+ * loopback proxy the test cuts. The pipelines must pause (degraded), keep every row, and resume
+ * by themselves once the server is back. Kafka is not behind a proxy (its brokers advertise
+ * their own address); its sink tests cover connection loss. Also: an oversized message is
+ * dead-lettered while later rows flow.
+ */
+import { afterAll, beforeAll, expect, test } from "bun:test";
+import { CreateQueueCommand, DeleteQueueCommand, ReceiveMessageCommand, SQSClient } from "@aws-sdk/client-sqs";
+import amqp from "amqplib";
+import Redis from "ioredis";
+import { connect as natsConnect } from "nats";
+import { createStreamTable, enableOutbox, writeV1Inline } from "../fixtures/outbox.ts";
+import { testDatabase, type TestDatabase } from "../helpers/pg.ts";
+import { tcpProxy } from "../helpers/proxy.ts";
+import { eventually, RunningRelay } from "../helpers/relay.ts";
+import { AMQP_URL, AWS_CREDENTIALS, NATS_URL, REDIS_URL, requireServer, SQS_CLIENT_CONFIG } from "../helpers/servers.ts";
+
+const run = Math.random().toString(36).slice(2, 8);
+const stream = `OUTAGE_${run}`;
+let db: TestDatabase;
+let remote: TestDatabase;
+let outboxTable = "";
+const proxies: Awaited<ReturnType<typeof tcpProxy>>[] = [];
+const webhook: string[] = [];
+let server: ReturnType<typeof Bun.serve>;
+const sqs = new SQSClient(SQS_CLIENT_CONFIG);
+let queueUrl = "";
+let rabbit: amqp.ChannelModel;
+let relay: RunningRelay;
+
+const portOf = (url: string) => Number(new URL(url).port);
+
+beforeAll(async () => {
+  for (const s of ["postgres", "nats", "redis", "rabbitmq", "sqs"] as const) await requireServer(s);
+  db = await testDatabase("outage");
+  remote = await testDatabase("outage_remote", { catalog: false });
+  await remote.sql`SELECT pgtrickle.create_inbox('orders_inbox')`;
+  await createStreamTable(db.sql, "public.outage", "id int primary key, blob text");
+  ({ outboxTable } = await enableOutbox(db.sql, "public.outage"));
+  server = Bun.serve({
+    hostname: "127.0.0.1",
+    port: 0,
+    async fetch(req) {
+      for (const e of (await req.json()) as { dedup_key: string }[]) webhook.push(e.dedup_key);
+      return new Response("ok");
+    },
+  });
+  queueUrl = (await sqs.send(new CreateQueueCommand({ QueueName: `outage-${run}` }))).QueueUrl!;
+  rabbit = await amqp.connect(AMQP_URL);
+  const ch = await rabbit.createChannel();
+  await ch.assertExchange(`outage-${run}`, "topic", { durable: true });
+  await ch.assertQueue(`outage-${run}`, { durable: false });
+  await ch.bindQueue(`outage-${run}`, `outage-${run}`, "#");
+  await ch.close();
+
+  const via = async (port: number) => {
+    const p = await tcpProxy(port);
+    proxies.push(p);
+    return p.port;
+  };
+  const pgUrl = new URL(remote.url);
+  pgUrl.port = String(await via(portOf(remote.url)));
+  const amqpUrl = new URL(AMQP_URL);
+  amqpUrl.port = String(await via(portOf(AMQP_URL)));
+  const sinks: Record<string, Record<string, unknown>> = {
+    o_nats: { type: "nats", url: `nats://127.0.0.1:${await via(portOf(NATS_URL))}`, stream, create_stream: true, subject_template: `outage${run}.{op}`, ack_timeout_ms: 1000 },
+    o_redis: { type: "redis", url: `redis://127.0.0.1:${await via(portOf(REDIS_URL))}`, stream_key: `outage:${run}`, command_timeout_ms: 1000 },
+    o_rabbit: { type: "rabbitmq", url: amqpUrl.toString(), exchange: `outage-${run}` },
+    o_sqs: { type: "sqs", queue_url: queueUrl, endpoint: `http://127.0.0.1:${await via(portOf(SQS_CLIENT_CONFIG.endpoint))}`, region: "us-east-1", timeout_ms: 2000 },
+    o_http: { type: "http", url: `http://127.0.0.1:${await via(server.port!)}/hook`, timeout_ms: 2000 },
+    o_pg: { type: "pg-inbox", url: pgUrl.toString(), inbox_table: "orders_inbox", timeout_ms: 2000 },
+  };
+  for (const [name, sink] of Object.entries(sinks)) {
+    await db.sql`SELECT pgtrickle.set_relay_outbox(${name}, 'public.outage', NULL, ${db.sql.json(sink as never)})`;
+  }
+  relay = new RunningRelay(["--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0"], {
+    AWS_ACCESS_KEY_ID: AWS_CREDENTIALS.accessKeyId,
+    AWS_SECRET_ACCESS_KEY: AWS_CREDENTIALS.secretAccessKey,
+  });
+});
+
+afterAll(async () => {
+  if (relay && relay.proc.exitCode === null) await relay.stop("SIGKILL");
+  for (const p of proxies) await p.stop();
+  server?.stop(true);
+  const nc = await natsConnect({ servers: NATS_URL });
+  await (await nc.jetstreamManager()).streams.delete(stream).catch(() => {});
+  await nc.close();
+  const redis = new Redis(REDIS_URL);
+  await redis.del(`outage:${run}`);
+  redis.disconnect();
+  await rabbit?.createChannel().then(async (ch) => {
+    await ch.deleteQueue(`outage-${run}`);
+    await ch.deleteExchange(`outage-${run}`);
+  }).catch(() => {});
+  await rabbit?.close().catch(() => {});
+  if (queueUrl) await sqs.send(new DeleteQueueCommand({ QueueUrl: queueUrl })).catch(() => {});
+  await db?.drop();
+  await remote?.drop();
+});
+
+/** The distinct dedup keys each destination holds now. */
+async function delivered(): Promise<Record<string, Set<string>>> {
+  const nc = await natsConnect({ servers: NATS_URL });
+  const jsm = await nc.jetstreamManager();
+  const natsKeys = new Set<string>();
+  const info = await jsm.streams.info(stream).catch(() => null);
+  for (let seq = info?.state.first_seq ?? 1; info && seq <= info.state.last_seq; seq++) {
+    natsKeys.add((await jsm.streams.getMessage(stream, { seq })).header.get("Nats-Msg-Id"));
+  }
+  await nc.close();
+  const redis = new Redis(REDIS_URL);
+  const entries = await redis.xrange(`outage:${run}`, "-", "+");
+  redis.disconnect();
+  const rows = await remote.sql<{ event_id: string }[]>`SELECT event_id FROM pgtrickle.orders_inbox`;
+  return {
+    nats: natsKeys,
+    redis: new Set(entries.map(([, f]) => f[f.indexOf("pgt_dedup_key") + 1]!)),
+    http: new Set(webhook),
+    pg: new Set(rows.map((r) => r.event_id)),
+    rabbit: rabbitKeys,
+    sqs: sqsKeys,
+  };
+}
+
+const rabbitKeys = new Set<string>();
+const sqsKeys = new Set<string>();
+/** Queues are read destructively: collect what arrived so far. */
+async function drainQueues(): Promise<void> {
+  const ch = await rabbit.createChannel();
+  for (let m = await ch.get(`outage-${run}`, { noAck: true }); m; m = await ch.get(`outage-${run}`, { noAck: true })) rabbitKeys.add(m.properties.messageId);
+  await ch.close();
+  const r = await sqs.send(new ReceiveMessageCommand({ QueueUrl: queueUrl, MaxNumberOfMessages: 10, WaitTimeSeconds: 0 }));
+  for (const m of r.Messages ?? []) sqsKeys.add(JSON.parse(m.Body!).dedup_key);
+}
+
+async function allHave(keys: string[]): Promise<boolean> {
+  await drainQueues();
+  const d = await delivered();
+  return Object.values(d).every((set) => keys.every((k) => set.has(k)));
+}
+
+const keysOf = (ids: string[]) => ids.map((id) => `${outboxTable}:${id}:0`);
+
+test("every sink pauses while its server is unreachable and resumes with nothing lost", async () => {
+  for (const name of ["o_nats", "o_redis", "o_rabbit", "o_sqs", "o_http", "o_pg"]) await relay.waitForLog(new RegExp(`\\[${name}\\] started`));
+  const ids: string[] = [];
+  for (let i = 1; i <= 5; i++) ids.push(await writeV1Inline(db.sql, outboxTable, { inserted: [{ id: i }], deleted: [] }));
+  await eventually(() => allHave(keysOf(ids)), 30_000, "the first rows everywhere");
+
+  for (const p of proxies) await p.stop();
+  for (let i = 6; i <= 10; i++) ids.push(await writeV1Inline(db.sql, outboxTable, { inserted: [{ id: i }], deleted: [] }));
+  await eventually(() => (relay.stderr.match(/degraded, will retry/g) ?? []).length >= 6, 30_000, "every pipeline to report itself degraded");
+  for (const p of proxies) await p.resume();
+
+  await eventually(() => allHave(keysOf(ids)), 60_000, "every row everywhere after the servers came back").catch(async (err) => {
+    throw new Error(`${err.message}: ${JSON.stringify(Object.fromEntries(Object.entries(await delivered()).map(([k, v]) => [k, v.size])))}\n${relay.stderr.slice(-3000)}`);
+  });
+  expect(relay.stderr).toMatch(/recovered/);
+}, 120_000);
+
+test("an oversized message lands in the dead-letter table while later rows flow", async () => {
+  const big = await writeV1Inline(db.sql, outboxTable, { inserted: [{ id: 1000, blob: "x".repeat(2 * 1024 * 1024) }], deleted: [] });
+  const after = await writeV1Inline(db.sql, outboxTable, { inserted: [{ id: 1001 }], deleted: [] });
+  const letters = () => db.sql<{ pipeline: string; error_kind: string }[]>`
+    SELECT pipeline, error_kind FROM pgtrickle.relay_dead_letters WHERE dedup_key = ${`${outboxTable}:${big}:0`} ORDER BY pipeline`;
+  await eventually(async () => (await letters()).length >= 2, 30_000, "the oversized message dead-lettered").catch(async (err) => {
+    throw new Error(`${err.message}: ${JSON.stringify(await letters())}\n${relay.stderr.slice(-3000)}`);
+  });
+  await eventually(() => allHave([`${outboxTable}:${after}:0`]), 30_000, "the row after the oversized one, everywhere");
+  // NATS (1 MiB max payload) and SQS (1 MiB) refuse it for good; the others accept 2 MiB.
+  const got = await letters();
+  expect(got.map((l) => l.pipeline)).toEqual(expect.arrayContaining(["o_nats", "o_sqs"]));
+  expect(got.every((l) => l.error_kind === "sink_permanent")).toBe(true);
+}, 60_000);
