@@ -136,7 +136,7 @@ export const demoCommand = defineCommand({
       const [start] = await writer<{ n: number }[]>`SELECT coalesce(max(id), 0)::int AS n FROM ${writer(`public.${DEMO_TABLE}`)}`;
       for (let i = 1; i <= count; i++) {
         await Bun.sleep(interval);
-        await writeChange(writer, start!.n + i * 3, outboxTable);
+        await writeChange(writer, start!.n + i, outboxTable);
       }
       await Bun.sleep(500); // let the relay pick up the last change before stopping
       done.resolve();

@@ -393,6 +393,31 @@ describe("drain", () => {
   });
 });
 
+describe("demo", () => {
+  test("relays its changes live to stdout (an update as delete + insert) and --cleanup removes its objects", async () => {
+    const demoDb = await testDatabase("demo", { fixture: false, catalog: false });
+    try {
+      const r = await relayOnce(["demo", "--postgres-url", demoDb.url, "--count", "3", "--interval", "100"]);
+      expect(r.exitCode).toBe(0);
+      const lines = r.stdout.trim().split("\n").map((l) => JSON.parse(l) as Line);
+      expect(lines.map((l) => l.op)).toEqual(["insert", "delete", "insert", "insert"]);
+      expect(lines.map((l) => l.dedup_key)).toEqual([
+        "outbox_relay_demo_orders:1:0",
+        "outbox_relay_demo_orders:2:1",
+        "outbox_relay_demo_orders:2:0",
+        "outbox_relay_demo_orders:3:0",
+      ]);
+      expect((await relayOnce(["demo", "--postgres-url", demoDb.url, "--cleanup"])).exitCode).toBe(0);
+      const left = await demoDb.sql`
+        SELECT to_regclass('public.relay_demo_orders') AS t, to_regclass('pgtrickle.pgt_outbox_config') AS c,
+               (SELECT count(*)::int FROM pgtrickle.relay_outbox_config) AS pipelines`;
+      expect([...left]).toEqual([{ t: null, c: null, pipelines: 0 }]);
+    } finally {
+      await demoDb.drop();
+    }
+  });
+});
+
 describe("file sink", () => {
   test("csv writes the header once per file and rotates by size", async () => {
     const { tables, output } = await setup("csvout", { batch_size: 1 }, { format: "csv", output: join(dir, "csvout.csv"), rotate_bytes: 300 });
