@@ -21,6 +21,13 @@ export const AMQP_URL = "amqp://guest:guest@127.0.0.1:5672";
 
 /** Single-node KRaft Kafka 3.9; topics are auto-created, every replication factor is 1. */
 export const KAFKA_BROKERS = ["127.0.0.1:9092"];
+/**
+ * The same broker's SASL_PLAINTEXT listener: mechanisms PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512,
+ * one user (PLAIN from the listener's JAAS config, SCRAM credentials set by scripts/services).
+ */
+export const KAFKA_SASL_BROKERS = ["127.0.0.1:9094"];
+export const KAFKA_SASL_USER = "relay";
+export const KAFKA_SASL_PASSWORD = "relay-secret";
 
 /**
  * fauxqs, an SQS emulator. Queue URLs it hands out look like
