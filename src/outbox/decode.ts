@@ -41,7 +41,7 @@ function refreshIdOf(payload: unknown, column: string | null): string | null {
   return column;
 }
 
-function summaryPayload(row: HeaderRow, streamTable: string, refreshId: string | null): Record<string, unknown> {
+export function summaryPayload(row: HeaderRow, streamTable: string, refreshId: string | null): Record<string, unknown> {
   return {
     outbox_id: safeOutboxId(row.id),
     inserted_count: Number(row.inserted_count),

@@ -1,9 +1,9 @@
 import * as v from "valibot";
 import type { BackendContext, Batch, DeadLetter, Lag, Source } from "../backends/types.ts";
 import { ident, qualifiedIdent, type Sql } from "../db.ts";
-import { configError, decodeError, errorMessage, RelayError } from "../errors.ts";
+import { configError, decodeError, errorKind, errorMessage, RelayError } from "../errors.ts";
 import { DEFAULT_SUBJECT_TEMPLATE, forwardDedupKey, renderTemplate, type Message, type Op } from "../message.ts";
-import { cleanRow, planFor, safeOutboxId, type HeaderRow, type Plan } from "./decode.ts";
+import { cleanRow, planFor, safeOutboxId, summaryPayload, type HeaderRow, type Plan } from "./decode.ts";
 import { enableOutbox, findOutbox, type OutboxTarget } from "./resolve.ts";
 import { Sleeper } from "../sleep.ts";
 
@@ -121,6 +121,7 @@ export class OutboxSource implements Source {
     if (this.groupMode) await this.ensureGroup();
     else this.committed = await this.readSimpleOffset();
     if (this.groupMode) {
+      clearInterval(this.heartbeat); // start() runs again after a transient failure
       this.heartbeat = setInterval(() => {
         this.sql`SELECT pgtrickle.consumer_heartbeat(${this.cfg.group!}, ${this.consumerId})`.catch((err) =>
           this.ctx.log.warn(`consumer heartbeat failed: ${errorMessage(err)}`),
@@ -135,6 +136,7 @@ export class OutboxSource implements Source {
 
   async close(): Promise<void> {
     clearInterval(this.heartbeat);
+    clearInterval(this.leaseTimer);
     this.sleeper.wake();
   }
 
@@ -181,11 +183,16 @@ export class OutboxSource implements Source {
         completed = header.id;
         continue;
       }
-      for await (const chunk of this.messagesOf(header, plan)) {
-        for (const m of chunk) {
-          messages.push(m);
-          if (messages.length >= this.cfg.max_batch_messages) yield take();
+      try {
+        for await (const chunk of this.messagesOf(header, plan)) {
+          for (const m of chunk) {
+            messages.push(m);
+            if (messages.length >= this.cfg.max_batch_messages) yield take();
+          }
         }
+      } catch (err) {
+        if (errorKind(err) !== "decode") throw err;
+        deadLetters.push(this.decodeDeadLetter(header, err));
       }
       completed = header.id;
       if (plan.kind === "claim_check") claimChecks.push(header.id);
@@ -258,6 +265,7 @@ export class OutboxSource implements Source {
     const [counts] = await this.sql<{ inserted: string }[]>`
       SELECT count(*)::text AS inserted FROM ${table} WHERE outbox_id = ${header.id}::bigint AND ${opCol} = ANY(${opValues("insert")})`;
     const insertedCount = Number(counts?.inserted ?? 0);
+    let found = 0;
     for (const op of ["delete", "insert"] as const) {
       let after = "0";
       let index = op === "insert" ? 0 : insertedCount;
@@ -267,10 +275,25 @@ export class OutboxSource implements Source {
           WHERE d.outbox_id = ${header.id}::bigint AND d.${opCol} = ANY(${opValues(op)}) AND d.row_num > ${after}::bigint
           ORDER BY d.row_num LIMIT ${this.cfg.claim_check_fetch_size}`;
         if (page.length === 0) break;
+        found += page.length;
         yield page.map((r) => this.message(header, op, index++, r.data, fullRefresh, refreshId));
         after = page[page.length - 1]!.row_num;
         if (page.length < this.cfg.claim_check_fetch_size) break;
       }
+    }
+    if (found === 0 && Number(header.inserted_count) + Number(header.deleted_count) > 0) {
+      if (header.payload === null || header.payload === undefined) {
+        // 0.37–0.45: the delta table holds a snapshot, and an emptied stream table has none; a
+        // summary tells downstream that this full refresh happened (its rows are all gone).
+        if (this.cfg.summary_messages) yield [this.message(header, "summary", 0, summaryPayload(header, this.target.streamTable, refreshId), true, refreshId)];
+        return;
+      }
+      // A designed v1 header announces its delta rows. The extension only warns when its insert
+      // fails, and outbox_rows_consumed run by another pipeline deletes them for every reader:
+      // either way the change set is gone, which must be visible rather than silent.
+      throw decodeError(
+        `claim-check row id=${header.id} announces ${Number(header.inserted_count) + Number(header.deleted_count)} rows but pgtrickle."${this.target.deltaTable}" holds none (failed extension insert, or released by another pipeline's release_claim_check)`,
+      );
     }
   }
 

@@ -16,6 +16,8 @@ import {
   type OutboxTables,
 } from "../fixtures/outbox.ts";
 
+// Every pipeline of this file lives in one database and every `run` takes all enabled ones:
+// the relays here get --max-workers 100 so that the default of 10 never leaves one out.
 let db: TestDatabase;
 const dir = mkdtempSync(join(tmpdir(), "relay-forward-"));
 
@@ -127,6 +129,24 @@ describe("decoding every payload shape", () => {
     expect(await offsetOf("shapes")).toBe(id7);
   });
 
+  test("claim-check rows that are missing: a v1 header is dead-lettered, a 0.37–0.45 snapshot of an emptied table is a summary", async () => {
+    const { tables, output } = await setup("cc_missing");
+    const v1 = await writeClaimCheck(db.sql, tables.outboxTable, tables.deltaTable, [{ op: "INSERT", data: { id: 1 } }], { v1Header: true });
+    await db.sql.unsafe(`DELETE FROM pgtrickle."${tables.deltaTable}" WHERE outbox_id = ${v1}`);
+    const emptied = await writeClaimCheck(db.sql, tables.outboxTable, tables.deltaTable, [], { deleted_count: 10001 });
+    const after = await writeV1Inline(db.sql, tables.outboxTable, { inserted: [{ id: 2, amount: 2 }], deleted: [] });
+    expect((await drain("cc_missing")).exitCode).toBe(0);
+    const lines = readLines(output);
+    expect(lines.map((l) => [l.outbox_id, l.op, l.is_full_refresh])).toEqual([
+      [Number(emptied), "summary", true],
+      [Number(after), "insert", false],
+    ]);
+    const [letter] = await db.sql<{ outbox_id: string; error: string }[]>`
+      SELECT outbox_id::text, error FROM pgtrickle.relay_dead_letters WHERE pipeline = 'cc_missing'`;
+    expect(letter!.outbox_id).toBe(v1);
+    expect(letter!.error).toContain("holds none");
+  });
+
   test("a replay produces identical keys, and a second drain delivers nothing new", async () => {
     const { tables, output } = await setup("replay");
     await writeV1Inline(db.sql, tables.outboxTable, { inserted: [{ id: 1, amount: 1 }, { id: 2, amount: 2 }], deleted: [] });
@@ -164,7 +184,7 @@ describe("dead letters", () => {
       WHERE pipeline = 'poison'`;
     const [replayed] = await db.sql<{ n: number }[]>`SELECT pgtrickle.replay_relay_dead_letters('poison') AS n`;
     expect(replayed!.n).toBe(1);
-    const relay = new RunningRelay(["--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0"]);
+    const relay = new RunningRelay(["--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0", "--max-workers", "100"]);
     try {
       await writeV1Inline(db.sql, tables.outboxTable, { inserted: [{ id: 4, amount: 4 }], deleted: [] });
       await eventually(async () => {
@@ -192,7 +212,7 @@ describe("dead letters", () => {
 describe("no row skipped", () => {
   test("two writers committing out of id order: both rows are delivered, the later id is held until the earlier commits", async () => {
     const { tables, output } = await setup("ooo", { poll_interval_ms: 50 });
-    const relay = new RunningRelay(["--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0"]);
+    const relay = new RunningRelay(["--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0", "--max-workers", "100"]);
     try {
       await relay.waitForLog(/\[ooo\] started/);
       let release!: () => void;
@@ -238,7 +258,7 @@ describe("no row skipped", () => {
        SELECT jsonb_build_object('v', 1, 'inserted', jsonb_build_array(jsonb_build_object('id', g, 'amount', g)), 'deleted', '[]'::jsonb)
        FROM generate_series(1, ${total}) g`,
     );
-    const relay = new RunningRelay(["--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0"]);
+    const relay = new RunningRelay(["--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0", "--max-workers", "100"]);
     await eventually(() => readLines(output).length >= 200, 20_000, "some rows to be delivered");
     await relay.stop("SIGKILL");
     const beforeRestart = readLines(output).length;
@@ -257,7 +277,7 @@ describe("no row skipped", () => {
 describe("wake-up", () => {
   test("with a 60 s poll interval a new row still arrives at once through pg_notify", async () => {
     const { tables, output } = await setup("notify", { poll_interval_ms: 60_000 });
-    const relay = new RunningRelay(["--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0"]);
+    const relay = new RunningRelay(["--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0", "--max-workers", "100"]);
     try {
       await relay.waitForLog(/\[notify\] started/);
       await Bun.sleep(300); // the first (empty) poll is done; the pipeline now sleeps for 60 s
@@ -274,7 +294,7 @@ describe("failed pipelines", () => {
     await createStreamTable(db.sql, "public.later", "id int primary key");
     const output = join(dir, "later.jsonl");
     await configurePipeline("later", "public.later", { type: "file", output });
-    const relay = new RunningRelay(["--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0", "--discovery-interval", "1"]);
+    const relay = new RunningRelay(["--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0", "--max-workers", "100", "--discovery-interval", "1"]);
     try {
       await relay.waitForLog(/\[later\] failed: .*has no outbox/);
       const t = await enableOutbox(db.sql, "public.later");
@@ -315,7 +335,7 @@ describe("consumer-group leases", () => {
     const held = new Promise<void>((r) => (release = r));
     const receiver = Bun.serve({ hostname: "127.0.0.1", port: 0, fetch: async () => (await held, new Response("ok")) });
     await configurePipeline("slow", "public.slow", { type: "http", url: `http://127.0.0.1:${receiver.port}/`, timeout_ms: 60_000 }, { visibility_seconds: 2 }, "slowpokes");
-    const relay = new RunningRelay(["--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0"]);
+    const relay = new RunningRelay(["--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0", "--max-workers", "100"]);
     try {
       const lease = async () =>
         (await db.sql<{ expires: Date; polled: Date }[]>`
