@@ -35,7 +35,7 @@ import { headerValue, inboundMessage, reverseSourceKeys } from "../inbound.ts";
 import { DEFAULT_SUBJECT_TEMPLATE, envelopeJson, renderTemplate, type Message } from "../message.ts";
 import { abortableDelay } from "../sleep.ts";
 import { redactUrlsAndSecrets as scrub } from "./redact.ts";
-import { defineBackend, sinkSpec, sourceSpec, type Batch, type BackendContext, type DeadLetter, type Rejection, type Sink, type Source } from "./types.ts";
+import { defineBackend, sinkSpec, sourceSpec, type Batch, type BackendContext, type DeadLetter, type Lag, type Rejection, type Sink, type Source } from "./types.ts";
 
 const positiveInt = (max = Number.MAX_SAFE_INTEGER) => v.pipe(v.number(), v.integer(), v.minValue(1), v.maxValue(max));
 const nonEmpty = () => v.pipe(v.string(), v.nonEmpty());
@@ -690,6 +690,16 @@ interface StoredNatsMessage {
   nats: { stream: string; seq: number; subject: string; headers: Record<string, string>; data_base64: string };
 }
 
+/** Bound of one lag() request: /health and the metrics must stay quick. */
+const LAG_TIMEOUT_MS = 2000;
+
+function withTimeout<T>(p: Promise<T>, ms: number): Promise<T> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  return Promise.race([p, new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`lag query timed out after ${ms} ms`)), ms)))]).finally(() =>
+    clearTimeout(timer),
+  );
+}
+
 /** A batch between fetch and acknowledgement. */
 interface InFlight {
   msgs: JsMsg[];
@@ -940,6 +950,22 @@ class NatsSource implements Source {
       // A consumer deleted under a running relay is recreated by the next batches() call.
       throw e.kind === "config" ? transientError(e.message, err) : e;
     }
+  }
+
+  /**
+   * Messages the durable consumer has not had acknowledged: not yet delivered (num_pending) plus
+   * delivered and unacknowledged (num_ack_pending). One consumer-info request, bounded by
+   * LAG_TIMEOUT_MS; it never fetches, acks or creates anything (null before start() found the
+   * stream). Seconds: 0 when nothing is left; otherwise the age of the oldest unacknowledged
+   * message is not in the consumer info, and reading it would cost a message fetch, so it is
+   * reported as 0 (unknown) too.
+   */
+  async lag(): Promise<Lag | null> {
+    const jsm = this.jsm;
+    const stream = this.stream;
+    if (!jsm || !stream || this.link.disconnected) return null;
+    const info = await withTimeout(jsm.consumers.info(stream, this.durable), LAG_TIMEOUT_MS);
+    return { rows: info.num_pending + info.num_ack_pending, seconds: 0 };
   }
 
   /** Keeps the server from redelivering a batch while the relay works on it. */

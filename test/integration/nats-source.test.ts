@@ -290,6 +290,24 @@ describe("nats source (direct)", () => {
     expect(sourceFor({ subject: "a.>" }, true, "my pipeline.v2").describe).toContain("pgtrickle-relay-my_pipeline_v2");
   });
 
+  test("lag(): pending plus unacknowledged messages of the consumer, read without consuming; 0 once drained", async () => {
+    const { prefix } = await stream("lag");
+    const src = sourceFor({ subject: `${prefix}.>`, durable_name: `lag_${RUN}`, batch_size: 10 }, true, `lag_${RUN}`);
+    expect(await src.lag!()).toBeNull(); // not started: nothing known yet
+    for (let i = 0; i < 25; i++) await publish(`${prefix}.e`, JSON.stringify({ i }));
+    await src.start();
+    expect(await src.lag!()).toEqual({ rows: 25, seconds: 0 });
+    expect(await src.lag!()).toEqual({ rows: 25, seconds: 0 }); // asking again consumed nothing
+    expect(await consumerState(`RS_lag_${RUN}`, `lag_${RUN}`)).toMatchObject({ pending: 25, unacked: 0 });
+    const it = src.batches(new AbortController().signal)[Symbol.asyncIterator]();
+    const [b1] = await take(it, 10);
+    expect(await src.lag!()).toEqual({ rows: 25, seconds: 0 }); // a batch in hand counts until its ack
+    await b1!.ack();
+    expect((await src.lag!())!.rows).toBe(15);
+    for (let r = await it.next(); !r.done; r = await it.next()) await r.value.ack();
+    expect(await src.lag!()).toEqual({ rows: 0, seconds: 0 });
+  });
+
   test("batches hold at most batch_size; release() hands them back at once; the last delivery is dead-lettered instead", async () => {
     const { name, prefix } = await stream("release");
     for (let i = 0; i < 25; i++) await publish(`${prefix}.e`, JSON.stringify({ i }), {}, `rel-${i}`);
