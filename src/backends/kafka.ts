@@ -37,7 +37,7 @@ import { headerValue, inboundMessage, reverseSourceKeys, utf8OrNull } from "../i
 import { envelopeJson, renderTemplate, type Message } from "../message.ts";
 import { Sleeper } from "../sleep.ts";
 import { readSettingFile, redactSecrets } from "./redact.ts";
-import { defineBackend, sinkSpec, sourceSpec, type BackendContext, type Batch, type DeadLetter, type Rejection, type Sink, type Source } from "./types.ts";
+import { defineBackend, sinkSpec, sourceSpec, type BackendContext, type Batch, type DeadLetter, type Lag, type Rejection, type Sink, type Source } from "./types.ts";
 
 /** Kafka's own rule for topic names (plus: not `.` or `..`). */
 const TOPIC_NAME = /^[A-Za-z0-9._-]{1,249}$/;
@@ -1132,6 +1132,9 @@ class KafkaSession {
   }
 }
 
+/** Bound of one lag() call: /health and the metrics must stay quick. */
+const LAG_TIMEOUT_MS = 2000;
+
 /**
  * Reads a topic (or several) as a member of a consumer group, with auto-commit off: a batch's
  * offsets are committed (offset+1 per partition) only by its ack(), after the inbox commit, so a
@@ -1263,6 +1266,41 @@ export class KafkaSource implements Source {
     this.session = null;
     await session?.close();
     await this.resetAdmin();
+  }
+
+  /**
+   * Records of the topics this group has not committed: per partition, high watermark − the
+   * group's committed offset (a partition without one counts from where auto_offset_reset would
+   * start it; what retention deleted is not counted). Two admin requests per topic on the admin
+   * client the source already holds, bounded by LAG_TIMEOUT_MS; nothing is committed or joined.
+   * Records held by a batch in flight count until its commit. Seconds: not known without reading
+   * records, reported as 0.
+   */
+  async lag(): Promise<Lag | null> {
+    const work = (async () => {
+      const admin = await this.adminClient();
+      let rows = 0n;
+      for (const topic of this.cfg.topic) {
+        const [highs, committed] = await Promise.all([admin.fetchTopicOffsets(topic), admin.fetchOffsets({ groupId: this.groupId, topics: [topic] })]);
+        const mine = committed.find((t) => t.topic === topic)?.partitions ?? [];
+        for (const h of highs) {
+          const high = BigInt(h.high);
+          const low = BigInt(h.low);
+          const c = BigInt(mine.find((x) => x.partition === h.partition)?.offset ?? "-1");
+          let position = c >= 0n ? c : this.cfg.auto_offset_reset === "earliest" ? low : high;
+          if (position < low) position = low;
+          if (high > position) rows += high - position;
+        }
+      }
+      return { rows: Number(rows), seconds: 0 };
+    })();
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const timeout = new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`kafka lag query timed out after ${LAG_TIMEOUT_MS} ms`)), LAG_TIMEOUT_MS)));
+    try {
+      return await Promise.race([work, timeout]);
+    } finally {
+      clearTimeout(timer);
+    }
   }
 
   /** Drops the admin client after a failure; the next use connects afresh. */

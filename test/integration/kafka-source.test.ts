@@ -365,6 +365,35 @@ describe("kafka source: crashes and rebalances", () => {
   }, TIMEOUT);
 });
 
+describe("kafka source: lag", () => {
+  test(
+    "lag(): high watermark − committed offset over the group's partitions, read without joining or committing; 0 once drained",
+    async () => {
+      const topic = await newTopic("lag", 3);
+      await producer.send({ topic, messages: Array.from({ length: 30 }, (_, i) => ({ key: `k${i}`, value: JSON.stringify({ i }) })) });
+      const cfg = v.parse(kafka.source!.config, { brokers: KAFKA_BROKERS, topic, group_id: groupOf("lag_p") });
+      const source = kafka.source!.create(cfg, { ...ctx("reverse"), pipeline: "lag_p" });
+      try {
+        await source.start();
+        // No offset committed yet: counted from where auto_offset_reset (earliest) starts.
+        expect(await source.lag!()).toEqual({ rows: 30, seconds: 0 });
+        expect(await source.lag!()).toEqual({ rows: 30, seconds: 0 });
+        expect(await uncommitted(groupOf("lag_p"), topic)).toBe(30); // nothing was committed by asking
+        await pipeline("lag_p", topic);
+        const r = await drain("lag_p");
+        expect(r.exitCode).toBe(0);
+        expect(await inboxCount(db, "lag_p_inbox")).toBe(30);
+        expect(await source.lag!()).toEqual({ rows: 0, seconds: 0 });
+        await producer.send({ topic, messages: [{ value: "{}" }, { value: "{}" }] });
+        expect((await source.lag!())!.rows).toBe(2);
+      } finally {
+        await source.close();
+      }
+    },
+    TIMEOUT,
+  );
+});
+
 describe("kafka source: failures and configuration", () => {
   test("an unreachable broker leaves the pipeline degraded (transient), with host:port named and no secret in the output", async () => {
     const port = await freePort();
