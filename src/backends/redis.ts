@@ -23,7 +23,7 @@ import { configError, errorMessage, RelayError, transientError } from "../errors
 import { decodeBody, inboundMessage, reverseSourceKeys, type DecodedBody } from "../inbound.ts";
 import { renderTemplate, type Message } from "../message.ts";
 import { redactUrlsAndSecrets as scrub } from "./redact.ts";
-import { defineBackend, sinkSpec, sourceSpec, type Batch, type BackendContext, type DeadLetter, type Rejection, type Sink, type Source } from "./types.ts";
+import { defineBackend, sinkSpec, sourceSpec, type Batch, type BackendContext, type DeadLetter, type Lag, type Rejection, type Sink, type Source } from "./types.ts";
 
 const positiveInt = (max = Number.MAX_SAFE_INTEGER) => v.pipe(v.number(), v.integer(), v.minValue(1), v.maxValue(max));
 const nonEmpty = () => v.pipe(v.string(), v.nonEmpty());
@@ -579,9 +579,14 @@ interface StoredRedisEntry {
 
 type Phase = "own" | "claim" | "new";
 
+/** Command timeout of the lag() connection: /health and the metrics must stay quick. */
+const LAG_TIMEOUT_MS = 2000;
+
 class RedisSource implements Source {
   readonly describe: string;
   private readonly link: RedisLink;
+  /** A connection for lag() only, opened on first use. */
+  private readonly lagLink: RedisLink;
   private readonly key: string;
   private readonly group: string;
   private readonly consumer: string;
@@ -595,6 +600,7 @@ class RedisSource implements Source {
   ) {
     // A blocking read legitimately stays unanswered for block_ms.
     this.link = new RedisLink(cfg, ctx, "source", cfg.command_timeout_ms + cfg.block_ms);
+    this.lagLink = new RedisLink(cfg, ctx, "source", Math.min(cfg.command_timeout_ms, LAG_TIMEOUT_MS));
     this.key = cfg.stream_key;
     this.group = cfg.group_name;
     this.consumer = cfg.consumer_name ?? `${ctx.relayGroupId}:${ctx.pipeline}`;
@@ -605,6 +611,28 @@ class RedisSource implements Source {
 
   async start(): Promise<void> {
     await this.ensureGroup(await this.link.connect());
+  }
+
+  /**
+   * Entries of the stream the group has not had acknowledged: `XINFO GROUPS` → the group's `lag`
+   * (entries not yet delivered to any consumer, Redis ≥ 7; nil when Redis cannot tell, e.g. after
+   * XDEL) plus `pending` (delivered, unacknowledged). Without a `lag` field only `pending` is
+   * known and reported. Runs on a connection of its own (the source's may sit in a blocking
+   * XREADGROUP) with a short command timeout; reads nothing from the group. Seconds: reported 0.
+   */
+  async lag(): Promise<Lag | null> {
+    const client = await this.lagLink.connect();
+    const groups = (await client.call("XINFO", "GROUPS", this.key)) as unknown[][];
+    for (const g of groups) {
+      const info = new Map<string, unknown>();
+      for (let i = 0; i + 1 < g.length; i += 2) info.set(String(g[i]), g[i + 1]);
+      if (String(info.get("name")) !== this.group) continue;
+      const pending = Number(info.get("pending") ?? 0);
+      const undelivered = info.get("lag");
+      const rows = pending + (typeof undelivered === "number" ? undelivered : 0);
+      return { rows, seconds: 0 };
+    }
+    return null;
   }
 
   /** `XGROUP CREATE key group <start_id> [MKSTREAM]`; an existing group is fine, anything else is not. */
@@ -845,7 +873,7 @@ class RedisSource implements Source {
   }
 
   async close(): Promise<void> {
-    await this.link.close();
+    await Promise.all([this.link.close(), this.lagLink.close()]);
   }
 }
 

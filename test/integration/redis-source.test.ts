@@ -296,6 +296,24 @@ describe("redis source (direct)", () => {
     expect(await pending(key, `rel_${RUN}`)).toEqual({ total: 0, byConsumer: {} });
   });
 
+  test("lag(): the group's undelivered entries (XINFO GROUPS lag) plus its pending ones, read without reading the group; 0 once drained", async () => {
+    const key = `${PREFIX}:lag`;
+    const src = sourceFor({ stream_key: key, group_name: `lag_${RUN}`, start_id: "0", mkstream: true, batch_size: 10 }, true, `lag_${RUN}`);
+    await src.start();
+    expect(await src.lag!()).toEqual({ rows: 0, seconds: 0 });
+    for (let i = 0; i < 25; i++) await xadd(key, { payload: JSON.stringify({ i }) });
+    expect(await src.lag!()).toEqual({ rows: 25, seconds: 0 });
+    expect(await src.lag!()).toEqual({ rows: 25, seconds: 0 }); // asking again read nothing
+    expect((await pending(key, `lag_${RUN}`)).total).toBe(0);
+    const it = src.batches(new AbortController().signal)[Symbol.asyncIterator]();
+    const b1 = (await it.next()).value as Batch;
+    expect(await src.lag!()).toEqual({ rows: 25, seconds: 0 }); // a batch in hand is pending until its XACK
+    await b1.ack();
+    expect((await src.lag!())!.rows).toBe(15);
+    for (let r = await it.next(); !r.done; r = await it.next()) await r.value.ack();
+    expect(await src.lag!()).toEqual({ rows: 0, seconds: 0 });
+  });
+
   test("an own pending entry deleted from the stream is acknowledged away, never blocking", async () => {
     const key = `${PREFIX}:owngone`;
     const group = `og_${RUN}`;
