@@ -36,7 +36,7 @@ import { envelopeJson, renderTemplate, type Message } from "../message.ts";
 import { Sleeper } from "../sleep.ts";
 import { runKeyed } from "./concurrency.ts";
 import { redactSecrets } from "./redact.ts";
-import { defineBackend, sinkSpec, sourceSpec, type BackendContext, type Batch, type Rejection, type Sink, type Source } from "./types.ts";
+import { defineBackend, sinkSpec, sourceSpec, type BackendContext, type Batch, type Lag, type Rejection, type Sink, type Source } from "./types.ts";
 
 /** Where the queue is and how to reach it: shared by the sink and the source. */
 const sqsConnectionKeys = {
@@ -573,6 +573,9 @@ class InFlight {
   }
 }
 
+/** Bound of one lag() call: /health and the metrics must stay quick. */
+const LAG_TIMEOUT_MS = 2000;
+
 /**
  * Reads an SQS queue into the inbox (CONTRACT.md §5.4, §6.5, §7.5).
  *
@@ -752,12 +755,27 @@ class SqsSource implements Source {
     return false;
   }
 
-  private async queueAttributes(names: ("QueueArn" | "ApproximateNumberOfMessages" | "ApproximateNumberOfMessagesNotVisible")[], doing: string) {
+  /**
+   * Messages not yet deleted from the queue: ApproximateNumberOfMessages (visible) plus
+   * ApproximateNumberOfMessagesNotVisible (in flight: held by a batch of this relay, another
+   * consumer, or waiting out a visibility timeout). SQS's own approximate counts, which can trail
+   * a send or delete by a moment. One GetQueueAttributes call bounded by LAG_TIMEOUT_MS; nothing
+   * is received. Seconds: SQS does not report the oldest message's age here (CloudWatch does),
+   * so 0. Null before start().
+   */
+  async lag(): Promise<Lag | null> {
+    if (!this.client) return null;
+    const attrs = await this.queueAttributes(["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"], `GetQueueAttributes of ${this.queueUrl}`, LAG_TIMEOUT_MS);
+    const rows = Number(attrs.ApproximateNumberOfMessages ?? 0) + Number(attrs.ApproximateNumberOfMessagesNotVisible ?? 0);
+    return { rows: Number.isFinite(rows) ? rows : 0, seconds: 0 };
+  }
+
+  private async queueAttributes(names: ("QueueArn" | "ApproximateNumberOfMessages" | "ApproximateNumberOfMessagesNotVisible")[], doing: string, timeoutMs = this.cfg.timeout_ms) {
     const client = this.client;
     if (!client) throw transientError(`sqs source for ${this.queueUrl} is not started`);
     try {
       const out = await client.send(new GetQueueAttributesCommand({ QueueUrl: this.queueUrl, AttributeNames: names }), {
-        abortSignal: AbortSignal.timeout(this.cfg.timeout_ms),
+        abortSignal: AbortSignal.timeout(timeoutMs),
       });
       return out.Attributes ?? {};
     } catch (err) {

@@ -315,6 +315,28 @@ describe("the source on its own", () => {
   const make = (queueUrl: string, options: Record<string, unknown> = {}, drain = false) =>
     sqs.source.create(v.parse(sqs.source.config, { queue_url: queueUrl, ...connection, ...options }), ctx(drain));
 
+  test("lag(): visible plus in-flight messages (GetQueueAttributes), received by nobody; 0 once drained", async () => {
+    const queueUrl = await createQueue("lag");
+    const source = make(queueUrl, { batch_size: 10, wait_time_seconds: 1, visibility_timeout: 60 }, true);
+    expect(await source.lag!()).toBeNull(); // not started
+    await sendMany(queueUrl, Array.from({ length: 25 }, (_, i) => JSON.stringify({ i })));
+    await source.start();
+    try {
+      expect(await source.lag!()).toEqual({ rows: 25, seconds: 0 });
+      expect(await source.lag!()).toEqual({ rows: 25, seconds: 0 });
+      expect(await depth(queueUrl)).toEqual({ visible: 25, inFlight: 0 }); // asking received nothing
+      const it = source.batches(new AbortController().signal)[Symbol.asyncIterator]();
+      const first = (await it.next()).value as Batch;
+      expect(await source.lag!()).toEqual({ rows: 25, seconds: 0 }); // a batch in hand counts until deleted
+      await first.ack();
+      expect((await source.lag!())!.rows).toBe(25 - first.messages.length);
+      for (let r = await it.next(); !r.done; r = await it.next()) await r.value.ack();
+      expect(await source.lag!()).toEqual({ rows: 0, seconds: 0 });
+    } finally {
+      await source.close();
+    }
+  });
+
   test("a batch takes several receives up to batch_size; ack() deletes every message; release() makes them visible at once", async () => {
     const queueUrl = await createQueue("direct");
     await sendMany(queueUrl, Array.from({ length: 30 }, (_, i) => JSON.stringify({ i })));
