@@ -26,7 +26,7 @@ import { headerValue, inboundMessage, reverseSourceKeys, sha256Hex, utf8OrNull }
 import { envelopeJson, renderTemplate, type Message } from "../message.ts";
 import { Sleeper } from "../sleep.ts";
 import { readSettingFile, redactSecrets } from "./redact.ts";
-import { defineBackend, sinkSpec, sourceSpec, type BackendContext, type Batch, type Rejection, type Sink, type Source } from "./types.ts";
+import { defineBackend, sinkSpec, sourceSpec, type BackendContext, type Batch, type Lag, type Rejection, type Sink, type Source } from "./types.ts";
 
 export const DEFAULT_ROUTING_KEY_TEMPLATE = "{stream_table}.{op}";
 /** RabbitMQ 4's default `max_message_size` (3.x allowed 128 MiB). */
@@ -552,6 +552,8 @@ class RabbitSession {
   private lastDeliveryAt = 0;
   private firstBufferedAt = 0;
   private closing = false;
+  /** Deliveries handed out in batches and not yet acked or released. */
+  private outstanding = 0;
 
   constructor(
     private readonly src: RabbitSource,
@@ -641,10 +643,12 @@ class RabbitSession {
     const last = deliveries[deliveries.length - 1]!;
     const messages = deliveries.map((d) => convertAmqpDelivery(d, this.cfg.queue, this.cfg, this.ctx.pipeline));
     let state: "open" | "acked" | "released" = "open";
+    this.outstanding += deliveries.length;
     // Delivery tags grow with delivery order on a channel, batches are handed out oldest first,
     // and the pipeline acks (or releases) one batch before it asks for the next: so `multiple`
     // up to the batch's last tag covers exactly this batch's deliveries.
     const settle = (what: "ack" | "release") => {
+      this.outstanding = Math.max(0, this.outstanding - deliveries.length);
       if (this.failed || this.channel !== channel) {
         this.ctx.log.warn(
           `rabbitmq source: the channel closed before the ${what} of ${deliveries.length} deliveries; RabbitMQ requeues them${what === "ack" ? ", and the inbox's ON CONFLICT absorbs their redelivery" : ""}`,
@@ -674,6 +678,11 @@ class RabbitSession {
     };
   }
 
+  /** Deliveries this session holds unacknowledged: buffered, or in a batch not yet acked. */
+  get unacked(): number {
+    return this.failed ? 0 : this.buffer.length + this.outstanding;
+  }
+
   async close(): Promise<void> {
     this.closing = true;
     this.buffer = [];
@@ -685,6 +694,9 @@ class RabbitSession {
     if (conn) await conn.close().catch(() => {});
   }
 }
+
+/** Bound of one lag() call: /health and the metrics must stay quick. */
+const LAG_TIMEOUT_MS = 2000;
 
 /**
  * Consumes a queue with manual acknowledgement (auto_ack is refused). Deliveries are collected
@@ -702,6 +714,8 @@ export class RabbitSource implements Source {
   readonly consumerTag: string;
   readonly prefetch: number;
   private session: RabbitSession | null = null;
+  /** A connection for lag() only, opened on first use; never consumes. */
+  private lagConn: Promise<ChannelModel> | null = null;
 
   constructor(
     private readonly cfg: RabbitSourceConfig,
@@ -803,10 +817,53 @@ export class RabbitSource implements Source {
     }
   }
 
+  /**
+   * Messages of the queue not yet acknowledged to it by this relay: checkQueue's messageCount
+   * (ready messages, on a throwaway channel of a connection kept for this, so a 404 closes
+   * nothing the consumer uses) plus the deliveries this source holds unacknowledged (buffered or
+   * in a batch in flight; RabbitMQ does not count those as ready). Deliveries held by other
+   * consumers of the queue are not counted. Bounded by LAG_TIMEOUT_MS. Seconds: RabbitMQ does not
+   * report the oldest message's age, so 0.
+   */
+  async lag(): Promise<Lag | null> {
+    const work = (async () => {
+      this.lagConn ??= this.connect().then((conn) => {
+        conn.on("error", () => {});
+        conn.on("close", () => (this.lagConn = null));
+        return conn;
+      });
+      let conn: ChannelModel;
+      try {
+        conn = await this.lagConn;
+      } catch (err) {
+        this.lagConn = null;
+        throw err;
+      }
+      const ch = await conn.createChannel();
+      ch.on("error", () => {});
+      try {
+        const { messageCount } = await ch.checkQueue(this.cfg.queue);
+        return { rows: messageCount + (this.session?.unacked ?? 0), seconds: 0 };
+      } finally {
+        await ch.close().catch(() => {});
+      }
+    })();
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const timeout = new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`rabbitmq lag query timed out after ${LAG_TIMEOUT_MS} ms`)), LAG_TIMEOUT_MS)));
+    try {
+      return await Promise.race([work, timeout]);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
   async close(): Promise<void> {
     const session = this.session;
     this.session = null;
     await session?.close();
+    const lagConn = this.lagConn;
+    this.lagConn = null;
+    if (lagConn) await lagConn.then((c) => c.close()).catch(() => {});
   }
 
   failure(err: unknown, doing: string): RelayError {

@@ -8,7 +8,7 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import amqp, { type Channel, type ChannelModel, type Options } from "amqplib";
 import * as v from "valibot";
 import rabbitmq, { convertAmqpDelivery } from "../../src/backends/rabbitmq.ts";
-import type { BackendContext } from "../../src/backends/types.ts";
+import type { BackendContext, Batch } from "../../src/backends/types.ts";
 import { sha256Hex } from "../../src/inbound.ts";
 import { log } from "../../src/observe/log.ts";
 import { backendContext } from "../helpers/backend.ts";
@@ -288,6 +288,40 @@ describe("rabbitmq source: failures and configuration", () => {
     expect(unbound.exitCode).toBe(1);
     expect(unbound.stderr).toMatch(/rnobind \(reverse\): failed.*cannot bind queue .* to exchange '.*no-such-exchange'.*: the exchange does not exist/);
   }, TIMEOUT);
+
+  test(
+    "lag(): ready messages (checkQueue on a channel of its own) plus the deliveries held unacknowledged; 0 once drained",
+    async () => {
+      const queue = await newQueue("lag");
+      const source = rabbitmq.source!.create(v.parse(rabbitmq.source!.config, { url: AMQP_URL, queue, batch_size: 10, batch_wait_ms: 50 }), { ...ctx("reverse"), pipeline: "lag_p" });
+      try {
+        await source.start();
+        expect(await source.lag!()).toEqual({ rows: 0, seconds: 0 });
+        for (let i = 0; i < 25; i++) ch.sendToQueue(queue, Buffer.from(JSON.stringify({ i })), { messageId: `lag-${i}` });
+        await eventually(async () => (await ch.checkQueue(queue)).messageCount === 25, 10_000, "25 messages ready");
+        expect(await source.lag!()).toEqual({ rows: 25, seconds: 0 });
+        expect(await source.lag!()).toEqual({ rows: 25, seconds: 0 });
+        expect(await ch.checkQueue(queue)).toMatchObject({ messageCount: 25, consumerCount: 0 }); // asking consumed nothing
+        const it = source.batches(new AbortController().signal)[Symbol.asyncIterator]();
+        const first = (await it.next()).value as Batch;
+        expect(first.messages).toHaveLength(10);
+        // Delivered but unacknowledged (in the batch or buffered) still counts.
+        await eventually(async () => (await source.lag!())!.rows === 25, 10_000, "lag 25 with a batch in hand");
+        await first.ack();
+        expect((await source.lag!())!.rows).toBe(15);
+        for (let r = await it.next(); !r.done; r = await it.next()) await r.value.ack();
+        expect(await source.lag!()).toEqual({ rows: 0, seconds: 0 });
+        // A queue that vanished: lag() fails, the consuming side is untouched.
+        const gone = rabbitmq.source!.create(v.parse(rabbitmq.source!.config, { url: AMQP_URL, queue: name("lag_missing"), declare_queue: false }), ctx("reverse"));
+        await expect(gone.lag!()).rejects.toThrow("404");
+        await gone.close();
+      } finally {
+        await source.close();
+      }
+      await expectEmptyQueue(queue);
+    },
+    TIMEOUT,
+  );
 
   test("options are validated with messages naming the key", () => {
     const issue = (options: Record<string, unknown>) => {
