@@ -7,11 +7,14 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { connect as natsConnect } from "nats";
 import type { Sql } from "../../src/db.ts";
 import { createStreamTable, enableOutbox, writeRaw, writeV1Inline } from "../fixtures/outbox.ts";
 import { getJson, getText, httpBase, metric, payloadIds } from "../helpers/observe.ts";
 import { testDatabase, type TestDatabase } from "../helpers/pg.ts";
 import { eventually, RunningRelay } from "../helpers/relay.ts";
+import { inboxCount } from "../helpers/reverse.ts";
+import { NATS_URL, requireServer } from "../helpers/servers.ts";
 
 const dir = mkdtempSync(join(tmpdir(), "relay-observe-"));
 let db: TestDatabase;
@@ -266,5 +269,52 @@ describe("logs", () => {
     // warn level: errors and warnings only.
     expect(quiet.stderr).not.toContain(" INFO ");
     expect(quiet.stderr).toMatch(/^\S+ ERROR \[lg_bad\] failed/m);
+  }, 60_000);
+});
+
+describe("/health/drained with a reverse pipeline", () => {
+  const stream = `OBS_${process.pid}_${Math.floor(Math.random() * 1e6)}`;
+  const subject = `obs${process.pid}.lag`;
+  afterAll(async () => {
+    await stopAll();
+    await db.sql`DELETE FROM pgtrickle.relay_inbox_config`;
+    const nc = await natsConnect({ servers: NATS_URL }).catch(() => null);
+    if (nc) {
+      await (await nc.jetstreamManager()).streams.delete(stream).catch(() => {});
+      await nc.close();
+    }
+  });
+
+  test("nats: 202 naming the pipeline while its messages wait (consumer lag), 200 once they are in the inbox", async () => {
+    await requireServer("nats");
+    const nc = await natsConnect({ servers: NATS_URL });
+    const relay = start();
+    const held = await db.sql.reserve();
+    try {
+      const jsm = await nc.jetstreamManager();
+      await jsm.streams.add({ name: stream, subjects: [`${subject}.>`] });
+      await db.sql`SELECT pgtrickle.create_inbox('obs_nats_inbox')`;
+      await db.sql`SELECT pgtrickle.set_relay_inbox('obs_nats', 'obs_nats_inbox', ${db.sql.json({ type: "nats", url: NATS_URL, subject: `${subject}.>`, poll_interval_ms: 100 } as never)})`;
+      const base = await httpBase(relay);
+      await relay.waitForLog(/\[obs_nats\] started/);
+      await eventually(async () => (await getJson(`${base}/health/drained`)).status === 200, 10_000, "drained before anything is published");
+      // The inbox is locked: the relay fetches the messages but cannot commit them.
+      await held`BEGIN`;
+      await held`LOCK TABLE pgtrickle.obs_nats_inbox IN ACCESS EXCLUSIVE MODE`;
+      const js = nc.jetstream();
+      for (let i = 0; i < 7; i++) await js.publish(`${subject}.e`, new TextEncoder().encode(JSON.stringify({ i })));
+      const lagging = await getJson(`${base}/health/drained`);
+      expect(lagging.status).toBe(202);
+      expect(lagging.body).toEqual({ drained: false, max_lag_rows: 7, lagging_pipelines: ["obs_nats"] });
+      expect((await getJson(`${base}/health`)).body.pipelines.find((x: { name: string }) => x.name === "obs_nats")).toMatchObject({ direction: "reverse", lag_rows: 7 });
+      await held`COMMIT`;
+      await eventually(async () => (await getJson(`${base}/health/drained`)).status === 200, 20_000, "drained once the inbox took them");
+      expect((await getJson(`${base}/health/drained`)).body).toEqual({ drained: true, max_lag_rows: 0 });
+      expect(await inboxCount(db, "obs_nats_inbox")).toBe(7);
+    } finally {
+      await held`ROLLBACK`.catch(() => {});
+      held.release();
+      await nc.close();
+    }
   }, 60_000);
 });
