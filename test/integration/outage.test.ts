@@ -1,9 +1,9 @@
 /**
  * Servers going away mid-stream, at the pipeline level: every sink's connection runs through a
  * loopback proxy the test cuts. The pipelines must pause (degraded), keep every row, and resume
- * by themselves once the server is back. Kafka is not behind a proxy (its brokers advertise
- * their own address); its sink tests cover connection loss. Also: an oversized message is
- * dead-lettered while later rows flow.
+ * by themselves once the server is back. Kafka cannot sit behind a proxy (its brokers advertise
+ * their own address): kafka-outage.test.ts freezes the broker instead. Also: an oversized
+ * message is dead-lettered while later rows flow.
  */
 import { afterAll, beforeAll, expect, test } from "bun:test";
 import { CreateQueueCommand, DeleteQueueCommand, ReceiveMessageCommand, SQSClient } from "@aws-sdk/client-sqs";
