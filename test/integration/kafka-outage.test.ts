@@ -12,6 +12,7 @@ import { createStreamTable, enableOutbox, writeV1Inline } from "../fixtures/outb
 import { testDatabase, type TestDatabase } from "../helpers/pg.ts";
 import { eventually, RunningRelay } from "../helpers/relay.ts";
 import { KAFKA_BROKERS, requireServer, SERVER_ADDRESSES } from "../helpers/servers.ts";
+import { topicDedupKeys } from "../helpers/kafka.ts";
 
 const RUN = `${Date.now().toString(36)}${Math.random().toString(36).slice(2, 6)}`;
 const topic = `relayoutage.${RUN}.orders`;
@@ -82,27 +83,7 @@ afterAll(async () => {
 });
 
 /** Every pgt_dedup_key header in the topic so far (duplicates kept), read from the beginning. */
-async function topicKeys(expected: number): Promise<string[]> {
-  const consumer = client.consumer({ groupId: `relayoutage-${RUN}-${Math.random().toString(36).slice(2)}` });
-  const keys: string[] = [];
-  await consumer.connect();
-  try {
-    await consumer.subscribe({ topics: [topic], fromBeginning: true });
-    let resolveDone!: () => void;
-    const done = new Promise<void>((r) => (resolveDone = r));
-    await consumer.run({
-      eachMessage: async ({ message }) => {
-        keys.push(String(message.headers?.pgt_dedup_key ?? ""));
-        if (keys.length >= expected) resolveDone();
-      },
-    });
-    await Promise.race([done, Bun.sleep(20_000)]);
-    await Bun.sleep(500);
-  } finally {
-    await consumer.disconnect();
-  }
-  return keys;
-}
+const topicKeys = (expected: number) => topicDedupKeys(client, topic, expected, `relayoutage-${RUN}`);
 
 const keysOf = (ids: string[]) => ids.map((id) => `${outboxTable}:${id}:0`);
 const write = async (ids: string[], from: number, to: number) => {

@@ -15,6 +15,7 @@ import { forwardMessages } from "../helpers/messages.ts";
 import { testDatabase, type TestDatabase } from "../helpers/pg.ts";
 import { drainPipeline, inboxRows, setRelayInbox } from "../helpers/reverse.ts";
 import { KAFKA_SASL_BROKERS, KAFKA_SASL_PASSWORD, KAFKA_SASL_USER, requireServer } from "../helpers/servers.ts";
+import { topicDedupKeys } from "../helpers/kafka.ts";
 
 const RUN = `${Date.now().toString(36)}${Math.random().toString(36).slice(2, 6)}`;
 const topicName = (label: string) => `relaysasl.${RUN}.${label}`;
@@ -71,27 +72,8 @@ afterAll(async () => {
 });
 
 /** The pgt_dedup_key headers of every record of `topic`, read from the beginning over SASL. */
-async function consumeKeys(mechanism: Mechanism, topic: string, expected: number): Promise<string[]> {
-  const consumer = clientFor(mechanism).consumer({ groupId: `relaysasl-${RUN}-read-${Math.random().toString(36).slice(2)}` });
-  const keys: string[] = [];
-  await consumer.connect();
-  try {
-    await consumer.subscribe({ topics: [topic], fromBeginning: true });
-    let resolveDone!: () => void;
-    const done = new Promise<void>((r) => (resolveDone = r));
-    await consumer.run({
-      eachMessage: async ({ message }) => {
-        keys.push(String(message.headers?.pgt_dedup_key ?? ""));
-        if (keys.length >= expected) resolveDone();
-      },
-    });
-    await Promise.race([done, Bun.sleep(30_000)]);
-    await Bun.sleep(300);
-  } finally {
-    await consumer.disconnect();
-  }
-  return keys;
-}
+const consumeKeys = (mechanism: Mechanism, topic: string, expected: number) =>
+  topicDedupKeys(clientFor(mechanism), topic, expected, `relaysasl-${RUN}-read`, 30_000);
 
 describe("kafka over SASL_PLAINTEXT", () => {
   for (const mechanism of MECHANISMS) {
