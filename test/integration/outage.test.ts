@@ -106,7 +106,8 @@ async function delivered(): Promise<Record<string, Set<string>>> {
   const jsm = await nc.jetstreamManager();
   const natsKeys = new Set<string>();
   const info = await jsm.streams.info(stream).catch(() => null);
-  for (let seq = info?.state.first_seq ?? 1; info && seq <= info.state.last_seq; seq++) {
+  // An empty stream reports first_seq 0, and message 0 does not exist.
+  for (let seq = info?.state.first_seq ?? 1; info && info.state.messages > 0 && seq <= info.state.last_seq; seq++) {
     natsKeys.add((await jsm.streams.getMessage(stream, { seq })).header.get("Nats-Msg-Id"));
   }
   await nc.close();
