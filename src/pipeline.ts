@@ -87,6 +87,7 @@ export class Pipeline {
         deps.metrics.inboxWrites.inc({ pipeline: spec.name }, inserted);
         deps.metrics.dedupSkipped.inc({ pipeline: spec.name }, dedupSkipped);
       },
+      onClaimCheckFetch: () => deps.metrics.claimCheckFetches.inc({ pipeline: spec.name }),
       onPoll: (seconds: number) => {
         const labels = { pipeline: spec.name, direction: spec.direction };
         deps.metrics.polls.inc(labels);

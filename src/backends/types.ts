@@ -20,6 +20,8 @@ export interface BackendContext {
   onInboxWrite?(inserted: number, dedupSkipped: number): void;
   /** Sources report each poll of their system (empty ones too) with its duration (metrics). */
   onPoll?(seconds: number): void;
+  /** The outbox source reports each page of claim-check rows it reads (metrics). */
+  onClaimCheckFetch?(): void;
 }
 
 /** A message that can never be delivered, on its way to pgtrickle.relay_dead_letters. */

@@ -275,6 +275,7 @@ export class OutboxSource implements Source {
           WHERE d.outbox_id = ${header.id}::bigint AND d.${opCol} = ANY(${opValues(op)}) AND d.row_num > ${after}::bigint
           ORDER BY d.row_num LIMIT ${this.cfg.claim_check_fetch_size}`;
         if (page.length === 0) break;
+        this.ctx.onClaimCheckFetch?.();
         found += page.length;
         yield page.map((r) => this.message(header, op, index++, r.data, fullRefresh, refreshId));
         after = page[page.length - 1]!.row_num;

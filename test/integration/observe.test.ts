@@ -9,7 +9,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { connect as natsConnect } from "nats";
 import type { Sql } from "../../src/db.ts";
-import { createStreamTable, enableOutbox, writeRaw, writeV1Inline } from "../fixtures/outbox.ts";
+import { createStreamTable, enableOutbox, outboxTables, writeClaimCheck, writeRaw, writeV1Inline } from "../fixtures/outbox.ts";
 import { getJson, getText, httpBase, metric, payloadIds } from "../helpers/observe.ts";
 import { testDatabase, type TestDatabase } from "../helpers/pg.ts";
 import { eventually, RunningRelay } from "../helpers/relay.ts";
@@ -74,6 +74,22 @@ describe("/metrics", () => {
   afterAll(async () => {
     await stopAll();
     await clearPipelines(db.sql);
+  });
+
+  test("claim-check pages and full-refresh batches are counted", async () => {
+    await stopAll();
+    await pipeline("m_cc", { type: "file", output: join(dir, "m_cc.jsonl") }, { claim_check_fetch_size: 2 });
+    const tables = await outboxTables(db.sql, "public.m_cc");
+    // 0.37–0.45 claim-check: three snapshot rows, read in pages of two = 2 fetches, a full refresh.
+    await writeClaimCheck(db.sql, tables.outboxTable, tables.deltaTable, [1, 2, 3].map((id) => ({ op: "INSERT" as const, data: { id } })));
+    const relay = start();
+    const base = await httpBase(relay);
+    await eventually(() => payloadIds(join(dir, "m_cc.jsonl")).length === 3, 20_000, "the claim-check rows");
+    const text = (await getText(`${base}/metrics`)).body;
+    expect(metric(text, "pgtrickle_relay_claim_check_fetches_total", { pipeline: "m_cc" })).toBe(2);
+    expect(metric(text, "pgtrickle_relay_full_refresh_batches_total", { pipeline: "m_cc" })).toBe(1);
+    await stopAll();
+    await db.sql`SELECT pgtrickle.disable_relay('m_cc')`;
   });
 
   test("counts what happened: published, consumed, polls, batches, errors by kind, dead letters, offsets, lag, ownership, health", async () => {
