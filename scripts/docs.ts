@@ -10,6 +10,7 @@
 import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { BACKENDS } from "../src/backends/index.ts";
+import { schemaEntries } from "../src/pipeline-config.ts";
 import { reverseSourceKeys } from "../src/inbound.ts";
 
 type AnySchema = { type: string; kind?: string; entries?: Record<string, AnySchema>; wrapped?: AnySchema; default?: unknown; pipe?: AnySchema[]; options?: unknown[]; item?: AnySchema; options_?: unknown };
@@ -40,12 +41,6 @@ function typeName(s: AnySchema): string {
   return inner.type;
 }
 
-function entriesOf(schema: AnySchema): Record<string, AnySchema> | undefined {
-  if (schema.entries) return schema.entries;
-  if (schema.pipe?.[0] && schema.pipe[0] !== schema) return entriesOf(schema.pipe[0]);
-  if (schema.wrapped) return entriesOf(schema.wrapped);
-  return undefined;
-}
 
 /** key → first doc comment directly above `key:` in a backend's source. */
 function comments(file: string): Map<string, string> {
@@ -67,7 +62,7 @@ function sharedReverseDocs(): Map<string, string> {
 }
 
 function table(schema: AnySchema, docs: Map<string, string>): string {
-  const entries = entriesOf(schema) ?? {};
+  const entries = (schemaEntries(schema as never) ?? {}) as Record<string, AnySchema>;
   const rows = Object.entries(entries)
     .filter(([key]) => key !== "type")
     .map(([key, s]) => {

@@ -12,7 +12,8 @@ export interface MessageContext {
   outbox?: string;
 }
 
-export interface Message {
+/** The JSON body every broker sink sends: exactly these keys, in this order (§6.1). */
+export interface Envelope {
   dedup_key: string;
   subject: string;
   payload: unknown;
@@ -21,6 +22,10 @@ export interface Message {
   /** A PostgreSQL bigint, checked to be ≤ 2^53−1 when decoded. */
   outbox_id: number | null;
   refresh_id: string | null;
+}
+
+/** The envelope plus what travels with it inside the relay and is never sent as such. */
+export interface Message extends Envelope {
   context: MessageContext;
   /** Reverse: transport headers/attributes of the inbound message (trace context, event type…). */
   headers?: Record<string, string>;
@@ -33,17 +38,6 @@ export interface InboundColumns {
   source: string | null;
   aggregate_id: string | null;
   trace_id: string | null;
-}
-
-/** The JSON body every broker sink sends: exactly these keys, in this order (§6.1). */
-export interface Envelope {
-  dedup_key: string;
-  subject: string;
-  payload: unknown;
-  op: Op;
-  is_full_refresh: boolean;
-  outbox_id: number | null;
-  refresh_id: string | null;
 }
 
 export function toEnvelope(m: Message): Envelope {

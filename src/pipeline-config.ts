@@ -99,11 +99,12 @@ function pickType(where: string, side: string, outer: unknown, inner: unknown, f
   return type;
 }
 
-/** The keys an object schema declares (looking through pipes), for unknown-key warnings. */
-export function schemaKeys(schema: v.GenericSchema): string[] | undefined {
-  const s = schema as unknown as { entries?: Record<string, unknown>; pipe?: v.GenericSchema[] };
-  if (s.entries) return Object.keys(s.entries);
-  if (s.pipe?.[0] && s.pipe[0] !== schema) return schemaKeys(s.pipe[0]);
+/** The entries an object schema declares, looking through pipes and optional wrappers. */
+export function schemaEntries(schema: v.GenericSchema): Record<string, v.GenericSchema> | undefined {
+  const s = schema as unknown as { entries?: Record<string, v.GenericSchema>; pipe?: v.GenericSchema[]; wrapped?: v.GenericSchema };
+  if (s.entries) return s.entries;
+  if (s.pipe?.[0] && s.pipe[0] !== schema) return schemaEntries(s.pipe[0]);
+  if (s.wrapped) return schemaEntries(s.wrapped);
   return undefined;
 }
 
@@ -127,9 +128,9 @@ export function parseBackendConfig<S extends v.GenericSchema>(
     const key = path ? `${side}.${path}` : side;
     throw configError(`${where}: invalid ${backend.type} ${side} option '${key}': ${issue.message.replace(/ but received .*$/, "")}`);
   }
-  const known = schemaKeys(schema);
-  if (known) {
-    const allowed = new Set([...known, ...extraKnownKeys, ...(side === "source" ? TUNING_KEYS : [])]);
+  const entries = schemaEntries(schema);
+  if (entries) {
+    const allowed = new Set([...Object.keys(entries), ...extraKnownKeys, ...(side === "source" ? TUNING_KEYS : [])]);
     for (const key of Object.keys(raw)) {
       if (!allowed.has(key)) spec.warnings.push(`unknown ${side} key '${key}' for ${backend.type} is ignored`);
     }

@@ -33,6 +33,13 @@ export function backoffMs(attempt: number, baseMs = 500, capMs = 60_000): number
   return Math.round(raw * (0.8 + Math.random() * 0.4));
 }
 
+/** `work`, or a rejection naming `what` once `ms` passed; the timer never outlives the race. */
+export function withTimeout<T>(work: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const timeout = new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`${what} timed out after ${ms} ms`)), ms)));
+  return Promise.race([work, timeout]).finally(() => clearTimeout(timer));
+}
+
 /** Resolves after `ms`, or early when the signal aborts. */
 export function abortableDelay(ms: number, signal: AbortSignal): Promise<void> {
   return new Promise((resolve) => {

@@ -35,9 +35,9 @@ import * as v from "valibot";
 import { configError, decodeError, errorMessage, permanentError, RelayError, transientError } from "../errors.ts";
 import { headerValue, inboundMessage, reverseSourceKeys, utf8OrNull } from "../inbound.ts";
 import { envelopeJson, renderTemplate, type Message } from "../message.ts";
-import { Sleeper } from "../sleep.ts";
+import { Sleeper, withTimeout } from "../sleep.ts";
 import { readSettingFile, redactSecrets } from "./redact.ts";
-import { defineBackend, sinkSpec, sourceSpec, type BackendContext, type Batch, type DeadLetter, type Lag, type Rejection, type Sink, type Source } from "./types.ts";
+import { defineBackend, LAG_TIMEOUT_MS, sinkSpec, sourceSpec, type BackendContext, type Batch, type DeadLetter, type Lag, type Rejection, type Sink, type Source } from "./types.ts";
 
 /** Kafka's own rule for topic names (plus: not `.` or `..`). */
 const TOPIC_NAME = /^[A-Za-z0-9._-]{1,249}$/;
@@ -1132,9 +1132,6 @@ class KafkaSession {
   }
 }
 
-/** Bound of one lag() call: /health and the metrics must stay quick. */
-const LAG_TIMEOUT_MS = 2000;
-
 /**
  * Reads a topic (or several) as a member of a consumer group, with auto-commit off: a batch's
  * offsets are committed (offset+1 per partition) only by its ack(), after the inbox commit, so a
@@ -1294,13 +1291,7 @@ export class KafkaSource implements Source {
       }
       return { rows: Number(rows), seconds: 0 };
     })();
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const timeout = new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`kafka lag query timed out after ${LAG_TIMEOUT_MS} ms`)), LAG_TIMEOUT_MS)));
-    try {
-      return await Promise.race([work, timeout]);
-    } finally {
-      clearTimeout(timer);
-    }
+    return withTimeout(work, LAG_TIMEOUT_MS, "kafka lag query");
   }
 
   /** Drops the admin client after a failure; the next use connects afresh. */

@@ -33,9 +33,9 @@ import { writeDeadLetters, storedMessage } from "../deadletters.ts";
 import { configError, errorMessage, RelayError, transientError } from "../errors.ts";
 import { headerValue, inboundMessage, reverseSourceKeys } from "../inbound.ts";
 import { DEFAULT_SUBJECT_TEMPLATE, envelopeJson, renderTemplate, type Message } from "../message.ts";
-import { abortableDelay } from "../sleep.ts";
+import { abortableDelay, withTimeout } from "../sleep.ts";
 import { redactUrlsAndSecrets as scrub } from "./redact.ts";
-import { defineBackend, sinkSpec, sourceSpec, type Batch, type BackendContext, type DeadLetter, type Lag, type Rejection, type Sink, type Source } from "./types.ts";
+import { defineBackend, LAG_TIMEOUT_MS, sinkSpec, sourceSpec, type Batch, type BackendContext, type DeadLetter, type Lag, type Rejection, type Sink, type Source } from "./types.ts";
 
 const positiveInt = (max = Number.MAX_SAFE_INTEGER) => v.pipe(v.number(), v.integer(), v.minValue(1), v.maxValue(max));
 const nonEmpty = () => v.pipe(v.string(), v.nonEmpty());
@@ -690,16 +690,6 @@ interface StoredNatsMessage {
   nats: { stream: string; seq: number; subject: string; headers: Record<string, string>; data_base64: string };
 }
 
-/** Bound of one lag() request: /health and the metrics must stay quick. */
-const LAG_TIMEOUT_MS = 2000;
-
-function withTimeout<T>(p: Promise<T>, ms: number): Promise<T> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  return Promise.race([p, new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`lag query timed out after ${ms} ms`)), ms)))]).finally(() =>
-    clearTimeout(timer),
-  );
-}
-
 /** A batch between fetch and acknowledgement. */
 interface InFlight {
   msgs: JsMsg[];
@@ -964,7 +954,7 @@ class NatsSource implements Source {
     const jsm = this.jsm;
     const stream = this.stream;
     if (!jsm || !stream || this.link.disconnected) return null;
-    const info = await withTimeout(jsm.consumers.info(stream, this.durable), LAG_TIMEOUT_MS);
+    const info = await withTimeout(jsm.consumers.info(stream, this.durable), LAG_TIMEOUT_MS, "nats lag query");
     return { rows: info.num_pending + info.num_ack_pending, seconds: 0 };
   }
 

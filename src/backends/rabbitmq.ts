@@ -24,9 +24,9 @@ import * as v from "valibot";
 import { configError, errorMessage, RelayError, transientError } from "../errors.ts";
 import { headerValue, inboundMessage, reverseSourceKeys, sha256Hex, utf8OrNull } from "../inbound.ts";
 import { envelopeJson, renderTemplate, type Message } from "../message.ts";
-import { Sleeper } from "../sleep.ts";
+import { Sleeper, withTimeout } from "../sleep.ts";
 import { readSettingFile, redactSecrets } from "./redact.ts";
-import { defineBackend, sinkSpec, sourceSpec, type BackendContext, type Batch, type Lag, type Rejection, type Sink, type Source } from "./types.ts";
+import { defineBackend, LAG_TIMEOUT_MS, sinkSpec, sourceSpec, type BackendContext, type Batch, type Lag, type Rejection, type Sink, type Source } from "./types.ts";
 
 export const DEFAULT_ROUTING_KEY_TEMPLATE = "{stream_table}.{op}";
 /** RabbitMQ 4's default `max_message_size` (3.x allowed 128 MiB). */
@@ -695,9 +695,6 @@ class RabbitSession {
   }
 }
 
-/** Bound of one lag() call: /health and the metrics must stay quick. */
-const LAG_TIMEOUT_MS = 2000;
-
 /**
  * Consumes a queue with manual acknowledgement (auto_ack is refused). Deliveries are collected
  * into batches of up to batch_size (or what arrived within batch_wait_ms); a batch is
@@ -848,13 +845,7 @@ export class RabbitSource implements Source {
         await ch.close().catch(() => {});
       }
     })();
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const timeout = new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`rabbitmq lag query timed out after ${LAG_TIMEOUT_MS} ms`)), LAG_TIMEOUT_MS)));
-    try {
-      return await Promise.race([work, timeout]);
-    } finally {
-      clearTimeout(timer);
-    }
+    return withTimeout(work, LAG_TIMEOUT_MS, "rabbitmq lag query");
   }
 
   async close(): Promise<void> {

@@ -23,7 +23,7 @@ import { configError, errorMessage, RelayError, transientError } from "../errors
 import { decodeBody, inboundMessage, reverseSourceKeys, type DecodedBody } from "../inbound.ts";
 import { renderTemplate, type Message } from "../message.ts";
 import { redactUrlsAndSecrets as scrub } from "./redact.ts";
-import { defineBackend, sinkSpec, sourceSpec, type Batch, type BackendContext, type DeadLetter, type Lag, type Rejection, type Sink, type Source } from "./types.ts";
+import { defineBackend, LAG_TIMEOUT_MS, sinkSpec, sourceSpec, type Batch, type BackendContext, type DeadLetter, type Lag, type Rejection, type Sink, type Source } from "./types.ts";
 
 const positiveInt = (max = Number.MAX_SAFE_INTEGER) => v.pipe(v.number(), v.integer(), v.minValue(1), v.maxValue(max));
 const nonEmpty = () => v.pipe(v.string(), v.nonEmpty());
@@ -579,8 +579,6 @@ interface StoredRedisEntry {
 
 type Phase = "own" | "claim" | "new";
 
-/** Command timeout of the lag() connection: /health and the metrics must stay quick. */
-const LAG_TIMEOUT_MS = 2000;
 
 class RedisSource implements Source {
   readonly describe: string;

@@ -36,7 +36,7 @@ import { envelopeJson, renderTemplate, type Message } from "../message.ts";
 import { Sleeper } from "../sleep.ts";
 import { runKeyed } from "./concurrency.ts";
 import { redactSecrets } from "./redact.ts";
-import { defineBackend, sinkSpec, sourceSpec, type BackendContext, type Batch, type Lag, type Rejection, type Sink, type Source } from "./types.ts";
+import { defineBackend, LAG_TIMEOUT_MS, sinkSpec, sourceSpec, type BackendContext, type Batch, type Lag, type Rejection, type Sink, type Source } from "./types.ts";
 
 /** Where the queue is and how to reach it: shared by the sink and the source. */
 const sqsConnectionKeys = {
@@ -573,8 +573,6 @@ class InFlight {
   }
 }
 
-/** Bound of one lag() call: /health and the metrics must stay quick. */
-const LAG_TIMEOUT_MS = 2000;
 
 /**
  * Reads an SQS queue into the inbox (CONTRACT.md §5.4, §6.5, §7.5).

@@ -69,6 +69,9 @@ export interface Lag {
   seconds: number;
 }
 
+/** Bound of one lag() call of a broker source: /health and the metrics must stay quick. */
+export const LAG_TIMEOUT_MS = 2000;
+
 export interface Source {
   readonly describe: string;
   start(): Promise<void>;
