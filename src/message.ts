@@ -80,7 +80,9 @@ export function renderTemplate(template: string, m: Message): string {
         return m.refresh_id ?? "";
     }
     const payload = m.payload;
-    if (payload && typeof payload === "object" && !Array.isArray(payload) && name in payload) {
+    // Own fields only: `in` would also find what every object inherits (`{constructor}`,
+    // `{toString}`, `{__proto__}`) and render JavaScript built-ins into subjects and keys.
+    if (payload && typeof payload === "object" && !Array.isArray(payload) && Object.hasOwn(payload, name)) {
       const value = (payload as Record<string, unknown>)[name];
       if (value === null || value === undefined) return "";
       return typeof value === "object" ? JSON.stringify(value) : String(value);

@@ -71,6 +71,13 @@ describe("templates and envelope (CONTRACT.md §6)", () => {
     expect(renderTemplate("{schema}/{outbox}/{pipeline}/{outbox_id}/{refresh_id}", m)).toBe("sales/outbox_orders/p/7/");
     expect(renderTemplate("{region}.{id}.{nested}.{missing}", m)).toBe('eu.3.{"a":1}.{missing}');
   });
+  test("row fields are the row's own: JavaScript built-ins stay as written, real fields of those names render", () => {
+    const builtins = "{constructor}|{__proto__}|{toString}|{hasOwnProperty}|{valueOf}";
+    expect(renderTemplate(builtins, m)).toBe(builtins);
+    // JSON.parse makes `__proto__` an own field, as a decoded outbox row would have it.
+    const row = JSON.parse('{"constructor":"c1","__proto__":"p1","toString":"t1"}');
+    expect(renderTemplate("{constructor}.{__proto__}.{toString}", { ...m, payload: row })).toBe("c1.p1.t1");
+  });
   test("envelope has exactly the contract's keys in order, without the context", () => {
     expect(Object.keys(toEnvelope(m))).toEqual(["dedup_key", "subject", "payload", "op", "is_full_refresh", "outbox_id", "refresh_id"]);
   });
