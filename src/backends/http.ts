@@ -2,12 +2,24 @@
  * HTTP webhook sink (CONTRACT.md §5.3 http, §6.4) and webhook receiver source (§5.4 http; see
  * HttpSource below).
  *
- * Batch mode (default) POSTs a JSON array of envelopes per request; a batch larger than
- * `max_batch_messages` / `max_batch_bytes` is split into several requests, each with its own
- * `Idempotency-Key` = `batch:` + hex SHA-256 of its newline-joined dedup keys, so a replay of the
- * same messages carries the same key. Per-event mode sends one request per message
- * (`Idempotency-Key` = the dedup key) with up to `max_in_flight` requests in flight, one at a time
- * per ordering key.
+ * Batch mode (default) POSTs a JSON array of envelopes per request. A request holds messages of
+ * one change set (outbox row) only, cut from the change set's first message by
+ * `max_batch_messages` / `max_batch_bytes`; its `Idempotency-Key` = `batch:` + hex SHA-256 of its
+ * newline-joined dedup keys. Why a replay sends the same requests: the outbox source hands a
+ * change set over in the same slices every time (whole, or every source `max_batch_messages`
+ * from its first message: OutboxSource.fitsBatch), and a replay may hold more change sets than
+ * the first attempt (the outbox grew meanwhile) but never other cuts of the same ones. So the
+ * key of a request is equal on every replay, after a failed request, a retried batch or a crash,
+ * as long as the configuration (both `max_batch_messages`, `max_batch_bytes`, `cloudevents`,
+ * `--sink-max-inflight`) is unchanged.
+ *
+ * Per-event mode sends one request per message with up to `max_in_flight` requests in flight,
+ * one at a time per ordering key; `Idempotency-Key` = the dedup key, percent-encoded (UTF-8)
+ * outside visible ASCII and for `%` (headerValue), so any outbox name makes a legal header.
+ *
+ * In both modes a request that fails transiently is tried again within the write (REQUEST_TRIES,
+ * short pauses) before later requests of its ordering key go; a write that still fails is
+ * replayed by the pipeline, and the replay sends only the requests not yet answered.
  *
  * Signing (`signing_secret`), Stripe style:
  *   X-Pgtrickle-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<raw body>")>
@@ -18,10 +30,10 @@
 import { createHash, createHmac, timingSafeEqual } from "node:crypto";
 import { readFileSync } from "node:fs";
 import * as v from "valibot";
-import { configError, errorMessage, RelayError, transientError } from "../errors.ts";
+import { configError, errorKind, errorMessage, RelayError, transientError } from "../errors.ts";
 import { bodyDedupKey, decodeBody, inboundMessage, reverseSourceKeys, sha256Hex } from "../inbound.ts";
 import { envelopeJson, renderTemplate, type Message } from "../message.ts";
-import { Sleeper } from "../sleep.ts";
+import { abortableDelay, backoffMs, Sleeper } from "../sleep.ts";
 import { VERSION } from "../version.ts";
 import { runKeyed } from "./concurrency.ts";
 import { redactSecrets } from "./redact.ts";
@@ -63,9 +75,14 @@ const HttpSinkConfig = v.looseObject({
   ),
   /** Per-request timeout in milliseconds; a timeout is a transient failure. */
   timeout_ms: v.optional(v.pipe(v.number(), v.integer(), v.minValue(1)), 10000),
-  /** true: one request carries a JSON array of envelopes; false: one request per message. */
+  /**
+   * true: one request carries a JSON array of the envelopes of one change set (outbox row), with
+   * `Idempotency-Key` = `batch:` + hex SHA-256 of their newline-joined dedup keys, the same on
+   * every replay while the batch options are unchanged; false: one request per message, with
+   * `Idempotency-Key` = its dedup key (percent-encoded outside visible ASCII and for `%`).
+   */
   batch_mode: v.optional(v.boolean(), true),
-  /** Batch mode: at most this many messages per request (larger batches are split). */
+  /** Batch mode: at most this many messages per request (a larger change set is split). */
   max_batch_messages: v.optional(v.pipe(v.number(), v.integer(), v.minValue(1)), 500),
   /**
    * Batch mode: a request body stays under this many bytes where possible (a single larger
@@ -81,8 +98,10 @@ const HttpSinkConfig = v.looseObject({
    */
   ordering_key_template: v.optional(v.string(), "{stream_table}"),
   /**
-   * Response statuses retried as transient failures (the batch is replayed). 408 and 429 are
-   * always transient; any other non-2xx status rejects the request's messages to the dead-letter table.
+   * Response statuses retried as transient failures: the request is tried again (4 tries in all,
+   * pauses from 200 ms to 2 s), then the batch is replayed without the requests already
+   * answered. 408 and 429 are always transient; any other non-2xx status rejects the request's
+   * messages to the dead-letter table.
    */
   retry_on_status: v.optional(v.array(v.pipe(v.number(), v.integer(), v.minValue(100), v.maxValue(599))), [
     429, 500, 502, 503, 504,
@@ -168,9 +187,22 @@ function readPem(value: string, key: string): string {
   }
 }
 
-interface Outcome {
-  rejected: Rejection[];
+/** One HTTP request of a write: its messages, body, `Idempotency-Key` and ordering keys. */
+interface OutgoingRequest {
+  messages: Message[];
+  body: string;
+  idempotencyKey: string;
+  orderingKeys: string[];
 }
+
+/**
+ * Tries of one request within a write before the write fails as transient. A receiver that
+ * fails now and then (a random 500) is absorbed here, request by request, instead of making the
+ * pipeline replay the batch with its backoff, which grows to a minute.
+ */
+const REQUEST_TRIES = 4;
+/** Pause before the n-th retry of a request: 200 ms doubling, at most 2 s (jittered). */
+const retryPauseMs = (retry: number) => backoffMs(retry, 200, 2000);
 
 class HttpSink implements Sink {
   readonly describe: string;
@@ -179,6 +211,13 @@ class HttpSink implements Sink {
   private readonly retryable: Set<number>;
   private tls: { ca?: string; cert?: string; key?: string } | undefined;
   private closing = new AbortController();
+  /**
+   * Outcome per dedup key of the messages a failed write did settle: null = accepted (2xx),
+   * else the rejection error. The pipeline replays a failed batch whole; the replay sends only
+   * what is not in here, so a receiver sees each accepted message once per failure, not once
+   * per replay. Emptied by the next write that succeeds.
+   */
+  private readonly settled = new Map<string, string | null>();
 
   constructor(
     private readonly cfg: HttpSinkOptions,
@@ -218,25 +257,70 @@ class HttpSink implements Sink {
 
   async write(messages: Message[]): Promise<Rejection[]> {
     if (messages.length === 0) return [];
-    const orderingKey = (m: Message) => renderOrderingKey(this.cfg.ordering_key_template, m);
-    const tasks = this.cfg.batch_mode
-      ? this.chunk(messages).map((group) => ({
-          keys: [...new Set(group.map((g) => orderingKey(g.message)))],
-          run: () => this.send(group.map((g) => g.message), `[${group.map((g) => g.json).join(",")}]`),
-        }))
-      : messages.map((m) => ({ keys: [orderingKey(m)], run: () => this.send([m], this.elementJson(m)) }));
-    const { results, errors } = await runKeyed(tasks, this.cfg.max_in_flight);
+    const requests = this.cfg.batch_mode ? this.batchRequests(messages) : messages.map((m) => this.eventRequest(m));
+    const unsettled = requests.filter((r) => r.messages.some((m) => !this.settled.has(m.dedup_key)));
+    const tasks = unsettled.map((r) => ({ keys: r.orderingKeys, run: () => this.sendWithRetries(r) }));
+    const { errors } = await runKeyed(tasks, this.cfg.max_in_flight);
     if (errors.length) {
       const first = errors[0];
       if (first instanceof RelayError && first.kind === "config") throw first;
       const more = errors.length > 1 ? ` (and ${errors.length - 1} more failed requests)` : "";
       throw transientError(`${errorMessage(first)}${more}`, first);
     }
-    return results.flatMap((r) => r.rejected);
+    const rejected: Rejection[] = [];
+    for (const message of messages) {
+      const error = this.settled.get(message.dedup_key);
+      if (error) rejected.push({ message, error });
+    }
+    this.settled.clear();
+    return rejected;
   }
 
   async close(): Promise<void> {
     this.closing.abort();
+    this.settled.clear();
+  }
+
+  private orderingKey(m: Message): string {
+    return renderOrderingKey(this.cfg.ordering_key_template, m);
+  }
+
+  private eventRequest(m: Message): OutgoingRequest {
+    return { messages: [m], body: this.elementJson(m), idempotencyKey: headerValue(m.dedup_key), orderingKeys: [this.orderingKey(m)] };
+  }
+
+  /**
+   * Batch mode: one request never holds messages of two change sets (outbox rows), and a change
+   * set is cut into requests from its first message on. A replay after a crash may find more
+   * change sets than the first attempt saw (the outbox kept growing), but each request it sends
+   * holds the same messages as before, so its Idempotency-Key is the same.
+   */
+  private batchRequests(messages: Message[]): OutgoingRequest[] {
+    return changeSets(messages).flatMap((set) =>
+      this.chunk(set).map((group) => {
+        const chunkMessages = group.map((g) => g.message);
+        return {
+          messages: chunkMessages,
+          body: `[${group.map((g) => g.json).join(",")}]`,
+          idempotencyKey: `batch:${sha256Hex(chunkMessages.map((m) => m.dedup_key).join("\n"))}`,
+          orderingKeys: [...new Set(chunkMessages.map((m) => this.orderingKey(m)))],
+        };
+      }),
+    );
+  }
+
+  /** Sends a request, retrying transient failures a few times; records the outcome in `settled`. */
+  private async sendWithRetries(request: OutgoingRequest): Promise<void> {
+    for (let retry = 0; ; retry++) {
+      try {
+        const error = await this.send(request);
+        for (const m of request.messages) this.settled.set(m.dedup_key, error);
+        return;
+      } catch (err) {
+        if (retry + 1 >= REQUEST_TRIES || this.closing.signal.aborted || errorKind(err) !== "transient") throw err;
+        await abortableDelay(retryPauseMs(retry), this.closing.signal);
+      }
+    }
   }
 
   private elementJson(m: Message): string {
@@ -277,7 +361,9 @@ class HttpSink implements Sink {
     return chunks;
   }
 
-  private async send(messages: Message[], body: string): Promise<Outcome> {
+  /** One request: null once the receiver accepted it, the rejection error for a permanent refusal. */
+  private async send(request: OutgoingRequest): Promise<string | null> {
+    const { messages, body } = request;
     const batch = this.cfg.batch_mode;
     const headers: Record<string, string> = {
       "User-Agent": `pgtrickle-relay/${VERSION}`,
@@ -287,7 +373,7 @@ class HttpSink implements Sink {
           ? "application/cloudevents-batch+json"
           : "application/cloudevents+json"
         : "application/json",
-      "Idempotency-Key": batch ? `batch:${sha256Hex(messages.map((m) => m.dedup_key).join("\n"))}` : messages[0]!.dedup_key,
+      "Idempotency-Key": request.idempotencyKey,
     };
     if (messages.some((m) => m.is_full_refresh)) headers["X-Pgtrickle-Full-Refresh"] = "true";
     if (this.cfg.signing_secret) headers["X-Pgtrickle-Signature"] = signPayload(this.cfg.signing_secret, body);
@@ -318,23 +404,48 @@ class HttpSink implements Sink {
     } catch (err) {
       if (response.ok) throw transientError(`${what}: connection lost while reading the response (${this.redact(errorMessage(err))})`);
     }
-    if (response.ok) return { rejected: [] };
+    if (response.ok) return null;
     const snippet = this.redact(text.replace(/\s+/g, " ").trim().slice(0, 200));
     const detail = `${what} answered HTTP ${response.status}${snippet ? `: ${snippet}` : ""}`;
     if (this.retryable.has(response.status)) {
       const retryAfter = response.headers.get("retry-after");
       throw transientError(`${detail}${retryAfter ? ` (Retry-After: ${retryAfter.slice(0, 40)})` : ""}`);
     }
-    const error =
-      response.status >= 300 && response.status < 400
-        ? `${what} answered HTTP ${response.status} (redirect not followed; point url at the final address)`
-        : detail;
-    return { rejected: messages.map((message) => ({ message, error })) };
+    return response.status >= 300 && response.status < 400
+      ? `${what} answered HTTP ${response.status} (redirect not followed; point url at the final address)`
+      : detail;
   }
 
   private redact(text: string): string {
     return redactSecrets(text, this.secrets);
   }
+}
+
+/**
+ * Consecutive messages of one change set (outbox row) together; a message without an outbox id
+ * (a replayed dead letter of unknown origin) stands alone.
+ */
+function changeSets(messages: Message[]): Message[][] {
+  const sets: Message[][] = [];
+  let previous: string | null = null;
+  for (const m of messages) {
+    const set = m.outbox_id === null ? null : `${m.context.outbox ?? ""}:${m.outbox_id}`;
+    if (set === null || set !== previous) sets.push([m]);
+    else sets.at(-1)!.push(m);
+    previous = set;
+  }
+  return sets;
+}
+
+/**
+ * A dedup key as a legal header value whatever the outbox is called: every character outside
+ * visible ASCII, and `%` itself, is percent-encoded as UTF-8, so decodeURIComponent gives the key
+ * back; a key of visible ASCII without `%` (the usual case) is sent unchanged.
+ */
+export function headerValue(key: string): string {
+  return key.replace(/[^\x21-\x24\x26-\x7e]/gu, (c) =>
+    [...Buffer.from(c, "utf8")].map((b) => `%${b.toString(16).toUpperCase().padStart(2, "0")}`).join(""),
+  );
 }
 
 function renderOrderingKey(template: string, m: Message): string {

@@ -27,7 +27,11 @@ export const OutboxSourceConfig = v.looseObject({
   auto_offset_reset: v.optional(v.picklist(["earliest", "latest"]), "earliest"),
   /** Outbox header rows per poll. One header row may expand to many messages. */
   batch_size: positiveInt(100),
-  /** Most messages handed to the sink at once; a large header row is split over several batches. */
+  /**
+   * Most messages handed to the sink at once. A header row that does not fit in the batch being
+   * filled starts the next one, and a larger one is split every this many messages, so a
+   * change set is cut at the same places on every replay.
+   */
   max_batch_messages: positiveInt(1000),
   /** Idle poll interval; doubles while idle up to max(this, 5 s). A NOTIFY cuts the sleep short. */
   poll_interval_ms: positiveInt(1000),
@@ -183,6 +187,7 @@ export class OutboxSource implements Source {
         completed = header.id;
         continue;
       }
+      if (messages.length > 0 && !this.fitsBatch(plan, messages.length)) yield take();
       try {
         for await (const chunk of this.messagesOf(header, plan)) {
           for (const m of chunk) {
@@ -198,6 +203,20 @@ export class OutboxSource implements Source {
       if (plan.kind === "claim_check") claimChecks.push(header.id);
     }
     yield take();
+  }
+
+  /**
+   * Whether a change set can join a batch already holding `held` messages. One that cannot
+   * starts a batch of its own, so it is always cut into batches at the same places (every
+   * max_batch_messages from its first message), whatever came before it in the poll: a replay
+   * then hands the sink the same slices, and sinks that group a batch into requests (the HTTP
+   * sink's Idempotency-Key, docs in src/backends/http.ts) send the same requests again. A
+   * claim-check change set, whose size is only announced, always starts its own batch.
+   */
+  private fitsBatch(plan: Plan, held: number): boolean {
+    if (plan.kind === "claim_check") return false;
+    const count = plan.kind === "rows" ? plan.inserted.length + plan.deleted.length : plan.kind === "summary" ? 1 : 0;
+    return held + count <= this.cfg.max_batch_messages;
   }
 
   private decodeDeadLetter(header: HeaderRow, err: unknown): DeadLetter {

@@ -8,7 +8,7 @@ import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import * as v from "valibot";
-import http, { signPayload, verifySignature } from "../../src/backends/http.ts";
+import http, { headerValue, signPayload, verifySignature } from "../../src/backends/http.ts";
 import type { Sink } from "../../src/backends/types.ts";
 import { log } from "../../src/observe/log.ts";
 import { backendContext, errorOf } from "../helpers/backend.ts";
@@ -143,25 +143,56 @@ describe("http sink, batch mode", () => {
     );
   });
 
-  test("X-Pgtrickle-Full-Refresh: true when any message of the request is a full refresh; custom headers sent", async () => {
+  test("X-Pgtrickle-Full-Refresh: true on the requests of a full-refresh change set; custom headers sent", async () => {
     const sink = await makeSink({ url: server.url, headers: { "X-Tenant": "acme-corp" } });
     const messages = [...forwardMessages(2), ...forwardMessages(1, { outboxId: 2, full_refresh: true })];
     await sink.write(messages);
-    expect(server.requests[0]!.headers["x-pgtrickle-full-refresh"]).toBe("true");
+    expect(server.requests).toHaveLength(2);
+    expect(server.requests[0]!.headers["x-pgtrickle-full-refresh"]).toBeUndefined();
+    expect(server.requests[1]!.headers["x-pgtrickle-full-refresh"]).toBe("true");
     expect(server.requests[0]!.headers["x-tenant"]).toBe("acme-corp");
   });
 
-  test("HTTP 500 then success: transient error, then delivered on the replay", async () => {
+  test("a request holds one change set: a replay that finds more change sets sends the same requests with the same keys", async () => {
+    const sink = await makeSink({ url: server.url, max_batch_messages: 4 });
+    const table = `grow_${suffix}`;
+    const first = [...forwardMessages(3, { stream_table: table, outboxId: 1 }), ...forwardMessages(6, { stream_table: table, outboxId: 2 })];
+    // The replay after a crash: the outbox has grown by another change set meanwhile.
+    const replay = [...first, ...forwardMessages(2, { stream_table: table, outboxId: 3 })];
+    await sink.write(first);
+    const firstRequests = server.requests.map((r) => ({ key: r.headers["idempotency-key"], body: r.body }));
+    server.reset();
+    await sink.write(replay);
+    const outboxIds = (r: Recorded) => [...new Set(JSON.parse(r.body).map((e: { outbox_id: number }) => e.outbox_id))];
+    expect(server.requests.map(outboxIds)).toEqual([[1], [2], [2], [3]]);
+    expect(server.requests.slice(0, 3).map((r) => ({ key: r.headers["idempotency-key"], body: r.body }))).toEqual(firstRequests);
+  });
+
+  test("HTTP 500 then success: retried within the write with the same Idempotency-Key", async () => {
     server.reset((_r, i) => (i === 0 ? new Response("database down", { status: 500 }) : new Response("ok")));
     const sink = await makeSink({ url: server.url });
-    const messages = forwardMessages(5);
+    expect(await sink.write(forwardMessages(5))).toEqual([]);
+    expect(server.requests).toHaveLength(2);
+    expect(server.requests[1]!.headers["idempotency-key"]).toBe(server.requests[0]!.headers["idempotency-key"]);
+    expect(server.requests[1]!.body).toBe(server.requests[0]!.body);
+  });
+
+  test("HTTP 500 on every try: a transient error; the replay sends only the change sets not yet accepted", async () => {
+    server.reset((r) => (JSON.parse(r.body)[0].outbox_id === 2 ? new Response("database down", { status: 500 }) : new Response("ok")));
+    const sink = await makeSink({ url: server.url });
+    const messages = [1, 2, 3].flatMap((outboxId) => forwardMessages(2, { outboxId }));
     const err = await errorOf(sink.write(messages));
     expect(err.kind).toBe("transient");
     expect(err.message).toContain("HTTP 500");
     expect(err.message).toContain(`127.0.0.1:${server.server.port}`);
+    const firstIds = server.requests.map((r) => JSON.parse(r.body)[0].outbox_id);
+    // Change set 1 accepted, 2 tried a few times, 3 never sent: it must not overtake 2.
+    expect(firstIds[0]).toBe(1);
+    expect(firstIds.slice(1).every((id: number) => id === 2)).toBe(true);
+    expect(firstIds.length).toBeGreaterThan(2);
+    server.reset();
     expect(await sink.write(messages)).toEqual([]);
-    expect(server.requests).toHaveLength(2);
-    expect(server.requests[1]!.headers["idempotency-key"]).toBe(server.requests[0]!.headers["idempotency-key"]);
+    expect(server.requests.map((r) => JSON.parse(r.body)[0].outbox_id)).toEqual([2, 3]);
   });
 
   test("HTTP 408 and 429 are transient even when not listed in retry_on_status", async () => {
@@ -258,13 +289,75 @@ describe("http sink, per-event mode", () => {
     expect(server.requests).toHaveLength(8);
   });
 
-  test("a transient failure stops the later messages of the same key", async () => {
-    server.reset((r) => (JSON.parse(r.body).payload.id === 2 ? new Response("busy", { status: 503 }) : new Response("ok")));
+  test("a receiver failing now and then: only the failed requests are sent again, in order per key, within the write", async () => {
+    const failedOnce = new Set<number>();
+    server.reset((r) => {
+      const id = JSON.parse(r.body).payload.id;
+      // The first try of every seventh message fails, as a mildly flaky receiver does.
+      if (id % 7 === 3 && !failedOnce.has(id)) {
+        failedOnce.add(id);
+        return new Response("hiccup", { status: 500 });
+      }
+      return new Response("ok");
+    });
+    const sink = await makeSink({ url: server.url, batch_mode: false, max_in_flight: 8 });
+    const messages = forwardMessages(40);
+    expect(await sink.write(messages)).toEqual([]);
+    const ids = server.requests.map((r) => JSON.parse(r.body).payload.id);
+    expect(ids).toHaveLength(40 + failedOnce.size);
+    // One ordering key ({stream_table}): each failed message is tried again before the next one.
+    expect(ids).toEqual(messages.flatMap((_, id) => (failedOnce.has(id) ? [id, id] : [id])));
+  });
+
+  test("a transient failure stops the later messages of the same key; the replay skips what was accepted", async () => {
+    let down = true;
+    server.reset((r) => (down && JSON.parse(r.body).payload.id === 2 ? new Response("busy", { status: 503 }) : new Response("ok")));
     const sink = await makeSink({ url: server.url, batch_mode: false });
-    const err = await errorOf(sink.write(forwardMessages(6)));
+    const messages = forwardMessages(6);
+    const err = await errorOf(sink.write(messages));
     expect(err.kind).toBe("transient");
     const ids = server.requests.map((r) => JSON.parse(r.body).payload.id);
-    expect(ids).toEqual([0, 1, 2]);
+    expect(ids.slice(0, 2)).toEqual([0, 1]);
+    expect(ids.length).toBeGreaterThan(3);
+    expect(ids.slice(2).every((id: number) => id === 2)).toBe(true);
+    down = false;
+    server.reset(server.handler);
+    expect(await sink.write(messages)).toEqual([]);
+    expect(server.requests.map((r) => JSON.parse(r.body).payload.id)).toEqual([2, 3, 4, 5]);
+  });
+
+  test("a rejection in a write that then failed is still returned by its replay, without sending it again", async () => {
+    server.reset((r) => {
+      const id = JSON.parse(r.body).payload.id;
+      return id === 1 ? new Response("bad row", { status: 422 }) : id === 4 ? new Response("busy", { status: 503 }) : new Response("ok");
+    });
+    const sink = await makeSink({ url: server.url, batch_mode: false, ordering_key_template: "{dedup_key}", max_in_flight: 1 });
+    const messages = forwardMessages(6);
+    expect((await errorOf(sink.write(messages))).kind).toBe("transient");
+    server.reset();
+    const rejected = await sink.write(messages);
+    expect(rejected.map((r) => r.message.dedup_key)).toEqual([messages[1]!.dedup_key]);
+    expect(rejected[0]!.error).toContain("HTTP 422");
+    expect(server.requests.map((r) => JSON.parse(r.body).payload.id)).toEqual([4, 5]);
+  });
+
+  test("any outbox name makes a legal Idempotency-Key: non-ASCII and % are percent-encoded, reversibly", async () => {
+    const sink = await makeSink({ url: server.url, batch_mode: false });
+    const messages = [
+      ...forwardMessages(2, { stream_table: `commandes_été_注文_${suffix}` }),
+      ...forwardMessages(1, { stream_table: `taux_100%_${suffix}` }),
+      ...forwardMessages(1, { stream_table: `plain_${suffix}` }),
+    ];
+    expect(await sink.write(messages)).toEqual([]);
+    expect(server.requests).toHaveLength(4);
+    for (const r of server.requests) {
+      const key = r.headers["idempotency-key"]!;
+      expect(key).toMatch(/^[\x21-\x7e]+$/);
+      expect(decodeURIComponent(key)).toBe(JSON.parse(r.body).dedup_key);
+    }
+    const plain = server.requests.find((r) => r.body.includes("plain_"))!;
+    expect(plain.headers["idempotency-key"]).toBe(messages[3]!.dedup_key);
+    expect(headerValue("a b%c")).toBe("a%20b%25c");
   });
 });
 
