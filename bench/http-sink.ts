@@ -3,13 +3,16 @@
  * Bun.serve receiver on 127.0.0.1, run in a child process so the receiver does not share this
  * event loop. Three shapes: batch mode (one request per 500), per-event mode with 16 requests in
  * flight across keys (`ordering_key_template: "{dedup_key}"`), and per-event mode with the default
- * ordering key (one stream table = one request at a time). Prints msg/s per shape.
+ * ordering key (one stream table = one request at a time). Batch mode sends one request per
+ * change set (outbox row), so a last shape writes batches of one-message change sets: the worst
+ * case, one request per message. Prints msg/s per shape.
  *
  *   node_modules/.bin/bun bench/http-sink.ts [total=20000] [batch=500]
  */
 import * as v from "valibot";
 import http from "../src/backends/http.ts";
 import { benchContext, benchBatches, timedWrites } from "./lib.ts";
+import type { Message } from "../src/message.ts";
 import { forwardMessages } from "../test/helpers/messages.ts";
 
 const total = Number(process.argv[2] ?? 20_000);
@@ -37,10 +40,19 @@ const received = async () => Number(await (await fetch(url)).text());
 
 const ctx = benchContext();
 
-async function measure(label: string, options: Record<string, unknown>, count: number): Promise<void> {
+/** Batches of `batchSize` change sets of one message each. */
+function oneMessageChangeSets(count: number): Message[][] {
+  const batches: Message[][] = [];
+  for (let first = 0; first < count; first += batchSize) {
+    const size = Math.min(batchSize, count - first);
+    batches.push(Array.from({ length: size }, (_, i) => forwardMessages(1, { outboxId: first + i + 1 })[0]!));
+  }
+  return batches;
+}
+
+async function measure(label: string, options: Record<string, unknown>, count: number, batches = benchBatches(count, batchSize)): Promise<void> {
   const sink = http.sink.create(v.parse(http.sink.config, { url, ...options }), ctx);
   await sink.start();
-  const batches = benchBatches(count, batchSize);
   await sink.write(forwardMessages(100, { outboxId: 1_000_000 })); // warm-up
   const before = await received();
   const secs = await timedWrites(sink, batches);
@@ -55,6 +67,8 @@ try {
   await measure("per-event, 16 in flight, key {dedup_key}", { batch_mode: false, ordering_key_template: "{dedup_key}" }, total);
   await measure("per-event, default key (serial per table)", { batch_mode: false }, Math.min(total, 5000));
   await measure("batch mode, signed + CloudEvents", { signing_secret: "bench-secret", cloudevents: true }, total);
+  const small = Math.min(total, 5000);
+  await measure("batch mode, one-message change sets", {}, small, oneMessageChangeSets(small));
 } finally {
   receiver.kill();
 }
