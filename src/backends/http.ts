@@ -17,9 +17,9 @@
  * one at a time per ordering key; `Idempotency-Key` = the dedup key, percent-encoded (UTF-8)
  * outside visible ASCII and for `%` (headerValue), so any outbox name makes a legal header.
  *
- * In both modes a request that fails transiently is tried again within the write (REQUEST_TRIES,
- * short pauses) before later requests of its ordering key go; a write that still fails is
- * replayed by the pipeline, and the replay sends only the requests not yet answered.
+ * In both modes a request answered with a `retry_on_status` status is tried again within the
+ * write (REQUEST_TRIES, short pauses) before later requests of its ordering key go; a write that
+ * still fails is replayed by the pipeline, and the replay sends only the requests not yet answered.
  *
  * Signing (`signing_secret`), Stripe style:
  *   X-Pgtrickle-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<raw body>")>
@@ -30,7 +30,7 @@
 import { createHash, createHmac, timingSafeEqual } from "node:crypto";
 import { readFileSync } from "node:fs";
 import * as v from "valibot";
-import { configError, errorKind, errorMessage, RelayError, transientError } from "../errors.ts";
+import { configError, errorMessage, RelayError, transientError } from "../errors.ts";
 import { bodyDedupKey, decodeBody, inboundMessage, reverseSourceKeys, sha256Hex } from "../inbound.ts";
 import { envelopeJson, renderTemplate, type Message } from "../message.ts";
 import { abortableDelay, backoffMs, Sleeper } from "../sleep.ts";
@@ -100,7 +100,7 @@ const HttpSinkConfig = v.looseObject({
   /**
    * Response statuses retried as transient failures: the request is tried again (4 tries in all,
    * pauses from 200 ms to 2 s), then the batch is replayed without the requests already
-   * answered. 408 and 429 are always transient; any other non-2xx status rejects the request's
+   * answered (a timeout or refused connection goes straight to the replay). 408 and 429 are always transient; any other non-2xx status rejects the request's
    * messages to the dead-letter table.
    */
   retry_on_status: v.optional(v.array(v.pipe(v.number(), v.integer(), v.minValue(100), v.maxValue(599))), [
@@ -196,11 +196,20 @@ interface OutgoingRequest {
 }
 
 /**
- * Tries of one request within a write before the write fails as transient. A receiver that
- * fails now and then (a random 500) is absorbed here, request by request, instead of making the
- * pipeline replay the batch with its backoff, which grows to a minute.
+ * Tries of one request within a write while the receiver answers a `retry_on_status` status.
+ * A receiver that fails now and then (a random 500) is absorbed here, request by request,
+ * instead of making the pipeline replay the batch with its backoff, which grows to a minute.
+ * No answer at all (timeout, refused connection) fails the write at once: the pipeline shows
+ * the outage and retries.
  */
 const REQUEST_TRIES = 4;
+
+/** The receiver answered with a status it wants retried. */
+class RetryStatus extends RelayError {
+  constructor(message: string) {
+    super("transient", message);
+  }
+}
 /** Pause before the n-th retry of a request: 200 ms doubling, at most 2 s (jittered). */
 const retryPauseMs = (retry: number) => backoffMs(retry, 200, 2000);
 
@@ -214,8 +223,8 @@ class HttpSink implements Sink {
   /**
    * Outcome per dedup key of the messages a failed write did settle: null = accepted (2xx),
    * else the rejection error. The pipeline replays a failed batch whole; the replay sends only
-   * what is not in here, so a receiver sees each accepted message once per failure, not once
-   * per replay. Emptied by the next write that succeeds.
+   * what is not in here, so what the receiver accepted is not sent again. Emptied by the next
+   * write that succeeds.
    */
   private readonly settled = new Map<string, string | null>();
 
@@ -309,7 +318,7 @@ class HttpSink implements Sink {
     );
   }
 
-  /** Sends a request, retrying transient failures a few times; records the outcome in `settled`. */
+  /** Sends a request, retrying a few times while the receiver asks to; records the outcome in `settled`. */
   private async sendWithRetries(request: OutgoingRequest): Promise<void> {
     for (let retry = 0; ; retry++) {
       try {
@@ -317,7 +326,7 @@ class HttpSink implements Sink {
         for (const m of request.messages) this.settled.set(m.dedup_key, error);
         return;
       } catch (err) {
-        if (retry + 1 >= REQUEST_TRIES || this.closing.signal.aborted || errorKind(err) !== "transient") throw err;
+        if (!(err instanceof RetryStatus) || retry + 1 >= REQUEST_TRIES || this.closing.signal.aborted) throw err;
         await abortableDelay(retryPauseMs(retry), this.closing.signal);
       }
     }
@@ -409,7 +418,7 @@ class HttpSink implements Sink {
     const detail = `${what} answered HTTP ${response.status}${snippet ? `: ${snippet}` : ""}`;
     if (this.retryable.has(response.status)) {
       const retryAfter = response.headers.get("retry-after");
-      throw transientError(`${detail}${retryAfter ? ` (Retry-After: ${retryAfter.slice(0, 40)})` : ""}`);
+      throw new RetryStatus(`${detail}${retryAfter ? ` (Retry-After: ${retryAfter.slice(0, 40)})` : ""}`);
     }
     return response.status >= 300 && response.status < 400
       ? `${what} answered HTTP ${response.status} (redirect not followed; point url at the final address)`
