@@ -227,7 +227,7 @@ describe("http sink, batch mode", () => {
     expect(server.requests).toHaveLength(1);
   });
 
-  test("no response within timeout_ms: transient error", async () => {
+  test("no response within timeout_ms: transient error at once, not tried again within the write", async () => {
     server.reset(async () => {
       await sleep(1500);
       return new Response("late");
@@ -236,6 +236,7 @@ describe("http sink, batch mode", () => {
     const err = await errorOf(sink.write(forwardMessages(3)));
     expect(err.kind).toBe("transient");
     expect(err.message).toContain("no response within 200 ms");
+    expect(server.requests).toHaveLength(1);
   });
 
   test("unreachable receiver: transient error naming host:port", async () => {
