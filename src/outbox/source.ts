@@ -64,6 +64,8 @@ interface WriterCheck {
  * their dedup keys, which depend only on the row's position in the set.
  */
 interface WithinRow {
+  /** The outbox table too: a pipeline re-pointed at another outbox must not skip rows of its id. */
+  outbox: string;
   outbox_id: string;
   delivered: number;
 }
@@ -200,13 +202,14 @@ export class OutboxSource implements Source {
         continue;
       }
       // Messages of this row that acknowledged batches already carried (a restart mid-row).
-      let delivered = this.withinRow?.outbox_id === header.id ? this.withinRow.delivered : 0;
+      const resumes = this.withinRow?.outbox === this.target.outboxTable && this.withinRow.outbox_id === header.id;
+      let delivered = resumes ? this.withinRow!.delivered : 0;
       try {
         for await (const chunk of this.messagesOf(header, plan, delivered)) {
           for (const m of chunk) {
             messages.push(m);
             delivered++;
-            if (messages.length >= this.cfg.max_batch_messages) yield take({ outbox_id: header.id, delivered });
+            if (messages.length >= this.cfg.max_batch_messages) yield take({ outbox: this.target.outboxTable, outbox_id: header.id, delivered });
           }
         }
       } catch (err) {
@@ -268,8 +271,9 @@ export class OutboxSource implements Source {
     try {
       const parsed = JSON.parse(text) as Partial<WithinRow> | null;
       if (parsed === null) return null;
-      if (typeof parsed.outbox_id === "string" && Number.isSafeInteger(parsed.delivered) && parsed.delivered! > 0) {
-        return { outbox_id: parsed.outbox_id, delivered: parsed.delivered! };
+      const { outbox, outbox_id, delivered } = parsed;
+      if (typeof outbox === "string" && typeof outbox_id === "string" && Number.isSafeInteger(delivered) && delivered! > 0) {
+        return { outbox, outbox_id, delivered: delivered! };
       }
     } catch {
       // falls through to the warning
