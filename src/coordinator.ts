@@ -233,8 +233,11 @@ export class Coordinator {
   private readonly failed = new Map<string, string>();
   /** When each desired pipeline was first seen without any owner (for taking more than a fair share). */
   private readonly unownedSince = new Map<string, number>();
-  /** Pipelines this process handed over, and when: not taken back within a discovery interval. */
-  private readonly handedOver = new Map<string, number>();
+  /**
+   * Pipelines this process handed over, with when and the members then: not taken back while
+   * the members stay the same (the round), for at most a discovery interval.
+   */
+  private readonly handedOver = new Map<string, { at: number; members: string }>();
   /**
    * The members (sorted coordinator backends) when this process last took a pipeline beyond its
    * share because nobody else would: no handover while they stay the same, or it would hand the
@@ -277,7 +280,7 @@ export class Coordinator {
           await this.reconcile();
         }
         const snapshot = await this.lockSnapshot();
-        this.trackUnowned(snapshot);
+        this.noteSnapshot(snapshot);
         await this.acquire(snapshot);
         if (!this.options.drain) this.handOverExcess(snapshot);
         this.postgresConnected = true;
@@ -417,15 +420,19 @@ export class Coordinator {
     this.desired = desired;
   }
 
-  /** Remembers since when each desired pipeline has had no owner (a pipeline just released counts from now). */
-  private trackUnowned(snapshot: LockSnapshot): void {
+  /**
+   * Notes since when each desired pipeline has had no owner (one just released counts from now),
+   * and forgets handovers of a past round.
+   */
+  private noteSnapshot(snapshot: LockSnapshot): void {
     const now = Date.now();
     for (const [key, d] of this.desired) {
       if (snapshot.holders.has(d.row.name)) this.unownedSince.delete(key);
       else if (!this.unownedSince.has(key)) this.unownedSince.set(key, now);
     }
     for (const key of [...this.unownedSince.keys()]) if (!this.desired.has(key)) this.unownedSince.delete(key);
-    for (const [key, at] of this.handedOver) if (now - at >= this.graceMs) this.handedOver.delete(key);
+    const members = membersKey(snapshot);
+    for (const [key, h] of this.handedOver) if (now - h.at >= this.graceMs || h.members !== members) this.handedOver.delete(key);
   }
 
   /** How long a pipeline may wait for an owner before a replica takes it beyond its share. */
@@ -486,13 +493,15 @@ export class Coordinator {
    * excess over at once, but never more than the other members lack, and never while a pipeline
    * is waiting for an owner (the replicas under their share are taking it). Each released
    * pipeline finishes its batch first; a replica under its share takes it at its next tick, and
-   * this process does not take it back within a discovery interval.
+   * this process does not take it back while the members stay the same.
    */
   private handOverExcess(snapshot: LockSnapshot): void {
     const session = this.session;
     if (!session || session.lost || this.stopAll.signal.aborted) return;
     const now = Date.now();
-    const settling = [...this.desired.keys()].some((key) => now - (this.unownedSince.get(key) ?? -Infinity) < this.graceMs);
+    // A pipeline that failed here is retried once per discovery interval, unowned in between: it
+    // is not one the others are about to take.
+    const settling = [...this.desired.keys()].some((key) => !this.failed.has(key) && now - (this.unownedSince.get(key) ?? -Infinity) < this.graceMs);
     if (settling || this.overflowMembers === membersKey(snapshot)) return;
     this.overflowMembers = null;
     const shares = this.shares(snapshot);
@@ -507,7 +516,7 @@ export class Coordinator {
       pipelineLog(victim.row.name).info(`handing over to a replica with fewer pipelines (${kept} here, fair share ${share})`);
       victim.endAction = "unlock";
       victim.stop.abort();
-      this.handedOver.set(victim.key, now);
+      this.handedOver.set(victim.key, { at: now, members: membersKey(snapshot) });
     }
   }
 
