@@ -425,13 +425,14 @@ describe("limits and shutdown", () => {
   }, 60_000);
 });
 
-describe("fair, stable sharing", () => {
+// A discovery interval far longer than the test's waits (sharing must not wait for it), and one
+// of a second (a pipeline unowned that long may be taken beyond a share: still no thrashing).
+describe.each([120, 1])("fair, stable sharing (discovery interval %d s)", (discoverySecs) => {
   const names = range(0, 9).map((i) => `fs${i}`);
-  // A discovery interval far longer than the test's waits: sharing must not wait for it.
-  const SHARING = ["--metrics-addr", "127.0.0.1:0", "--discovery-interval", "120", "--coordinator-tick-ms", "200"];
+  const SHARING = ["--metrics-addr", "127.0.0.1:0", "--discovery-interval", String(discoverySecs), "--coordinator-tick-ms", "200"];
   let f: Fixture;
   beforeAll(async () => {
-    f = await fixture("coord_share", names, { poll_interval_ms: 100, batch_size: 5 });
+    f = await fixture(`coord_share_${discoverySecs}`, names, { poll_interval_ms: 100, batch_size: 5 });
   });
   afterAll(() => teardown(f));
 
