@@ -39,6 +39,16 @@ export const MEMBER_KEY_SQL = `('x' || left(md5('pgtrickle-relay members:' || $1
 
 const keyOf = (r: { name: string; direction: string }) => `${r.direction}:${r.name}`;
 
+/** Who holds each desired pipeline's lock (coordinator backend pid), and which replicas run. */
+interface LockSnapshot {
+  holders: Map<string, number>;
+  /** Coordinator backends of the `run` processes of this relay group (their shared member lock). */
+  memberPids: number[];
+  perPid: Map<number, number>;
+}
+
+const membersKey = (snapshot: LockSnapshot) => [...snapshot.memberPids].sort((x, y) => x - y).join(",");
+
 // ── the lock session ──────────────────────────────────────────────────────────────────────────
 
 /**
@@ -223,9 +233,19 @@ export class Coordinator {
   private readonly failed = new Map<string, string>();
   /** When each desired pipeline was first seen without any owner (for taking more than a fair share). */
   private readonly unownedSince = new Map<string, number>();
+  /**
+   * Pipelines this process handed over, with when and the members then: not taken back while
+   * the members stay the same (the round), for at most a discovery interval.
+   */
+  private readonly handedOver = new Map<string, { at: number; members: string }>();
+  /**
+   * The members (sorted coordinator backends) when this process last took a pipeline beyond its
+   * share because nobody else would: no handover while they stay the same, or it would hand the
+   * pipeline to a replica that cannot take it (its --max-workers) and take it back, for ever.
+   */
+  private overflowMembers: string | null = null;
   private reloadRequested = true;
   private reloadTimer: ReturnType<typeof setTimeout> | undefined;
-  private lastRebalance = Date.now();
   private readonly sleeper = new Sleeper();
   private readonly stopAll = new AbortController();
   private readonly identity = processIdentity();
@@ -259,8 +279,10 @@ export class Coordinator {
           lastDiscovery = Date.now();
           await this.reconcile();
         }
-        await this.acquire();
-        if (!this.options.drain) this.rebalance();
+        const snapshot = await this.lockSnapshot();
+        this.noteSnapshot(snapshot);
+        await this.acquire(snapshot);
+        if (!this.options.drain) this.handOverExcess(snapshot);
         this.postgresConnected = true;
         attempt = 0;
       } catch (err) {
@@ -398,49 +420,68 @@ export class Coordinator {
     this.desired = desired;
   }
 
+  /**
+   * Notes since when each desired pipeline has had no owner (one just released counts from now),
+   * and forgets handovers of a past round.
+   */
+  private noteSnapshot(snapshot: LockSnapshot): void {
+    const now = Date.now();
+    for (const [key, d] of this.desired) {
+      if (snapshot.holders.has(d.row.name)) this.unownedSince.delete(key);
+      else if (!this.unownedSince.has(key)) this.unownedSince.set(key, now);
+    }
+    for (const key of [...this.unownedSince.keys()]) if (!this.desired.has(key)) this.unownedSince.delete(key);
+    const members = membersKey(snapshot);
+    for (const [key, h] of this.handedOver) if (now - h.at >= this.graceMs || h.members !== members) this.handedOver.delete(key);
+  }
+
+  /** How long a pipeline may wait for an owner before a replica takes it beyond its share. */
+  private get graceMs(): number {
+    return this.settings.discoveryIntervalSecs * 1000;
+  }
+
+  /**
+   * Every member's fair share, the same in every member's eyes: the pipelines split evenly, the
+   * remainder going one each to the members with the lowest coordinator backend pids. The shares
+   * add up to the whole, so a replica over its share knows another one is under it.
+   */
+  private shares(snapshot: LockSnapshot): Map<number, number> {
+    const members = [...snapshot.memberPids].sort((x, y) => x - y);
+    const total = this.desired.size;
+    const base = Math.floor(total / Math.max(1, members.length));
+    const extra = total % Math.max(1, members.length);
+    return new Map(members.map((pid, rank) => [pid, Math.min(this.settings.maxWorkers, base + (rank < extra ? 1 : 0))]));
+  }
+
   /** Tries the locks of unowned pipelines, up to this process's share (CONTRACT.md §7.3). */
-  private async acquire(): Promise<void> {
+  private async acquire(snapshot: LockSnapshot): Promise<void> {
     const session = this.session!;
     const group = this.settings.relayGroupId;
     const candidates = [...this.desired.values()].filter((d) => {
       const key = keyOf(d.row);
-      if (this.workers.has(key)) return false;
+      if (this.workers.has(key) || this.handedOver.has(key)) return false;
       if (this.options.drain) return !this.outcomes.some((o) => keyOf(o) === key);
       return this.failed.get(key) !== d.fingerprint;
     });
-    if (candidates.length === 0) {
-      this.metrics.owned.set(this.lockCount());
-      return;
-    }
-    const snapshot = await this.lockSnapshot();
     const now = Date.now();
-    for (const [key, d] of this.desired) {
-      const holder = snapshot.holders.get(d.row.name);
-      if (holder === undefined) {
-        if (!this.unownedSince.has(key)) this.unownedSince.set(key, now);
-      } else this.unownedSince.delete(key);
-    }
-    for (const key of [...this.unownedSince.keys()]) if (!this.desired.has(key)) this.unownedSince.delete(key);
-
-    const share = Math.ceil(this.desired.size / Math.max(1, snapshot.members));
-    const target = this.options.drain ? this.settings.maxWorkers : Math.min(this.settings.maxWorkers, share);
-    const grace = this.settings.discoveryIntervalSecs * 1000;
+    const share = this.options.drain ? this.settings.maxWorkers : (this.shares(snapshot).get(session.pid) ?? 0);
     for (const d of candidates) {
-      if (session.lost || this.stopAll.signal.aborted) return;
+      if (session.lost || this.stopAll.signal.aborted) break;
       const key = keyOf(d.row);
       const holder = snapshot.holders.get(d.row.name);
       if (holder !== undefined && holder !== session.pid) {
         if (this.options.drain) this.outcomes.push(outcome(d.row, "locked_elsewhere", "owned by another relay process of this relay group"));
         continue;
       }
-      const held = this.lockCount();
-      if (held >= this.settings.maxWorkers) break;
+      if (this.lockCount() >= this.settings.maxWorkers) break;
       // Beyond the fair share only for a pipeline nobody has taken for a whole discovery interval.
-      if (held >= target && now - (this.unownedSince.get(key) ?? now) < grace) continue;
+      const beyondShare = this.keptCount() >= share;
+      if (beyondShare && now - (this.unownedSince.get(key) ?? now) < this.graceMs) continue;
       if (!(await session.tryLock(group, d.row.name))) {
         if (this.options.drain) this.outcomes.push(outcome(d.row, "locked_elsewhere", "owned by another relay process of this relay group"));
         continue;
       }
+      if (beyondShare && !this.options.drain) this.overflowMembers = membersKey(snapshot);
       pipelineLog(d.row.name).debug(`advisory lock won (coordinator backend ${session.pid})`);
       this.startWorker(d, session);
     }
@@ -448,35 +489,39 @@ export class Coordinator {
   }
 
   /**
-   * After a replica joins (or comes back), the others own more than their share: once per
-   * discovery interval, hand back the excess (at most what the emptiest replica lacks). Each
-   * released pipeline finishes its batch first; a replica under its share takes it at its next
-   * tick. Only running pipelines are handed over, and only when no pipeline is waiting for an owner.
+   * After a replica joins (or comes back), the others own more than their share: each hands its
+   * excess over at once, but never more than the other members lack, and never while a pipeline
+   * is waiting for an owner (the replicas under their share are taking it). Each released
+   * pipeline finishes its batch first; a replica under its share takes it at its next tick, and
+   * this process does not take it back while the members stay the same.
    */
-  private rebalance(): void {
-    if (Date.now() - this.lastRebalance < this.settings.discoveryIntervalSecs * 1000) return;
-    this.lastRebalance = Date.now();
-    void this.lockSnapshot()
-      .then((snap) => {
-        if (this.stopAll.signal.aborted || !this.session || this.session.lost) return;
-        if ([...this.desired.values()].some((d) => !snap.holders.has(d.row.name))) return; // still settling
-        const share = Math.ceil(this.desired.size / Math.max(1, snap.members));
-        const mine = [...this.workers.values()].filter((w) => !w.stop.signal.aborted && w.pipeline?.state === "running");
-        const least = Math.min(...snap.memberPids.map((pid) => snap.perPid.get(pid) ?? 0));
-        const count = Math.min(this.lockCount() - share, share - least);
-        if (count <= 0) return;
-        const held = this.lockCount();
-        for (const victim of mine.sort((a, b) => b.startedAt - a.startedAt).slice(0, count)) {
-          pipelineLog(victim.row.name).info(`handing over to a replica with fewer pipelines (${held} here, fair share ${share})`);
-          victim.endAction = "unlock";
-          victim.stop.abort();
-        }
-      })
-      .catch((err) => log.debug(`rebalance skipped: ${errorMessage(err)}`));
+  private handOverExcess(snapshot: LockSnapshot): void {
+    const session = this.session;
+    if (!session || session.lost || this.stopAll.signal.aborted) return;
+    const now = Date.now();
+    // A pipeline that failed here is retried once per discovery interval, unowned in between: it
+    // is not one the others are about to take.
+    const settling = [...this.desired.keys()].some((key) => !this.failed.has(key) && now - (this.unownedSince.get(key) ?? -Infinity) < this.graceMs);
+    if (settling || this.overflowMembers === membersKey(snapshot)) return;
+    this.overflowMembers = null;
+    const shares = this.shares(snapshot);
+    const share = shares.get(session.pid) ?? 0;
+    let lacking = 0;
+    for (const [pid, s] of shares) if (pid !== session.pid) lacking += Math.max(0, s - (snapshot.perPid.get(pid) ?? 0));
+    const kept = this.keptCount();
+    const count = Math.min(kept - share, lacking);
+    if (count <= 0) return;
+    const mine = [...this.workers.values()].filter((w) => !w.stop.signal.aborted && w.pipeline?.state === "running");
+    for (const victim of mine.sort((a, b) => b.startedAt - a.startedAt).slice(0, count)) {
+      pipelineLog(victim.row.name).info(`handing over to a replica with fewer pipelines (${kept} here, fair share ${share})`);
+      victim.endAction = "unlock";
+      victim.stop.abort();
+      this.handedOver.set(victim.key, { at: now, members: membersKey(snapshot) });
+    }
   }
 
   /** Who holds each desired pipeline's lock, and how many replicas of this group are running. */
-  private async lockSnapshot(): Promise<{ holders: Map<string, number>; members: number; memberPids: number[]; perPid: Map<number, number> }> {
+  private async lockSnapshot(): Promise<LockSnapshot> {
     const names = [...new Set([...this.desired.values()].map((d) => d.row.name))];
     const group = this.settings.relayGroupId;
     const rows = await this.sql.unsafe<{ name: string | null; pid: number; member: boolean }[]>(
@@ -502,12 +547,17 @@ export class Coordinator {
         perPid.set(r.pid, (perPid.get(r.pid) ?? 0) + 1);
       }
     }
-    return { holders, members: memberPids.length, memberPids, perPid };
+    return { holders, memberPids, perPid };
   }
 
   /** Locks this process holds: one per worker until its end action released it. */
   private lockCount(): number {
     return [...this.workers.values()].filter((w) => w.endAction !== "lost").length;
+  }
+
+  /** Locks this process keeps: those not being handed over, disabled or lost (a restart keeps its lock). */
+  private keptCount(): number {
+    return [...this.workers.values()].filter((w) => w.endAction === "restart" || (w.endAction === "unlock" && !w.stop.signal.aborted)).length;
   }
 
   private startWorker(d: Desired, session: LockSession): void {

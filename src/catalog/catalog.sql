@@ -435,7 +435,11 @@ COMMENT ON TABLE pgtrickle.relay_pipeline_status IS
 -- Relay-only: where a reverse source that has no broker to remember it (a file) stands, as
 -- text the source defines (the file source: JSON with path, byte offset, line, inode). Written
 -- by the batch's ack, after the inbox commit; a crash in between replays rows the inbox already
--- holds, and ON CONFLICT skips them.
+-- holds, and ON CONFLICT skips them. A forward pipeline keeps here how many messages of one
+-- outbox row its acknowledged batches carried when a batch ended inside that row (a large
+-- claim-check change set; `null` when none), written in the offset's transaction. Relay-only,
+-- because from 0.45 on relay_consumer_offsets and the consumer-group offsets may belong to
+-- the extension.
 CREATE TABLE IF NOT EXISTS pgtrickle.relay_source_positions (
     relay_group_id TEXT        NOT NULL,
     pipeline       TEXT        NOT NULL,
@@ -446,7 +450,7 @@ CREATE TABLE IF NOT EXISTS pgtrickle.relay_source_positions (
 );
 
 COMMENT ON TABLE pgtrickle.relay_source_positions IS
-    'pgtrickle-relay: last acknowledged position of a source without broker-side offsets (file input), per relay group and pipeline.';
+    'pgtrickle-relay: last acknowledged position of a source without broker-side offsets (file input), or within one outbox row (forward), per relay group and pipeline.';
 
 -- One row: which relay catalog version this database holds.
 CREATE TABLE IF NOT EXISTS pgtrickle.relay_catalog_version (

@@ -122,7 +122,7 @@ const GRANTS: readonly GrantSpec[] = [
     runtime: true,
   })),
   { kind: "function", object: REPLAY_FUNCTION, privilege: "EXECUTE", section: "relay", runtime: false },
-  // The tables the running relay writes: dead letters, its status, reverse source positions.
+  // The tables the running relay writes: dead letters, its status, source positions.
   ...["relay_dead_letters", "relay_pipeline_status", "relay_source_positions"].flatMap((object) =>
     ["SELECT", "INSERT", "UPDATE"].map((privilege) => ({
       kind: "table" as const,

@@ -6,6 +6,7 @@ import { DEFAULT_SUBJECT_TEMPLATE, forwardDedupKey, renderTemplate, type Message
 import { cleanRow, planFor, safeOutboxId, summaryPayload, type HeaderRow, type Plan } from "./decode.ts";
 import { enableOutbox, findOutbox, type OutboxTarget } from "./resolve.ts";
 import { Sleeper } from "../sleep.ts";
+import { loadSourcePosition, saveSourcePosition } from "../backends/stdin.ts";
 
 const positiveInt = (fallback: number) => v.optional(v.pipe(v.number(), v.integer(), v.minValue(1)), fallback);
 
@@ -59,6 +60,20 @@ interface WriterCheck {
   hwm: bigint;
 }
 
+/**
+ * How far into one outbox row's messages the acknowledged batches went, when a batch ended in
+ * the middle of it (a claim-check change set of thousands of rows spans many batches). Stored in
+ * pgtrickle.relay_source_positions with the batch's acknowledgement, so that a restart resumes
+ * after the `delivered` first messages instead of re-sending the whole set; the messages keep
+ * their dedup keys, which depend only on the row's position in the set.
+ */
+interface WithinRow {
+  /** The outbox table too: a pipeline re-pointed at another outbox must not skip rows of its id. */
+  outbox: string;
+  outbox_id: string;
+  delivered: number;
+}
+
 /** Bigints as text (exact); ORDER BY must then name `h.id`, or it would sort the text alias. */
 const HEADER_COLUMNS =
   "h.id::text AS id, h.refresh_id::text AS refresh_id, h.created_at, h.inserted_count::text AS inserted_count, h.deleted_count::text AS deleted_count, h.is_claim_check, h.payload";
@@ -79,6 +94,8 @@ export class OutboxSource implements Source {
   /** True when the last poll stopped at a gap that may still be filled. */
   private blockedOnGap = false;
   private heartbeat: ReturnType<typeof setInterval> | undefined;
+  /** The stored position within an outbox row, if the last acknowledged batch ended inside one. */
+  private withinRow: WithinRow | null = null;
 
   constructor(
     private readonly cfg: OutboxSourceConfig,
@@ -124,6 +141,7 @@ export class OutboxSource implements Source {
     this.target = target;
     if (this.groupMode) await this.ensureGroup();
     else this.committed = await this.readSimpleOffset();
+    this.withinRow = await this.readWithinRow();
     if (this.groupMode) {
       clearInterval(this.heartbeat); // start() runs again after a transient failure
       this.heartbeat = setInterval(() => {
@@ -170,8 +188,8 @@ export class OutboxSource implements Source {
     let deadLetters: DeadLetter[] = [];
     let completed: string | null = null;
     let claimChecks: string[] = [];
-    const take = () => {
-      const batch = this.makeBatch(messages, deadLetters, completed, claimChecks);
+    const take = (within: WithinRow | null = null) => {
+      const batch = this.makeBatch(messages, deadLetters, completed, claimChecks, within);
       messages = [];
       deadLetters = [];
       claimChecks = [];
@@ -188,11 +206,15 @@ export class OutboxSource implements Source {
         continue;
       }
       if (messages.length > 0 && !this.fitsBatch(plan, messages.length)) yield take();
+      // Messages of this row that acknowledged batches already carried (a restart mid-row).
+      const resumes = this.withinRow?.outbox === this.target.outboxTable && this.withinRow.outbox_id === header.id;
+      let delivered = resumes ? this.withinRow!.delivered : 0;
       try {
-        for await (const chunk of this.messagesOf(header, plan)) {
+        for await (const chunk of this.messagesOf(header, plan, delivered)) {
           for (const m of chunk) {
             messages.push(m);
-            if (messages.length >= this.cfg.max_batch_messages) yield take();
+            delivered++;
+            if (messages.length >= this.cfg.max_batch_messages) yield take({ outbox: this.target.outboxTable, outbox_id: header.id, delivered });
           }
         }
       } catch (err) {
@@ -233,22 +255,60 @@ export class OutboxSource implements Source {
     };
   }
 
-  private makeBatch(messages: Message[], deadLetters: DeadLetter[], completed: string | null, claimChecks: string[]): Batch {
+  private makeBatch(messages: Message[], deadLetters: DeadLetter[], completed: string | null, claimChecks: string[], within: WithinRow | null): Batch {
     return {
       messages,
       deadLetters,
       ack: async () => {
-        if (completed !== null && BigInt(completed) > this.committed) await this.commit(completed);
+        const advance = completed !== null && BigInt(completed) > this.committed ? completed : null;
+        if (within || this.withinRow) await this.commitWithin(advance, within);
+        else if (advance) await this.commit(this.sql, advance);
+        if (advance) this.committedTo(advance);
         if (claimChecks.length > 0 && this.cfg.release_claim_check) await this.releaseClaimChecks(claimChecks);
       },
     };
   }
 
-  /** The messages of one header row, in chunks, in delivery order: deletes, then inserts. */
-  async *messagesOf(header: HeaderRow, plan: Plan): AsyncIterable<Message[]> {
+  /**
+   * The offset and the position within a row in one transaction: a crash leaves both or neither.
+   * Once batches no longer end inside a row the position becomes `null` (an UPDATE: the relay's
+   * role may insert and update relay_source_positions, not delete).
+   */
+  private async commitWithin(advance: string | null, within: WithinRow | null): Promise<void> {
+    await this.sql.begin(async (transaction) => {
+      const tx = transaction as unknown as Sql; // the same tagged queries, on the transaction's connection
+      if (advance) await this.commit(tx, advance);
+      await saveSourcePosition(tx, this.ctx, JSON.stringify(within));
+    });
+    this.withinRow = within;
+  }
+
+  /** The stored position within a row; one that cannot be read only costs a replay of that row. */
+  private async readWithinRow(): Promise<WithinRow | null> {
+    const text = await loadSourcePosition(this.sql, this.ctx);
+    if (text === null) return null;
+    try {
+      const parsed = JSON.parse(text) as Partial<WithinRow> | null;
+      if (parsed === null) return null;
+      const { outbox, outbox_id, delivered } = parsed;
+      if (typeof outbox === "string" && typeof outbox_id === "string" && Number.isSafeInteger(delivered) && delivered! > 0) {
+        return { outbox, outbox_id, delivered: delivered! };
+      }
+    } catch {
+      // falls through to the warning
+    }
+    this.ctx.log.warn(`ignoring an unreadable position in pgtrickle.relay_source_positions (${text.slice(0, 100)}): that outbox row is sent again from its start`);
+    return null;
+  }
+
+  /**
+   * The messages of one header row, in chunks, in delivery order: deletes, then inserts; the
+   * first `skip` of them (already delivered) left out.
+   */
+  async *messagesOf(header: HeaderRow, plan: Plan, skip = 0): AsyncIterable<Message[]> {
     if (plan.kind === "none") return;
     if (plan.kind === "summary") {
-      yield [this.message(header, "summary", 0, plan.payload, false, plan.refreshId)];
+      if (skip === 0) yield [this.message(header, "summary", 0, plan.payload, false, plan.refreshId)];
       return;
     }
     if (plan.kind === "rows") {
@@ -258,18 +318,19 @@ export class OutboxSource implements Source {
       const out: Message[] = [];
       plan.deleted.forEach((row, i) => out.push(this.message(header, "delete", inserted + i, row, plan.fullRefresh, plan.refreshId)));
       plan.inserted.forEach((row, i) => out.push(this.message(header, "insert", i, row, plan.fullRefresh, plan.refreshId)));
-      for (let i = 0; i < out.length; i += this.cfg.max_batch_messages) yield out.slice(i, i + this.cfg.max_batch_messages);
+      for (let i = skip; i < out.length; i += this.cfg.max_batch_messages) yield out.slice(i, i + this.cfg.max_batch_messages);
       return;
     }
-    yield* this.claimCheckMessages(header, plan.fullRefresh, plan.refreshId);
+    yield* this.claimCheckMessages(header, plan.fullRefresh, plan.refreshId, skip);
   }
 
   /**
    * Claim-check rows are paged from the delta table by keyset (row_num > last) in pages of
    * claim_check_fetch_size, so memory stays flat however large the delta. The delta rows of a
-   * committed header never change, so pages need no long-lived transaction or cursor.
+   * committed header never change, so pages need no long-lived transaction or cursor, and the
+   * first page after `skip` delivered messages is found with OFFSET (once, at a resume).
    */
-  private async *claimCheckMessages(header: HeaderRow, fullRefresh: boolean, refreshId: string | null): AsyncIterable<Message[]> {
+  private async *claimCheckMessages(header: HeaderRow, fullRefresh: boolean, refreshId: string | null, skip: number): AsyncIterable<Message[]> {
     const cols = this.target.deltaColumns;
     if (!cols) {
       throw new RelayError(
@@ -281,27 +342,32 @@ export class OutboxSource implements Source {
     const opCol = ident(this.sql, cols.op);
     const dataCol = ident(this.sql, cols.data);
     const opValues = (op: Op) => (op === "insert" ? ["INSERT", "I"] : ["DELETE", "D"]);
-    const [counts] = await this.sql<{ inserted: string }[]>`
-      SELECT count(*)::text AS inserted FROM ${table} WHERE outbox_id = ${header.id}::bigint AND ${opCol} = ANY(${opValues("insert")})`;
+    const [counts] = await this.sql<{ inserted: string; deleted: string }[]>`
+      SELECT count(*) FILTER (WHERE ${opCol} = ANY(${opValues("insert")}))::text AS inserted,
+             count(*) FILTER (WHERE ${opCol} = ANY(${opValues("delete")}))::text AS deleted
+        FROM ${table} WHERE outbox_id = ${header.id}::bigint`;
     const insertedCount = Number(counts?.inserted ?? 0);
-    let found = 0;
+    const deletedCount = Number(counts?.deleted ?? 0);
     for (const op of ["delete", "insert"] as const) {
+      const skipHere = Math.min(skip, op === "delete" ? deletedCount : insertedCount);
+      skip -= skipHere;
+      let offset = skipHere;
       let after = "0";
-      let index = op === "insert" ? 0 : insertedCount;
+      let index = (op === "insert" ? 0 : insertedCount) + skipHere;
       for (;;) {
         const page = await this.sql<{ row_num: string; data: unknown }[]>`
           SELECT d.row_num::text AS row_num, d.${dataCol} AS data FROM ${table} AS d
           WHERE d.outbox_id = ${header.id}::bigint AND d.${opCol} = ANY(${opValues(op)}) AND d.row_num > ${after}::bigint
-          ORDER BY d.row_num LIMIT ${this.cfg.claim_check_fetch_size}`;
+          ORDER BY d.row_num OFFSET ${offset} LIMIT ${this.cfg.claim_check_fetch_size}`;
         if (page.length === 0) break;
         this.ctx.onClaimCheckFetch?.();
-        found += page.length;
         yield page.map((r) => this.message(header, op, index++, r.data, fullRefresh, refreshId));
         after = page[page.length - 1]!.row_num;
+        offset = 0;
         if (page.length < this.cfg.claim_check_fetch_size) break;
       }
     }
-    if (found === 0 && Number(header.inserted_count) + Number(header.deleted_count) > 0) {
+    if (insertedCount + deletedCount === 0 && Number(header.inserted_count) + Number(header.deleted_count) > 0) {
       if (header.payload === null || header.payload === undefined) {
         // 0.37–0.45: the delta table holds a snapshot, and an emptied stream table has none; a
         // summary tells downstream that this full refresh happened (its rows are all gone).
@@ -413,18 +479,23 @@ export class OutboxSource implements Source {
     return false;
   }
 
-  private async commit(id: string): Promise<void> {
+  /** Writes the offset (on `sql`, which may be a transaction); committedTo() follows once it landed. */
+  private async commit(sql: Sql, id: string): Promise<void> {
     if (this.groupMode) {
-      await this.sql`SELECT pgtrickle.commit_offset(${this.cfg.group!}, ${this.consumerId}, ${id}::bigint)`;
+      await sql`SELECT pgtrickle.commit_offset(${this.cfg.group!}, ${this.consumerId}, ${id}::bigint)`;
     } else {
       // Never moves the offset backwards: a stale process cannot rewind a newer owner (§3.1).
-      await this.sql`
+      await sql`
         INSERT INTO pgtrickle.relay_consumer_offsets (relay_group_id, pipeline_id, last_change_id, worker_id, updated_at)
         VALUES (${this.ctx.relayGroupId}, ${this.ctx.pipeline}, ${id}::bigint, ${workerId()}, now())
         ON CONFLICT (relay_group_id, pipeline_id) DO UPDATE
           SET last_change_id = EXCLUDED.last_change_id, worker_id = EXCLUDED.worker_id, updated_at = now()
           WHERE relay_consumer_offsets.last_change_id <= EXCLUDED.last_change_id`;
     }
+  }
+
+  /** After the commit landed (not before: a failed transaction must leave the offset to retry). */
+  private committedTo(id: string): void {
     this.committed = BigInt(id);
     for (const key of this.openGaps.keys()) if (BigInt(key) <= this.committed) this.openGaps.delete(key);
   }
