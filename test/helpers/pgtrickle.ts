@@ -1,5 +1,9 @@
+import { chownSync, existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import type { Sql } from "../../src/db.ts";
 import { testDatabase, type TestDatabase } from "./pg.ts";
+import { freePort } from "./proxy.ts";
 import { PGTRICKLE_URLS, requireServer, type PgTrickleVersion } from "./servers.ts";
 
 export { PGTRICKLE_VERSIONS, type PgTrickleVersion } from "./servers.ts";
@@ -56,4 +60,57 @@ export async function realStreamTable(
 export async function outboxRows(sql: Sql, st: RealStreamTable) {
   return sql<{ id: string; inserted_count: string; deleted_count: string; is_claim_check: boolean; payload: unknown }[]>`
     SELECT id, inserted_count, deleted_count, is_claim_check, payload FROM ${sql(`pgtrickle.${st.outboxTable}`)} ORDER BY id`;
+}
+
+/** Where scripts/services put the PostgreSQL 18.6 trees, one per extension version. */
+function serverTree(version: PgTrickleVersion): string {
+  const homeFile = new URL("../../.services/pgtrickle.home", import.meta.url).pathname;
+  if (!existsSync(homeFile)) throw new Error(`no ${homeFile}: run scripts/services pgtrickle first`);
+  const tree = join(readFileSync(homeFile, "utf8").trim(), `postgresql-18.6.0-pgtrickle-${version}`);
+  if (!existsSync(join(tree, "bin", "pg_ctl"))) throw new Error(`no PostgreSQL tree at ${tree}: run scripts/services pgtrickle`);
+  return tree;
+}
+
+/** PostgreSQL refuses to run as root: as root, the server tools run as user postgres. */
+async function asServerUser(args: string[]): Promise<void> {
+  const cmd = process.getuid?.() === 0 ? ["runuser", "-u", "postgres", "--", ...args] : args;
+  const proc = Bun.spawn(cmd, { stdout: "pipe", stderr: "pipe", stdin: "ignore" });
+  const [out, err, code] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
+  if (code !== 0) throw new Error(`${args.join(" ")} exited ${code}:\n${out}${err}`);
+}
+
+/**
+ * A cluster of the test's own (a temporary data directory, a free loopback port), for what
+ * must restart the server, such as loading another build of the extension. `restart(version)`
+ * stops it and starts the same data directory with that version's tree.
+ */
+export async function privateCluster(version: PgTrickleVersion) {
+  const dir = mkdtempSync(join(tmpdir(), "relay-pgtrickle-cluster-"));
+  if (process.getuid?.() === 0) chownSync(dir, Number(await idOf("-u")), Number(await idOf("-g")));
+  const data = join(dir, "data");
+  const port = await freePort();
+  let running: PgTrickleVersion = version;
+  const pgCtl = (v: PgTrickleVersion, ...args: string[]) => asServerUser([join(serverTree(v), "bin", "pg_ctl"), "-D", data, ...args]);
+  const start = (v: PgTrickleVersion) =>
+    pgCtl(v, "-l", join(dir, "postgres.log"), "-w", "-t", "60", "start", "-o",
+      `-c listen_addresses=127.0.0.1 -c unix_socket_directories= -c shared_preload_libraries=pg_trickle -c max_worker_processes=16 -c max_connections=50 -p ${port}`);
+  await asServerUser([join(serverTree(version), "bin", "initdb"), "-D", data, "-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C.UTF-8"]);
+  await start(version);
+  return {
+    url: `postgres://postgres@127.0.0.1:${port}/postgres`,
+    log: join(dir, "postgres.log"),
+    async restart(next: PgTrickleVersion) {
+      await pgCtl(running, "-m", "fast", "-w", "stop");
+      running = next;
+      await start(next);
+    },
+    async destroy() {
+      await pgCtl(running, "-m", "immediate", "-w", "stop").catch(() => {});
+      rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+async function idOf(flag: "-u" | "-g"): Promise<string> {
+  return (await new Response(Bun.spawn(["id", flag, "postgres"], { stdout: "pipe" }).stdout).text()).trim();
 }
