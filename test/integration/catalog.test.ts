@@ -763,32 +763,4 @@ describe("concurrent installs", () => {
   }, 30_000);
 });
 
-// Relay tables owned by an extension: test/integration/pgtrickle-catalog.test.ts, on the real pg_trickle.
-
-describe("with the pg_trickle test double", () => {
-  test("status sees the 0.29–0.45 outbox and inbox API and no relay catalog until installed", async () => {
-    const fx = await testDatabase("catalog_fixture", { catalog: false });
-    try {
-      const st = await catalogStatus(fx.sql);
-      expect(st.outboxApi.state).toBe("complete");
-      expect(st.outboxApi.simpleMode).toBe(true);
-      expect(st.outboxApi.consumerGroups).toBe(true);
-      expect(st.inboxApi.state).toBe("complete");
-      expect(st.extension.installed).toBe(false);
-      expect(st.extension.functionVersion).toMatch(/^0\.(29|3\d|4[0-5])\./);
-      expect(st.era).toBe("0.29-0.45");
-      expect(st.relayCatalog.state).toBe("missing");
-      const text = formatCatalogStatus(st);
-      expect(text).toContain("outbox API:    complete; offsets mode available, consumer groups available");
-      expect(text).toContain("inbox API:     complete");
-
-      const r = await installCatalog(fx.sql);
-      expect(r.owner).toBe("relay");
-      expect(r.created).not.toContain("schema pgtrickle");
-      expect(r.created).toContain("table pgtrickle.relay_outbox_config");
-      await requireCatalog(fx.sql);
-    } finally {
-      await fx.drop();
-    }
-  }, 30_000);
-});
+// Beside the real pg_trickle (which owns the relay tables): test/integration/pgtrickle-catalog.test.ts.

@@ -274,20 +274,7 @@ describe("no row skipped", () => {
   });
 });
 
-describe("wake-up", () => {
-  test("with a 60 s poll interval a new row still arrives at once through pg_notify", async () => {
-    const { tables, output } = await setup("notify", { poll_interval_ms: 60_000 });
-    const relay = new RunningRelay(["--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0", "--max-workers", "100"]);
-    try {
-      await relay.waitForLog(/\[notify\] started/);
-      await Bun.sleep(300); // the first (empty) poll is done; the pipeline now sleeps for 60 s
-      await writeV1Inline(db.sql, tables.outboxTable, { inserted: [{ id: 1, amount: 1 }], deleted: [] });
-      await eventually(() => readLines(output).length === 1, 10_000, "the notified row (well before the 60 s poll)");
-    } finally {
-      expect(await relay.stop("SIGTERM")).toBe(0);
-    }
-  });
-});
+// Wake-up through NOTIFY and consumer-group delivery: pgtrickle-forward.test.ts, on the real extension.
 
 describe("failed pipelines", () => {
   test("a pipeline failed by something outside its config (no outbox yet) is tried again each discovery interval", async () => {
@@ -303,26 +290,6 @@ describe("failed pipelines", () => {
     } finally {
       await relay.stop();
     }
-  });
-});
-
-describe("consumer-group mode", () => {
-  test("creates the group, delivers through poll_outbox and commits with a stable consumer id", async () => {
-    await createStreamTable(db.sql, "public.grouped", "id int primary key");
-    const t = await enableOutbox(db.sql, "public.grouped");
-    await writeV1Inline(db.sql, t.outboxTable, { inserted: [{ id: 1 }], deleted: [] });
-    const last = await writeV1Inline(db.sql, t.outboxTable, { inserted: [{ id: 2 }], deleted: [{ id: 1 }] });
-    const output = join(dir, "grouped.jsonl");
-    await configurePipeline("grouped", "public.grouped", { type: "file", output }, {}, "analytics");
-    expect((await drain("grouped")).exitCode).toBe(0);
-    expect(readLines(output).map((l) => l.op)).toEqual(["insert", "delete", "insert"]);
-    const [group] = await db.sql`SELECT outbox_name, auto_offset_reset FROM pgtrickle.pgt_consumer_groups WHERE group_name = 'analytics'`;
-    expect(group).toEqual({ outbox_name: t.outboxTable, auto_offset_reset: "earliest" });
-    const offsets = await db.sql`SELECT consumer_id, committed_offset::text AS off FROM pgtrickle.pgt_consumer_offsets WHERE group_name = 'analytics'`;
-    expect([...offsets]).toEqual([{ consumer_id: "default:grouped", off: last }]);
-    // A second drain (same consumer id) has nothing left.
-    expect((await drain("grouped")).exitCode).toBe(0);
-    expect(readLines(output)).toHaveLength(3);
   });
 });
 

@@ -183,6 +183,8 @@ describe.each(PGTRICKLE_VERSIONS)("pg_trickle %s", (version) => {
     const output = await pipeline("grouped", st, {}, "analytics");
     expect((await drain("grouped")).exitCode).toBe(0);
     expect(payloads(readLines(output))).toEqual([{ id: 1, amount: 1 }, { id: 1, amount: 1 }, { id: 2, amount: 2 }]);
+    const [group] = await db.sql`SELECT outbox_name, auto_offset_reset FROM pgtrickle.pgt_consumer_groups WHERE group_name = 'analytics'`;
+    expect(group).toEqual({ outbox_name: st.outboxTable, auto_offset_reset: "earliest" });
     const offsets = await db.sql`SELECT consumer_id, committed_offset::text AS off FROM pgtrickle.pgt_consumer_offsets WHERE group_name = 'analytics'`;
     expect([...offsets]).toEqual([{ consumer_id: "default:grouped", off: a[1]! }]);
     expect((await drain("grouped")).exitCode).toBe(0);
