@@ -229,7 +229,7 @@ export class OutboxSource implements Source {
   async *messagesOf(header: HeaderRow, plan: Plan): AsyncIterable<Message[]> {
     if (plan.kind === "none") return;
     if (plan.kind === "summary") {
-      yield [this.message(header, "summary", 0, plan.payload, false, plan.refreshId)];
+      yield [this.message(header, "summary", 0, plan.payload, plan.fullRefresh, plan.refreshId)];
       return;
     }
     if (plan.kind === "rows") {

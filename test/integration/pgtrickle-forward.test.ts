@@ -83,6 +83,14 @@ describe.each(PGTRICKLE_VERSIONS)("pg_trickle %s", (version) => {
     // Nothing is delivered twice.
     expect((await drain("inline")).exitCode).toBe(0);
     expect(readLines(output)).toHaveLength(4);
+
+    // Emptying the stream table writes the snapshot [] (counted as one insert): one summary.
+    await db.sql.unsafe(`DELETE FROM ${st.source}`);
+    await refresh(st);
+    const emptied = (await outboxRows(db.sql, st)).at(-1)!;
+    expect(emptied).toMatchObject({ inserted_count: "1", deleted_count: "0", payload: [] });
+    expect((await drain("inline")).exitCode).toBe(0);
+    expect(readLines(output).slice(4).map((l) => [l.outbox_id, l.op, l.is_full_refresh])).toEqual([[Number(emptied.id), "summary", true]]);
   });
 
   test("FULL refresh mode: inserted_count is the table's row count and the snapshot is relayed", async () => {
