@@ -435,9 +435,12 @@ export async function installCatalog(sql: Sql): Promise<InstallResult> {
     if (err instanceof RelayError) throw err;
     const code = (err as { code?: string }).code;
     const hint =
-      code === "42501"
-        ? " (installing needs a superuser, or the owner of schema pgtrickle with CREATEROLE when role pgtrickle_relay does not exist yet)"
-        : "";
+      code !== "42501"
+        ? ""
+        : /pgt_stream_tables/.test(errorMessage(err))
+          ? // pg_trickle's ddl_command_end trigger reads it as whoever runs DDL (docs/pg_trickle.md)
+            " (pg_trickle's DDL event trigger reads pgtrickle.pgt_stream_tables as the installing login: install as a superuser, or GRANT SELECT ON pgtrickle.pgt_stream_tables to this login)"
+          : " (installing needs a superuser, or the owner of schema pgtrickle with CREATEROLE when role pgtrickle_relay does not exist yet)";
     throw new RelayError(errorKind(err), `relay catalog install failed: ${errorMessage(err)}${hint}`, { cause: err });
   }
 }

@@ -93,10 +93,14 @@ describe.each(PGTRICKLE_VERSIONS)("pg_trickle %s", (version) => {
         DROP ROLE IF EXISTS ${installer};
         CREATE ROLE ${installer} LOGIN;
         GRANT CREATE ON DATABASE "${db.name}" TO ${installer};
-        GRANT USAGE, CREATE ON SCHEMA pgtrickle TO ${installer};
-        -- the extension's ddl_command_end trigger reads this table as the user running DDL
-        GRANT SELECT ON pgtrickle.pgt_stream_tables TO ${installer};`).simple();
+        GRANT USAGE, CREATE ON SCHEMA pgtrickle TO ${installer};`).simple();
       try {
+        // The extension's ddl_command_end trigger reads pgt_stream_tables as the user running DDL.
+        const refused = await relayOnce(["catalog", "install", "--postgres-url", urlAs(db.url, installer)]);
+        expect(refused.exitCode).not.toBe(0);
+        expect(refused.stderr).toContain("GRANT SELECT ON pgtrickle.pgt_stream_tables to this login");
+        await db.sql.unsafe(`GRANT SELECT ON pgtrickle.pgt_stream_tables TO ${installer}`);
+
         const r = await relayOnce(["catalog", "install", "--postgres-url", urlAs(db.url, installer)]);
         expect(r.exitCode).toBe(0);
         expect(r.stderr).toContain("an owner (a superuser) must run the statements printed below");
