@@ -1,8 +1,9 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { mkdtempSync, readFileSync, existsSync, readdirSync } from "node:fs";
+import { mkdtempSync, readFileSync, readdirSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { testDatabase, type TestDatabase } from "../helpers/pg.ts";
+import { readJsonLines } from "../helpers/messages.ts";
 import { eventually, relayCommand, relayOnce, RunningRelay } from "../helpers/relay.ts";
 import {
   createStreamTable,
@@ -38,13 +39,7 @@ interface Line {
   refresh_id: string | null;
 }
 
-function readLines(path: string): Line[] {
-  if (!existsSync(path)) return [];
-  return readFileSync(path, "utf8")
-    .split("\n")
-    .filter((l) => l.trim() !== "")
-    .map((l) => JSON.parse(l));
-}
+const readLines = (path: string) => readJsonLines<Line>(path);
 
 /** A stream table with an outbox and a file pipeline for it. */
 async function setup(name: string, source: Record<string, unknown> = {}, sink: Record<string, unknown> = {}) {

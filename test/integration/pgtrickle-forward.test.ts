@@ -7,10 +7,11 @@
  * was seen to do is written in docs/pg_trickle.md.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { existsSync, mkdtempSync, readFileSync } from "node:fs";
+import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { connect } from "../../src/db.ts";
+import { readJsonLines } from "../helpers/messages.ts";
 import type { TestDatabase } from "../helpers/pg.ts";
 import { outboxRows, pgTrickleDatabase, PGTRICKLE_VERSIONS, realStreamTable, type RealStreamTable } from "../helpers/pgtrickle.ts";
 import { eventually, relayOnce, RunningRelay } from "../helpers/relay.ts";
@@ -23,13 +24,7 @@ interface Line {
   outbox_id: number | null;
 }
 
-function readLines(path: string): Line[] {
-  if (!existsSync(path)) return [];
-  return readFileSync(path, "utf8")
-    .split("\n")
-    .filter((l) => l.trim() !== "")
-    .map((l) => JSON.parse(l));
-}
+const readLines = (path: string) => readJsonLines<Line>(path);
 
 const payloads = (lines: Line[]) => lines.map((l) => l.payload).sort((a, b) => Number(a.id) - Number(b.id));
 

@@ -5,9 +5,10 @@
  * cluster: the shared ones must keep their versions.
  */
 import { afterAll, expect, test } from "bun:test";
-import { existsSync, mkdtempSync, readFileSync } from "node:fs";
+import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { readJsonLines } from "../helpers/messages.ts";
 import { testDatabase, type TestDatabase } from "../helpers/pg.ts";
 import { privateCluster, realStreamTable, type RealStreamTable } from "../helpers/pgtrickle.ts";
 import { eventually, RunningRelay } from "../helpers/relay.ts";
@@ -18,13 +19,7 @@ afterAll(async () => {
   for (const c of cleanups.reverse()) await c().catch(() => {});
 });
 
-function deliveredKeys(): string[] {
-  if (!existsSync(output)) return [];
-  return readFileSync(output, "utf8")
-    .split("\n")
-    .filter((l) => l.trim() !== "")
-    .map((l) => (JSON.parse(l) as { dedup_key: string }).dedup_key);
-}
+const deliveredKeys = () => readJsonLines<{ dedup_key: string }>(output).map((l) => l.dedup_key);
 
 /** Every message the outbox holds: one per element of each snapshot payload. */
 async function expectedKeys(db: TestDatabase, st: RealStreamTable): Promise<string[]> {
