@@ -72,13 +72,13 @@ async function createDemoStreamTable(sql: Sql): Promise<void> {
   if (!state!.outbox) await sql`SELECT pgtrickle.enable_outbox(${st}, 24)`;
 }
 
-/** One extension demo change: an order of the few the demo cycles through, inserted or its amount changed. */
 interface DemoRow {
   id: number;
   customer: string;
   amount: number;
 }
 
+/** One extension demo change: an order of the few the demo cycles through, inserted or its amount changed. */
 async function writeSourceChange(sql: Sql, n: number): Promise<DemoRow> {
   const customers = ["ada", "grace", "linus", "margaret"];
   const id = ((n - 1) % DEMO_EXTENSION_ORDERS) + 1;
