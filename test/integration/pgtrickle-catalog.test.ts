@@ -9,7 +9,7 @@ import { catalogStatus, formatCatalogStatus, installCatalog, requireCatalog } fr
 import { connect } from "../../src/db.ts";
 import type { RelayError } from "../../src/errors.ts";
 import type { TestDatabase } from "../helpers/pg.ts";
-import { pgTrickleDatabase, PGTRICKLE_VERSIONS } from "../helpers/pgtrickle.ts";
+import { pgTrickleDatabase, PGTRICKLE_VERSIONS, realStreamTable } from "../helpers/pgtrickle.ts";
 import { eventually, relayOnce } from "../helpers/relay.ts";
 
 const RELAY_ONLY = [
@@ -117,6 +117,35 @@ describe.each(PGTRICKLE_VERSIONS)("pg_trickle %s", (version) => {
         expect((await catalogStatus(db.sql)).grants.missing).toEqual([]);
       } finally {
         await db.sql.unsafe(`DROP OWNED BY ${installer} CASCADE; DROP ROLE ${installer}`).simple();
+      }
+    });
+  });
+
+  test("a relay login in pgtrickle_relay with the grants README.md lists relays an outbox (simple mode); without SELECT on pgt_stream_tables it cannot", async () => {
+    await withDatabase(version, "cat_login", async (db) => {
+      await installCatalog(db.sql);
+      const st = await realStreamTable(db.sql, "granted");
+      await db.sql.unsafe(`INSERT INTO ${st.source} VALUES (1, 1)`);
+      await db.sql`SELECT pgtrickle.refresh_stream_table(${st.name})`;
+      await db.sql`SELECT pgtrickle.set_relay_outbox('granted', ${st.name}, NULL, ${db.sql.json({ type: "stdout" })})`;
+      const login = `relay_login_${process.pid}_${version.replaceAll(".", "")}`;
+      await db.sql.unsafe(`
+        DROP ROLE IF EXISTS ${login};
+        CREATE ROLE ${login} LOGIN IN ROLE pgtrickle_relay;
+        GRANT SELECT ON pgtrickle.pgt_outbox_config, pgtrickle.pgt_inbox_config, pgtrickle.pgt_consumer_groups,
+                        pgtrickle.${st.outboxTable}, pgtrickle.outbox_delta_rows_granted TO ${login};
+        GRANT SELECT ON SEQUENCE pgtrickle.${st.outboxTable}_id_seq TO ${login};`).simple();
+      try {
+        const drain = () => relayOnce(["drain", "--postgres-url", urlAs(db.url, login), "--pipeline", "granted"]);
+        const refused = await drain();
+        expect(refused.exitCode).toBe(1);
+        expect(refused.stderr).toContain("permission denied for table pgt_stream_tables");
+        await db.sql.unsafe(`GRANT SELECT ON pgtrickle.pgt_stream_tables TO ${login}`);
+        const r = await drain();
+        expect(r.exitCode).toBe(0);
+        expect(r.stdout.trim().split("\n").map((l) => JSON.parse(l).payload)).toEqual([{ id: 1, amount: 1 }]);
+      } finally {
+        await db.sql.unsafe(`DROP OWNED BY ${login} CASCADE; DROP ROLE ${login}`).simple();
       }
     });
   });
