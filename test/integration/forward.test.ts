@@ -269,7 +269,8 @@ describe("no row skipped", () => {
   });
 });
 
-// Wake-up through NOTIFY and consumer-group delivery: pgtrickle-forward.test.ts, on the real extension.
+// Wake-up through NOTIFY, consumer-group delivery and claim-check release: pgtrickle-forward.test.ts,
+// on the real extension.
 
 describe("failed pipelines", () => {
   test("a pipeline failed by something outside its config (no outbox yet) is tried again each discovery interval", async () => {
@@ -318,23 +319,6 @@ describe("consumer-group leases", () => {
       await db.sql`SELECT pgtrickle.disable_relay('slow')`;
     }
   }, 60_000);
-});
-
-describe("claim-check release", () => {
-  test("outbox_rows_consumed runs after the commit only when release_claim_check is true", async () => {
-    const keep = await setup("cc_keep");
-    await writeClaimCheck(db.sql, keep.tables.outboxTable, keep.tables.deltaTable, [{ op: "INSERT", data: { id: 1, amount: 1 } }]);
-    expect((await drain("cc_keep")).exitCode).toBe(0);
-    const [kept] = await db.sql.unsafe<{ n: number }[]>(`SELECT count(*)::int AS n FROM pgtrickle."${keep.tables.deltaTable}"`);
-    expect(kept!.n).toBe(1);
-
-    const free = await setup("cc_free", { release_claim_check: true });
-    await writeClaimCheck(db.sql, free.tables.outboxTable, free.tables.deltaTable, [{ op: "INSERT", data: { id: 1, amount: 1 } }]);
-    expect((await drain("cc_free")).exitCode).toBe(0);
-    expect(readLines(free.output)).toHaveLength(1);
-    const [freed] = await db.sql.unsafe<{ n: number }[]>(`SELECT count(*)::int AS n FROM pgtrickle."${free.tables.deltaTable}"`);
-    expect(freed!.n).toBe(0);
-  });
 });
 
 describe("drain", () => {

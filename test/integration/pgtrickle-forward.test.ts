@@ -103,7 +103,7 @@ describe.each(PGTRICKLE_VERSIONS)("pg_trickle %s", (version) => {
     expect(payloads(lines.filter((l) => l.outbox_id === Number(rows[1]!.id)))).toEqual([{ id: 1, amount: 1 }, { id: 2, amount: 2 }]);
   });
 
-  test("claim-check (threshold lowered by ALTER SYSTEM): payload NULL, the snapshot in outbox_delta_rows, relayed in full", async () => {
+  test("claim-check (threshold lowered by ALTER SYSTEM): payload NULL, the snapshot in outbox_delta_rows, relayed in full, released only on request", async () => {
     const st = await realStreamTable(db.sql, "claim");
     await db.sql.unsafe(`INSERT INTO ${st.source} SELECT g, g * 10 FROM generate_series(1, 5) g`);
     // The setting is cluster-wide and superuser-only: lowered for this refresh only, then reset.
@@ -121,7 +121,7 @@ describe.each(PGTRICKLE_VERSIONS)("pg_trickle %s", (version) => {
     }
     const [row] = await outboxRows(db.sql, st);
     expect(row).toMatchObject({ is_claim_check: true, payload: null, inserted_count: "5" });
-    const delta = await db.sql`SELECT row_op, count(*)::int AS n FROM ${db.sql(`pgtrickle.outbox_delta_rows_${st.name.slice(7)}`)} GROUP BY row_op`;
+    const delta = await db.sql`SELECT row_op, count(*)::int AS n FROM ${db.sql(`pgtrickle.outbox_delta_rows_claim`)} GROUP BY row_op`;
     expect([...delta]).toEqual([{ row_op: "INSERT", n: 5 }]);
 
     const output = await pipeline("claim", st, { claim_check_fetch_size: 2 });
@@ -129,6 +129,14 @@ describe.each(PGTRICKLE_VERSIONS)("pg_trickle %s", (version) => {
     const lines = readLines(output);
     expect(payloads(lines)).toEqual([1, 2, 3, 4, 5].map((id) => ({ id, amount: id * 10 })));
     expect(lines.map((l) => l.dedup_key)).toEqual([0, 1, 2, 3, 4].map((i) => `${st.outboxTable}:${row!.id}:${i}`));
+
+    // The delta rows stay until a pipeline with release_claim_check calls outbox_rows_consumed.
+    const deltaRows = async () => (await db.sql<{ n: number }[]>`SELECT count(*)::int AS n FROM ${db.sql(`pgtrickle.outbox_delta_rows_claim`)}`)[0]!.n;
+    expect(await deltaRows()).toBe(5);
+    const freeing = await pipeline("claim_free", st, { release_claim_check: true });
+    expect((await drain("claim_free")).exitCode).toBe(0);
+    expect(readLines(freeing)).toHaveLength(5);
+    expect(await deltaRows()).toBe(0);
   });
 
   test("the scheduler refreshes, its background worker sends NOTIFY pgtrickle_outbox_new, and a running relay (60 s poll) delivers at once; a pipeline added by set_relay_outbox is picked up live", async () => {
