@@ -325,6 +325,29 @@ export interface InstallResult {
   summary: string;
   /** Things an operator should know (grants the extension lacks, objects it is missing). */
   notes: string[];
+  /**
+   * GRANT statements, one each, that the owner of an extension-owned catalog must still run
+   * because this login could not (it is neither a superuser nor the objects' owner).
+   */
+  ownerStatements: string[];
+}
+
+/**
+ * Grants pgtrickle_relay what it lacks where an extension owns the §3 objects (pg_trickle 0.29–0.45
+ * creates them, and its schema, without those grants: docs/pg_trickle.md). Only a superuser or
+ * the owner may; for anyone else GRANT fails or grants nothing, and the caller's next probe
+ * reports what is still missing as statements for an owner. Each GRANT runs in a savepoint so
+ * a refusal does not abort the install.
+ */
+async function grantOnExtensionObjects(tx: Q & { savepoint: Sql["begin"] }, held: Map<GrantSpec, boolean>): Promise<void> {
+  for (const [g, ok] of held) {
+    if (ok) continue;
+    try {
+      await tx.savepoint((sp) => sp.unsafe(grantLabel(g, RELAY_ROLE)));
+    } catch (err) {
+      if ((err as { code?: string }).code !== "42501") throw err;
+    }
+  }
 }
 
 /**
@@ -350,6 +373,7 @@ export async function installCatalog(sql: Sql): Promise<InstallResult> {
       await tx.unsafe(sections.relay).simple();
 
       const after = await probeObjects(tx);
+      if (ownerExtension) await grantOnExtensionObjects(tx, await probeGrants(tx, RELAY_ROLE, after));
       const grantsAfter = await probeGrants(tx, RELAY_ROLE, after);
       const publicAfter = await probePublicExecute(tx, after);
       const version = (await readCatalogVersion(tx, after)) ?? CATALOG_VERSION;
@@ -369,6 +393,7 @@ export async function installCatalog(sql: Sql): Promise<InstallResult> {
         nothingToDo: false,
         summary: "",
         notes: [],
+        ownerStatements: [],
       };
       for (let i = 0; i < after.length; i++) {
         const b = before[i]!;
@@ -387,11 +412,11 @@ export async function installCatalog(sql: Sql): Promise<InstallResult> {
         if (ok && !grantsBefore.get(g)) result.granted.push(grantLabel(g, RELAY_ROLE));
       }
       if (ownerExtension) {
-        const lacking = [...grantsAfter].filter(([g, ok]) => !ok && g.section === "core" && g.runtime);
-        if (lacking.length > 0) {
+        result.ownerStatements = [...grantsAfter].filter(([, ok]) => !ok).map(([g]) => `${grantLabel(g, RELAY_ROLE)};`);
+        if (result.ownerStatements.length > 0) {
           result.notes.push(
-            `extension ${ownerExtension} owns the relay tables, so their grants were not changed; a relay login ` +
-              `(member of ${RELAY_ROLE}) also needs: ${lacking.map(([g]) => grantLabel(g, RELAY_ROLE)).join("; ")}`,
+            `extension ${ownerExtension} owns the relay tables and this login may not grant on them: ` +
+              `${RELAY_ROLE} lacks ${result.ownerStatements.length} privileges; an owner (a superuser) must run the statements printed below`,
           );
         }
         if (publicAfter.length > 0) {
@@ -410,15 +435,18 @@ export async function installCatalog(sql: Sql): Promise<InstallResult> {
     if (err instanceof RelayError) throw err;
     const code = (err as { code?: string }).code;
     const hint =
-      code === "42501"
-        ? " (installing needs a superuser, or the owner of schema pgtrickle with CREATEROLE when role pgtrickle_relay does not exist yet)"
-        : "";
+      code !== "42501"
+        ? ""
+        : /pgt_stream_tables/.test(errorMessage(err))
+          ? // pg_trickle's ddl_command_end trigger reads it as whoever runs DDL (docs/pg_trickle.md)
+            " (pg_trickle's DDL event trigger reads pgtrickle.pgt_stream_tables as the installing login: install as a superuser, or GRANT SELECT ON pgtrickle.pgt_stream_tables to this login)"
+          : " (installing needs a superuser, or the owner of schema pgtrickle with CREATEROLE when role pgtrickle_relay does not exist yet)";
     throw new RelayError(errorKind(err), `relay catalog install failed: ${errorMessage(err)}${hint}`, { cause: err });
   }
 }
 
 function summarize(r: InstallResult): string {
-  const owner = r.ownerExtension ? `; relay tables owned by extension ${r.ownerExtension}, left untouched` : "";
+  const owner = r.ownerExtension ? `; relay tables owned by extension ${r.ownerExtension}, their definitions left untouched` : "";
   const notes = r.notes.length > 0 ? `; ${r.notes.join("; ")}` : "";
   if (r.nothingToDo) return `relay catalog version ${r.version} already installed in database ${r.database}: nothing to do${owner}${notes}`;
   const parts = [
@@ -455,6 +483,7 @@ export function formatInstallResult(r: InstallResult): string {
     if (r.unchanged.length > 0) lines.push(`  unchanged ${r.unchanged.length} object(s) already present`);
   }
   for (const n of r.notes) lines.push(`  note: ${n}`);
+  for (const g of r.ownerStatements) lines.push(`  ${g}`);
   return lines.join("\n");
 }
 

@@ -16,6 +16,8 @@ const install = defineCommand({
     await withDatabase(settings, async (sql) => {
       const result = await installCatalog(sql);
       log.info(`catalog install on ${describeUrl(settings.postgresUrl)}: ${result.summary}`);
+      // One statement per line on stdout, so an owner can pipe or paste them into psql as they are.
+      if (result.ownerStatements.length > 0) process.stdout.write(result.ownerStatements.join("\n") + "\n");
     });
   },
 });

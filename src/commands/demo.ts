@@ -7,6 +7,10 @@ import { runRelay } from "../relay.ts";
 
 const DEMO_PIPELINE = "relay_demo";
 const DEMO_TABLE = "relay_demo_orders";
+/** With pg_trickle, the demo writes here and the stream table DEMO_TABLE selects from it. */
+const DEMO_SOURCE = "relay_demo_order_source";
+/** Orders the extension demo cycles through: each refresh relays the whole (small) table. */
+const DEMO_EXTENSION_ORDERS = 5;
 const DEMO_OUTBOX = "outbox_relay_demo_orders";
 const DEMO_MARK = "created by pgtrickle-relay demo";
 
@@ -46,11 +50,41 @@ async function createDemoOutbox(sql: Sql): Promise<void> {
     ON CONFLICT DO NOTHING;`).simple();
 }
 
-/** With pg_trickle installed, the demo outbox is a real one: enable_outbox on a demo table. */
-async function useExtensionOutbox(sql: Sql): Promise<void> {
-  await sql.unsafe(`CREATE TABLE IF NOT EXISTS public.${DEMO_TABLE} (id int PRIMARY KEY, customer text NOT NULL, amount numeric NOT NULL)`);
-  const [row] = await sql<{ enabled: boolean }[]>`SELECT (pgtrickle.outbox_status(${`public.${DEMO_TABLE}`})->>'enabled')::boolean AS enabled`;
-  if (!row?.enabled) await sql`SELECT pgtrickle.enable_outbox(${`public.${DEMO_TABLE}`})`;
+/**
+ * With pg_trickle installed, the demo outbox is a real one: a stream table over a plain source
+ * table, refreshed by the extension's scheduler every second, with its outbox enabled.
+ * outbox_status and enable_outbox accept only stream tables (docs/pg_trickle.md).
+ */
+async function createDemoStreamTable(sql: Sql): Promise<void> {
+  const st = `public.${DEMO_TABLE}`;
+  await sql.unsafe(`CREATE TABLE IF NOT EXISTS public.${DEMO_SOURCE} (id int PRIMARY KEY, customer text NOT NULL, amount numeric NOT NULL)`);
+  const [state] = await sql<{ table: boolean; stream: boolean; outbox: boolean }[]>`
+    SELECT to_regclass(${st}) IS NOT NULL AS table,
+           EXISTS (SELECT 1 FROM pgtrickle.pgt_stream_tables WHERE pgt_schema = 'public' AND pgt_name = ${DEMO_TABLE}) AS stream,
+           EXISTS (SELECT 1 FROM pgtrickle.pgt_outbox_config WHERE stream_table_name = ${DEMO_TABLE}) AS outbox`;
+  if (state!.table && !state!.stream) {
+    fail(`${st} exists but is not a pg_trickle stream table (left from a demo run before the extension was installed?); run demo --cleanup first`, EXIT.config);
+  }
+  if (!state!.stream) {
+    await sql`SELECT pgtrickle.create_stream_table(${st}, ${`SELECT id, customer, amount FROM public.${DEMO_SOURCE}`},
+                schedule => '1s', refresh_mode => 'DIFFERENTIAL')`;
+  }
+  if (!state!.outbox) await sql`SELECT pgtrickle.enable_outbox(${st}, 24)`;
+}
+
+interface DemoRow {
+  id: number;
+  customer: string;
+  amount: number;
+}
+
+/** One extension demo change: an order of the few the demo cycles through, inserted or its amount changed. */
+async function writeSourceChange(sql: Sql, n: number): Promise<DemoRow> {
+  const customers = ["ada", "grace", "linus", "margaret"];
+  const id = ((n - 1) % DEMO_EXTENSION_ORDERS) + 1;
+  const row = { id, customer: customers[id % customers.length]!, amount: (n * 7.5) % 100 };
+  await sql`INSERT INTO ${sql(`public.${DEMO_SOURCE}`)} ${sql(row)} ON CONFLICT (id) DO UPDATE SET amount = EXCLUDED.amount`;
+  return row;
 }
 
 /** One demo change: an order inserted, or (every third change) an amount updated = delete + insert. */
@@ -67,6 +101,26 @@ async function writeChange(sql: Sql, n: number, outboxTable: string): Promise<vo
   });
 }
 
+/**
+ * Before a --count demo stops: its last change reached the outbox (with the extension, once the
+ * scheduler refreshed the stream table) and the relay committed past it. Gives up after 30 s.
+ */
+async function waitUntilRelayed(sql: Sql, outboxTable: string, lastSourceRow: DemoRow | null): Promise<void> {
+  const until = Date.now() + 30_000;
+  const streamTable = sql(`public.${DEMO_TABLE}`);
+  const outbox = sql(`pgtrickle.${outboxTable}`);
+  while (Date.now() < until) {
+    const [row] = await sql<{ done: boolean }[]>`
+      SELECT (${lastSourceRow === null}
+              OR EXISTS (SELECT 1 FROM ${streamTable} WHERE id = ${lastSourceRow?.id ?? 0} AND amount = ${lastSourceRow?.amount ?? 0}))
+         AND coalesce((SELECT last_change_id FROM pgtrickle.relay_consumer_offsets
+                        WHERE relay_group_id = 'demo' AND pipeline_id = ${DEMO_PIPELINE}), 0)
+             >= (SELECT coalesce(max(id), 0) FROM ${outbox}) AS done`;
+    if (row?.done) return;
+    await Bun.sleep(100);
+  }
+}
+
 async function dropDemo(sql: Sql): Promise<void> {
   await sql`DELETE FROM pgtrickle.relay_outbox_config WHERE name = ${DEMO_PIPELINE}`;
   await sql`DELETE FROM pgtrickle.relay_consumer_offsets WHERE pipeline_id = ${DEMO_PIPELINE}`;
@@ -77,10 +131,12 @@ async function dropDemo(sql: Sql): Promise<void> {
         IF NOT EXISTS (SELECT 1 FROM pgtrickle.pgt_outbox_config) THEN DROP TABLE pgtrickle.pgt_outbox_config; END IF;
         DROP TABLE IF EXISTS pgtrickle.${DEMO_OUTBOX}, pgtrickle.outbox_delta_rows_${DEMO_TABLE};
         DROP FUNCTION IF EXISTS pgtrickle.${DEMO_OUTBOX}_notify();
-      ELSIF to_regprocedure('pgtrickle.disable_outbox(text,boolean)') IS NOT NULL THEN
+      ELSIF to_regclass('pgtrickle.pgt_stream_tables') IS NOT NULL
+        AND EXISTS (SELECT 1 FROM pgtrickle.pgt_stream_tables WHERE pgt_schema = 'public' AND pgt_name = '${DEMO_TABLE}') THEN
         PERFORM pgtrickle.disable_outbox('public.${DEMO_TABLE}', true);
+        PERFORM pgtrickle.drop_stream_table('public.${DEMO_TABLE}');
       END IF;
-      DROP TABLE IF EXISTS public.${DEMO_TABLE};
+      DROP TABLE IF EXISTS public.${DEMO_TABLE}, public.${DEMO_SOURCE};
     END $$;`).simple();
 }
 
@@ -107,7 +163,7 @@ export const demoCommand = defineCommand({
     const count = args.count === undefined ? Infinity : Number(args.count);
     if (!(interval > 0) || !(count > 0)) fail("--interval and --count must be positive numbers", EXIT.config);
 
-    const outboxTable = await withDatabase(settings, async (sql) => {
+    const demo = await withDatabase(settings, async (sql) => {
       if (args.cleanup) {
         await dropDemo(sql);
         log.info("demo objects removed");
@@ -117,28 +173,30 @@ export const demoCommand = defineCommand({
       const [ext] = await sql<{ real: boolean }[]>`
         SELECT to_regclass('pgtrickle.pgt_outbox_config') IS NOT NULL
            AND obj_description(to_regclass('pgtrickle.pgt_outbox_config'), 'pg_class') IS DISTINCT FROM ${DEMO_MARK} AS real`;
-      if (ext?.real && (await sql`SELECT to_regprocedure('pgtrickle.enable_outbox(text,integer)') IS NOT NULL AS ok`)[0]?.ok) {
-        await useExtensionOutbox(sql);
-      } else {
-        await createDemoOutbox(sql);
-      }
+      const extension = !!ext?.real && !!(await sql`SELECT to_regprocedure('pgtrickle.enable_outbox(text,integer)') IS NOT NULL AS ok`)[0]?.ok;
+      if (extension) await createDemoStreamTable(sql);
+      else await createDemoOutbox(sql);
       await sql`SELECT pgtrickle.set_relay_outbox(${DEMO_PIPELINE}, ${`public.${DEMO_TABLE}`}, NULL, ${sql.json({ type: "stdout", format: "jsonl" })})`;
       const [row] = await sql<{ outbox_table_name: string }[]>`
         SELECT outbox_table_name FROM pgtrickle.pgt_outbox_config WHERE stream_table_name = ${DEMO_TABLE}`;
-      return row!.outbox_table_name;
+      return { outboxTable: row!.outbox_table_name, extension };
     });
-    if (!outboxTable) return;
-    log.info(`demo: pipeline '${DEMO_PIPELINE}' relays pgtrickle.${outboxTable} to stdout; a change every ${interval} ms (Ctrl-C to stop)`);
+    if (!demo) return;
+    const { outboxTable, extension } = demo;
+    const how = extension ? `stream table public.${DEMO_TABLE} (refreshed every second) of public.${DEMO_SOURCE}` : "its outbox";
+    log.info(`demo: pipeline '${DEMO_PIPELINE}' relays pgtrickle.${outboxTable}, the outbox of ${how}, to stdout; a change every ${interval} ms (Ctrl-C to stop)`);
 
     const writer = connect(settings.postgresUrl, { max: 1 });
     const done = Promise.withResolvers<void>();
     const writing = (async () => {
       const [start] = await writer<{ n: number }[]>`SELECT coalesce(max(id), 0)::int AS n FROM ${writer(`public.${DEMO_TABLE}`)}`;
+      let lastSourceRow: DemoRow | null = null;
       for (let i = 1; i <= count; i++) {
         await Bun.sleep(interval);
-        await writeChange(writer, start!.n + i, outboxTable);
+        if (extension) lastSourceRow = await writeSourceChange(writer, start!.n + i);
+        else await writeChange(writer, start!.n + i, outboxTable);
       }
-      await Bun.sleep(500); // let the relay pick up the last change before stopping
+      await waitUntilRelayed(writer, outboxTable, lastSourceRow);
       done.resolve();
     })();
     writing.catch((err) => log.error(`demo writer: ${err.message}`));

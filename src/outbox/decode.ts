@@ -20,13 +20,14 @@ export interface DecodeOptions {
  * What one header row turns into (CONTRACT.md §4.3):
  * - inline rows (designed v1 object, or the 0.37–0.45 bare snapshot array),
  * - claim-check (rows live in the delta table and are paged by the source),
- * - a single summary message (NULL payload, pg_tide count envelope),
+ * - a single summary message (NULL payload, pg_tide count envelope, the empty snapshot of an
+ *   emptied stream table),
  * - nothing (a summary when summary_messages is off) — the offset still advances.
  */
 export type Plan =
   | { kind: "rows"; fullRefresh: boolean; refreshId: string | null; inserted: unknown[]; deleted: unknown[] }
   | { kind: "claim_check"; fullRefresh: boolean; refreshId: string | null }
-  | { kind: "summary"; refreshId: string | null; payload: Record<string, unknown> }
+  | { kind: "summary"; fullRefresh: boolean; refreshId: string | null; payload: Record<string, unknown> }
   | { kind: "none" };
 
 const isObject = (x: unknown): x is Record<string, unknown> => typeof x === "object" && x !== null && !Array.isArray(x);
@@ -76,10 +77,13 @@ export function planFor(row: HeaderRow, streamTable: string, options: DecodeOpti
     const fullRefresh = isObject(payload) ? payload.full_refresh === true : true;
     return { kind: "claim_check", fullRefresh, refreshId };
   }
-  if (payload === null || payload === undefined) {
-    return options.summaryMessages ? { kind: "summary", refreshId, payload: summaryPayload(row, streamTable, refreshId) } : { kind: "none" };
-  }
+  const summary = (fullRefresh: boolean): Plan =>
+    options.summaryMessages ? { kind: "summary", fullRefresh, refreshId, payload: summaryPayload(row, streamTable, refreshId) } : { kind: "none" };
+  if (payload === null || payload === undefined) return summary(false);
   if (Array.isArray(payload)) {
+    // A refresh that emptied the stream table writes the snapshot `[]` (docs/pg_trickle.md):
+    // no row says so, a full-refresh summary does (as for an emptied claim-check snapshot).
+    if (payload.length === 0) return summary(true);
     return { kind: "rows", fullRefresh: true, refreshId, inserted: payload, deleted: [] };
   }
   if (isObject(payload)) {
@@ -90,7 +94,7 @@ export function planFor(row: HeaderRow, streamTable: string, options: DecodeOpti
     const deleted = rowsOf(payload.deleted, "deleted", row.id);
     if (typeof inserted === "number" || typeof deleted === "number") {
       // pg_tide's count-only envelope: the rows are not in the message.
-      return options.summaryMessages ? { kind: "summary", refreshId, payload: summaryPayload(row, streamTable, refreshId) } : { kind: "none" };
+      return summary(false);
     }
     return { kind: "rows", fullRefresh: payload.full_refresh === true, refreshId, inserted, deleted };
   }

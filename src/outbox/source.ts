@@ -308,7 +308,7 @@ export class OutboxSource implements Source {
   async *messagesOf(header: HeaderRow, plan: Plan, skip = 0): AsyncIterable<Message[]> {
     if (plan.kind === "none") return;
     if (plan.kind === "summary") {
-      if (skip === 0) yield [this.message(header, "summary", 0, plan.payload, false, plan.refreshId)];
+      if (skip === 0) yield [this.message(header, "summary", 0, plan.payload, plan.fullRefresh, plan.refreshId)];
       return;
     }
     if (plan.kind === "rows") {

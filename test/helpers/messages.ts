@@ -1,3 +1,4 @@
+import { existsSync, readFileSync } from "node:fs";
 import type { Message } from "../../src/message.ts";
 import { forwardDedupKey } from "../../src/message.ts";
 
@@ -19,4 +20,13 @@ export function forwardMessages(
     refresh_id: null,
     context: { pipeline: options.pipeline ?? "test_pipeline", stream_table, schema: "public", outbox },
   }));
+}
+
+/** The JSON lines a file sink wrote so far (none while the file does not exist yet). */
+export function readJsonLines<T>(path: string): T[] {
+  if (!existsSync(path)) return [];
+  return readFileSync(path, "utf8")
+    .split("\n")
+    .filter((l) => l.trim() !== "")
+    .map((l) => JSON.parse(l) as T);
 }

@@ -13,8 +13,8 @@ export interface TestDatabase {
   drop(): Promise<void>;
 }
 
-function urlFor(db: string): string {
-  const u = new URL(PG_ADMIN_URL);
+function urlFor(db: string, adminUrl: string): string {
+  const u = new URL(adminUrl);
   u.pathname = `/${db}`;
   return u.toString();
 }
@@ -22,27 +22,30 @@ function urlFor(db: string): string {
 /**
  * A new database of its own for one test file, so files never see each other's rows or
  * notifications. `fixture` loads the pg_trickle test double (CONTRACT.md §2); `catalog`
- * installs the relay catalog the way `pgtrickle-relay catalog install` does.
- * Fails loudly, naming the server, when PostgreSQL is not running.
+ * installs the relay catalog the way `pgtrickle-relay catalog install` does; `adminUrl` picks
+ * another server (test/helpers/pgtrickle.ts: the real extension). `setup` runs before the
+ * catalog install. Fails loudly, naming the server, when PostgreSQL is not running.
  */
 export async function testDatabase(
   label: string,
-  options: { fixture?: boolean; catalog?: boolean } = {},
+  options: { fixture?: boolean; catalog?: boolean; adminUrl?: string; setup?: (sql: Sql) => Promise<unknown> } = {},
 ): Promise<TestDatabase> {
+  const adminUrl = options.adminUrl ?? PG_ADMIN_URL;
   const name = `relay_test_${label.replace(/[^a-z0-9_]/gi, "_").toLowerCase()}_${process.pid}_${Math.floor(Math.random() * 1e6)}`;
-  const admin = connect(PG_ADMIN_URL, { max: 1, connectTimeout: 5 });
+  const admin = connect(adminUrl, { max: 1, connectTimeout: 5 });
   try {
     await admin.unsafe(`CREATE DATABASE "${name}"`);
   } catch (err) {
     await admin.end();
     throw new Error(
-      `PostgreSQL is not usable at ${PG_ADMIN_URL} (${(err as Error).message}); start it with scripts/services`,
+      `PostgreSQL is not usable at ${adminUrl} (${(err as Error).message}); start it with scripts/services`,
     );
   }
   await admin.end();
-  const url = urlFor(name);
+  const url = urlFor(name, adminUrl);
   const sql = connect(url, { max: 4 });
   if (options.fixture ?? true) await sql.file(FIXTURE).simple();
+  await options.setup?.(sql);
   if (options.catalog ?? true) {
     const { installCatalog } = await import("../../src/catalog/index.ts");
     await installCatalog(sql);
@@ -53,7 +56,7 @@ export async function testDatabase(
     sql,
     async drop() {
       await sql.end({ timeout: 1 });
-      const a = connect(PG_ADMIN_URL, { max: 1 });
+      const a = connect(adminUrl, { max: 1 });
       await a.unsafe(`DROP DATABASE IF EXISTS "${name}" WITH (FORCE)`);
       await a.end();
     },

@@ -45,7 +45,19 @@ export const SQS_CLIENT_CONFIG = {
   credentials: AWS_CREDENTIALS,
 } as const;
 
-export type ServerName = "postgres" | "nats" | "redis" | "rabbitmq" | "kafka" | "sqs";
+/**
+ * PostgreSQL 18.6 with the real pg_trickle extension preloaded, one cluster per extension
+ * version (`scripts/services pgtrickle`); user postgres, trust auth. Databases get the
+ * extension through test/helpers/pgtrickle.ts.
+ */
+export const PGTRICKLE_VERSIONS = ["0.45.0", "0.39.0"] as const;
+export type PgTrickleVersion = (typeof PGTRICKLE_VERSIONS)[number];
+export const PGTRICKLE_URLS: Record<PgTrickleVersion, string> = {
+  "0.45.0": "postgres://postgres@127.0.0.1:5433/postgres",
+  "0.39.0": "postgres://postgres@127.0.0.1:5434/postgres",
+};
+
+export type ServerName = "postgres" | "nats" | "redis" | "rabbitmq" | "kafka" | "sqs" | `pgtrickle-${PgTrickleVersion}`;
 
 function hostPort(url: string): { host: string; port: number } {
   const u = new URL(url);
@@ -60,6 +72,8 @@ export const SERVER_ADDRESSES: Record<ServerName, { host: string; port: number }
   rabbitmq: hostPort(AMQP_URL),
   kafka: hostPort(`kafka://${KAFKA_BROKERS[0]}`),
   sqs: hostPort(SQS_ENDPOINT),
+  "pgtrickle-0.45.0": hostPort(PGTRICKLE_URLS["0.45.0"]),
+  "pgtrickle-0.39.0": hostPort(PGTRICKLE_URLS["0.39.0"]),
 };
 
 function portAnswers(host: string, port: number, timeoutMs: number): Promise<true | string> {
@@ -85,7 +99,8 @@ export async function requireServer(name: ServerName): Promise<void> {
   if (!addr) throw new Error(`unknown server "${name}"; known: ${Object.keys(SERVER_ADDRESSES).join(", ")}`);
   const result = await portAnswers(addr.host, addr.port, 2000);
   if (result !== true) {
-    throw new Error(`${name} is not running at ${addr.host}:${addr.port}; start it with scripts/services`, {
+    const start = name.startsWith("pgtrickle") ? "scripts/services pgtrickle" : "scripts/services";
+    throw new Error(`${name} is not running at ${addr.host}:${addr.port}; start it with ${start}`, {
       cause: result,
     });
   }

@@ -1,8 +1,9 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { mkdtempSync, readFileSync, existsSync, readdirSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, readdirSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { testDatabase, type TestDatabase } from "../helpers/pg.ts";
+import { readJsonLines } from "../helpers/messages.ts";
 import { eventually, relayCommand, relayOnce, RunningRelay } from "../helpers/relay.ts";
 import {
   createStreamTable,
@@ -38,13 +39,7 @@ interface Line {
   refresh_id: string | null;
 }
 
-function readLines(path: string): Line[] {
-  if (!existsSync(path)) return [];
-  return readFileSync(path, "utf8")
-    .split("\n")
-    .filter((l) => l.trim() !== "")
-    .map((l) => JSON.parse(l));
-}
+const readLines = (path: string) => readJsonLines<Line>(path);
 
 /** A stream table with an outbox and a file pipeline for it. */
 async function setup(name: string, source: Record<string, unknown> = {}, sink: Record<string, unknown> = {}) {
@@ -274,20 +269,8 @@ describe("no row skipped", () => {
   });
 });
 
-describe("wake-up", () => {
-  test("with a 60 s poll interval a new row still arrives at once through pg_notify", async () => {
-    const { tables, output } = await setup("notify", { poll_interval_ms: 60_000 });
-    const relay = new RunningRelay(["--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0", "--max-workers", "100"]);
-    try {
-      await relay.waitForLog(/\[notify\] started/);
-      await Bun.sleep(300); // the first (empty) poll is done; the pipeline now sleeps for 60 s
-      await writeV1Inline(db.sql, tables.outboxTable, { inserted: [{ id: 1, amount: 1 }], deleted: [] });
-      await eventually(() => readLines(output).length === 1, 10_000, "the notified row (well before the 60 s poll)");
-    } finally {
-      expect(await relay.stop("SIGTERM")).toBe(0);
-    }
-  });
-});
+// Wake-up through NOTIFY, consumer-group delivery and claim-check release: pgtrickle-forward.test.ts,
+// on the real extension.
 
 describe("failed pipelines", () => {
   test("a pipeline failed by something outside its config (no outbox yet) is tried again each discovery interval", async () => {
@@ -303,26 +286,6 @@ describe("failed pipelines", () => {
     } finally {
       await relay.stop();
     }
-  });
-});
-
-describe("consumer-group mode", () => {
-  test("creates the group, delivers through poll_outbox and commits with a stable consumer id", async () => {
-    await createStreamTable(db.sql, "public.grouped", "id int primary key");
-    const t = await enableOutbox(db.sql, "public.grouped");
-    await writeV1Inline(db.sql, t.outboxTable, { inserted: [{ id: 1 }], deleted: [] });
-    const last = await writeV1Inline(db.sql, t.outboxTable, { inserted: [{ id: 2 }], deleted: [{ id: 1 }] });
-    const output = join(dir, "grouped.jsonl");
-    await configurePipeline("grouped", "public.grouped", { type: "file", output }, {}, "analytics");
-    expect((await drain("grouped")).exitCode).toBe(0);
-    expect(readLines(output).map((l) => l.op)).toEqual(["insert", "delete", "insert"]);
-    const [group] = await db.sql`SELECT outbox_name, auto_offset_reset FROM pgtrickle.pgt_consumer_groups WHERE group_name = 'analytics'`;
-    expect(group).toEqual({ outbox_name: t.outboxTable, auto_offset_reset: "earliest" });
-    const offsets = await db.sql`SELECT consumer_id, committed_offset::text AS off FROM pgtrickle.pgt_consumer_offsets WHERE group_name = 'analytics'`;
-    expect([...offsets]).toEqual([{ consumer_id: "default:grouped", off: last }]);
-    // A second drain (same consumer id) has nothing left.
-    expect((await drain("grouped")).exitCode).toBe(0);
-    expect(readLines(output)).toHaveLength(3);
   });
 });
 
@@ -414,23 +377,6 @@ describe("claim-check progress", () => {
       expect(position?.position).toBe("null"); // the set is done: no position within a row left
     }, 120_000);
   }
-});
-
-describe("claim-check release", () => {
-  test("outbox_rows_consumed runs after the commit only when release_claim_check is true", async () => {
-    const keep = await setup("cc_keep");
-    await writeClaimCheck(db.sql, keep.tables.outboxTable, keep.tables.deltaTable, [{ op: "INSERT", data: { id: 1, amount: 1 } }]);
-    expect((await drain("cc_keep")).exitCode).toBe(0);
-    const [kept] = await db.sql.unsafe<{ n: number }[]>(`SELECT count(*)::int AS n FROM pgtrickle."${keep.tables.deltaTable}"`);
-    expect(kept!.n).toBe(1);
-
-    const free = await setup("cc_free", { release_claim_check: true });
-    await writeClaimCheck(db.sql, free.tables.outboxTable, free.tables.deltaTable, [{ op: "INSERT", data: { id: 1, amount: 1 } }]);
-    expect((await drain("cc_free")).exitCode).toBe(0);
-    expect(readLines(free.output)).toHaveLength(1);
-    const [freed] = await db.sql.unsafe<{ n: number }[]>(`SELECT count(*)::int AS n FROM pgtrickle."${free.tables.deltaTable}"`);
-    expect(freed!.n).toBe(0);
-  });
 });
 
 describe("drain", () => {

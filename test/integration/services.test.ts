@@ -19,6 +19,8 @@ import {
   AMQP_URL,
   KAFKA_BROKERS,
   NATS_URL,
+  PGTRICKLE_URLS,
+  PGTRICKLE_VERSIONS,
   POSTGRES_URL,
   REDIS_URL,
   SQS_CLIENT_CONFIG,
@@ -28,6 +30,19 @@ import {
 const unique = `${process.pid}_${Date.now().toString(36)}`;
 
 describe("servers from scripts/services", () => {
+  test.each(PGTRICKLE_VERSIONS)("pgtrickle: PostgreSQL 18.6 preloads pg_trickle %s", async (version) => {
+    await requireServer(`pgtrickle-${version}`);
+    const sql = postgres(PGTRICKLE_URLS[version], { max: 1, connect_timeout: 5, onnotice: () => {} });
+    try {
+      const [row] = await sql<{ server: string; preload: string; available: string }[]>`
+        SELECT current_setting('server_version') AS server, current_setting('shared_preload_libraries') AS preload,
+               (SELECT default_version FROM pg_available_extensions WHERE name = 'pg_trickle') AS available`;
+      expect(row).toEqual({ server: "18.6", preload: "pg_trickle", available: version });
+    } finally {
+      await sql.end({ timeout: 1 });
+    }
+  });
+
   test("postgres answers a query as user postgres", async () => {
     await requireServer("postgres");
     const sql = postgres(POSTGRES_URL, { max: 1, connect_timeout: 5, onnotice: () => {} });

@@ -29,9 +29,11 @@ describe("planFor (CONTRACT.md §4.3)", () => {
   test("bare array is a full refresh of inserts", () => {
     expect(planFor(header([{ a: 1 }]), "t", opts)).toMatchObject({ kind: "rows", fullRefresh: true, inserted: [{ a: 1 }], deleted: [] });
   });
-  test("NULL payload and pg_tide counts become one summary, or nothing when summaries are off", () => {
-    expect(planFor(header(null), "t", opts)).toMatchObject({ kind: "summary", payload: { outbox_id: 42, inserted_count: 2, deleted_count: 1, stream_table: "t" } });
-    expect(planFor(header({ v: 1, inserted: 3, deleted: 0, source: "s.t" }), "t", opts)).toMatchObject({ kind: "summary" });
+  test("NULL payload, pg_tide counts and an emptied table's snapshot become one summary, or nothing when summaries are off", () => {
+    expect(planFor(header(null), "t", opts)).toMatchObject({ kind: "summary", fullRefresh: false, payload: { outbox_id: 42, inserted_count: 2, deleted_count: 1, stream_table: "t" } });
+    expect(planFor(header({ v: 1, inserted: 3, deleted: 0, source: "s.t" }), "t", opts)).toMatchObject({ kind: "summary", fullRefresh: false });
+    expect(planFor(header([]), "t", opts)).toMatchObject({ kind: "summary", fullRefresh: true });
+    expect(planFor(header([]), "t", { ...opts, summaryMessages: false })).toEqual({ kind: "none" });
     expect(planFor(header(null), "t", { ...opts, summaryMessages: false })).toEqual({ kind: "none" });
   });
   test("refresh id: payload refresh_id, then legacy pgt_id, then the column", () => {
