@@ -40,6 +40,29 @@ export interface DecodedBody {
   json: boolean;
 }
 
+/**
+ * Deepest nesting of arrays and objects a reverse message's payload may have. PostgreSQL parses
+ * jsonb recursively and refuses a value nested about 12,000 levels deep at the default
+ * `max_stack_depth` with SQLSTATE 54001 (docs/LIMITS.md); 1,000 keeps well clear of that inside
+ * the batch statement and of every consumer that walks the payload recursively, and is the
+ * default of other JSON parsers (Jackson). Deeper payloads are dead-lettered, never written.
+ */
+export const MAX_JSON_DEPTH = 1000;
+
+/** True when `value` nests arrays/objects more than `limit` levels deep (iterative: a deep value cannot overflow the stack). */
+export function exceedsJsonDepth(value: unknown, limit = MAX_JSON_DEPTH): boolean {
+  const stack: { value: unknown; depth: number }[] = [{ value, depth: 0 }];
+  while (stack.length > 0) {
+    const { value: v, depth } = stack.pop()!;
+    if (typeof v !== "object" || v === null) continue;
+    if (depth + 1 > limit) return true;
+    for (const child of Array.isArray(v) ? v : Object.values(v)) {
+      if (typeof child === "object" && child !== null) stack.push({ value: child, depth: depth + 1 });
+    }
+  }
+  return false;
+}
+
 const strictUtf8 = new TextDecoder("utf-8", { fatal: true });
 
 /** Valid UTF-8 text, or null. A leading byte-order mark is dropped. */

@@ -6,6 +6,8 @@ import {
   aggregateIdOf,
   bodyDedupKey,
   decodeBody,
+  exceedsJsonDepth,
+  MAX_JSON_DEPTH,
   eventTypeOf,
   headerValue,
   inboundMessage,
@@ -19,6 +21,20 @@ import {
 
 const TRACE = "4bf92f3577b34da6a3ce929d0e0e4736";
 const TRACEPARENT = `00-${TRACE}-00f067aa0ba902b7-01`;
+
+describe("exceedsJsonDepth: the nesting bound of reverse payloads", () => {
+  const nested = (depth: number) => JSON.parse("[".repeat(depth) + "]".repeat(depth));
+  test("counts arrays and objects; scalars have depth 0", () => {
+    expect(exceedsJsonDepth("text", 0)).toBe(false);
+    expect(exceedsJsonDepth({ a: [1, { b: 2 }] }, 3)).toBe(false);
+    expect(exceedsJsonDepth({ a: [1, { b: 2 }] }, 2)).toBe(true);
+  });
+  test("MAX_JSON_DEPTH levels pass, one more does not, and 30,000 levels are walked without a stack overflow", () => {
+    expect(exceedsJsonDepth(nested(MAX_JSON_DEPTH))).toBe(false);
+    expect(exceedsJsonDepth(nested(MAX_JSON_DEPTH + 1))).toBe(true);
+    expect(exceedsJsonDepth(nested(30000))).toBe(true);
+  });
+});
 
 describe("decodeBody: never null for a non-JSON body", () => {
   test("JSON text and bytes parse to the value", () => {
