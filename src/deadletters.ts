@@ -1,3 +1,4 @@
+import { createHash } from "node:crypto";
 import type { DeadLetter, Direction } from "./backends/types.ts";
 import type { Sql } from "./db.ts";
 import type { Message } from "./message.ts";
@@ -13,7 +14,7 @@ export async function writeDeadLetters(sql: Sql, pipeline: string, direction: Di
   const rows = letters.map((d) => ({
     pipeline,
     direction,
-    dedup_key: storableText(d.dedup_key),
+    dedup_key: storableKey(d.dedup_key),
     outbox_id: d.outbox_id,
     message: storable(d.message),
     error: storableText(d.error),
@@ -52,6 +53,20 @@ function fromStorable(stored: unknown): unknown {
  * error message or key keeps a visible marker instead (the stored message keeps the original).
  */
 const storableText = (text: string) => text.replace(/\u0000/g, "\\0").replace(/\p{Surrogate}/gu, "\uFFFD");
+
+/** Longest dedup_key stored as it is; the unique index on it refuses entries over a btree page. */
+const MAX_STORED_KEY_CHARS = 1000;
+
+/**
+ * A key too long for the table's unique index (a producer's key of several kilobytes is often
+ * why the inbox refused the message: docs/LIMITS.md) is stored as its start and its SHA-256, the
+ * same for every failure of the same message; the stored message keeps the whole key.
+ */
+function storableKey(key: string): string {
+  const text = storableText(key);
+  if (text.length <= MAX_STORED_KEY_CHARS) return text;
+  return `${text.slice(0, 200)}…sha256:${createHash("sha256").update(key).digest("hex")}`;
+}
 
 /** The form a rejected message is stored in: its envelope plus the template context. */
 export function storedMessage(m: Message): unknown {

@@ -169,6 +169,9 @@ const quoteIdent = (name: string) => `"${name.replace(/"/g, '""')}"`;
 /** Classes 22 (data exception) and 23 (integrity constraint): this row, not the batch, is bad. */
 const isRowError = (err: unknown) => isRowSqlstate(sqlstateOf(err));
 
+/** An event_id for an error message: a key of kilobytes (itself a reason for refusal) is cut short. */
+const quotedKey = (key: string) => (key.length > 200 ? `${JSON.stringify(key.slice(0, 200))}… (${key.length} characters)` : JSON.stringify(key));
+
 const sqlstateOf = (err: unknown): string | undefined => {
   const code = (err as { code?: unknown })?.code;
   return typeof code === "string" && /^[0-9A-Z]{5}$/.test(code) ? code : undefined;
@@ -536,7 +539,7 @@ export class PgInboxSink implements Sink {
     if (this.ctx.direction !== "reverse") return [];
     return messages
       .filter((m) => exceedsJsonDepth(m.payload))
-      .map((message) => ({ message, error: `inbox ${this.label()} refused event_id ${JSON.stringify(message.dedup_key)}: payload nests deeper than ${MAX_JSON_DEPTH} levels (the relay's limit)` }));
+      .map((message) => ({ message, error: `inbox ${this.label()} refused event_id ${quotedKey(message.dedup_key)}: payload nests deeper than ${MAX_JSON_DEPTH} levels (the relay's limit)` }));
   }
 
   /** Row by row in one transaction, a savepoint per row: good rows commit together, bad ones are returned. */
@@ -552,7 +555,7 @@ export class PgInboxSink implements Sink {
           if (!isRowError(err)) throw err;
           rejections.push({
             message: messages[i]!,
-            error: `inbox ${this.label(plan)} refused event_id ${JSON.stringify(messages[i]!.dedup_key)}: ${redact(errorMessage(err), this.url)} (SQLSTATE ${sqlstateOf(err)})`,
+            error: `inbox ${this.label(plan)} refused event_id ${quotedKey(messages[i]!.dedup_key)}: ${redact(errorMessage(err), this.url)} (SQLSTATE ${sqlstateOf(err)})`,
           });
         }
       }

@@ -17,15 +17,19 @@ export const POISONS: { label: string; body: string; reason: RegExp }[] = [
   { label: "NUL character", body: '{"text":"a\\u0000b","n":-2}', reason: /SQLSTATE 22P05/ },
 ];
 
-/** A key too long for the inbox's btree index on event_id (SQLSTATE 54000), for sources that take the key from the body. */
-export const TOO_LONG_KEY = Array.from({ length: 400 }, (_, i) => createHash("md5").update(String(i)).digest("hex")).join("");
+/**
+ * A dedup key too long for the inbox's btree index on event_id (SQLSTATE 54000), for sources that
+ * take the key from the body: 12,800 hex digits, too many even once compressed.
+ */
+const TOO_LONG_KEY = Array.from({ length: 400 }, (_, i) => createHash("md5").update(String(i)).digest("hex")).join("");
+export const LONG_KEY_POISON = { label: "12,800-character key", body: JSON.stringify({ dedup_key: TOO_LONG_KEY, n: -3 }), reason: /SQLSTATE 54000/ };
 
-/** `{"n": i, …}` bodies with the poisons between them: ok, ok, poison, ok, poison, ok, poison, ok, ok. */
-export function poisonedStream(extra: (n: number) => Record<string, unknown> = () => ({})): { bodies: string[]; valid: number } {
-  const ok = (n: number) => JSON.stringify({ n, ...extra(n) });
+/** `{"n": i}` bodies with the poisons between them: ok, ok, poison, ok, poison, ok, …, ok, ok. */
+export function poisonedStream(poisons = POISONS): { bodies: string[]; valid: number } {
+  const ok = (n: number) => JSON.stringify({ n });
   const bodies = [ok(0), ok(1)];
   let n = 2;
-  for (const p of POISONS) bodies.push(p.body, ok(n++));
+  for (const p of poisons) bodies.push(p.body, ok(n++));
   bodies.push(ok(n++));
   return { bodies, valid: n };
 }

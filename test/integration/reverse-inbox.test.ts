@@ -13,6 +13,7 @@ import { inboundMessage } from "../../src/inbound.ts";
 import type { Message } from "../../src/message.ts";
 import { createStreamTable, enableOutbox, writeV1Inline } from "../fixtures/outbox.ts";
 import { testDatabase, type TestDatabase } from "../helpers/pg.ts";
+import { expectPoisonIsolated, LONG_KEY_POISON, POISONS, poisonedStream } from "../helpers/poison.ts";
 import { eventually, relayCommand, relayOnce, RunningRelay } from "../helpers/relay.ts";
 
 let db: TestDatabase;
@@ -222,6 +223,18 @@ describe("bad input", () => {
     expect(dl[1]!.message.raw).toEqual({ base64: Buffer.from([0xff, 0xfe, 0x7b, 0x7d]).toString("base64") });
     expect(dl[1]!.error).toContain("not valid UTF-8");
     expect((await position("bad_in"))!.offset).toBe(statSync(path).size);
+  });
+
+  test("poison lines between valid ones (nested 30,000 deep, a lone surrogate, NUL, a key too long for the index) are dead-lettered; every valid line lands", async () => {
+    const path = join(dir, "poison.jsonl");
+    const poisons = [...POISONS, LONG_KEY_POISON];
+    const { bodies, valid } = poisonedStream(poisons);
+    writeFileSync(path, bodies.join("\n") + "\n");
+    await db.sql`SELECT pgtrickle.set_relay_inbox('poison_in', 'poison_inbox', ${db.sql.json({ type: "file", input: path, batch_size: 4 } as never)})`;
+    const r = await drain("poison_in");
+    expect(r.exitCode).toBe(0);
+    await expectPoisonIsolated(db, "poison_in", "poison_inbox", valid, poisons);
+    expect((await position("poison_in"))!.offset).toBe(statSync(path).size);
   });
 
   test("a fixed dead letter is replayed under its original key", async () => {
