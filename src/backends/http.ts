@@ -82,7 +82,9 @@ const HttpSinkConfig = v.looseObject({
   ordering_key_template: v.optional(v.string(), "{stream_table}"),
   /**
    * Response statuses retried as transient failures (the batch is replayed). 408 and 429 are
-   * always transient; any other non-2xx status rejects the request's messages to the dead-letter table.
+   * always transient; any other non-2xx status rejects the request's messages to the dead-letter
+   * table (a batch refused with a 4xx is first split, down to single messages, so only the
+   * refused ones go there).
    */
   retry_on_status: v.optional(v.array(v.pipe(v.number(), v.integer(), v.minValue(100), v.maxValue(599))), [
     429, 500, 502, 503, 504,
@@ -170,6 +172,8 @@ function readPem(value: string, key: string): string {
 
 interface Outcome {
   rejected: Rejection[];
+  /** The receiver refused the request as a whole (4xx): a batch may owe that to one message. */
+  refusedWhole?: boolean;
 }
 
 class HttpSink implements Sink {
@@ -222,7 +226,7 @@ class HttpSink implements Sink {
     const tasks = this.cfg.batch_mode
       ? this.chunk(messages).map((group) => ({
           keys: [...new Set(group.map((g) => orderingKey(g.message)))],
-          run: () => this.send(group.map((g) => g.message), `[${group.map((g) => g.json).join(",")}]`),
+          run: () => this.sendBatch(group),
         }))
       : messages.map((m) => ({ keys: [orderingKey(m)], run: () => this.send([m], this.elementJson(m)) }));
     const { results, errors } = await runKeyed(tasks, this.cfg.max_in_flight);
@@ -277,6 +281,20 @@ class HttpSink implements Sink {
     return chunks;
   }
 
+  /**
+   * One batch request. When the receiver refuses it as a whole (4xx), the halves are sent one
+   * after the other, down to single messages, so a message it will never take is dead-lettered
+   * alone instead of taking the batch's valid messages with it.
+   */
+  private async sendBatch(group: { message: Message; json: string }[]): Promise<Outcome> {
+    const outcome = await this.send(group.map((g) => g.message), `[${group.map((g) => g.json).join(",")}]`);
+    if (!outcome.refusedWhole || group.length === 1) return outcome;
+    const half = Math.ceil(group.length / 2);
+    const first = await this.sendBatch(group.slice(0, half));
+    const second = await this.sendBatch(group.slice(half));
+    return { rejected: [...first.rejected, ...second.rejected] };
+  }
+
   private async send(messages: Message[], body: string): Promise<Outcome> {
     const batch = this.cfg.batch_mode;
     const headers: Record<string, string> = {
@@ -325,11 +343,9 @@ class HttpSink implements Sink {
       const retryAfter = response.headers.get("retry-after");
       throw transientError(`${detail}${retryAfter ? ` (Retry-After: ${retryAfter.slice(0, 40)})` : ""}`);
     }
-    const error =
-      response.status >= 300 && response.status < 400
-        ? `${what} answered HTTP ${response.status} (redirect not followed; point url at the final address)`
-        : detail;
-    return { rejected: messages.map((message) => ({ message, error })) };
+    const redirect = response.status >= 300 && response.status < 400;
+    const error = redirect ? `${what} answered HTTP ${response.status} (redirect not followed; point url at the final address)` : detail;
+    return { rejected: messages.map((message) => ({ message, error })), refusedWhole: response.status >= 400 && response.status < 500 };
   }
 
   private redact(text: string): string {
