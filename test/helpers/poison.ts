@@ -18,10 +18,10 @@ export const POISONS: { label: string; body: string; reason: RegExp }[] = [
 ];
 
 /**
- * A dedup key too long for the inbox's btree index on event_id (SQLSTATE 54000), for sources that
- * take the key from the body: 12,800 hex digits, too many even once compressed.
+ * Text too long for a btree index entry (SQLSTATE 54000), e.g. as the event_id of the inbox: 12,800
+ * hex digits, too many even once compressed. LONG_KEY_POISON carries it as the body's dedup key.
  */
-const TOO_LONG_KEY = Array.from({ length: 400 }, (_, i) => createHash("md5").update(String(i)).digest("hex")).join("");
+export const TOO_LONG_KEY = Array.from({ length: 400 }, (_, i) => createHash("md5").update(String(i)).digest("hex")).join("");
 export const LONG_KEY_POISON = { label: "12,800-character key", body: JSON.stringify({ dedup_key: TOO_LONG_KEY, n: -3 }), reason: /SQLSTATE 54000/ };
 
 /** `{"n": i}` bodies with the poisons between them: ok, ok, poison, ok, poison, ok, …, ok, ok. */

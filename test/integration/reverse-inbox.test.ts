@@ -13,7 +13,7 @@ import { inboundMessage } from "../../src/inbound.ts";
 import type { Message } from "../../src/message.ts";
 import { createStreamTable, enableOutbox, writeV1Inline } from "../fixtures/outbox.ts";
 import { testDatabase, type TestDatabase } from "../helpers/pg.ts";
-import { expectPoisonIsolated, LONG_KEY_POISON, POISONS, poisonedStream } from "../helpers/poison.ts";
+import { expectPoisonIsolated, LONG_KEY_POISON, POISONS, poisonedStream, TOO_LONG_KEY } from "../helpers/poison.ts";
 import { eventually, relayCommand, relayOnce, RunningRelay } from "../helpers/relay.ts";
 
 let db: TestDatabase;
@@ -485,6 +485,29 @@ describe("forward pg-inbox sink to a remote database", () => {
     expect(counts).toEqual({ inserted: 3, skipped: 2 });
     expect((await remote.sql`SELECT source FROM pgtrickle.fwd_inbox WHERE event_id = 'direct:3'`)[0]!.source).toBe("pg_trickle:s.x");
     await sink.close();
+  });
+
+  test("direct: a row the remote inbox can never take (an event_type too long for its index, SQLSTATE 54000) is rejected alone; the others land", async () => {
+    await remote.sql`SELECT pgtrickle.create_inbox('fwd_limits_inbox')`;
+    await remote.sql`CREATE INDEX ON pgtrickle.fwd_limits_inbox (event_type)`;
+    const sink = inboxSink({ url: remoteUrl(), inbox_table: "fwd_limits_inbox" }, ctxFor(db, "forward"));
+    await sink.start();
+    const m = (k: string, subject: string): Message => ({
+      dedup_key: k,
+      subject,
+      payload: { k },
+      op: "insert",
+      is_full_refresh: false,
+      outbox_id: 1,
+      refresh_id: null,
+      context: { pipeline: "direct", stream_table: "x", schema: "s" },
+    });
+    const rejected = await sink.write([m("limits:1", "ok"), m("limits:2", TOO_LONG_KEY), m("limits:3", "ok")]);
+    await sink.close();
+    expect(rejected.map((r) => r.message.dedup_key)).toEqual(["limits:2"]);
+    expect(rejected[0]!.error).toContain("SQLSTATE 54000");
+    expect(rejected[0]!.error).not.toContain(PASSWORD);
+    expect((await remote.sql`SELECT event_id FROM pgtrickle.fwd_limits_inbox ORDER BY event_id`).map((r) => r.event_id)).toEqual(["limits:1", "limits:3"]);
   });
 
   test("a missing remote inbox is a config error naming the table and the server, without the password", async () => {
