@@ -54,8 +54,8 @@ function fromStorable(stored: unknown): unknown {
  */
 const storableText = (text: string) => text.replace(/\u0000/g, "\\0").replace(/\p{Surrogate}/gu, "\uFFFD");
 
-/** Longest dedup_key stored as it is; the unique index on it refuses entries over a btree page. */
-const MAX_STORED_KEY_CHARS = 1000;
+/** Longest dedup_key stored as it is, in UTF-8 bytes; the unique index on it refuses entries over about 2,700. */
+const MAX_STORED_KEY_BYTES = 1000;
 
 /**
  * A key too long for the table's unique index (a producer's key of several kilobytes is often
@@ -64,7 +64,7 @@ const MAX_STORED_KEY_CHARS = 1000;
  */
 function storableKey(key: string): string {
   const text = storableText(key);
-  if (text.length <= MAX_STORED_KEY_CHARS) return text;
+  if (Buffer.byteLength(text) <= MAX_STORED_KEY_BYTES) return text;
   return `${text.slice(0, 200)}…sha256:${createHash("sha256").update(key).digest("hex")}`;
 }
 

@@ -19,7 +19,7 @@ import { createHash, createHmac, timingSafeEqual } from "node:crypto";
 import { readFileSync } from "node:fs";
 import * as v from "valibot";
 import { configError, errorMessage, RelayError, transientError } from "../errors.ts";
-import { bodyDedupKey, decodeBody, exceedsJsonDepth, inboundMessage, MAX_JSON_DEPTH, reverseSourceKeys, sha256Hex, type DecodedBody } from "../inbound.ts";
+import { bodyDedupKey, decodeBody, inboundMessage, reverseSourceKeys, sha256Hex, TOO_DEEP, type DecodedBody } from "../inbound.ts";
 import { envelopeJson, renderTemplate, type Message } from "../message.ts";
 import { Sleeper } from "../sleep.ts";
 import { VERSION } from "../version.ts";
@@ -698,10 +698,8 @@ export class HttpSource implements Source {
     if (body.length === 0) return jsonResponse(400, { error: "empty body: send one JSON event, a JSON array of events, or any non-empty text" });
 
     const decoded = decodeBody(body);
-    if (decoded.json && exceedsJsonDepth(decoded.payload)) {
-      // Refused here, for this request only: queued, it would only be dead-lettered by the inbox.
-      return jsonResponse(400, { error: `JSON nested deeper than ${MAX_JSON_DEPTH} levels` });
-    }
+    // Refused here, for this request only: queued, it would only be dead-lettered by the inbox.
+    if (decoded.tooDeep) return jsonResponse(400, { error: TOO_DEEP });
     const messages = this.toMessages(req, url.pathname, suffix, body, decoded);
     if (messages.length === 0) return jsonResponse(200, { accepted: 0 });
     if (messages.length > this.cfg.max_pending) {

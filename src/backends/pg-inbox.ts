@@ -22,7 +22,6 @@ import postgres from "postgres";
 import * as v from "valibot";
 import { describeUrl, explainConnectError, redact, type Sql } from "../db.ts";
 import { configError, errorMessage, isRowSqlstate, pgErrorKind, RelayError, transientError } from "../errors.ts";
-import { exceedsJsonDepth, MAX_JSON_DEPTH } from "../inbound.ts";
 import type { Message } from "../message.ts";
 import { defineBackend, sinkSpec, type BackendContext, type Rejection, type Sink } from "./types.ts";
 
@@ -166,7 +165,7 @@ const REQUIRED_FIELDS: readonly InboxField[] = ["event_id", "payload"];
  */
 const quoteIdent = (name: string) => `"${name.replace(/"/g, '""')}"`;
 
-/** Classes 22 (data exception) and 23 (integrity constraint): this row, not the batch, is bad. */
+/** This row, not the batch, is bad (classes 22, 23, 54: errors.ts isRowSqlstate). */
 const isRowError = (err: unknown) => isRowSqlstate(sqlstateOf(err));
 
 /** An event_id for an error message: a key of kilobytes (itself a reason for refusal) is cut short. */
@@ -509,7 +508,7 @@ export class PgInboxSink implements Sink {
     const plan = this.plan;
     if (!plan) throw transientError(`pg-inbox ${this.label()}: write before start`);
     const sql = this.sql;
-    const refused = this.refuseTooDeep(batch);
+    const refused = this.refusedAtTheDoor(batch);
     const refusedSet = new Set(refused.map((r) => r.message));
     const messages = refused.length === 0 ? batch : batch.filter((m) => !refusedSet.has(m));
     if (messages.length === 0) return refused;
@@ -530,16 +529,11 @@ export class PgInboxSink implements Sink {
     return [...refused, ...rejections];
   }
 
-  /**
-   * Reverse messages whose payload nests deeper than MAX_JSON_DEPTH: refused at the door rather
-   * than left to PostgreSQL's stack (docs/LIMITS.md). Forward payloads come out of a jsonb column
-   * already and go to the server as they are.
-   */
-  private refuseTooDeep(messages: Message[]): Rejection[] {
-    if (this.ctx.direction !== "reverse") return [];
+  /** Messages a source marked as never writable (e.g. JSON nested too deep: docs/LIMITS.md), not sent to the server. */
+  private refusedAtTheDoor(messages: Message[]): Rejection[] {
     return messages
-      .filter((m) => exceedsJsonDepth(m.payload))
-      .map((message) => ({ message, error: `inbox ${this.label()} refused event_id ${quotedKey(message.dedup_key)}: payload nests deeper than ${MAX_JSON_DEPTH} levels (the relay's limit)` }));
+      .filter((m) => m.refused !== undefined)
+      .map((message) => ({ message, error: `inbox ${this.label()} refused event_id ${quotedKey(message.dedup_key)}: ${message.refused}` }));
   }
 
   /** Row by row in one transaction, a savepoint per row: good rows commit together, bad ones are returned. */

@@ -10,7 +10,7 @@ import { deadLetters, inboxRows } from "./reverse.ts";
  */
 export const POISONS: { label: string; body: string; reason: RegExp }[] = [
   // The issue's reproduction: PostgreSQL's jsonb parser runs out of stack (SQLSTATE 54001).
-  { label: "nested 30,000 deep", body: "[".repeat(30000) + "]".repeat(30000), reason: /nests deeper than 1000 levels/ },
+  { label: "nested 30,000 deep", body: "[".repeat(30000) + "]".repeat(30000), reason: /JSON nested deeper than 1000 levels/ },
   // A lone UTF-16 surrogate: jsonb refuses it (22P02), and so would the dead-letter table.
   { label: "lone surrogate", body: '{"event_type":"\\ud800","n":-1}', reason: /SQLSTATE 22P02/ },
   // U+0000: jsonb refuses it (22P05).
@@ -34,11 +34,23 @@ export function poisonedStream(poisons = POISONS): { bodies: string[]; valid: nu
   return { bodies, valid: n };
 }
 
-/** Every valid event (n = 0…valid-1) is in the inbox, and each poison is a dead letter of `pipeline` with its reason. */
-export async function expectPoisonIsolated(db: TestDatabase, pipeline: string, inbox: string, valid: number, poisons = POISONS): Promise<void> {
+/**
+ * Every valid event (n = 0…valid-1) is in the inbox, and each poison is one dead letter of
+ * `pipeline` with its reason, of kind `inbox_permanent` unless `kinds` names another by label.
+ */
+export async function expectPoisonIsolated(
+  db: TestDatabase,
+  pipeline: string,
+  inbox: string,
+  valid: number,
+  poisons = POISONS,
+  kinds: Record<string, string> = {},
+): Promise<void> {
   const landed = (await inboxRows(db, inbox)).map((r) => (r.payload as { n: number }).n).sort((a, b) => a - b);
   expect(landed).toEqual(Array.from({ length: valid }, (_, i) => i));
   const letters = await deadLetters(db, pipeline);
-  expect(letters.map((d) => d.error_kind)).toEqual(poisons.map(() => "inbox_permanent"));
-  for (const p of poisons) expect(letters.filter((d) => p.reason.test(d.error)).map((d) => d.error_kind)).toEqual(["inbox_permanent"]);
+  expect(letters).toHaveLength(poisons.length);
+  for (const p of poisons) {
+    expect(letters.filter((d) => p.reason.test(d.error)).map((d) => d.error_kind)).toEqual([kinds[p.label] ?? "inbox_permanent"]);
+  }
 }
