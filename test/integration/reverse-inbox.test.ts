@@ -306,6 +306,18 @@ describe("stdin", () => {
     expect(await position("stdin_in")).toBeNull();
   });
 
+  test("poison lines on standard input (nested 30,000 deep, a lone surrogate, NUL, a key too long for the index) are dead-lettered; every valid line lands", async () => {
+    await db.sql`SELECT pgtrickle.set_relay_inbox('stdin_poison', 'stdin_poison_inbox', ${db.sql.json({ type: "stdin", batch_size: 4 } as never)})`;
+    const poisons = [...POISONS, LONG_KEY_POISON];
+    const { bodies, valid } = poisonedStream(poisons);
+    const proc = Bun.spawn(relayCommand(["drain", "--postgres-url", db.url, "--pipeline", "stdin_poison", "--timeout", "50"]), { stdin: "pipe", stdout: "pipe", stderr: "pipe" });
+    proc.stdin.write(bodies.join("\n") + "\n");
+    await proc.stdin.end();
+    const [, code] = await Promise.all([new Response(proc.stderr).text(), proc.exited]);
+    expect(code).toBe(0);
+    await expectPoisonIsolated(db, "stdin_poison", "stdin_poison_inbox", valid, poisons, { [POISONS[0]!.label]: "decode" });
+  });
+
   /** Rows of stdin_inbox with this payload (0 while the relay has not created the table yet). */
   const stdinRows = async (payload: unknown) =>
     (await db.sql`SELECT count(*)::int AS n FROM pgtrickle.stdin_inbox WHERE payload = ${db.sql.json(payload as never)}`.catch(() => [{ n: 0 }]))[0]!.n;
