@@ -1,7 +1,9 @@
+import { createHash } from "node:crypto";
 import type { DeadLetter, Direction } from "./backends/types.ts";
 import type { Sql } from "./db.ts";
 import type { Message } from "./message.ts";
 import { toEnvelope } from "./message.ts";
+import { exceedsJsonDepth } from "./inbound.ts";
 
 /**
  * Writes undeliverable messages to pgtrickle.relay_dead_letters, in one statement, before the
@@ -12,10 +14,10 @@ export async function writeDeadLetters(sql: Sql, pipeline: string, direction: Di
   const rows = letters.map((d) => ({
     pipeline,
     direction,
-    dedup_key: withoutNul(d.dedup_key),
+    dedup_key: storableKey(d.dedup_key),
     outbox_id: d.outbox_id,
     message: storable(d.message),
-    error: withoutNul(d.error),
+    error: storableText(d.error),
     error_kind: d.kind,
   }));
   await sql`
@@ -29,13 +31,16 @@ export async function writeDeadLetters(sql: Sql, pipeline: string, direction: Di
 }
 
 /**
- * jsonb cannot hold the character U+0000, and a message carrying one (often the very reason it was
- * rejected) must still reach the dead-letter table: such a message is stored as base64 of its
- * JSON text, which messageFromStored() reads back unchanged.
+ * jsonb cannot hold the character U+0000 nor a lone UTF-16 surrogate, and PostgreSQL refuses
+ * values nested deeper than its stack allows (docs/LIMITS.md); a message carrying any of them
+ * (often the very reason it was rejected) must still reach the dead-letter table: such a message
+ * is stored as base64 of its JSON text, which messageFromStored() reads back unchanged.
+ * JSON.stringify writes a lone surrogate, and only a lone one, as a `\udXXX` escape.
  */
 function storable(message: unknown): unknown {
   const json = JSON.stringify(message) ?? "null";
-  return json.includes("\\u0000") ? { encoding: "base64-json", data: Buffer.from(json).toString("base64") } : message;
+  const refusedByJsonb = json.includes("\\u0000") || /\\ud[89a-f][0-9a-f]{2}/i.test(json) || exceedsJsonDepth(message);
+  return refusedByJsonb ? { encoding: "base64-json", data: Buffer.from(json).toString("base64") } : message;
 }
 
 function fromStorable(stored: unknown): unknown {
@@ -43,8 +48,25 @@ function fromStorable(stored: unknown): unknown {
   return s?.encoding === "base64-json" && typeof s.data === "string" ? JSON.parse(Buffer.from(s.data, "base64").toString()) : stored;
 }
 
-/** text columns refuse U+0000 too; an error message or key keeps a visible marker instead. */
-const withoutNul = (text: string) => text.replace(/\u0000/g, "\\0");
+/**
+ * text columns refuse U+0000 and the row travels as JSON, where a lone surrogate is refused: an
+ * error message or key keeps a visible marker instead (the stored message keeps the original).
+ */
+const storableText = (text: string) => text.replace(/\u0000/g, "\\0").replace(/\p{Surrogate}/gu, "\uFFFD");
+
+/** Longest dedup_key stored as it is, in UTF-8 bytes; the unique index on it refuses entries over about 2,700. */
+const MAX_STORED_KEY_BYTES = 1000;
+
+/**
+ * A key too long for the table's unique index (a producer's key of several kilobytes is often
+ * why the inbox refused the message: docs/LIMITS.md) is stored as its start and its SHA-256, the
+ * same for every failure of the same message; the stored message keeps the whole key.
+ */
+function storableKey(key: string): string {
+  const text = storableText(key);
+  if (Buffer.byteLength(text) <= MAX_STORED_KEY_BYTES) return text;
+  return `${text.slice(0, 200)}…sha256:${createHash("sha256").update(key).digest("hex")}`;
+}
 
 /** The form a rejected message is stored in: its envelope plus the template context. */
 export function storedMessage(m: Message): unknown {

@@ -33,6 +33,17 @@ export function pgErrorKind(code: string | undefined): ErrorKind {
   return "transient";
 }
 
+/**
+ * SQLSTATEs caused by one row's own data, so the row can never be written and the others can:
+ * data exceptions (class 22: a value the column type refuses, U+0000 or a lone surrogate in
+ * JSON), integrity constraints (23), and program limits (54: a payload nested too deep for the
+ * server's stack (54001), an index entry larger than a btree page allows (54000)). See
+ * docs/LIMITS.md.
+ */
+export function isRowSqlstate(code: string | undefined): boolean {
+  return code !== undefined && /^(22|23|54)[0-9A-Z]{3}$/.test(code);
+}
+
 /** The kind of any thrown value: RelayErrors say it, PostgreSQL errors by SQLSTATE, the rest are transient. */
 export function errorKind(err: unknown): ErrorKind {
   if (err instanceof RelayError) return err.kind;

@@ -38,6 +38,32 @@ export const isJsonObject = (x: unknown): x is JsonObject => typeof x === "objec
 export interface DecodedBody {
   payload: unknown;
   json: boolean;
+  /** JSON nested deeper than MAX_JSON_DEPTH: the payload is the text, and the message is refused. */
+  tooDeep?: boolean;
+}
+
+/**
+ * Deepest nesting of arrays and objects a reverse message's payload may have. PostgreSQL parses
+ * jsonb recursively and refuses a value nested about 12,000 levels deep at the default
+ * `max_stack_depth` with SQLSTATE 54001 (docs/LIMITS.md); 1,000 keeps well clear of that inside
+ * the batch statement and of every consumer that walks the payload recursively, and is the
+ * default of other JSON parsers (Jackson). Deeper bodies are refused at the door (parseJson):
+ * dead-lettered by the inbox sink, answered 400 by the HTTP receiver.
+ */
+export const MAX_JSON_DEPTH = 1000;
+
+/** True when `value` nests arrays/objects more than `limit` levels deep (iterative: a deep value cannot overflow the stack). */
+export function exceedsJsonDepth(value: unknown, limit = MAX_JSON_DEPTH): boolean {
+  const stack: { value: unknown; depth: number }[] = [{ value, depth: 0 }];
+  while (stack.length > 0) {
+    const { value: v, depth } = stack.pop()!;
+    if (typeof v !== "object" || v === null) continue;
+    if (depth + 1 > limit) return true;
+    for (const child of Array.isArray(v) ? v : Object.values(v)) {
+      if (typeof child === "object" && child !== null) stack.push({ value: child, depth: depth + 1 });
+    }
+  }
+  return false;
 }
 
 const strictUtf8 = new TextDecoder("utf-8", { fatal: true });
@@ -59,16 +85,28 @@ export function decodeBody(body: Uint8Array | string): DecodedBody {
   const text = typeof body === "string" ? body : utf8OrNull(body);
   if (text === null) return { payload: { base64: Buffer.from(body as Uint8Array).toString("base64") }, json: false };
   const parsed = parseJson(text);
-  return parsed.ok ? { payload: parsed.value, json: true } : { payload: text, json: false };
+  if (parsed.ok) return { payload: parsed.value, json: true };
+  return parsed.tooDeep ? { payload: text, json: false, tooDeep: true } : { payload: text, json: false };
 }
 
-/** JSON.parse without throwing; a leading BOM is ignored. */
-export function parseJson(text: string): { ok: true; value: unknown } | { ok: false; error: string } {
+export const TOO_DEEP = `JSON nested deeper than ${MAX_JSON_DEPTH} levels`;
+
+/**
+ * JSON.parse without throwing; a leading BOM is ignored. A value nested deeper than
+ * MAX_JSON_DEPTH is refused (`tooDeep`) rather than returned: past some 35,000 levels even
+ * JSON.stringify overflows the stack, so such a value could not be written anywhere, not even
+ * to the dead-letter table (docs/LIMITS.md).
+ */
+export function parseJson(text: string): { ok: true; value: unknown } | { ok: false; error: string; tooDeep?: true } {
+  let value: unknown;
   try {
-    return { ok: true, value: JSON.parse(text.charCodeAt(0) === 0xfeff ? text.slice(1) : text) };
+    value = JSON.parse(text.charCodeAt(0) === 0xfeff ? text.slice(1) : text);
   } catch (err) {
+    // The parser's own stack gave out: nested far deeper still.
+    if (err instanceof RangeError) return { ok: false, error: TOO_DEEP, tooDeep: true };
     return { ok: false, error: err instanceof Error ? err.message : String(err) };
   }
+  return exceedsJsonDepth(value) ? { ok: false, error: TOO_DEEP, tooDeep: true } : { ok: true, value };
 }
 
 const nonEmptyString = (x: unknown): x is string => typeof x === "string" && x !== "";
@@ -199,7 +237,8 @@ const isDecoded = (b: InboundInput["body"]): b is DecodedBody => typeof b === "o
 
 /** Builds the reverse Message: op `event`, never full refresh, no outbox id, no refresh id. */
 export function inboundMessage(input: InboundInput): Message {
-  const { payload } = isDecoded(input.body) ? input.body : decodeBody(input.body);
+  const decoded = isDecoded(input.body) ? input.body : decodeBody(input.body);
+  const { payload } = decoded;
   const message: Message = {
     dedup_key: reverseDedupKey(input.producerKey, input.synthesizedKey),
     subject: eventTypeOf(payload, {
@@ -221,5 +260,6 @@ export function inboundMessage(input: InboundInput): Message {
     },
   };
   if (input.headers && Object.keys(input.headers).length > 0) message.headers = input.headers;
+  if (decoded.tooDeep) message.refused = TOO_DEEP;
   return message;
 }

@@ -31,6 +31,8 @@ export interface Message extends Envelope {
   headers?: Record<string, string>;
   /** Reverse: the inbox columns besides event_id (= dedup_key), event_type (= subject), payload. */
   inbound?: InboundColumns;
+  /** Reverse: why the message can never be written, found at the door (inbound.ts); the inbox sink dead-letters it. */
+  refused?: string;
 }
 
 /** Inbox columns a reverse source derives per CONTRACT.md §6.6. */

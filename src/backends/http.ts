@@ -31,7 +31,7 @@ import { createHash, createHmac, timingSafeEqual } from "node:crypto";
 import { readFileSync } from "node:fs";
 import * as v from "valibot";
 import { configError, errorMessage, RelayError, transientError } from "../errors.ts";
-import { bodyDedupKey, decodeBody, inboundMessage, reverseSourceKeys, sha256Hex } from "../inbound.ts";
+import { bodyDedupKey, decodeBody, inboundMessage, reverseSourceKeys, sha256Hex, TOO_DEEP, type DecodedBody } from "../inbound.ts";
 import { envelopeJson, renderTemplate, type Message } from "../message.ts";
 import { abortableDelay, backoffMs, Sleeper } from "../sleep.ts";
 import { VERSION } from "../version.ts";
@@ -100,8 +100,10 @@ const HttpSinkConfig = v.looseObject({
   /**
    * Response statuses retried as transient failures: the request is tried again (4 tries in all,
    * pauses from 200 ms to 2 s), then the batch is replayed without the requests already
-   * answered (a timeout or refused connection goes straight to the replay). 408 and 429 are always transient; any other non-2xx status rejects the request's
-   * messages to the dead-letter table.
+   * answered (a timeout or refused connection goes straight to the replay). 408 and 429 are
+   * always transient; any other non-2xx status rejects the request's messages to the dead-letter
+   * table (a batch request refused with a 4xx is first split, down to single messages, so only
+   * the refused ones go there).
    */
   retry_on_status: v.optional(v.array(v.pipe(v.number(), v.integer(), v.minValue(100), v.maxValue(599))), [
     429, 500, 502, 503, 504,
@@ -203,6 +205,12 @@ interface OutgoingRequest {
  * the outage and retries.
  */
 const REQUEST_TRIES = 4;
+
+/** A permanent refusal of one request: the error recorded for its messages, and the status. */
+interface Refusal {
+  error: string;
+  status: number;
+}
 
 /** The receiver answered with a status it wants retried. */
 class RetryStatus extends RelayError {
@@ -306,30 +314,46 @@ class HttpSink implements Sink {
    */
   private batchRequests(messages: Message[]): OutgoingRequest[] {
     return changeSets(messages).flatMap((set) =>
-      this.chunk(set).map((group) => {
-        const chunkMessages = group.map((g) => g.message);
-        return {
-          messages: chunkMessages,
-          body: `[${group.map((g) => g.json).join(",")}]`,
-          idempotencyKey: `batch:${sha256Hex(chunkMessages.map((m) => m.dedup_key).join("\n"))}`,
-          orderingKeys: [...new Set(chunkMessages.map((m) => this.orderingKey(m)))],
-        };
-      }),
+      this.chunk(set).map((group) => this.batchRequest(group.map((g) => g.message), group.map((g) => g.json))),
     );
   }
 
-  /** Sends a request, retrying a few times while the receiver asks to; records the outcome in `settled`. */
+  private batchRequest(messages: Message[], elements: string[]): OutgoingRequest {
+    return {
+      messages,
+      body: `[${elements.join(",")}]`,
+      idempotencyKey: `batch:${sha256Hex(messages.map((m) => m.dedup_key).join("\n"))}`,
+      orderingKeys: [...new Set(messages.map((m) => this.orderingKey(m)))],
+    };
+  }
+
+  /**
+   * Sends a request, retrying a few times while the receiver asks to; records the outcome in
+   * `settled`. A batch request refused as a whole with a 4xx may owe that to one message: its
+   * halves are sent one after the other, down to single messages, so only a message the
+   * receiver will never take is dead-lettered (docs/LIMITS.md).
+   */
   private async sendWithRetries(request: OutgoingRequest): Promise<void> {
     for (let retry = 0; ; retry++) {
       try {
-        const error = await this.send(request);
-        for (const m of request.messages) this.settled.set(m.dedup_key, error);
+        const refusal = await this.send(request);
+        if (refusal && refusal.status >= 400 && refusal.status < 500 && request.messages.length > 1) {
+          for (const half of this.halves(request)) await this.sendWithRetries(half);
+          return;
+        }
+        for (const m of request.messages) this.settled.set(m.dedup_key, refusal?.error ?? null);
         return;
       } catch (err) {
         if (!(err instanceof RetryStatus) || retry + 1 >= REQUEST_TRIES || this.closing.signal.aborted) throw err;
         await abortableDelay(retryPauseMs(retry), this.closing.signal);
       }
     }
+  }
+
+  /** A batch request cut in two, each half with the Idempotency-Key of its own messages. */
+  private halves(request: OutgoingRequest): OutgoingRequest[] {
+    const middle = Math.ceil(request.messages.length / 2);
+    return [request.messages.slice(0, middle), request.messages.slice(middle)].map((messages) => this.batchRequest(messages, messages.map((m) => this.elementJson(m))));
   }
 
   private elementJson(m: Message): string {
@@ -370,8 +394,8 @@ class HttpSink implements Sink {
     return chunks;
   }
 
-  /** One request: null once the receiver accepted it, the rejection error for a permanent refusal. */
-  private async send(request: OutgoingRequest): Promise<string | null> {
+  /** One request: null once the receiver accepted it, the refusal for a permanent one. */
+  private async send(request: OutgoingRequest): Promise<Refusal | null> {
     const { messages, body } = request;
     const batch = this.cfg.batch_mode;
     const headers: Record<string, string> = {
@@ -420,9 +444,10 @@ class HttpSink implements Sink {
       const retryAfter = response.headers.get("retry-after");
       throw new RetryStatus(`${detail}${retryAfter ? ` (Retry-After: ${retryAfter.slice(0, 40)})` : ""}`);
     }
-    return response.status >= 300 && response.status < 400
+    const error = response.status >= 300 && response.status < 400
       ? `${what} answered HTTP ${response.status} (redirect not followed; point url at the final address)`
       : detail;
+    return { error, status: response.status };
   }
 
   private redact(text: string): string {
@@ -801,7 +826,10 @@ export class HttpSource implements Source {
     }
     if (body.length === 0) return jsonResponse(400, { error: "empty body: send one JSON event, a JSON array of events, or any non-empty text" });
 
-    const messages = this.toMessages(req, url.pathname, suffix, body);
+    const decoded = decodeBody(body);
+    // Refused here, for this request only: queued, it would only be dead-lettered by the inbox.
+    if (decoded.tooDeep) return jsonResponse(400, { error: TOO_DEEP });
+    const messages = this.toMessages(req, url.pathname, suffix, body, decoded);
     if (messages.length === 0) return jsonResponse(200, { accepted: 0 });
     if (messages.length > this.cfg.max_pending) {
       return jsonResponse(413, { error: `${messages.length} events in one request; at most ${this.cfg.max_pending} (max_pending) fit` });
@@ -840,8 +868,7 @@ export class HttpSource implements Source {
     return null;
   }
 
-  private toMessages(req: Request, pathname: string, suffix: string, body: Uint8Array): Message[] {
-    const decoded = decodeBody(body);
+  private toMessages(req: Request, pathname: string, suffix: string, body: Uint8Array, decoded: DecodedBody): Message[] {
     const split = this.cfg.split_arrays && decoded.json && Array.isArray(decoded.payload);
     const events: unknown[] = split ? (decoded.payload as unknown[]) : [decoded.payload];
     const idempotencyKey = req.headers.get("idempotency-key")?.trim() || null;

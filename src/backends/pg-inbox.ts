@@ -11,7 +11,8 @@
  * A batch is ONE statement: `INSERT … SELECT … FROM jsonb_to_recordset($1) … ON CONFLICT (<id>)
  * DO NOTHING RETURNING <id>`, so its rows commit together and the number returned tells inserted
  * from dedup-skipped rows. When a row breaks a constraint or holds data the column type refuses
- * (SQLSTATE classes 23 and 22, e.g. NOT NULL or CHECK on a bring-your-own table), the batch is
+ * (SQLSTATE classes 23, 22 and 54, e.g. NOT NULL or CHECK on a bring-your-own table, U+0000, a
+ * payload nested too deep, a key too long for the index; errors.ts isRowSqlstate), the batch is
  * redone row by row in one transaction with a savepoint per row: the good rows commit together,
  * the bad ones come back as rejections for the dead-letter table. `processed_at`, `error` and
  * `retry_count` are never written; `received_at` is left to the column default.
@@ -20,7 +21,7 @@ import { readFileSync } from "node:fs";
 import postgres from "postgres";
 import * as v from "valibot";
 import { describeUrl, explainConnectError, redact, type Sql } from "../db.ts";
-import { configError, errorMessage, pgErrorKind, RelayError, transientError } from "../errors.ts";
+import { configError, errorMessage, isRowSqlstate, pgErrorKind, RelayError, transientError } from "../errors.ts";
 import type { Message } from "../message.ts";
 import { defineBackend, sinkSpec, type BackendContext, type Rejection, type Sink } from "./types.ts";
 
@@ -164,11 +165,11 @@ const REQUIRED_FIELDS: readonly InboxField[] = ["event_id", "payload"];
  */
 const quoteIdent = (name: string) => `"${name.replace(/"/g, '""')}"`;
 
-/** Classes 22 (data exception) and 23 (integrity constraint): this row, not the batch, is bad. */
-const isRowError = (err: unknown) => {
-  const code = (err as { code?: unknown })?.code;
-  return typeof code === "string" && /^2[23][0-9A-Z]{3}$/.test(code);
-};
+/** This row, not the batch, is bad (classes 22, 23, 54: errors.ts isRowSqlstate). */
+const isRowError = (err: unknown) => isRowSqlstate(sqlstateOf(err));
+
+/** An event_id for an error message: a key of kilobytes (itself a reason for refusal) is cut short. */
+const quotedKey = (key: string) => (key.length > 200 ? `${JSON.stringify(key.slice(0, 200))}… (${key.length} characters)` : JSON.stringify(key));
 
 const sqlstateOf = (err: unknown): string | undefined => {
   const code = (err as { code?: unknown })?.code;
@@ -502,11 +503,15 @@ export class PgInboxSink implements Sink {
     }
   }
 
-  async write(messages: Message[]): Promise<Rejection[]> {
-    if (messages.length === 0) return [];
+  async write(batch: Message[]): Promise<Rejection[]> {
+    if (batch.length === 0) return [];
     const plan = this.plan;
     if (!plan) throw transientError(`pg-inbox ${this.label()}: write before start`);
     const sql = this.sql;
+    const refused = this.refusedAtTheDoor(batch);
+    const refusedSet = new Set(refused.map((r) => r.message));
+    const messages = refused.length === 0 ? batch : batch.filter((m) => !refusedSet.has(m));
+    if (messages.length === 0) return refused;
     const records = messages.map((m) => this.record(plan, m));
     let inserted: number;
     let rejections: Rejection[] = [];
@@ -521,7 +526,14 @@ export class PgInboxSink implements Sink {
       }
     }
     this.ctx.onInboxWrite?.(inserted, messages.length - inserted - rejections.length);
-    return rejections;
+    return [...refused, ...rejections];
+  }
+
+  /** Messages a source marked as never writable (e.g. JSON nested too deep: docs/LIMITS.md), not sent to the server. */
+  private refusedAtTheDoor(messages: Message[]): Rejection[] {
+    return messages
+      .filter((m) => m.refused !== undefined)
+      .map((message) => ({ message, error: `inbox ${this.label()} refused event_id ${quotedKey(message.dedup_key)}: ${message.refused}` }));
   }
 
   /** Row by row in one transaction, a savepoint per row: good rows commit together, bad ones are returned. */
@@ -537,7 +549,7 @@ export class PgInboxSink implements Sink {
           if (!isRowError(err)) throw err;
           rejections.push({
             message: messages[i]!,
-            error: `inbox ${this.label(plan)} refused event_id ${JSON.stringify(messages[i]!.dedup_key)}: ${redact(errorMessage(err), this.url)} (SQLSTATE ${sqlstateOf(err)})`,
+            error: `inbox ${this.label(plan)} refused event_id ${quotedKey(messages[i]!.dedup_key)}: ${redact(errorMessage(err), this.url)} (SQLSTATE ${sqlstateOf(err)})`,
           });
         }
       }

@@ -561,7 +561,8 @@ export class StdinSource implements Source {
       return { ok: true, message };
     }
     const where = `${this.path ?? "stdin"} line ${r.line}`;
-    const error = text === null ? `${where} is not valid UTF-8` : `${where} is not JSON (${this.cfg.format}): ${parsed && !parsed.ok ? parsed.error : ""}`;
+    const error =
+      text === null ? `${where} is not valid UTF-8` : parsed && !parsed.ok && parsed.tooDeep ? `${where}: ${parsed.error}` : `${where} is not JSON (${this.cfg.format}): ${parsed && !parsed.ok ? parsed.error : ""}`;
     this.ctx.log.warn(`${error}; dead-lettered as ${key}`);
     const deadLetter: DeadLetter = {
       dedup_key: key,

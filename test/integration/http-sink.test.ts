@@ -218,6 +218,18 @@ describe("http sink, batch mode", () => {
     expect(rejected[0]!.error).toContain("schema mismatch");
   });
 
+  test("batch mode: a batch refused with 4xx for one message is split until that message alone is rejected; the others are delivered, in order", async () => {
+    server.reset((r) => (JSON.parse(r.body).some((e: { payload: { id: number } }) => e.payload.id === 5) ? new Response("bad row", { status: 422 }) : new Response("ok")));
+    const sink = await makeSink({ url: server.url });
+    const messages = forwardMessages(8);
+    const rejected = await sink.write(messages);
+    expect(rejected.map((r) => r.message.dedup_key)).toEqual([messages[5]!.dedup_key]);
+    expect(rejected[0]!.error).toContain("HTTP 422");
+    const bodies = server.requests.map((r) => (JSON.parse(r.body) as { payload: { id: number } }[]).map((e) => e.payload.id));
+    const accepted = bodies.filter((ids) => !ids.includes(5));
+    expect(accepted.flat()).toEqual([0, 1, 2, 3, 4, 6, 7]);
+  });
+
   test("a redirect is not followed and rejects the messages", async () => {
     server.reset(() => new Response(null, { status: 302, headers: { Location: "/elsewhere" } }));
     const sink = await makeSink({ url: server.url });

@@ -14,6 +14,7 @@ import { forwardMessages } from "../helpers/messages.ts";
 import { testDatabase, type TestDatabase } from "../helpers/pg.ts";
 import { freePort } from "../helpers/proxy.ts";
 import { eventually, relayOnce, RunningRelay } from "../helpers/relay.ts";
+import { expectPoisonIsolated, LONG_KEY_POISON, POISONS, poisonedStream } from "../helpers/poison.ts";
 import { disableInboxes, poisonable } from "../helpers/reverse.ts";
 import { requireServer } from "../helpers/servers.ts";
 
@@ -170,6 +171,28 @@ describe("events → inbox rows", () => {
       const letters = await db.sql<{ dedup_key: string; error_kind: string }[]>`
         SELECT dedup_key, error_kind FROM pgtrickle.relay_dead_letters WHERE pipeline = ${p.name}`;
       expect([...letters]).toEqual([{ dedup_key: "poison-req:1", error_kind: "inbox_permanent" }]);
+    } finally {
+      await r.stop();
+    }
+  });
+});
+
+describe("poison requests", () => {
+  test("a body nested 30,000 deep is answered 400 for that request only; lone surrogate, NUL and over-long key events are dead-lettered; every valid request lands", async () => {
+    const p = await pipeline("poisonany");
+    const r = relay();
+    try {
+      await started(r, p.name);
+      const [deep, ...dead] = [...POISONS, LONG_KEY_POISON];
+      const { bodies, valid } = poisonedStream([deep!, ...dead]);
+      const statuses: number[] = [];
+      for (const body of bodies) {
+        const res = await post(p.url, body);
+        statuses.push(res.status);
+        if (body === deep!.body) expect(((await res.json()) as { error: string }).error).toBe("JSON nested deeper than 1000 levels");
+      }
+      expect(statuses).toEqual(bodies.map((b) => (b === deep!.body ? 400 : 200)));
+      await expectPoisonIsolated(db, p.name, p.inbox, valid, dead);
     } finally {
       await r.stop();
     }

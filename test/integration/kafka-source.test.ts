@@ -15,6 +15,7 @@ import { testDatabase, type TestDatabase } from "../helpers/pg.ts";
 import { freePort } from "../helpers/proxy.ts";
 import { eventually, RunningRelay } from "../helpers/relay.ts";
 import { deadLetters, drainPipeline, enableOnly, inboxCount, inboxRows, killRelays, pickyInbox, setRelayInbox, type InboxRow } from "../helpers/reverse.ts";
+import { expectPoisonIsolated, poisonedStream } from "../helpers/poison.ts";
 import { KAFKA_BROKERS, requireServer } from "../helpers/servers.ts";
 
 const RUN = `${Date.now().toString(36)}${Math.random().toString(36).slice(2, 6)}`;
@@ -206,6 +207,17 @@ describe("kafka source: mapping, acknowledgement, redelivery", () => {
     ]);
     expect(letters[0]!.error).toContain("tombstone");
     await expectAllCommitted(groupOf("kpoison"), topic);
+  }, TIMEOUT);
+
+  test("poison records between valid ones (nested 30,000 deep, a lone surrogate, NUL) are dead-lettered; every valid one lands and all is committed", async () => {
+    const topic = await newTopic("poison-any");
+    const inbox = await pipeline("kpoison_any", topic, { batch_size: 50 });
+    const { bodies, valid } = poisonedStream();
+    await producer.send({ topic, messages: bodies.map((value) => ({ value })) });
+    const result = await drain("kpoison_any");
+    expect(result.exitCode).toBe(0);
+    await expectPoisonIsolated(db, "kpoison_any", inbox, valid);
+    await expectAllCommitted(groupOf("kpoison_any"), topic);
   }, TIMEOUT);
 
   test("auto_offset_reset latest skips what was there before the first start, but not what arrives between runs", async () => {

@@ -11,6 +11,7 @@ import { testDatabase, type TestDatabase } from "../helpers/pg.ts";
 import { freePort, freezingProxy, tcpProxy } from "../helpers/proxy.ts";
 import { eventually, RunningRelay } from "../helpers/relay.ts";
 import { drainPipeline, inboxCount, inboxRows, setRelayInbox } from "../helpers/reverse.ts";
+import { expectPoisonIsolated, poisonedStream } from "../helpers/poison.ts";
 import { NATS_URL, requireServer, SERVER_ADDRESSES } from "../helpers/servers.ts";
 
 const RUN = `${process.pid}_${Math.floor(Math.random() * 1e6)}`;
@@ -180,6 +181,17 @@ describe("nats source → inbox (set_relay_inbox, drain)", () => {
     expect(first.payload).toEqual(JSON.parse(envelopeJson(sent[0]!)));
     expect(await consumerState(name, `rt_${RUN}`)).toMatchObject({ pending: 0, unacked: 0 });
   }, 30_000);
+
+  test("poison messages between valid ones (nested 30,000 deep, a lone surrogate, NUL) are dead-lettered and acked; every valid one lands", async () => {
+    const { name, prefix } = await stream("poisonany");
+    const { bodies, valid } = poisonedStream();
+    for (const body of bodies) await publish(`${prefix}.e`, body);
+    await pipeline("nats_poison_any", "nats_poison_any_inbox", { subject: `${prefix}.>`, batch_size: 100 });
+    const r = await drain("nats_poison_any");
+    expect(r.exitCode).toBe(0);
+    await expectPoisonIsolated(db, "nats_poison_any", "nats_poison_any_inbox", valid);
+    expect(await consumerState(name, "pgtrickle-relay-nats_poison_any")).toMatchObject({ pending: 0, unacked: 0 });
+  }, 60_000);
 
   test("a poison message goes to relay_dead_letters and is acked while the others land", async () => {
     const { name, prefix } = await stream("poison");

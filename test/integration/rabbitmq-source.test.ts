@@ -18,6 +18,7 @@ import { freePort } from "../helpers/proxy.ts";
 import { eventually, RunningRelay } from "../helpers/relay.ts";
 import { deadLetters, drainPipeline, enableOnly, inboxCount, inboxRows, killRelays, pickyInbox, setRelayInbox, type InboxRow } from "../helpers/reverse.ts";
 import { AMQP_URL, requireServer } from "../helpers/servers.ts";
+import { expectPoisonIsolated, poisonedStream } from "../helpers/poison.ts";
 
 const RUN = `${Date.now().toString(36)}${Math.random().toString(36).slice(2, 6)}`;
 const TIMEOUT = 120_000;
@@ -165,6 +166,17 @@ describe("rabbitmq source: mapping, acknowledgement, redelivery", () => {
     } finally {
       await sink.close();
     }
+  }, TIMEOUT);
+
+  test("poison deliveries between valid ones (nested 30,000 deep, a lone surrogate, NUL) are dead-lettered and acknowledged; every valid one lands", async () => {
+    const queue = await newQueue("poisonany");
+    const inbox = await pipeline("rpoison_any", queue, { batch_size: 50 });
+    const { bodies, valid } = poisonedStream();
+    bodies.forEach((body, i) => ch.sendToQueue(queue, Buffer.from(body), { messageId: `pa-${i}` }));
+    const result = await drain("rpoison_any");
+    expect(result.exitCode).toBe(0);
+    await expectPoisonIsolated(db, "rpoison_any", inbox, valid);
+    await expectEmptyQueue(queue);
   }, TIMEOUT);
 
   test("a message the inbox refuses goes to relay_dead_letters and is acknowledged; the others land", async () => {

@@ -7,6 +7,7 @@ import type { Batch, BackendContext, Source } from "../../src/backends/types.ts"
 import { backendContext, errorOf } from "../helpers/backend.ts";
 import { forwardMessages } from "../helpers/messages.ts";
 import { testDatabase, type TestDatabase } from "../helpers/pg.ts";
+import { expectPoisonIsolated, poisonedStream } from "../helpers/poison.ts";
 import { freePort, freezingProxy, tcpProxy } from "../helpers/proxy.ts";
 import { eventually, RunningRelay } from "../helpers/relay.ts";
 import { drainPipeline, inboxCount, inboxRows, setRelayInbox } from "../helpers/reverse.ts";
@@ -164,6 +165,17 @@ describe("redis source → inbox (set_relay_inbox, drain)", () => {
     expect(first).toMatchObject({ payload: sent[0]!.payload, event_type: key, source: `redis:${key}` });
     expect(await pending(key, `rt_${RUN}`)).toEqual({ total: 0, byConsumer: {} });
   }, 30_000);
+
+  test("poison entries between valid ones (nested 30,000 deep, a lone surrogate, NUL) are dead-lettered and acked; every valid one lands", async () => {
+    const key = `${PREFIX}:poisonany`;
+    const { bodies, valid } = poisonedStream();
+    for (const body of bodies) await xadd(key, { payload: body });
+    await pipeline("redis_poison_any", "redis_poison_any_inbox", { stream_key: key });
+    const res = await drain("redis_poison_any");
+    expect(res.exitCode).toBe(0);
+    await expectPoisonIsolated(db, "redis_poison_any", "redis_poison_any_inbox", valid);
+    expect(await pending(key)).toEqual({ total: 0, byConsumer: {} });
+  }, 60_000);
 
   test("a poison entry goes to relay_dead_letters and is acked while the others land", async () => {
     const key = `${PREFIX}:poison`;

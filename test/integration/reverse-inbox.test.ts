@@ -13,6 +13,7 @@ import { inboundMessage } from "../../src/inbound.ts";
 import type { Message } from "../../src/message.ts";
 import { createStreamTable, enableOutbox, writeV1Inline } from "../fixtures/outbox.ts";
 import { testDatabase, type TestDatabase } from "../helpers/pg.ts";
+import { expectPoisonIsolated, LONG_KEY_POISON, POISONS, poisonedStream, TOO_LONG_KEY } from "../helpers/poison.ts";
 import { eventually, relayCommand, relayOnce, RunningRelay } from "../helpers/relay.ts";
 
 let db: TestDatabase;
@@ -224,6 +225,19 @@ describe("bad input", () => {
     expect((await position("bad_in"))!.offset).toBe(statSync(path).size);
   });
 
+  test("poison lines between valid ones (nested 30,000 deep, a lone surrogate, NUL, a key too long for the index) are dead-lettered; every valid line lands", async () => {
+    const path = join(dir, "poison.jsonl");
+    const poisons = [...POISONS, LONG_KEY_POISON];
+    const { bodies, valid } = poisonedStream(poisons);
+    writeFileSync(path, bodies.join("\n") + "\n");
+    await db.sql`SELECT pgtrickle.set_relay_inbox('poison_in', 'poison_inbox', ${db.sql.json({ type: "file", input: path, batch_size: 4 } as never)})`;
+    const r = await drain("poison_in");
+    expect(r.exitCode).toBe(0);
+    // The file source refuses the deep line as it parses it: a decode dead letter, raw line kept.
+    await expectPoisonIsolated(db, "poison_in", "poison_inbox", valid, poisons, { [POISONS[0]!.label]: "decode" });
+    expect((await position("poison_in"))!.offset).toBe(statSync(path).size);
+  });
+
   test("a fixed dead letter is replayed under its original key", async () => {
     const path = join(dir, "bad.jsonl");
     await db.sql`
@@ -290,6 +304,18 @@ describe("stdin", () => {
       ].sort((a, b) => (a[0]! < b[0]! ? -1 : 1)),
     );
     expect(await position("stdin_in")).toBeNull();
+  });
+
+  test("poison lines on standard input (nested 30,000 deep, a lone surrogate, NUL, a key too long for the index) are dead-lettered; every valid line lands", async () => {
+    await db.sql`SELECT pgtrickle.set_relay_inbox('stdin_poison', 'stdin_poison_inbox', ${db.sql.json({ type: "stdin", batch_size: 4 } as never)})`;
+    const poisons = [...POISONS, LONG_KEY_POISON];
+    const { bodies, valid } = poisonedStream(poisons);
+    const proc = Bun.spawn(relayCommand(["drain", "--postgres-url", db.url, "--pipeline", "stdin_poison", "--timeout", "50"]), { stdin: "pipe", stdout: "pipe", stderr: "pipe" });
+    proc.stdin.write(bodies.join("\n") + "\n");
+    await proc.stdin.end();
+    const [, code] = await Promise.all([new Response(proc.stderr).text(), proc.exited]);
+    expect(code).toBe(0);
+    await expectPoisonIsolated(db, "stdin_poison", "stdin_poison_inbox", valid, poisons, { [POISONS[0]!.label]: "decode" });
   });
 
   /** Rows of stdin_inbox with this payload (0 while the relay has not created the table yet). */
@@ -472,6 +498,29 @@ describe("forward pg-inbox sink to a remote database", () => {
     expect(counts).toEqual({ inserted: 3, skipped: 2 });
     expect((await remote.sql`SELECT source FROM pgtrickle.fwd_inbox WHERE event_id = 'direct:3'`)[0]!.source).toBe("pg_trickle:s.x");
     await sink.close();
+  });
+
+  test("direct: a row the remote inbox can never take (an event_type too long for its index, SQLSTATE 54000) is rejected alone; the others land", async () => {
+    await remote.sql`SELECT pgtrickle.create_inbox('fwd_limits_inbox')`;
+    await remote.sql`CREATE INDEX ON pgtrickle.fwd_limits_inbox (event_type)`;
+    const sink = inboxSink({ url: remoteUrl(), inbox_table: "fwd_limits_inbox" }, ctxFor(db, "forward"));
+    await sink.start();
+    const m = (k: string, subject: string): Message => ({
+      dedup_key: k,
+      subject,
+      payload: { k },
+      op: "insert",
+      is_full_refresh: false,
+      outbox_id: 1,
+      refresh_id: null,
+      context: { pipeline: "direct", stream_table: "x", schema: "s" },
+    });
+    const rejected = await sink.write([m("limits:1", "ok"), m("limits:2", TOO_LONG_KEY), m("limits:3", "ok")]);
+    await sink.close();
+    expect(rejected.map((r) => r.message.dedup_key)).toEqual(["limits:2"]);
+    expect(rejected[0]!.error).toContain("SQLSTATE 54000");
+    expect(rejected[0]!.error).not.toContain(PASSWORD);
+    expect((await remote.sql`SELECT event_id FROM pgtrickle.fwd_limits_inbox ORDER BY event_id`).map((r) => r.event_id)).toEqual(["limits:1", "limits:3"]);
   });
 
   test("a missing remote inbox is a config error naming the table and the server, without the password", async () => {

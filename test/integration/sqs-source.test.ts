@@ -27,6 +27,7 @@ import { testDatabase, type TestDatabase } from "../helpers/pg.ts";
 import { freePort } from "../helpers/proxy.ts";
 import { eventually, relayOnce, RunningRelay } from "../helpers/relay.ts";
 import { disableInboxes, poisonable } from "../helpers/reverse.ts";
+import { expectPoisonIsolated, poisonedStream } from "../helpers/poison.ts";
 import { AWS_CREDENTIALS, requireServer, SQS_CLIENT_CONFIG, SQS_ENDPOINT } from "../helpers/servers.ts";
 
 const run = `${process.pid}-${Math.random().toString(36).slice(2, 7)}`;
@@ -219,6 +220,15 @@ describe("messages → inbox rows", () => {
     expect(result.stderr).toContain("2 delivered");
     expect(await depth(queueUrl)).toEqual({ visible: 0, inFlight: 0 });
   });
+
+  test("poison messages between valid ones (nested 30,000 deep, a lone surrogate, NUL) are dead-lettered and deleted; every valid one lands", async () => {
+    const p = await pipeline("poisonany");
+    const { bodies, valid } = poisonedStream();
+    await sendMany(p.queueUrl, bodies);
+    expect((await p.drain()).exitCode).toBe(0);
+    await expectPoisonIsolated(db, p.name, p.inbox, valid);
+    expect(await depth(p.queueUrl)).toEqual({ visible: 0, inFlight: 0 });
+  }, 60_000);
 
   test("a poison message goes to relay_dead_letters and is deleted with its batch; the others land", async () => {
     const p = await pipeline("poison");

@@ -6,6 +6,9 @@ import {
   aggregateIdOf,
   bodyDedupKey,
   decodeBody,
+  exceedsJsonDepth,
+  MAX_JSON_DEPTH,
+  parseJson,
   eventTypeOf,
   headerValue,
   inboundMessage,
@@ -14,11 +17,42 @@ import {
   reverseSourceKeys,
   sha256Hex,
   traceIdFromTraceparent,
+  TOO_DEEP,
   traceIdOf,
 } from "../../src/inbound.ts";
 
 const TRACE = "4bf92f3577b34da6a3ce929d0e0e4736";
 const TRACEPARENT = `00-${TRACE}-00f067aa0ba902b7-01`;
+
+describe("exceedsJsonDepth: the nesting bound of reverse payloads", () => {
+  const nested = (depth: number) => JSON.parse("[".repeat(depth) + "]".repeat(depth));
+  test("counts arrays and objects; scalars have depth 0", () => {
+    expect(exceedsJsonDepth("text", 0)).toBe(false);
+    expect(exceedsJsonDepth({ a: [1, { b: 2 }] }, 3)).toBe(false);
+    expect(exceedsJsonDepth({ a: [1, { b: 2 }] }, 2)).toBe(true);
+  });
+  test("MAX_JSON_DEPTH levels pass, one more does not, and 30,000 levels are walked without a stack overflow", () => {
+    expect(exceedsJsonDepth(nested(MAX_JSON_DEPTH))).toBe(false);
+    expect(exceedsJsonDepth(nested(MAX_JSON_DEPTH + 1))).toBe(true);
+    expect(exceedsJsonDepth(nested(30000))).toBe(true);
+  });
+});
+
+describe("JSON nested too deep is refused at the door", () => {
+  const deep = (depth: number) => "[".repeat(depth) + "]".repeat(depth);
+  test("parseJson: MAX_JSON_DEPTH levels parse; more are refused, also past what JSON.parse itself can nest", () => {
+    expect(parseJson(deep(MAX_JSON_DEPTH)).ok).toBe(true);
+    for (const depth of [MAX_JSON_DEPTH + 1, 30000, 200000]) expect(parseJson(deep(depth))).toEqual({ ok: false, error: TOO_DEEP, tooDeep: true });
+  });
+  test("decodeBody keeps the text and says tooDeep; inboundMessage marks the message refused", () => {
+    const body = deep(30000);
+    expect(decodeBody(body)).toEqual({ payload: body, json: false, tooDeep: true });
+    const m = inboundMessage({ pipeline: "p", sourceType: "kafka", body: Buffer.from(body), synthesizedKey: "kafka:t:0:1", config: { event_type_field: "event_type" } });
+    expect(m.refused).toBe(TOO_DEEP);
+    expect(m.payload).toBe(body);
+    expect(inboundMessage({ pipeline: "p", sourceType: "kafka", body: "[[1]]", synthesizedKey: "k", config: { event_type_field: "event_type" } }).refused).toBeUndefined();
+  });
+});
 
 describe("decodeBody: never null for a non-JSON body", () => {
   test("JSON text and bytes parse to the value", () => {
