@@ -45,7 +45,14 @@ export const SQS_CLIENT_CONFIG = {
   credentials: AWS_CREDENTIALS,
 } as const;
 
-export type ServerName = "postgres" | "nats" | "redis" | "rabbitmq" | "kafka" | "sqs";
+/**
+ * Prometheus (Debian's package) for the dashboard and alert-rule tests: scrape targets are
+ * file_sd JSON files and rules are YAML files in the directories its loaded config names
+ * (GET /api/v1/status/config); POST /-/reload after adding rules.
+ */
+export const PROMETHEUS_URL = "http://127.0.0.1:9091";
+
+export type ServerName = "postgres" | "nats" | "redis" | "rabbitmq" | "kafka" | "sqs" | "prometheus";
 
 function hostPort(url: string): { host: string; port: number } {
   const u = new URL(url);
@@ -60,6 +67,7 @@ export const SERVER_ADDRESSES: Record<ServerName, { host: string; port: number }
   rabbitmq: hostPort(AMQP_URL),
   kafka: hostPort(`kafka://${KAFKA_BROKERS[0]}`),
   sqs: hostPort(SQS_ENDPOINT),
+  prometheus: hostPort(PROMETHEUS_URL),
 };
 
 function portAnswers(host: string, port: number, timeoutMs: number): Promise<true | string> {
