@@ -3,7 +3,7 @@ import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import pkg from "../../package.json" with { type: "json" };
 import { SETTINGS } from "../../src/settings.ts";
-import { ROOT, nativeBinary, ok, run } from "../helpers/deploy.ts";
+import { ROOT, catalogInstallWith, nativeBinary, ok, run } from "../helpers/deploy.ts";
 import { testDatabase, type TestDatabase } from "../helpers/pg.ts";
 
 /*
@@ -107,11 +107,7 @@ describe("helm template", () => {
       const env: Record<string, string> = { PATH: process.env.PATH ?? "/usr/bin:/bin", ...one(objs, "Secret").stringData };
       for (const [k, v] of Object.entries(envOf(objs))) if (v !== undefined) env[k] = v;
       env.PGTRICKLE_RELAY_LOG_FORMAT = "text";
-      const exe = await nativeBinary();
-      const r = await ok([exe, "catalog", "install"], { env });
-      expect(r.stdout + r.stderr).not.toContain(db.url);
-      const [row] = await db.sql<{ n: number }[]>`SELECT count(*)::int AS n FROM pg_tables WHERE schemaname = 'pgtrickle' AND tablename = 'relay_outbox_config'`;
-      expect(row?.n).toBe(1);
+      expect(await catalogInstallWith(await nativeBinary(), env, db)).toEqual({ installed: true, printedUrl: false });
     } finally {
       await db?.drop();
     }

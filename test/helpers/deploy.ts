@@ -46,3 +46,17 @@ export async function nativeBinary(): Promise<string> {
   await ok([join(ROOT, "scripts", "build"), "--native"], { timeoutMs: 300_000 });
   return join(ROOT, "dist", "pgtrickle-relay");
 }
+
+/**
+ * `catalog install` run with env alone (the URL setting as a deployment gives it): whether the
+ * relay catalog then exists in the database, and whether the URL showed up in the output.
+ */
+export async function catalogInstallWith(
+  exe: string,
+  env: Record<string, string | undefined>,
+  db: { url: string; sql: import("../../src/db.ts").Sql },
+): Promise<{ installed: boolean; printedUrl: boolean }> {
+  const r = await ok([exe, "catalog", "install"], { env });
+  const [row] = await db.sql<{ n: number }[]>`SELECT count(*)::int AS n FROM pg_tables WHERE schemaname = 'pgtrickle' AND tablename = 'relay_outbox_config'`;
+  return { installed: row?.n === 1, printedUrl: (r.stdout + r.stderr).includes(db.url) };
+}
