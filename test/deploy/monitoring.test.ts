@@ -8,6 +8,7 @@ import { httpBase } from "../helpers/observe.ts";
 import { testDatabase, type TestDatabase } from "../helpers/pg.ts";
 import { RunningRelay, eventually } from "../helpers/relay.ts";
 import { PROMETHEUS_URL, requireServer } from "../helpers/servers.ts";
+import { Metrics } from "../../src/observe/metrics.ts";
 
 /*
  * deploy/grafana/pgtrickle-relay.json and deploy/prometheus/pgtrickle-relay-alerts.yml against a
@@ -135,6 +136,32 @@ describe("the alert rules", () => {
       "PgtrickleRelayPipelineFailed",
       "PgtrickleRelayPipelineWithoutOwner",
     ]);
+  });
+});
+
+describe("the dashboard and the rules, read", () => {
+  test("use only metric names the relay exports (src/observe/metrics.ts)", async () => {
+    const exported = new Set((await new Metrics().registry.getMetricsAsJSON()).map((m) => m.name));
+    expect(exported.size).toBeGreaterThan(15);
+    const text = readFileSync(DASHBOARD, "utf8") + readFileSync(RULES, "utf8");
+    const used = new Set([...text.matchAll(/pgtrickle_relay_[a-z_]+/g)].map((m) => m[0].replace(/_bucket$/, "")));
+    expect(used.size).toBeGreaterThanOrEqual(9);
+    for (const name of used) expect(exported).toContain(name);
+  });
+
+  test("the dashboard: a Prometheus data source variable, job and pipeline variables, unique panel ids, no overlapping panels", () => {
+    const dashboard = JSON.parse(readFileSync(DASHBOARD, "utf8"));
+    expect(dashboard.templating.list.map((v: { name: string }) => v.name)).toEqual(["datasource", "job", "pipeline"]);
+    const ps = panels() as unknown as { id: number; datasource: { uid: string }; gridPos: { x: number; y: number; w: number; h: number } }[];
+    expect(new Set(ps.map((p) => p.id)).size).toBe(ps.length);
+    for (const p of ps) expect(p.datasource.uid).toBe("${datasource}");
+    const cells = new Set<string>();
+    for (const { gridPos: g } of ps) {
+      for (let x = g.x; x < g.x + g.w; x++) for (let y = g.y; y < g.y + g.h; y++) {
+        expect(cells.has(`${x},${y}`)).toBe(false);
+        cells.add(`${x},${y}`);
+      }
+    }
   });
 });
 
