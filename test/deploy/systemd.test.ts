@@ -3,8 +3,10 @@ import { chmodSync, cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rm
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import pkg from "../../package.json" with { type: "json" };
+import { createStreamTable, enableOutbox, writeV1Inline } from "../fixtures/outbox.ts";
 import { ROOT, catalogInstallWith, nativeBinary, ok, requireTool, run } from "../helpers/deploy.ts";
 import { testDatabase, type TestDatabase } from "../helpers/pg.ts";
+import { eventually } from "../helpers/relay.ts";
 
 /*
  * deploy/systemd/pgtrickle-relay.service: its hardening, `systemd-analyze verify` and the offline
@@ -26,6 +28,26 @@ function directives(text: string): Map<string, string[]> {
     if (m) out.set(m[1]!, [...(out.get(m[1]!) ?? []), m[2]!]);
   }
   return out;
+}
+
+/** The system calls of a systemd group such as @system-service, nested groups expanded. */
+function syscallGroup(analyze: string, group: string): Set<string> {
+  const out = Bun.spawnSync([analyze, "syscall-filter", "--no-pager", group]).stdout.toString();
+  const calls = new Set<string>();
+  for (const m of out.matchAll(/^ {4}(@?[a-z0-9_-]+)$/gm)) {
+    if (m[1]!.startsWith("@")) for (const c of syscallGroup(analyze, m[1]!)) calls.add(c);
+    else calls.add(m[1]!);
+  }
+  if (calls.size === 0) throw new Error(`systemd-analyze syscall-filter ${group} listed nothing`);
+  return calls;
+}
+
+/** What the unit's SystemCallFilter= lines allow: the allow-list lines minus the `~` ones. */
+function allowedSyscalls(analyze: string, filters: string[]): Set<string> {
+  const expand = (items: string) => items.split(/\s+/).flatMap((i) => (i.startsWith("@") ? [...syscallGroup(analyze, i)] : [i]));
+  const allowed = new Set(filters.filter((f) => !f.startsWith("~")).flatMap(expand));
+  for (const denied of filters.filter((f) => f.startsWith("~")).flatMap((f) => expand(f.slice(1)))) allowed.delete(denied);
+  return allowed;
 }
 
 /** The unit with ExecStart pointing at a real executable, as install.sh writes it. */
@@ -84,6 +106,49 @@ describe("the systemd unit", () => {
     expect(Number(level?.[1])).toBeLessThanOrEqual(2.0);
     expect(security.exitCode).toBe(0);
   });
+
+  test("relaying a row and stopping on SIGTERM, the relay makes no system call its SystemCallFilter denies and opens only sockets of RestrictAddressFamilies", async () => {
+    const analyze = requireTool("systemd-analyze", "the Debian package systemd (scripts/dev-packages)");
+    const strace = requireTool("strace");
+    const unit = directives(readFileSync(UNIT, "utf8"));
+    const allowed = allowedSyscalls(analyze, unit.get("SystemCallFilter") ?? []);
+    expect(allowed.has("openat")).toBe(true);
+    expect(allowed.has("mount")).toBe(false);
+    // Only the calls outside the filter (and socket) are traced: seccomp-bpf keeps the rest at full speed.
+    const traced = [...syscallGroup(analyze, "@known")].filter((c) => !allowed.has(c));
+    const families = (unit.get("RestrictAddressFamilies")?.[0] ?? "").split(" ");
+    expect(families).toContain("AF_INET");
+
+    let db: TestDatabase | undefined;
+    try {
+      db = await testDatabase("systemd_syscalls");
+      await createStreamTable(db.sql, "public.sc", "id int primary key");
+      const { outboxTable } = await enableOutbox(db.sql, "public.sc");
+      const output = join(scratch, "syscalls.jsonl");
+      await db.sql`SELECT pgtrickle.set_relay_outbox('sc', 'public.sc', NULL, ${db.sql.json({ type: "file", output })})`;
+      const trace = join(scratch, "strace.out");
+      const filter = ["socket", ...traced].map((c) => `?${c}`).join(",");
+      const proc = Bun.spawn([strace, "-f", "--seccomp-bpf", "-qq", "-e", `trace=${filter}`, "-o", trace, exe, "run", "--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0"], {
+        stdout: "ignore",
+        stderr: "pipe",
+      });
+      await writeV1Inline(db.sql, outboxTable, { inserted: [{ id: 1 }], deleted: [] });
+      await eventually(() => existsSync(output) && readFileSync(output, "utf8").includes('"id":1'), 60_000, "the row relayed under strace");
+      // strace's child is the relay; the signal goes to it, as systemd's KillSignal would.
+      const relay = Number(readFileSync(`/proc/${proc.pid}/task/${proc.pid}/children`, "utf8").trim().split(" ")[0]);
+      process.kill(relay, "SIGTERM");
+      expect(await proc.exited).toBe(0);
+
+      const lines = readFileSync(trace, "utf8").split("\n").filter((l) => /^\d+ +[a-z0-9_]+\(/.test(l));
+      const calls = lines.map((l) => /^\d+ +([a-z0-9_]+)\(/.exec(l)![1]!);
+      expect(calls.filter((c) => c !== "socket")).toEqual([]);
+      const opened = lines.filter((l) => / socket\(/.test(l)).map((l) => /socket\((AF_[A-Z0-9]+)/.exec(l)![1]!);
+      expect(opened.length).toBeGreaterThan(0);
+      for (const family of opened) expect(families).toContain(family);
+    } finally {
+      await db?.drop();
+    }
+  }, 120_000);
 
   test("what it runs works: the URL from the credential file through ${file:%d/…}, masked", async () => {
     let db: TestDatabase | undefined;
