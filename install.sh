@@ -20,12 +20,16 @@ usage() {
   cat <<'EOF'
 Installs pgtrickle-relay from a GitHub release.
 
-usage: install.sh [--version X.Y.Z] [--prefix DIR | --bin-dir DIR]
+usage: install.sh [--version X.Y.Z] [--prefix DIR | --bin-dir DIR] [--systemd]
        curl -fsSL https://github.com/OWNER/pgtrickle-relay/releases/latest/download/install.sh | sh -s -- [options]
 
   --version X.Y.Z   version to install (env PGTRICKLE_RELAY_VERSION); default: the latest release
   --prefix DIR      install into DIR/bin; the default prefix is ~/.local
   --bin-dir DIR     install into DIR itself (env PGTRICKLE_RELAY_INSTALL_DIR)
+  --systemd         Linux: also install the systemd unit pgtrickle-relay.service (hardened,
+                    DynamicUser) with ExecStart pointing at the installed executable, into
+                    $PGTRICKLE_RELAY_SYSTEMD_DIR (default /etc/systemd/system; root needed);
+                    the default prefix is then /usr/local, as the unit cannot see home directories
 
 Environment:
   PGTRICKLE_RELAY_DOWNLOAD_URL  URL of a directory holding the release files (archives and
@@ -40,6 +44,7 @@ EOF
 version="${PGTRICKLE_RELAY_VERSION:-latest}"
 bin_dir="${PGTRICKLE_RELAY_INSTALL_DIR:-}"
 prefix=""
+systemd=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --version) [ $# -ge 2 ] || die "--version needs a value"; version="$2"; shift ;;
@@ -48,6 +53,7 @@ while [ $# -gt 0 ]; do
     --prefix=*) prefix="${1#--prefix=}" ;;
     --bin-dir) [ $# -ge 2 ] || die "--bin-dir needs a directory"; bin_dir="$2"; shift ;;
     --bin-dir=*) bin_dir="${1#--bin-dir=}" ;;
+    --systemd) systemd=1 ;;
     -h | --help) usage; exit 0 ;;
     *) die "unknown argument: $1 (try --help)" ;;
   esac
@@ -57,6 +63,8 @@ version="${version#v}"
 
 if [ -n "$prefix" ]; then
   bin_dir="$prefix/bin"
+elif [ -z "$bin_dir" ] && [ "$systemd" = 1 ]; then
+  bin_dir="/usr/local/bin"
 elif [ -z "$bin_dir" ]; then
   [ -n "${HOME:-}" ] || die "HOME is not set; pass --prefix DIR or --bin-dir DIR"
   bin_dir="$HOME/.local/bin"
@@ -139,6 +147,18 @@ else
   target="$(detect_target)"
 fi
 
+unit_dir="${PGTRICKLE_RELAY_SYSTEMD_DIR:-/etc/systemd/system}"
+if [ "$systemd" = 1 ]; then
+  case "$target" in linux-*) ;; *) die "--systemd is for Linux; on macOS use brew services" ;; esac
+  # The path goes into ExecStart= as is, and the unit's ProtectHome=yes hides home directories.
+  case "$bin_dir" in
+    /home/* | /root/* | /run/user/*) die "--systemd: the service cannot see $bin_dir (ProtectHome=yes); install with --prefix /usr/local" ;;
+    /*) ;;
+    *) die "--systemd needs an absolute --prefix or --bin-dir, got $bin_dir" ;;
+  esac
+  case "$bin_dir" in *[!A-Za-z0-9/._-]*) die "--systemd: $bin_dir holds characters ExecStart= would misread" ;; esac
+fi
+
 if [ -n "${PGTRICKLE_RELAY_DOWNLOAD_URL:-}" ]; then
   base="${PGTRICKLE_RELAY_DOWNLOAD_URL%/}"
 else
@@ -189,6 +209,9 @@ fi
 mkdir "$tmp/unpacked"
 gzip -dc "$tmp/$archive" | (cd "$tmp/unpacked" && tar -xf -) || die "cannot unpack $archive"
 [ -f "$tmp/unpacked/$NAME" ] || die "$archive holds no $NAME executable"
+if [ "$systemd" = 1 ] && [ ! -f "$tmp/unpacked/$NAME.service" ]; then
+  die "$archive holds no systemd unit $NAME.service (a release older than --systemd?)"
+fi
 chmod 0755 "$tmp/unpacked/$NAME"
 
 if ! reported="$("$tmp/unpacked/$NAME" --version 2>&1)"; then
@@ -210,6 +233,19 @@ mv -f "$staged" "$bin_dir/$NAME" || die "cannot move $NAME into $bin_dir"
 staged=""
 
 say "installed $bin_dir/$NAME: $reported"
+
+if [ "$systemd" = 1 ]; then
+  mkdir -p "$unit_dir" || die "cannot create $unit_dir"
+  staged="$unit_dir/.$NAME.service.$$.tmp"
+  sed "s#^ExecStart=/usr/local/bin/$NAME #ExecStart=$bin_dir/$NAME #" "$tmp/unpacked/$NAME.service" >"$staged" ||
+    die "cannot write to $unit_dir"
+  chmod 0644 "$staged"
+  mv -f "$staged" "$unit_dir/$NAME.service" || die "cannot move $NAME.service into $unit_dir"
+  staged=""
+  say "installed $unit_dir/$NAME.service. Next, as its comments say:"
+  say "  put the PostgreSQL URL into /etc/pgtrickle-relay/postgres-url (mode 0600), settings into /etc/pgtrickle-relay/env"
+  say "  systemctl daemon-reload && systemctl enable --now $NAME"
+fi
 
 case ":${PATH:-}:" in
   *":$bin_dir:"*) ;;

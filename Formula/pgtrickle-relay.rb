@@ -33,6 +33,27 @@ class PgtrickleRelay < Formula
     bin.install "pgtrickle-relay"
   end
 
+  # brew services start pgtrickle-relay: launchd (macOS) or a systemd user unit (Linux) keeps
+  # `pgtrickle-relay run` alive with the settings of a TOML file. launchd sends SIGKILL 20 s
+  # after SIGTERM (its default ExitTimeOut), so in-flight batches get 15 s to finish.
+  service do
+    run [opt_bin/"pgtrickle-relay", "run", "--config", etc/"pgtrickle-relay.toml", "--shutdown-timeout", "15"]
+    keep_alive true
+    log_path var/"log/pgtrickle-relay.log"
+    error_log_path var/"log/pgtrickle-relay.log"
+  end
+
+  def caveats
+    <<~EOS
+      brew services start pgtrickle-relay reads #{etc}/pgtrickle-relay.toml; create it first:
+        postgres_url = "postgres://relay@localhost:5432/app"
+        relay_group_id = "default"
+        metrics_addr = "127.0.0.1:9090"
+      A password can stay in a file of its own: postgres_url = "${file:/path/to/url}".
+      Logs: #{var}/log/pgtrickle-relay.log
+    EOS
+  end
+
   test do
     assert_match version.to_s, shell_output("#{bin}/pgtrickle-relay --version")
   end

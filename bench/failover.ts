@@ -2,9 +2,10 @@
  * Failover time: two relays share four pipelines; the owner of pipeline `fo_0` is killed with
  * SIGKILL and a row is written at once. Measured: kill → that row delivered by the other relay
  * (lock freed when PostgreSQL notices the dead session, next coordinator tick, pipeline start,
- * first poll). Default settings (--coordinator-tick-ms 500) unless given.
+ * first poll). Default settings (--coordinator-tick-ms 500) unless given. With SIGTERM instead,
+ * the hand-over of a rolling update: the owner finishes its batch and releases its locks.
  *
- *   node_modules/.bin/bun bench/failover.ts [rounds=5] [tick_ms=500]
+ *   node_modules/.bin/bun bench/failover.ts [rounds=5] [tick_ms=500] [signal=SIGKILL]
  */
 import { mkdtempSync, readFileSync, existsSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -15,6 +16,7 @@ import { RunningRelay } from "../test/helpers/relay.ts";
 
 const rounds = Number(process.argv[2] ?? 5);
 const tick = process.argv[3] ?? "500";
+const signal = (process.argv[4] ?? "SIGKILL") as "SIGKILL" | "SIGTERM";
 const db = await testDatabase("bench_failover");
 const dir = mkdtempSync(join(tmpdir(), "relay-failover-"));
 const relays: RunningRelay[] = [];
@@ -52,7 +54,7 @@ try {
     const victim = ownerApp.endsWith(`:${a.proc.pid}`) ? a : b;
     const before = lines(file);
     const t0 = performance.now();
-    victim.proc.kill("SIGKILL");
+    victim.proc.kill(signal);
     await writeV1Inline(db.sql, outboxTable, { inserted: [{ id: round }], deleted: [] });
     while (lines(file) < before + 1) await Bun.sleep(5);
     times.push(performance.now() - t0);
@@ -61,7 +63,7 @@ try {
     else b = start();
   }
   times.sort((x, y) => x - y);
-  console.log(`failover (kill -9 of the owner → next row delivered by the other relay), tick ${tick} ms, ${rounds} rounds: min ${times[0]!.toFixed(0)} ms, median ${times[Math.floor(times.length / 2)]!.toFixed(0)} ms, max ${times[times.length - 1]!.toFixed(0)} ms`);
+  console.log(`failover (${signal} to the owner → next row delivered by the other relay), tick ${tick} ms, ${rounds} rounds: min ${times[0]!.toFixed(0)} ms, median ${times[Math.floor(times.length / 2)]!.toFixed(0)} ms, max ${times[times.length - 1]!.toFixed(0)} ms`);
 } finally {
   for (const r of relays) if (r.proc.exitCode === null) await r.stop("SIGKILL");
   await db.drop();

@@ -57,7 +57,14 @@ export const PGTRICKLE_URLS: Record<PgTrickleVersion, string> = {
   "0.39.0": "postgres://postgres@127.0.0.1:5434/postgres",
 };
 
-export type ServerName = "postgres" | "nats" | "redis" | "rabbitmq" | "kafka" | "sqs" | `pgtrickle-${PgTrickleVersion}`;
+export type ServerName = "postgres" | "nats" | "redis" | "rabbitmq" | "kafka" | "sqs" | "prometheus" | `pgtrickle-${PgTrickleVersion}`;
+
+/**
+ * Prometheus (Debian's package) for the dashboard and alert-rule tests: scrape targets are
+ * file_sd JSON files and rules are YAML files in the directories its loaded config names
+ * (GET /api/v1/status/config); POST /-/reload after adding rules.
+ */
+export const PROMETHEUS_URL = "http://127.0.0.1:9091";
 
 function hostPort(url: string): { host: string; port: number } {
   const u = new URL(url);
@@ -74,6 +81,7 @@ export const SERVER_ADDRESSES: Record<ServerName, { host: string; port: number }
   sqs: hostPort(SQS_ENDPOINT),
   "pgtrickle-0.45.0": hostPort(PGTRICKLE_URLS["0.45.0"]),
   "pgtrickle-0.39.0": hostPort(PGTRICKLE_URLS["0.39.0"]),
+  prometheus: hostPort(PROMETHEUS_URL),
 };
 
 function portAnswers(host: string, port: number, timeoutMs: number): Promise<true | string> {

@@ -167,12 +167,13 @@ describe("scripts/build", () => {
     console.log(`scripts/build: ${buildSeconds.toFixed(0)} s for ${TARGETS.length} targets; archives: ${sizes.join(", ")}`);
   });
 
-  slow("each archive holds only the executable (mode 0755, owner 0) and LICENSE/README when the repository has them", async () => {
+  slow("each archive holds only the executable (mode 0755, owner 0), LICENSE/README when the repository has them, and on Linux the systemd unit", async () => {
     const extras = ["LICENSE", "README.md"].filter((f) => existsSync(join(ROOT, f)));
     for (const t of TARGETS) {
       const list = await ok(["tar", "-tvzf", join(DIST, archiveName(t))]);
       const entries = list.stdout.trim().split("\n");
-      expect(entries.map((l) => l.split(/\s+/).pop()).sort()).toEqual([NAME, ...extras].sort());
+      const unit = t.startsWith("linux-") ? [`${NAME}.service`] : [];
+      expect(entries.map((l) => l.split(/\s+/).pop()).sort()).toEqual([NAME, ...extras, ...unit].sort());
       const exe = entries.find((l) => l.endsWith(` ${NAME}`)) ?? "";
       expect(exe).toMatch(/^-rwxr-xr-x 0\/0 /);
     }
@@ -372,6 +373,7 @@ describe("install.sh", () => {
       "scripts/formula",
       "scripts/rootfs",
       "scripts/dev-packages",
+      "scripts/helm",
     ]);
   });
 
@@ -563,6 +565,8 @@ interface FormulaFacts {
   urls: Record<string, { url: string; sha256: string }>;
   installs: string[];
   hasTest: boolean;
+  service?: { run: string[]; keepAlive: boolean; logPath: string; errorLogPath: string };
+  caveats?: string;
 }
 
 /**
@@ -576,6 +580,7 @@ async function formulaFacts(path: string): Promise<FormulaFacts> {
   writeFileSync(
     standIn,
     `require "json"
+require "pathname"
 class Formula
   @@facts = { "urls" => {}, "installs" => [], "hasTest" => false }
   @@os = nil; @@arch = nil
@@ -592,11 +597,28 @@ class Formula
   def self.url(u); (@@facts["urls"]["#{@@os}/#{@@arch}"] ||= {})["url"] = u; end
   def self.sha256(s); (@@facts["urls"]["#{@@os}/#{@@arch}"] ||= {})["sha256"] = s; end
   def self.test(&b); @@facts["hasTest"] = !b.nil?; end
+  # brew services evaluates the block with the formula's paths (these are Homebrew's on Apple silicon).
+  def self.service(&b); s = Service.new; s.instance_eval(&b); @@facts["service"] = s.facts; end
+  class Service
+    attr_reader :facts
+    def initialize; @facts = {}; end
+    def opt_bin; Pathname("/opt/homebrew/opt/pgtrickle-relay/bin"); end
+    def etc; Pathname("/opt/homebrew/etc"); end
+    def var; Pathname("/opt/homebrew/var"); end
+    def run(a); @facts["run"] = a.map(&:to_s); end
+    def keep_alive(v); @facts["keepAlive"] = v; end
+    def log_path(p); @facts["logPath"] = p.to_s; end
+    def error_log_path(p); @facts["errorLogPath"] = p.to_s; end
+  end
+  def etc; Pathname("/opt/homebrew/etc"); end
+  def var; Pathname("/opt/homebrew/var"); end
   def bin; Bin.new; end
   class Bin; def install(*f); Formula.facts["installs"].concat(f); end; end
 end
 load ARGV[0]
-Object.const_get(Formula.facts["className"]).new.install
+formula = Object.const_get(Formula.facts["className"]).new
+formula.install
+Formula.facts["caveats"] = formula.caveats if formula.respond_to?(:caveats)
 puts JSON.generate(Formula.facts)
 `,
   );
@@ -623,6 +645,19 @@ describe("Formula/pgtrickle-relay.rb", () => {
     expect(f.installs).toEqual([NAME]);
     expect(f.hasTest).toBe(true);
     expect(readFileSync(join(ROOT, "Formula", "pgtrickle-relay.rb"), "utf8")).toContain("--version");
+  });
+
+  slow("declares a service for brew services: run with the TOML file of its caveats, kept alive, logged", async () => {
+    const f = await formulaFacts(join(ROOT, "Formula", "pgtrickle-relay.rb"));
+    const config = "/opt/homebrew/etc/pgtrickle-relay.toml";
+    expect(f.service?.run).toEqual([`/opt/homebrew/opt/pgtrickle-relay/bin/${NAME}`, "run", "--config", config, "--shutdown-timeout", "15"]);
+    expect(f.service?.keepAlive).toBe(true);
+    expect(f.service?.logPath).toBe("/opt/homebrew/var/log/pgtrickle-relay.log");
+    expect(f.service?.errorLogPath).toBe(f.service?.logPath);
+    expect(f.caveats).toContain(config);
+    // The caveats show a config file with the relay's own keys.
+    const example = (f.caveats ?? "").split("\n").filter((l) => /^\s+\w+ = "/.test(l)).map((l) => l.trim());
+    expect(example.map((l) => l.split(" ")[0])).toEqual(["postgres_url", "relay_group_id", "metrics_addr"]);
   });
 });
 

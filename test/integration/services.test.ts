@@ -22,6 +22,7 @@ import {
   PGTRICKLE_URLS,
   PGTRICKLE_VERSIONS,
   POSTGRES_URL,
+  PROMETHEUS_URL,
   REDIS_URL,
   SQS_CLIENT_CONFIG,
   requireServer,
@@ -143,6 +144,21 @@ describe("servers from scripts/services", () => {
       await sqs.send(new DeleteQueueCommand({ QueueUrl }));
       sqs.destroy();
     }
+  });
+
+  test("prometheus is ready, evaluates a query and has the scrape job and rule directory the monitoring test uses", async () => {
+    await requireServer("prometheus");
+    const query = (await (await fetch(`${PROMETHEUS_URL}/api/v1/query?query=${encodeURIComponent("vector(41) + 1")}`)).json()) as {
+      data: { result: { value: [number, string] }[] };
+    };
+    expect(query.data.result[0]?.value[1]).toBe("42");
+    const loaded = (await (await fetch(`${PROMETHEUS_URL}/api/v1/status/config`)).json()) as { data: { yaml: string } };
+    const config = Bun.YAML.parse(loaded.data.yaml) as {
+      rule_files: string[];
+      scrape_configs: { job_name: string; file_sd_configs?: unknown[] }[];
+    };
+    expect(config.rule_files).toHaveLength(1);
+    expect(config.scrape_configs.find((j) => j.job_name === "pgtrickle-relay")?.file_sd_configs).toHaveLength(1);
   });
 
   test("requireServer fails loudly, naming the server, when nothing listens", async () => {
