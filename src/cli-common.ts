@@ -1,6 +1,7 @@
 import { connect, explainConnectError, type Sql } from "./db.ts";
 import { errorKind, errorMessage, RelayError } from "./errors.ts";
 import { configureLogging, log } from "./observe/log.ts";
+import { redact } from "./redact.ts";
 import { resolveSettings, settingArgs, type Settings } from "./settings.ts";
 
 /** Flags every command that talks to the database accepts. */
@@ -22,6 +23,11 @@ export const EXIT_CODES: [number, string][] = [
   [EXIT.nothingToDrain, "drain: the relay group has no enabled pipeline, or --pipeline names an unknown one (--allow-empty: 0 for an empty group)"],
   [130, "run/drain: a second SIGINT/SIGTERM stopped the process without waiting for in-flight batches"],
 ];
+
+/** Command output on stdout, through the one redaction (src/redact.ts) like every other output. */
+export function printOut(text: string): void {
+  process.stdout.write(redact(text.endsWith("\n") ? text : `${text}\n`));
+}
 
 export function fail(message: string, code: number): never {
   log.error(message);

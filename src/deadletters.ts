@@ -1,3 +1,4 @@
+import { redact } from "./redact.ts";
 import type { DeadLetter, Direction } from "./backends/types.ts";
 import type { Sql } from "./db.ts";
 import type { Message } from "./message.ts";
@@ -15,7 +16,7 @@ export async function writeDeadLetters(sql: Sql, pipeline: string, direction: Di
     dedup_key: withoutNul(d.dedup_key),
     outbox_id: d.outbox_id,
     message: storable(d.message),
-    error: withoutNul(d.error),
+    error: withoutNul(redact(d.error)),
     error_kind: d.kind,
   }));
   await sql`
@@ -92,6 +93,6 @@ export async function markReplayed(sql: Sql, ids: string[]): Promise<void> {
 export async function markReplayFailed(sql: Sql, id: string, error: string): Promise<void> {
   await sql`
     UPDATE pgtrickle.relay_dead_letters
-    SET replay_requested_at = NULL, attempts = attempts + 1, last_seen_at = now(), error = ${error}
+    SET replay_requested_at = NULL, attempts = attempts + 1, last_seen_at = now(), error = ${redact(error)}
     WHERE id = ${id}::bigint`;
 }

@@ -3,7 +3,8 @@ import { defineCommand } from "citty";
 import { EXIT_USAGE, parseCommandLine, PROGRAM, renderHelp, UsageError, type AnyCommand } from "./cli.ts";
 import { EXIT, EXIT_CODES } from "./cli-common.ts";
 import { errorMessage } from "./errors.ts";
-import { log, redactSecrets } from "./observe/log.ts";
+import { log } from "./observe/log.ts";
+import { redact } from "./redact.ts";
 import { catalogCommand } from "./commands/catalog.ts";
 import { checkCommand } from "./commands/check.ts";
 import { demoCommand } from "./commands/demo.ts";
@@ -78,6 +79,6 @@ try {
     process.exit(EXIT_USAGE);
   }
   // One line, secrets masked: a stack trace helps nobody who runs the binary.
-  log.error(redactSecrets(errorMessage(err)));
+  log.error(redact(errorMessage(err)));
   process.exit(EXIT.failed);
 }

@@ -1,6 +1,7 @@
 import * as v from "valibot";
 import type { Backend, Direction } from "./backends/types.ts";
 import { configError } from "./errors.ts";
+import { registerConfigSecrets } from "./redact.ts";
 import { resolveSecrets } from "./secrets.ts";
 
 /** A catalog row as `list_relay_configs()` returns it. */
@@ -66,6 +67,7 @@ const isObject = (x: unknown): x is Record<string, unknown> => typeof x === "obj
 export function normalizePipeline(row: CatalogRow): PipelineSpec {
   const where = `pipeline '${row.name}'`;
   if (!isObject(row.config)) throw configError(`${where}: config must be a JSON object`);
+  registerConfigSecrets(row.config);
   const config = row.config;
   const warnings: string[] = [];
   const source: Record<string, unknown> = isObject(config.source) ? { ...config.source } : {};

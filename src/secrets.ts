@@ -1,6 +1,6 @@
 import { readFileSync } from "node:fs";
 import { configError } from "./errors.ts";
-import { registerSecrets } from "./observe/log.ts";
+import { registerSecrets } from "./redact.ts";
 
 /**
  * `${env:NAME}`, `${ENV:NAME}` and `${file:/path}` anywhere inside a string (CONTRACT.md §7.10).

@@ -1,7 +1,8 @@
 import { readFileSync } from "node:fs";
 import { suggest } from "./cli.ts";
 import { configError } from "./errors.ts";
-import { LOG_LEVELS, registerSecrets, type LogFormat, type LogLevel } from "./observe/log.ts";
+import { LOG_LEVELS, type LogFormat, type LogLevel } from "./observe/log.ts";
+import { registerSecrets, urlSecrets } from "./redact.ts";
 import { resolveSecretsIn } from "./secrets.ts";
 
 /** Process-wide settings (CONTRACT.md §7.1). Precedence per key: flag > environment > file > default. */
@@ -90,7 +91,7 @@ export function resolveSettings(flags: Record<string, unknown>, env: Record<stri
   }
   if (raw.logFormat !== "text" && raw.logFormat !== "json") throw configError(`--log-format must be text or json, got "${raw.logFormat}"`);
   const postgresUrl = resolveSecretsIn(raw.postgresUrl, "--postgres-url", env);
-  registerSecrets(urlPassword(postgresUrl));
+  registerSecrets(urlSecrets(postgresUrl));
   checkPostgresUrl(postgresUrl);
   checkListenAddr(raw.metricsAddr!);
   return {
@@ -124,16 +125,6 @@ function checkPostgresUrl(url: string): void {
 function checkListenAddr(addr: string): void {
   const m = /^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$/.exec(addr);
   if (!m || Number(m[2]) > 65535) throw configError(`--metrics-addr must be host:port (e.g. 0.0.0.0:9090 or 127.0.0.1:0), got "${addr}"`);
-}
-
-/** The password of a URL (decoded), so the log redactor can hide it wherever a driver echoes it. */
-function urlPassword(url: string): string[] {
-  try {
-    const pw = decodeURIComponent(new URL(url).password);
-    return pw ? [pw] : [];
-  } catch {
-    return [];
-  }
 }
 
 /** citty argument definitions for every setting, with the env var and default in the help text. */

@@ -24,7 +24,7 @@ import { envelopeJson, renderTemplate, type Message } from "../message.ts";
 import { Sleeper } from "../sleep.ts";
 import { VERSION } from "../version.ts";
 import { runKeyed } from "./concurrency.ts";
-import { redactSecrets } from "./redact.ts";
+import { redact } from "../redact.ts";
 import { defineBackend, sinkSpec, sourceSpec, type BackendContext, type Batch, type Rejection, type Sink, type Source } from "./types.ts";
 
 const HEADER_NAME = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
@@ -333,7 +333,7 @@ class HttpSink implements Sink {
   }
 
   private redact(text: string): string {
-    return redactSecrets(text, this.secrets);
+    return redact(text, this.secrets);
   }
 }
 

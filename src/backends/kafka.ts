@@ -36,7 +36,8 @@ import { configError, decodeError, errorMessage, permanentError, RelayError, tra
 import { headerValue, inboundMessage, reverseSourceKeys, utf8OrNull } from "../inbound.ts";
 import { envelopeJson, renderTemplate, type Message } from "../message.ts";
 import { Sleeper, withTimeout } from "../sleep.ts";
-import { readSettingFile, redactSecrets } from "./redact.ts";
+import { redact } from "../redact.ts";
+import { readSettingFile } from "./redact.ts";
 import { defineBackend, LAG_TIMEOUT_MS, sinkSpec, sourceSpec, type BackendContext, type Batch, type DeadLetter, type Lag, type Rejection, type Sink, type Source } from "./types.ts";
 
 /** Kafka's own rule for topic names (plus: not `.` or `..`). */
@@ -226,7 +227,7 @@ const readPem = (path: string, key: string): Buffer => readSettingFile(path, `ka
 /** Removes the SASL password (and TLS key passphrase) from any text kafkajs hands us. */
 export function scrubber(cfg: KafkaConnectionOptions): (text: string) => string {
   const secrets = [cfg.sasl_password, cfg.ssl_key_password].filter((s): s is string => !!s && s.length >= 1);
-  return (text) => redactSecrets(text, secrets);
+  return (text) => redact(text, secrets);
 }
 
 /**

@@ -34,7 +34,7 @@ import { configError, errorMessage, RelayError, transientError } from "../errors
 import { headerValue, inboundMessage, reverseSourceKeys } from "../inbound.ts";
 import { DEFAULT_SUBJECT_TEMPLATE, envelopeJson, renderTemplate, type Message } from "../message.ts";
 import { abortableDelay, withTimeout } from "../sleep.ts";
-import { redactUrlsAndSecrets as scrub } from "./redact.ts";
+import { redact as scrub } from "../redact.ts";
 import { defineBackend, LAG_TIMEOUT_MS, sinkSpec, sourceSpec, type Batch, type BackendContext, type DeadLetter, type Lag, type Rejection, type Sink, type Source } from "./types.ts";
 
 const positiveInt = (max = Number.MAX_SAFE_INTEGER) => v.pipe(v.number(), v.integer(), v.minValue(1), v.maxValue(max));

@@ -25,7 +25,8 @@ import { configError, errorMessage, RelayError, transientError } from "../errors
 import { headerValue, inboundMessage, reverseSourceKeys, sha256Hex, utf8OrNull } from "../inbound.ts";
 import { envelopeJson, renderTemplate, type Message } from "../message.ts";
 import { Sleeper, withTimeout } from "../sleep.ts";
-import { readSettingFile, redactSecrets } from "./redact.ts";
+import { redact } from "../redact.ts";
+import { readSettingFile } from "./redact.ts";
 import { defineBackend, LAG_TIMEOUT_MS, sinkSpec, sourceSpec, type BackendContext, type Batch, type Lag, type Rejection, type Sink, type Source } from "./types.ts";
 
 export const DEFAULT_ROUTING_KEY_TEMPLATE = "{stream_table}.{op}";
@@ -165,7 +166,7 @@ const CONFIG_CODES = new Set([403 /* access refused */, 530 /* not allowed (vhos
 export function amqpScrubber(cfg: AmqpConnectionOptions): (text: string) => string {
   const u = new URL(cfg.url);
   const secrets = [u.password, decodeURIComponent(u.password), cfg.tls_key_password ?? ""].filter((s) => s.length > 0);
-  return (text) => redactSecrets(text, secrets).replace(/(amqps?:\/\/[^:/@\s]+:)[^@\s]+@/gi, "$1***@");
+  return (text) => redact(text, secrets);
 }
 
 /** A RelayError naming host:port (`where`); access problems are config, everything else transient. */

@@ -22,7 +22,7 @@ import * as v from "valibot";
 import { configError, errorMessage, RelayError, transientError } from "../errors.ts";
 import { decodeBody, inboundMessage, reverseSourceKeys, type DecodedBody } from "../inbound.ts";
 import { renderTemplate, type Message } from "../message.ts";
-import { redactUrlsAndSecrets as scrub } from "./redact.ts";
+import { redact as scrub } from "../redact.ts";
 import { defineBackend, LAG_TIMEOUT_MS, sinkSpec, sourceSpec, type Batch, type BackendContext, type DeadLetter, type Lag, type Rejection, type Sink, type Source } from "./types.ts";
 
 const positiveInt = (max = Number.MAX_SAFE_INTEGER) => v.pipe(v.number(), v.integer(), v.minValue(1), v.maxValue(max));

@@ -1,9 +1,10 @@
 import { defineCommand } from "citty";
+import { redact } from "../redact.ts";
 import { catalogStatus, requireCatalog } from "../catalog/index.ts";
-import { connectionArgs, EXIT, fail, loadSettings, withDatabase } from "../cli-common.ts";
+import { connectionArgs, printOut, EXIT, fail, loadSettings, withDatabase } from "../cli-common.ts";
 import type { Sql } from "../db.ts";
 import { errorMessage } from "../errors.ts";
-import { log, pipelineLog, redactSecrets } from "../observe/log.ts";
+import { log, pipelineLog } from "../observe/log.ts";
 import { Metrics } from "../observe/metrics.ts";
 import { Pipeline } from "../pipeline.ts";
 import { normalizePipeline, type CatalogRow } from "../pipeline-config.ts";
@@ -68,7 +69,7 @@ export async function checkPipeline(sql: Sql, settings: Settings, row: CatalogRo
   const result: CheckResult = { name: row.name, direction: row.direction, enabled: row.enabled, ok: false, source: null, sink: null, failed_at: null, error: null };
   const failWith = (step: string, err: unknown) => {
     result.failed_at = step;
-    result.error = redactSecrets(errorMessage(err));
+    result.error = redact(errorMessage(err));
     return result;
   };
   try {
@@ -98,7 +99,7 @@ export async function checkPipeline(sql: Sql, settings: Settings, row: CatalogRo
   }
   for (const side of ["source", "sink"] as const) {
     try {
-      result[side] = redactSecrets(await probe(sql, settings, row, side, timeoutMs));
+      result[side] = redact(await probe(sql, settings, row, side, timeoutMs));
     } catch (err) {
       return failWith(side, err);
     }
@@ -142,14 +143,14 @@ export const checkCommand = defineCommand({
       for (const row of rows) {
         const r = await checkPipeline(sql, settings, row, timeoutSecs * 1000);
         results.push(r);
-        if (!args.json) process.stdout.write(redactSecrets(formatCheck(r)) + "\n");
+        if (!args.json) printOut(formatCheck(r));
       }
       if (args.json) {
-        process.stdout.write(redactSecrets(JSON.stringify({ pipelines: results, missing, access_missing: access.missing }, null, 2)) + "\n");
+        printOut(JSON.stringify({ pipelines: results, missing, access_missing: access.missing }, null, 2));
       } else {
-        if (rows.length === 0 && !only) process.stdout.write("no pipelines (add one with pgtrickle.set_relay_outbox / set_relay_inbox)\n");
-        for (const name of missing) process.stdout.write(`FAIL  ${name}: no such pipeline\n`);
-        if (access.missing.length > 0) process.stdout.write(`FAIL  database access: ${access.user} lacks ${access.missing.join("; ")}\n`);
+        if (rows.length === 0 && !only) printOut("no pipelines (add one with pgtrickle.set_relay_outbox / set_relay_inbox)");
+        for (const name of missing) printOut(`FAIL  ${name}: no such pipeline`);
+        if (access.missing.length > 0) printOut(`FAIL  database access: ${access.user} lacks ${access.missing.join("; ")}`);
       }
       const failed = results.filter((r) => !r.ok).length + missing.length + (access.missing.length > 0 ? 1 : 0);
       if (failed > 0) log.error(`check: ${failed} problem(s) found`);

@@ -1,8 +1,9 @@
 import { defineCommand } from "citty";
 import { requireCatalog } from "../catalog/index.ts";
-import { connectionArgs, loadSettings, withDatabase } from "../cli-common.ts";
+import { connectionArgs, printOut, loadSettings, withDatabase } from "../cli-common.ts";
 import { COORDINATOR_APP, MEMBER_KEY_SQL, PIPELINE_LOCK_SQL } from "../coordinator.ts";
-import { redact, type Sql } from "../db.ts";
+import type { Sql } from "../db.ts";
+import { redact } from "../redact.ts";
 import { errorMessage } from "../errors.ts";
 import { findOutbox } from "../outbox/resolve.ts";
 import { normalizePipeline, type CatalogRow, type PipelineSpec } from "../pipeline-config.ts";
@@ -212,7 +213,7 @@ export const statusCommand = defineCommand({
     const settings = loadSettings(args);
     await withDatabase(settings, async (sql) => {
       const status = await relayStatus(sql, settings.relayGroupId);
-      process.stdout.write(args.json ? JSON.stringify(status, null, 2) + "\n" : formatStatus(status) + "\n");
+      printOut(args.json ? JSON.stringify(status, null, 2) + "\n" : formatStatus(status));
     });
   },
 });

@@ -3,7 +3,7 @@ import { mkdtempSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { RelayError } from "../../src/errors.ts";
-import { redactSecrets } from "../../src/observe/log.ts";
+import { redact } from "../../src/redact.ts";
 import { resolveSettings, settingArgs, SETTINGS } from "../../src/settings.ts";
 
 const dir = mkdtempSync(join(tmpdir(), "relay-settings-"));
@@ -91,7 +91,7 @@ sink_max_inflight = 0
     const pw = `pw-${crypto.randomUUID()}`;
     const s = resolveSettings({ "postgres-url": "postgres://relay:${env:PGPW}@db/app" }, { PGPW: pw });
     expect(s.postgresUrl).toBe(`postgres://relay:${pw}@db/app`);
-    expect(redactSecrets(`login failed for postgres://relay:${pw}@db/app`)).toBe("login failed for postgres://relay:***@db/app");
+    expect(redact(`login failed for postgres://relay:${pw}@db/app`)).toBe("login failed for postgres://relay:***@db/app");
     expect(configError(() => resolveSettings({ "postgres-url": "postgres://relay:${env:NOPE}@db/app" }, {}))).toBe(
       "--postgres-url: environment variable NOPE is not set (referenced as ${env:NOPE})",
     );
