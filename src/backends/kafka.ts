@@ -494,7 +494,10 @@ class KafkaSink implements Sink {
     let exists: boolean;
     try {
       exists = (await admin.listTopics()).includes(topic);
-      if (!exists && this.cfg.create_topic) {
+      if (!exists && this.cfg.create_topic && this.ctx.check) {
+        this.ctx.check.wouldCreate(`kafka topic '${topic}'`);
+        exists = true;
+      } else if (!exists && this.cfg.create_topic) {
         await admin.createTopics({
           topics: [{ topic, numPartitions: this.cfg.num_partitions ?? -1, replicationFactor: this.cfg.replication_factor ?? -1 }],
           waitForLeaders: true,

@@ -396,10 +396,11 @@ class RabbitSink implements Sink {
     const ch = await conn.createChannel();
     ch.on("error", () => {});
     try {
-      if (this.cfg.declare_exchange) await ch.assertExchange(name, this.cfg.exchange_type, { durable: true });
+      if (this.cfg.declare_exchange && !this.ctx.check) await ch.assertExchange(name, this.cfg.exchange_type, { durable: true });
       else await ch.checkExchange(name);
     } catch (err) {
       const code = (err as { code?: number }).code;
+      if (code === 404 && this.cfg.declare_exchange && this.ctx.check) return this.ctx.check.wouldCreate(`rabbitmq exchange '${name}'`);
       if (code === 404) {
         throw configError(`rabbitmq exchange '${name}' does not exist on ${this.where}: create it, or set declare_exchange: true`);
       }
@@ -767,7 +768,16 @@ export class RabbitSource implements Source {
     };
     const code = (err: unknown) => (err as { code?: number }).code;
     let declared = false;
-    if (this.cfg.declare_queue) {
+    if (this.cfg.declare_queue && this.ctx.check) {
+      declared = await onChannel((ch) => ch.checkQueue(q)).then(
+        () => false,
+        (err) => {
+          if (code(err) !== 404) throw this.failure(err, `checking queue '${q}'`);
+          this.ctx.check!.wouldCreate(`rabbitmq queue '${q}'`);
+          return true;
+        },
+      );
+    } else if (this.cfg.declare_queue) {
       try {
         await onChannel((ch) => ch.assertQueue(q, { durable: true }));
         declared = true;
@@ -784,7 +794,9 @@ export class RabbitSource implements Source {
         throw this.failure(err, `checking queue '${q}'`);
       }
     }
-    if (this.cfg.bind_exchange !== undefined) {
+    if (this.cfg.bind_exchange !== undefined && this.ctx.check) {
+      this.ctx.check.wouldCreate(`rabbitmq binding of queue '${q}' to exchange '${this.cfg.bind_exchange}' (if missing)`);
+    } else if (this.cfg.bind_exchange !== undefined) {
       const ex = this.cfg.bind_exchange;
       try {
         await onChannel((ch) => ch.bindQueue(q, ex, this.cfg.bind_routing_key));
