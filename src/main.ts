@@ -12,6 +12,18 @@ import { drainCommand, runCommand } from "./commands/run.ts";
 import { statusCommand } from "./commands/status.ts";
 import { COMMIT, VERSION } from "./version.ts";
 
+/**
+ * kafkajs 2.2.4 arms `setTimeout(check, throttledUntil - Date.now())` with no throttle in force
+ * (RequestQueue.scheduleCheckPendingRequests), a negative delay that the runtime turns into 1 ms
+ * with a `TimeoutNegativeWarning` on stderr for every Kafka pipeline — noise that also breaks
+ * `--log-format json`. A negative delay means "now" anyway, so it is passed on as 0.
+ */
+const runtimeSetTimeout = globalThis.setTimeout;
+globalThis.setTimeout = Object.assign(
+  (handler: (...args: unknown[]) => void, delay?: number, ...rest: unknown[]) => runtimeSetTimeout(handler, typeof delay === "number" && delay < 0 ? 0 : delay, ...rest),
+  runtimeSetTimeout,
+) as typeof setTimeout;
+
 const PG = "--postgres-url postgres://relay@db/app";
 
 /** Examples shown by `--help`, per command path. */
