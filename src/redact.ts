@@ -52,6 +52,9 @@ export function urlSecrets(url: string): string[] {
 /** Config keys whose value is a secret: passwords, tokens, keys, signing secrets, auth headers. */
 const SECRET_KEY = /pass(word|phrase)?|secret|token|api[_-]?key|credential|authorization|^auth$|cookie|signature/i;
 
+/** True for a config key (or dotted path) whose value is a secret, header values included. */
+export const isSecretKey = (key: string) => SECRET_KEY.test(key) || /(^|\.)headers\./.test(key);
+
 /**
  * Registers every secret a pipeline config holds: values of secret-named keys (at any depth,
  * headers included) and the passwords and credential parameters of URLs in any string. Called

@@ -143,6 +143,11 @@ BEGIN
         RAISE EXCEPTION 'relay.invalid_config: outbox name must not be empty'
             USING ERRCODE = 'raise_exception';
     END IF;
+    -- Names appear in logs, metrics labels and lock keys: one documented character set (README).
+    IF p_name IS NULL OR p_name !~ '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$' THEN
+        RAISE EXCEPTION 'relay.invalid_config: pipeline name % is not valid: 1-128 characters, letters, digits, "_", "-", ".", ":", starting with a letter or digit', coalesce(quote_literal(p_name), 'NULL')
+            USING ERRCODE = 'raise_exception';
+    END IF;
 
     INSERT INTO pgtrickle.relay_outbox_config (name, enabled, config)
     VALUES (
@@ -187,6 +192,11 @@ BEGIN
     END IF;
     IF p_inbox IS NULL OR p_inbox = '' THEN
         RAISE EXCEPTION 'relay.invalid_config: inbox name must not be empty'
+            USING ERRCODE = 'raise_exception';
+    END IF;
+    -- Names appear in logs, metrics labels and lock keys: one documented character set (README).
+    IF p_name IS NULL OR p_name !~ '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$' THEN
+        RAISE EXCEPTION 'relay.invalid_config: pipeline name % is not valid: 1-128 characters, letters, digits, "_", "-", ".", ":", starting with a letter or digit', coalesce(quote_literal(p_name), 'NULL')
             USING ERRCODE = 'raise_exception';
     END IF;
 

@@ -3,8 +3,8 @@ import { redact } from "../redact.ts";
 import { catalogStatus, requireCatalog } from "../catalog/index.ts";
 import { connectionArgs, printOut, EXIT, fail, loadSettings, withDatabase } from "../cli-common.ts";
 import type { Sql } from "../db.ts";
-import { errorMessage } from "../errors.ts";
-import { log, pipelineLog } from "../observe/log.ts";
+import { configError, errorMessage } from "../errors.ts";
+import { log } from "../observe/log.ts";
 import { Metrics } from "../observe/metrics.ts";
 import { Pipeline } from "../pipeline.ts";
 import { normalizePipeline, type CatalogRow } from "../pipeline-config.ts";
@@ -50,7 +50,7 @@ async function probe(sql: Sql, settings: Settings, row: CatalogRow, side: "sourc
         postgresUrl: settings.postgresUrl,
         relayGroupId: settings.relayGroupId,
         metrics: new Metrics(),
-        log: pipelineLog(row.name),
+        log: quietLog(row.name),
         drain: true,
         check: { wouldCreate: (what) => wouldCreate.push(what) },
       });
@@ -73,6 +73,9 @@ async function probe(sql: Sql, settings: Settings, row: CatalogRow, side: "sourc
 }
 
 const HTTP_TYPES = new Set(["http", "webhook"]);
+
+/** The pipeline's logger without warnings: check reports a config's problems once, in its verdict. */
+const quietLog = (name: string) => log.create({ level: 0 }).withTag(name);
 
 /** Opens (and closes) a TCP connection to the host and port of an http(s) URL. */
 async function reachable(url: unknown): Promise<void> {
@@ -116,14 +119,10 @@ export async function checkPipeline(sql: Sql, settings: Settings, row: CatalogRo
   }
   try {
     // Validates both sides against the backend schemas without connecting anything.
-    new Pipeline(normalizePipeline(row), {
-      sql,
-      postgresUrl: settings.postgresUrl,
-      relayGroupId: settings.relayGroupId,
-      metrics: new Metrics(),
-      log: pipelineLog(row.name),
-      drain: true,
-    });
+    const spec = normalizePipeline(row);
+    new Pipeline(spec, { sql, postgresUrl: settings.postgresUrl, relayGroupId: settings.relayGroupId, metrics: new Metrics(), log: quietLog(row.name), drain: true });
+    // `run` only warns about an unknown key (it may be newer than this binary); check refuses it.
+    if (spec.unknownKeys.length > 0) throw configError(`pipeline '${row.name}': ${spec.unknownKeys.join("; ")}`);
   } catch (err) {
     return failWith("config", err);
   }
@@ -174,6 +173,10 @@ export const checkCommand = defineCommand({
       const results: CheckResult[] = [];
       for (const row of rows) {
         const r = await checkPipeline(sql, settings, row, timeoutSecs * 1000, !!args.offline);
+        if (r.ok && rows.some((o) => o.name === row.name && o.direction !== row.direction)) {
+          // The catalog allows it, but enable_relay, disable_relay and delete_relay act on both.
+          Object.assign(r, { ok: false, failed_at: "config", error: "name shared by a forward and a reverse pipeline: enable_relay, disable_relay and delete_relay act on both; rename one" });
+        }
         results.push(r);
         if (!args.json) printOut(formatCheck(r));
       }

@@ -97,3 +97,20 @@ test("an HTTP sink is connected to: a closed port fails, a listening one passes;
     await db.sql`DELETE FROM pgtrickle.relay_outbox_config`;
   }
 }, 60_000);
+
+test("a misspelled key fails check with a suggestion (run only warns); names are validated; a name shared by both directions is pointed out", async () => {
+  await forward("chk_typo", { type: "file", output: "/dev/null", formt: "csv" });
+  const out = await relayOnce(["check", "--postgres-url", db.url, "--offline"]);
+  expect(out.exitCode).toBe(1);
+  expect(out.stdout).toContain("unknown stdout sink key 'sink.formt' (did you mean 'sink.format'?)");
+  expect(out.stderr.match(/formt/g)?.length ?? 0).toBe(0); // reported once, in the verdict, not as log warnings
+
+  const refused = (p: Promise<unknown>) => p.then(() => "accepted", (err: Error) => err.message);
+  expect(await refused(forward("", { type: "stdout" }))).toContain("pipeline name '' is not valid");
+  expect(await refused(forward("a b", { type: "stdout" }))).toContain("is not valid");
+  await reverse("chk_typo", { type: "stdin" });
+  const clash = await relayOnce(["check", "--postgres-url", db.url, "--offline", "--pipeline", "chk_typo"]);
+  expect(clash.stdout).toContain("name shared by a forward and a reverse pipeline");
+  await db.sql`DELETE FROM pgtrickle.relay_outbox_config`;
+  await db.sql`DELETE FROM pgtrickle.relay_inbox_config`;
+}, 60_000);
