@@ -20,7 +20,7 @@ export const EXIT_CODES: [number, string][] = [
   [EXIT.config, "bad command line or configuration (unknown command or flag, invalid value); nothing was run"],
   [EXIT.unreachable, "the database cannot be reached"],
   [EXIT.deadLettered, "drain: every pipeline caught up, but messages were dead-lettered during the run (--allow-dead-letters: 0)"],
-  [EXIT.nothingToDrain, "drain: the relay group has no enabled pipeline, or --pipeline names an unknown one (--allow-empty: 0 for an empty group)"],
+  [EXIT.nothingToDrain, "drain: nothing to drain: no enabled pipeline (--allow-empty), --pipeline names one that is not enabled, or the relay group has no stored offsets while others do (--new-group)"],
   [130, "run/drain: a second SIGINT/SIGTERM stopped the process without waiting for in-flight batches"],
 ];
 

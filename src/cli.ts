@@ -20,6 +20,8 @@ interface FlagDef {
   valueHint?: string;
   alias?: string | string[];
   required?: boolean;
+  /** May be given several times; the command gets a string[] (an extension of citty's ArgDef). */
+  multiple?: boolean;
 }
 
 export class UsageError extends Error {}
@@ -136,8 +138,9 @@ export function parseCommandLine(root: AnyCommand, argv: string[]): Parsed {
     if (eq >= 0) value = word.slice(eq + 1);
     else if (i + 1 < argv.length && !(argv[i + 1]!.startsWith("--") && argv[i + 1]!.length > 2)) value = argv[++i];
     if (value === undefined) throw new UsageError(`--${name} needs a value${def.valueHint ? ` (${def.valueHint})` : ""}`);
-    if (name in args) throw new UsageError(`--${name} given twice`);
-    args[name] = value;
+    if (def.multiple) args[name] = [...((args[name] as string[] | undefined) ?? []), value];
+    else if (name in args) throw new UsageError(`--${name} given twice`);
+    else args[name] = value;
   }
   if (help) return { path, cmd, args, help };
   if (cmd.subCommands && !cmd.run) {

@@ -1,15 +1,19 @@
 #!/usr/bin/env bun
 import { defineCommand } from "citty";
-import { EXIT_USAGE, parseCommandLine, PROGRAM, renderHelp, UsageError, type AnyCommand } from "./cli.ts";
+import { EXIT_USAGE, parseCommandLine, PROGRAM, renderHelp, UsageError, wrapLines, type AnyCommand } from "./cli.ts";
 import { EXIT, EXIT_CODES } from "./cli-common.ts";
 import { errorMessage } from "./errors.ts";
 import { log } from "./observe/log.ts";
 import { redact } from "./redact.ts";
 import { catalogCommand } from "./commands/catalog.ts";
+import { deadLettersCommand } from "./commands/dead-letters.ts";
+import { pipelineCommand } from "./commands/pipeline.ts";
+import { tailCommand } from "./commands/tail.ts";
 import { checkCommand } from "./commands/check.ts";
 import { demoCommand } from "./commands/demo.ts";
 import { drainCommand, runCommand } from "./commands/run.ts";
 import { statusCommand } from "./commands/status.ts";
+import { completionScript, SHELLS } from "./completion.ts";
 import { COMMIT, VERSION } from "./version.ts";
 
 /**
@@ -41,10 +45,30 @@ const EXAMPLES: Record<string, string[]> = {
   catalog: [`${PROGRAM} catalog install ${PG}`, `${PROGRAM} catalog status ${PG} --json`],
   "catalog install": [`${PROGRAM} catalog install ${PG}`],
   "catalog status": [`${PROGRAM} catalog status ${PG}`, `${PROGRAM} catalog status ${PG} --json`],
+  pipeline: [`${PROGRAM} pipeline list ${PG}`, `${PROGRAM} pipeline set orders-to-nats --outbox public.orders --type nats --set url=nats://nats:4222 --set stream=ORDERS ${PG}`],
+  "pipeline list": [`${PROGRAM} pipeline list ${PG}`, `${PROGRAM} pipeline list ${PG} --json`],
+  "pipeline show": [`${PROGRAM} pipeline show orders-to-nats ${PG}`],
+  "pipeline set": [
+    `${PROGRAM} pipeline set orders-to-nats --outbox public.orders --type nats --set url=nats://nats:4222 --set stream=ORDERS ${PG}`,
+    `${PROGRAM} pipeline set payments-in --inbox payments_inbox --config payments.yaml ${PG}`,
+    `echo '{"outbox":"public.orders","sink":{"type":"stdout"}}' | ${PROGRAM} pipeline set orders-out --config - ${PG}`,
+  ],
+  "pipeline enable": [`${PROGRAM} pipeline enable orders-to-nats ${PG}`],
+  "pipeline disable": [`${PROGRAM} pipeline disable orders-to-nats ${PG}`],
+  "pipeline delete": [`${PROGRAM} pipeline delete orders-to-nats ${PG}`],
+  "dead-letters": [`${PROGRAM} dead-letters list ${PG}`, `${PROGRAM} dead-letters replay --pipeline orders-to-nats ${PG}`],
+  "dead-letters list": [`${PROGRAM} dead-letters list ${PG} --pipeline orders-to-nats`, `${PROGRAM} dead-letters list ${PG} --all --json`],
+  "dead-letters show": [`${PROGRAM} dead-letters show 42 ${PG}`],
+  "dead-letters replay": [`${PROGRAM} dead-letters replay --pipeline orders-to-nats ${PG}`, `${PROGRAM} dead-letters replay --pipeline orders-to-nats --id 42 ${PG}`],
+  "dead-letters purge": [`${PROGRAM} dead-letters purge --resolved --yes ${PG}`, `${PROGRAM} dead-letters purge --pipeline orders-to-nats ${PG}   # says how many, deletes nothing`],
+  tail: [`${PROGRAM} tail public.orders ${PG}`, `${PROGRAM} tail public.orders --from-start --count 10 ${PG}`],
+  completion: [`${PROGRAM} completion bash > /etc/bash_completion.d/${PROGRAM}`, `${PROGRAM} completion zsh > "\${fpath[1]}/_${PROGRAM}"`, `${PROGRAM} completion fish > ~/.config/fish/completions/${PROGRAM}.fish`],
+  help: [`${PROGRAM} help drain`],
+  version: [`${PROGRAM} version`],
   demo: [`${PROGRAM} demo`, `${PROGRAM} demo --count 5 --interval 200`, `${PROGRAM} demo --cleanup`],
 };
 
-const exitCodeNotes = ["Exit codes:", ...EXIT_CODES.map(([code, text]) => `  ${String(code).padEnd(4)}${text}`)];
+const exitCodeNotes = ["Exit codes:", ...EXIT_CODES.map(([code, text]) => `  ${String(code).padEnd(4)}${wrapLines(text, 72).join(`\n${" ".repeat(6)}`)}`)];
 
 const main = defineCommand({
   meta: {
@@ -58,7 +82,19 @@ const main = defineCommand({
     status: statusCommand,
     check: checkCommand,
     catalog: catalogCommand,
+    pipeline: pipelineCommand,
+    "dead-letters": deadLettersCommand,
+    tail: tailCommand,
     demo: demoCommand,
+    completion: defineCommand({
+      meta: { name: "completion", description: "Print the shell completion script for bash, zsh or fish" },
+      args: { shell: { type: "positional", description: "bash, zsh or fish", required: true } },
+      run({ args }) {
+        const shell = String(args.shell);
+        if (!(SHELLS as readonly string[]).includes(shell)) throw new UsageError(`completion: unknown shell '${shell}'; one of ${SHELLS.join(", ")}`);
+        process.stdout.write(completionScript(shell as (typeof SHELLS)[number], main));
+      },
+    }),
     help: defineCommand({ meta: { name: "help", description: "Show the help of a command: help [command]" } }),
     version: defineCommand({ meta: { name: "version", description: "Print the version" } }),
   },
