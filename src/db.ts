@@ -44,7 +44,7 @@ export function explainConnectError(err: unknown, url: string): string {
   const target = describeUrl(url);
   const hint =
     code === "ECONNREFUSED"
-      ? "is the server running and listening there? (scripts/services starts a local one)"
+      ? "is the server running and listening there?"
       : code === "28P01" || code === "28000"
         ? "check the user name and password"
         : code === "3D000"

@@ -5,7 +5,7 @@ import { LOG_LEVELS, type LogFormat, type LogLevel } from "./observe/log.ts";
 import { registerSecrets, urlSecrets } from "./redact.ts";
 import { resolveSecretsIn } from "./secrets.ts";
 
-/** Process-wide settings (CONTRACT.md §7.1). Precedence per key: flag > environment > file > default. */
+/** Process-wide settings (README "Running it": the settings table). Precedence per key: flag > environment > file > default. */
 export interface Settings {
   postgresUrl: string;
   relayGroupId: string;
