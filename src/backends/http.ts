@@ -19,7 +19,7 @@ import { createHash, createHmac, timingSafeEqual } from "node:crypto";
 import { readFileSync } from "node:fs";
 import * as v from "valibot";
 import { configError, errorMessage, RelayError, transientError } from "../errors.ts";
-import { bodyDedupKey, decodeBody, inboundMessage, reverseSourceKeys, sha256Hex } from "../inbound.ts";
+import { bodyDedupKey, decodeBody, inboundMessage, parseJson, reverseSourceKeys, sha256Hex } from "../inbound.ts";
 import { envelopeJson, renderTemplate, type Message } from "../message.ts";
 import { Sleeper } from "../sleep.ts";
 import { VERSION } from "../version.ts";
@@ -28,6 +28,9 @@ import { redact } from "../redact.ts";
 import { defineBackend, sinkSpec, sourceSpec, type BackendContext, type Batch, type Rejection, type Sink, type Source } from "./types.ts";
 
 const HEADER_NAME = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
+/** `application/json` or a `+json` type (`application/cloudevents+json`), parameters ignored. */
+const declaresJson = (contentType: string | null) => !!contentType && /^application\/([\w.-]+\+)?json$/i.test(contentType.split(";")[0]!.trim());
+
 const RESERVED_HEADERS = ["content-type", "idempotency-key", "x-pgtrickle-signature", "x-pgtrickle-full-refresh"];
 
 // Custom messages throughout: valibot's defaults echo the received value, and header values and
@@ -680,6 +683,11 @@ export class HttpSource implements Source {
       if (!ok) return jsonResponse(401, { error: "unauthorized" });
     }
     if (body.length === 0) return jsonResponse(400, { error: "empty body: send one JSON event, a JSON array of events, or any non-empty text" });
+    // A sender that declares JSON and sends something else has a bug: refused, nothing written,
+    // rather than kept as a JSON string where nobody would notice (other types are kept as sent).
+    if (declaresJson(req.headers.get("content-type")) && !parseJson(new TextDecoder().decode(body)).ok) {
+      return jsonResponse(400, { error: "the body is declared application/json but is not valid JSON" });
+    }
 
     const messages = this.toMessages(req, url.pathname, suffix, body);
     if (messages.length === 0) return jsonResponse(200, { accepted: 0 });
