@@ -54,6 +54,16 @@ export function suggest(word: string, candidates: Iterable<string>): string | un
 
 const didYouMean = (s: string | undefined, prefix = "") => (s ? `; did you mean ${prefix}${s}?` : "");
 
+/** ` (did you mean 'x'?)` for the nearest of `candidates`, or "" when none is near. */
+export function nearest(word: string, candidates: Iterable<string>): string {
+  const s = suggest(word, candidates);
+  return s ? ` (did you mean '${s}'?)` : "";
+}
+
+/** A comma-separated flag value (`--pipeline a,b`) as its non-empty items; undefined when not given. */
+export const listFlag = (value: unknown): string[] | undefined =>
+  value ? String(value).split(",").map((s) => s.trim()).filter(Boolean) : undefined;
+
 function flagsOf(cmd: AnyCommand): Record<string, FlagDef> {
   const out: Record<string, FlagDef> = {};
   for (const [name, def] of Object.entries((cmd.args ?? {}) as Record<string, FlagDef>)) {

@@ -1,7 +1,7 @@
 import * as v from "valibot";
 import type { Backend, Direction } from "./backends/types.ts";
 import { configError } from "./errors.ts";
-import { suggest } from "./cli.ts";
+import { nearest } from "./cli.ts";
 import { isSecretKey, redact, registerConfigSecrets } from "./redact.ts";
 import { resolveSecrets } from "./secrets.ts";
 
@@ -156,8 +156,8 @@ function unknownKeys(raw: Record<string, unknown>, allowed: Set<string>, side: s
   return Object.keys(raw)
     .filter((key) => !allowed.has(key))
     .map((key) => {
-      const near = suggest(key, allowed);
-      return `unknown ${type} ${side} key '${side}.${key}'${near ? ` (did you mean '${side}.${near}'?)` : ""}`;
+      const near = nearest(key, allowed).replace("'", `'${side}.`);
+      return `unknown ${type} ${side} key '${side}.${key}'${near}`;
     });
 }
 

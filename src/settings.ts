@@ -1,5 +1,5 @@
 import { readFileSync } from "node:fs";
-import { suggest } from "./cli.ts";
+import { nearest } from "./cli.ts";
 import { configError } from "./errors.ts";
 import { LOG_LEVELS, type LogFormat, type LogLevel } from "./observe/log.ts";
 import { registerSecrets, urlSecrets } from "./redact.ts";
@@ -58,16 +58,12 @@ function readConfigFile(path: string): Record<string, unknown> {
   const known = Object.values(SETTINGS).map((k) => k.file);
   const unknown = Object.keys(parsed).filter((k) => !known.includes(k));
   if (unknown.length > 0) {
-    const hints = unknown.map((k) => `'${k}'${suggestion(k, known)}`);
+    const hints = unknown.map((k) => `'${k}'${nearest(k, known)}`);
     throw configError(`config file ${path}: unknown key${unknown.length > 1 ? "s" : ""} ${hints.join(", ")} (known: ${known.join(", ")})`);
   }
   return parsed;
 }
 
-const suggestion = (word: string, known: string[]) => {
-  const s = suggest(word, known);
-  return s ? ` (did you mean '${s}'?)` : "";
-};
 
 function integer(name: string, raw: string, min: number): number {
   const n = Number(raw);

@@ -1,6 +1,7 @@
 import { defineCommand } from "citty";
 import { redact } from "../redact.ts";
 import { catalogStatus, requireCatalog } from "../catalog/index.ts";
+import { listFlag } from "../cli.ts";
 import { connectionArgs, printOut, EXIT, fail, loadSettings, withDatabase } from "../cli-common.ts";
 import type { Sql } from "../db.ts";
 import { configError, errorMessage } from "../errors.ts";
@@ -162,7 +163,7 @@ export const checkCommand = defineCommand({
     const settings = loadSettings(args);
     const timeoutSecs = args.timeout === undefined ? 15 : Number(args.timeout);
     if (!(timeoutSecs > 0)) fail(`--timeout must be a positive number of seconds, got "${args.timeout}"`, EXIT.config);
-    const only = args.pipeline ? String(args.pipeline).split(",").map((s) => s.trim()).filter(Boolean) : undefined;
+    const only = listFlag(args.pipeline);
     const exitCode = await withDatabase(settings, async (sql) => {
       await requireCatalog(sql);
       const rows = (await sql<CatalogRow[]>`SELECT name, direction, enabled, config FROM pgtrickle.list_relay_configs()`).filter(

@@ -1,6 +1,6 @@
 import { defineCommand } from "citty";
 import { requireCatalog } from "../catalog/index.ts";
-import { suggest } from "../cli.ts";
+import { listFlag, nearest } from "../cli.ts";
 import { EXIT, fail, loadSettings, withDatabase } from "../cli-common.ts";
 import type { Sql } from "../db.ts";
 import { log } from "../observe/log.ts";
@@ -59,7 +59,7 @@ export const drainCommand = defineCommand({
     const settings = loadSettings(args);
     const timeoutSecs = args.timeout === undefined ? DRAIN_DEFAULT_TIMEOUT_SECS : Number(args.timeout);
     if (!Number.isFinite(timeoutSecs) || timeoutSecs < 0) fail(`--timeout must be a number of seconds ≥ 0, got "${args.timeout}"`, EXIT.config);
-    const only = args.pipeline ? String(args.pipeline).split(",").map((s) => s.trim()).filter(Boolean) : undefined;
+    const only = listFlag(args.pipeline);
     const refusal = await withDatabase(settings, (sql) => drainRefusal(sql, settings.relayGroupId, only, { allowEmpty: !!args["allow-empty"], newGroup: !!args["new-group"] }));
     if (refusal) fail(refusal, EXIT.nothingToDrain);
     const result = await runRelay(settings, { drain: true, only, timeoutSecs, http: !!args.metrics, retryConnect: false }).catch(unreachable);
@@ -83,19 +83,15 @@ async function drainRefusal(sql: Sql, groupId: string, only: string[] | undefine
   await requireCatalog(sql);
   const enabled = (await sql<{ name: string }[]>`SELECT name FROM pgtrickle.list_relay_configs() WHERE enabled`).map((r) => r.name);
   const missing = only?.filter((n) => !enabled.includes(n)) ?? [];
-  if (missing.length > 0) return `drain: no enabled pipeline named ${missing.join(", ")}${didYouMean(missing[0]!, enabled)}`;
+  if (missing.length > 0) return `drain: no enabled pipeline named ${missing.join(", ")}${nearest(missing[0]!, enabled)}`;
   if (enabled.length === 0) return allow.allowEmpty ? null : "drain: no enabled pipeline in the catalog (--allow-empty accepts this)";
   const groups = (await sql<{ g: string }[]>`SELECT DISTINCT relay_group_id AS g FROM pgtrickle.relay_consumer_offsets ORDER BY 1`).map((r) => r.g);
   if (groups.length > 0 && !groups.includes(groupId) && !allow.newGroup) {
-    return `drain: relay group '${groupId}' has no stored offsets, but ${groups.map((g) => `'${g}'`).join(", ")} do${didYouMean(groupId, groups)}; a new group relays every outbox from its first row (--new-group to do that)`;
+    return `drain: relay group '${groupId}' has no stored offsets, but ${groups.map((g) => `'${g}'`).join(", ")} do${nearest(groupId, groups)}; a new group relays every outbox from its first row (--new-group to do that)`;
   }
   return null;
 }
 
-const didYouMean = (word: string, candidates: string[]) => {
-  const s = suggest(word, candidates);
-  return s ? ` (did you mean '${s}'?)` : "";
-};
 
 function printSummary(outcomes: Outcome[]): void {
   if (outcomes.length === 0) log.info("drain: no enabled pipeline in this relay group");

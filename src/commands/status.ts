@@ -1,5 +1,6 @@
 import { defineCommand } from "citty";
 import { requireCatalog } from "../catalog/index.ts";
+import { listFlag } from "../cli.ts";
 import { connectionArgs, EXIT, fail, loadSettings, printOut, withDatabase } from "../cli-common.ts";
 import { COORDINATOR_APP, MEMBER_KEY_SQL, PIPELINE_LOCK_SQL } from "../coordinator.ts";
 import type { Sql } from "../db.ts";
@@ -260,7 +261,7 @@ export const statusCommand = defineCommand({
   },
   async run({ args }) {
     const settings = loadSettings(args);
-    const only = args.pipeline ? String(args.pipeline).split(",").map((x) => x.trim()).filter(Boolean) : undefined;
+    const only = listFlag(args.pipeline);
     const interval = args.interval === undefined ? 2 : Number(args.interval);
     if (!(interval > 0)) fail(`--interval must be a positive number of seconds, got "${args.interval}"`, EXIT.config);
     const exitCode = await withDatabase(settings, async (sql) => {
