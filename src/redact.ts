@@ -25,12 +25,14 @@ export function registerSecrets(values: Iterable<string>): void {
 
 /** `scheme://user:password@` and `scheme://:password@`: the password part. */
 const URL_PASSWORD = /(\b[a-zA-Z][\w+.-]*:\/\/[^\s:/@?#]*:)([^\s@/?#]+)@/g;
+/** `nats://token@`: NATS reads a user name without a password as a token. */
+const NATS_TOKEN = /(\bnats:\/\/)([^\s:/@?#]+)@/gi;
 /** Query parameters that carry credentials (HTTP sinks' `?token=`, presigned URLs, …). */
 const QUERY_SECRET = /([?&;](?:[\w.-]*(?:token|password|passwd|pwd|secret|api[_-]?key|apikey|key|signature|sig|auth|credential)[\w.-]*)=)([^&#;\s"']+)/gi;
 
 /** `text` with every known secret, URL password and credential query value replaced by `***`. */
 export function redact(text: string, extra: readonly string[] = []): string {
-  let out = text.replace(URL_PASSWORD, "$1***@").replace(QUERY_SECRET, "$1***");
+  let out = text.replace(URL_PASSWORD, "$1***@").replace(NATS_TOKEN, "$1***@").replace(QUERY_SECRET, "$1***");
   // Longest first: a secret that contains another must be replaced whole.
   const values = [...secretValues, ...extra.filter((s) => s.length > 0)].sort((a, b) => b.length - a.length);
   for (const v of values) if (out.includes(v)) out = out.split(v).join("***");
@@ -42,6 +44,7 @@ export function urlSecrets(url: string): string[] {
   try {
     const u = new URL(url);
     const out = u.password ? [u.password, decodeURIComponent(u.password)] : [];
+    if (u.protocol === "nats:" && u.username && !u.password) out.push(u.username, decodeURIComponent(u.username));
     for (const [k, v] of u.searchParams) if (new RegExp(QUERY_SECRET.source, "i").test(`?${k}=x`) && v) out.push(v);
     return out;
   } catch {

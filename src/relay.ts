@@ -97,6 +97,7 @@ export async function runRelay(settings: Settings, options: RelayOptions): Promi
     if (finished === "late") {
       const which = timedOut ? `drain --timeout (${options.timeoutSecs} s)` : `shutdown timeout (${settings.shutdownTimeoutSecs} s)`;
       log.error(`${which} passed with batches in flight; they will be replayed`);
+      running.catch(() => {}); // the process exits now; a late failure of the abandoned work changes nothing
       return { exitCode: 1, outcomes: coordinator.outcomes };
     }
     await running.catch((err) => {

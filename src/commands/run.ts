@@ -92,7 +92,6 @@ async function drainRefusal(sql: Sql, groupId: string, only: string[] | undefine
   return null;
 }
 
-
 function printSummary(outcomes: Outcome[]): void {
   if (outcomes.length === 0) log.info("drain: no enabled pipeline in this relay group");
   for (const o of outcomes) {

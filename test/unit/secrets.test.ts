@@ -88,6 +88,7 @@ describe("the shapes redact masks without being told", () => {
     expect(redact("redis://:hunter2@h:6379 and amqp://guest:pa55@h/vh")).toBe("redis://:***@h:6379 and amqp://guest:***@h/vh");
     expect(redact("http://h/hook?token=abc&x=1&api_key=k1;sig=zz")).toBe("http://h/hook?token=***&x=1&api_key=***;sig=***");
     expect(redact("http://user@h:8080/p")).toBe("http://user@h:8080/p");
+    expect(redact("nats://s3cr3ttoken@h:4222")).toBe("nats://***@h:4222");
   });
 
   test("registerConfigSecrets: secret-named keys at any depth, every header value, URL passwords inside strings", () => {
