@@ -14,6 +14,7 @@ import { log } from "../observe/log.ts";
 import { Metrics } from "../observe/metrics.ts";
 import { Pipeline } from "../pipeline.ts";
 import { normalizePipeline, pipelineNameProblem, type CatalogRow } from "../pipeline-config.ts";
+import { registerConfigSecrets } from "../redact.ts";
 import type { Settings } from "../settings.ts";
 import { describeSide } from "./status.ts";
 
@@ -38,6 +39,7 @@ const list = defineCommand({
     await withDatabase(settings, async (sql) => {
       await requireCatalog(sql);
       const rows = await sql<CatalogRow[]>`SELECT name, direction, enabled, config FROM pgtrickle.list_relay_configs()`;
+      for (const r of rows) registerConfigSecrets(r.config); // masked in what is printed
       if (args.json) return printOut(JSON.stringify(rows, null, 2));
       if (rows.length === 0) return printOut("no pipelines (add one with: pgtrickle-relay pipeline set)");
       const route = (r: CatalogRow) => {
@@ -61,7 +63,7 @@ const show = defineCommand({
     const settings = loadSettings(args);
     await withDatabase(settings, async (sql) => {
       const rows = await rowsNamed(sql, String(args.name), args.direction);
-      for (const r of rows) normalizePipeline(r); // registers the config's secrets with the redaction
+      for (const r of rows) registerConfigSecrets(r.config); // masked in what is printed
       printOut(JSON.stringify(rows.length === 1 ? rows[0] : rows, null, 2));
     });
   },

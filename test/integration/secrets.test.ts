@@ -3,7 +3,8 @@
  * user name, query tokens, headers, SASL / SQS / TLS key passwords, `${env:…}` and `${file:…}`
  * values) is fed through every command and endpoint against the real servers, and all output is
  * searched for it: run's logs, /health, /health/drained, /metrics, status (text and JSON), check
- * (text and JSON), drain, the status table, dead letters and the catalog's own error messages.
+ * (text and JSON), drain, pipeline list/show, dead-letters list, tail, the status table, dead
+ * letters and the catalog's own error messages.
  */
 import { afterAll, beforeAll, expect, test } from "bun:test";
 import { mkdtempSync, writeFileSync } from "node:fs";
@@ -92,6 +93,7 @@ test("every secret form, through every command and endpoint, appears in no outpu
   outputs.drained = (await getText(`${base}/health/drained`)).body;
   outputs.metrics = (await getText(`${base}/metrics`)).body;
   outputs.status = JSON.stringify(await relayOnce(["status", "--postgres-url", url], env));
+  outputs.statusWide = JSON.stringify(await relayOnce(["status", "--wide", "--postgres-url", url], env));
   outputs.statusJson = JSON.stringify(await relayOnce(["status", "--postgres-url", url, "--json"], env));
   outputs.check = JSON.stringify(await relayOnce(["check", "--postgres-url", url, "--timeout", "5", "--log-level", "trace"], env));
   outputs.checkJson = JSON.stringify(await relayOnce(["check", "--postgres-url", url, "--timeout", "5", "--json"], env));
@@ -99,14 +101,21 @@ test("every secret form, through every command and endpoint, appears in no outpu
   await relay.proc.exited;
   outputs.run = relay.stderr + relay.stdout;
   outputs.drain = JSON.stringify(await relayOnce(["drain", "--postgres-url", url, "--timeout", "10", "--log-level", "trace"], env));
+  outputs.pipelineList = JSON.stringify(await relayOnce(["pipeline", "list", "--postgres-url", url], env));
+  outputs.pipelineListJson = JSON.stringify(await relayOnce(["pipeline", "list", "--json", "--postgres-url", url], env));
+  for (const name of Object.keys(sinks)) outputs[`show ${name}`] = JSON.stringify(await relayOnce(["pipeline", "show", name, "--postgres-url", url], env));
+  outputs.deadLetterList = JSON.stringify(await relayOnce(["dead-letters", "list", "--all", "--json", "--postgres-url", url], env));
+  outputs.tail = JSON.stringify(await relayOnce(["tail", "public.sec_orders", "--from-start", "--count", "1", "--postgres-url", url], env));
   outputs.table = JSON.stringify(await db.sql`SELECT * FROM pgtrickle.relay_pipeline_status`);
   outputs.deadLetters = JSON.stringify(await db.sql`SELECT error FROM pgtrickle.relay_dead_letters`);
 
   // The outputs are about these pipelines (so the search below searches something) …
   for (const name of Object.keys(sinks)) expect(outputs.statusJson).toContain(name);
-  expect(outputs.status).toContain(`redis://:***@${redisHost}`);
-  expect(outputs.status).toContain("token=***");
+  expect(outputs.statusWide).toContain(`redis://:***@${redisHost}`);
+  expect(outputs.statusWide).toContain("token=***");
   expect(outputs.check).toContain("FAIL  sec_kafka_sasl");
+  expect(outputs["show sec_http"]).toContain("token=***");
+  expect(outputs["show sec_kafka_sasl"]).toContain('\\"sasl_password\\": \\"***\\"');
   // … and no secret is in any of them.
   for (const [where, text] of Object.entries(outputs)) {
     for (const [form, value] of Object.entries(s)) expect({ where, form, leaked: text.includes(value) }).toEqual({ where, form, leaked: false });
