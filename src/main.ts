@@ -14,6 +14,7 @@ import { demoCommand } from "./commands/demo.ts";
 import { drainCommand, runCommand } from "./commands/run.ts";
 import { statusCommand } from "./commands/status.ts";
 import { completionScript, SHELLS } from "./completion.ts";
+import { SETTINGS } from "./settings.ts";
 import { COMMIT, VERSION } from "./version.ts";
 
 /**
@@ -68,6 +69,13 @@ const EXAMPLES: Record<string, string[]> = {
   demo: [`${PROGRAM} demo`, `${PROGRAM} demo --count 5 --interval 200`, `${PROGRAM} demo --cleanup`],
 };
 
+/** The process settings, for the top-level help: each command's help lists those it takes. */
+const settingNotes = [
+  "Settings (flag > environment variable > --config TOML key > default):",
+  ...Object.values(SETTINGS).map((k) => `  --${k.flag} <${k.hint}>${k.fallback ? ` (default ${k.fallback})` : ""}\n      ${k.env}, ${k.file}`),
+  "  --config <path>\n      PGTRICKLE_RELAY_CONFIG",
+];
+
 const exitCodeNotes = ["Exit codes:", ...EXIT_CODES.map(([code, text]) => `  ${String(code).padEnd(4)}${wrapLines(text, 72).join(`\n${" ".repeat(6)}`)}`)];
 
 const main = defineCommand({
@@ -103,7 +111,7 @@ const main = defineCommand({
 function printHelp(path: string[]): void {
   const parsed = parseCommandLine(main, [...path, "--help"]);
   const key = parsed.path.join(" ");
-  const notes = key === "" || key === "drain" ? exitCodeNotes : [];
+  const notes = key === "" ? [...settingNotes, "", ...exitCodeNotes] : key === "drain" ? exitCodeNotes : [];
   process.stdout.write(renderHelp(parsed.cmd, parsed.path, { examples: EXAMPLES[key], notes }));
 }
 
