@@ -71,8 +71,8 @@ const KafkaSinkOptions = v.looseObject({
    */
   topic: v.optional(v.string()),
   /**
-   * Topic rendered per message, e.g. `pgtrickle.{stream_table}` (variables of CONTRACT §6.3 and
-   * top-level row fields). A message whose rendered topic is not a legal name is dead-lettered.
+   * Topic rendered per message, e.g. `pgtrickle.{stream_table}` (the template variables of the
+   * README's "Messages" and top-level row fields). A message whose rendered topic is not a legal name is dead-lettered.
    */
   topic_template: v.optional(v.string()),
   /** Record key rendered per message, e.g. `{op}:{outbox_id}`. Default: the dedup key. */

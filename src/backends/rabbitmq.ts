@@ -63,7 +63,7 @@ const RabbitSinkOptions = v.looseObject({
    */
   declare_exchange: v.optional(v.boolean(), true),
   /**
-   * Routing key rendered per message (CONTRACT §6.3 variables and top-level row fields). A key
+   * Routing key rendered per message (the README's template variables, top-level row fields). A key
    * longer than 255 bytes sends that message to the dead-letter table. Alias: `routing_key`.
    */
   routing_key_template: v.optional(v.string()),
