@@ -90,6 +90,7 @@ export function resolveSettings(flags: Record<string, unknown>, env: Record<stri
   registerSecrets(urlSecrets(postgresUrl));
   checkPostgresUrl(postgresUrl);
   checkListenAddr(raw.metricsAddr!);
+  if (!raw.relayGroupId?.trim()) throw configError("--relay-group-id must not be empty");
   return {
     postgresUrl,
     relayGroupId: raw.relayGroupId!,

@@ -105,6 +105,7 @@ sink_max_inflight = 0
     expect(configError(() => resolveSettings({ "postgres-url": URL_, "metrics-addr": "garbage" }, {}))).toContain("--metrics-addr must be host:port");
     expect(configError(() => resolveSettings({ "postgres-url": URL_, "metrics-addr": "127.0.0.1:70000" }, {}))).toContain("--metrics-addr");
     expect(resolveSettings({ "postgres-url": URL_, "metrics-addr": "[::1]:0" }, {}).metricsAddr).toBe("[::1]:0");
+    expect(configError(() => resolveSettings({ "postgres-url": URL_, "relay-group-id": " " }, {}))).toBe("--relay-group-id must not be empty");
   });
 
   test("a TOML key that is not a setting is refused, with a suggestion", () => {
