@@ -1,11 +1,14 @@
 /**
  * `check` changes nothing on any system: against the real servers, pipelines whose start would
  * create a Kafka topic, a JetStream stream, a Redis stream and group, a RabbitMQ exchange and
- * queue are checked, `check` lists what `run` would create, and none of it exists afterwards.
+ * queue, a file are checked, `check` lists what `run` would create, and none of it exists afterwards.
  * HTTP sinks are really connected to; `--offline` connects to nothing.
  */
 import { afterAll, beforeAll, expect, test } from "bun:test";
 import amqp from "amqplib";
+import { existsSync, mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { Redis } from "ioredis";
 import { Kafka, logLevel } from "kafkajs";
 import { connect as natsConnect } from "nats";
@@ -36,11 +39,13 @@ test("check creates no topic, stream, group, exchange or queue, and says what ru
   await forward("chk_rabbit", { type: "rabbitmq", url: AMQP_URL, exchange: `${tag}-ex` });
   await reverse("chk_redis_src", { type: "redis", url: REDIS_URL, stream_key: `${tag}:stream`, group: `${tag}-group` });
   await reverse("chk_rabbit_src", { type: "rabbitmq", url: AMQP_URL, queue: `${tag}-queue` });
+  const file = join(mkdtempSync(join(tmpdir(), "relay-check-")), "out.jsonl");
+  await forward("chk_file", { type: "file", output: file });
 
   const out = await relayOnce(["check", "--postgres-url", db.url, "--json", "--timeout", "20"]);
   const report = JSON.parse(out.stdout);
   const byName = Object.fromEntries(report.pipelines.map((p: { name: string }) => [p.name, p]));
-  for (const name of ["chk_kafka", "chk_nats", "chk_rabbit", "chk_redis_src", "chk_rabbit_src"]) {
+  for (const name of ["chk_kafka", "chk_nats", "chk_rabbit", "chk_redis_src", "chk_rabbit_src", "chk_file"]) {
     expect({ name, ok: byName[name].ok, error: byName[name].error }).toEqual({ name, ok: true, error: null });
   }
   expect(byName.chk_kafka.would_create).toEqual([`kafka topic '${tag}-topic'`]);
@@ -48,6 +53,8 @@ test("check creates no topic, stream, group, exchange or queue, and says what ru
   expect(byName.chk_rabbit.would_create).toEqual([`rabbitmq exchange '${tag}-ex'`]);
   expect(byName.chk_redis_src.would_create).toEqual([`Redis stream "${tag}:stream" with consumer group "${tag}-group"`]);
   expect(byName.chk_rabbit_src.would_create).toEqual([`rabbitmq queue '${tag}-queue'`]);
+  expect(byName.chk_file.would_create).toEqual([`file ${file}`]);
+  expect(existsSync(file)).toBe(false);
   expect(out.exitCode).toBe(0);
   // kafkajs's negative timer delay is not reported as a runtime warning (it broke JSON logs).
   expect(out.stderr).not.toContain("TimeoutNegativeWarning");
