@@ -1,5 +1,4 @@
 import { createHash } from "node:crypto";
-import { redact } from "./redact.ts";
 import { hostname } from "node:os";
 import postgres from "postgres";
 import type { Sql } from "./db.ts";
@@ -10,6 +9,7 @@ import type { Metrics } from "./observe/metrics.ts";
 import { OutboxSource } from "./outbox/source.ts";
 import { Pipeline, type LockGuard, type PipelineState } from "./pipeline.ts";
 import { normalizePipeline, type CatalogRow } from "./pipeline-config.ts";
+import { redact } from "./redact.ts";
 import { resolveSecrets } from "./secrets.ts";
 import type { Settings } from "./settings.ts";
 import { abortableDelay, backoffMs, Sleeper } from "./sleep.ts";

@@ -1,8 +1,8 @@
-import { redact } from "./redact.ts";
 import type { DeadLetter, Direction } from "./backends/types.ts";
 import type { Sql } from "./db.ts";
 import type { Message } from "./message.ts";
 import { toEnvelope } from "./message.ts";
+import { redact } from "./redact.ts";
 
 /**
  * Writes undeliverable messages to pgtrickle.relay_dead_letters, in one statement, before the

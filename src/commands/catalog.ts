@@ -1,6 +1,6 @@
 import { defineCommand } from "citty";
 import { catalogStatus, formatCatalogStatus, installCatalog } from "../catalog/index.ts";
-import { connectionArgs, printOut, loadSettings, withDatabase } from "../cli-common.ts";
+import { connectionArgs, loadSettings, printOut, withDatabase } from "../cli-common.ts";
 import { describeUrl } from "../db.ts";
 import { log } from "../observe/log.ts";
 

@@ -1,14 +1,14 @@
 import { defineCommand } from "citty";
-import { redact } from "../redact.ts";
 import { catalogStatus, requireCatalog } from "../catalog/index.ts";
 import { listFlag } from "../cli.ts";
-import { connectionArgs, printOut, EXIT, fail, loadSettings, withDatabase } from "../cli-common.ts";
+import { connectionArgs, EXIT, fail, loadSettings, printOut, withDatabase } from "../cli-common.ts";
 import type { Sql } from "../db.ts";
 import { configError, errorMessage } from "../errors.ts";
 import { log } from "../observe/log.ts";
 import { Metrics } from "../observe/metrics.ts";
 import { Pipeline } from "../pipeline.ts";
 import { normalizePipeline, type CatalogRow } from "../pipeline-config.ts";
+import { redact } from "../redact.ts";
 import { resolveSecrets } from "../secrets.ts";
 import { settingArgs, type Settings } from "../settings.ts";
 import { describeSide } from "./status.ts";

@@ -1,7 +1,7 @@
 import type { Lag } from "../backends/types.ts";
-import { redact } from "../redact.ts";
 import type { Coordinator } from "../coordinator.ts";
 import type { Pipeline } from "../pipeline.ts";
+import { redact } from "../redact.ts";
 import { log } from "./log.ts";
 import type { Metrics } from "./metrics.ts";
 
