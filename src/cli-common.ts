@@ -1,6 +1,7 @@
 import { connect, explainConnectError, type Sql } from "./db.ts";
 import { errorKind, errorMessage, RelayError } from "./errors.ts";
 import { configureLogging, log } from "./observe/log.ts";
+import { redact } from "./redact.ts";
 import { resolveSettings, settingArgs, type Settings } from "./settings.ts";
 
 /** Flags every command that talks to the database accepts. */
@@ -10,8 +11,23 @@ export const connectionArgs = settingArgs({
   logLevel: "log level: error, warn, info, debug, trace",
 });
 
-/** Exit codes: 1 = a failure of the work itself, 2 = bad input or configuration, 3 = database unreachable. */
-export const EXIT = { failed: 1, config: 2, unreachable: 3 } as const;
+/** Exit codes of every command; `--help` and README print EXIT_CODES. */
+export const EXIT = { failed: 1, config: 2, unreachable: 3, deadLettered: 4, nothingToDrain: 5 } as const;
+
+export const EXIT_CODES: [number, string][] = [
+  [0, "success"],
+  [EXIT.failed, "the work failed: a pipeline failed, drain's --timeout passed, check found a problem, status shows a failed pipeline"],
+  [EXIT.config, "bad command line or configuration (unknown command or flag, invalid value); nothing was run"],
+  [EXIT.unreachable, "the database cannot be reached"],
+  [EXIT.deadLettered, "drain: every pipeline caught up, but messages were dead-lettered during the run (--allow-dead-letters: 0)"],
+  [EXIT.nothingToDrain, "drain: nothing to drain: no enabled pipeline (--allow-empty), --pipeline names one that is not enabled, or the relay group has no stored offsets while others do (--new-group)"],
+  [130, "run/drain: a second SIGINT/SIGTERM stopped the process without waiting for in-flight batches"],
+];
+
+/** Command output on stdout, through the one redaction (src/redact.ts) like every other output. */
+export function printOut(text: string): void {
+  process.stdout.write(redact(text.endsWith("\n") ? text : `${text}\n`));
+}
 
 export function fail(message: string, code: number): never {
   log.error(message);

@@ -4,11 +4,12 @@ import postgres from "postgres";
 import type { Sql } from "./db.ts";
 import { explainConnectError } from "./db.ts";
 import { errorKind, errorMessage } from "./errors.ts";
-import { log, pipelineLog, redactSecrets } from "./observe/log.ts";
+import { log, pipelineLog } from "./observe/log.ts";
 import type { Metrics } from "./observe/metrics.ts";
 import { OutboxSource } from "./outbox/source.ts";
 import { Pipeline, type LockGuard, type PipelineState } from "./pipeline.ts";
 import { normalizePipeline, type CatalogRow } from "./pipeline-config.ts";
+import { redact } from "./redact.ts";
 import { resolveSecrets } from "./secrets.ts";
 import type { Settings } from "./settings.ts";
 import { abortableDelay, backoffMs, Sleeper } from "./sleep.ts";
@@ -610,7 +611,7 @@ export class Coordinator {
       this.recordStatus(row, "starting", null);
       done = pipeline.run(stop.signal);
     } catch (err) {
-      const message = redactSecrets(errorMessage(err));
+      const message = redact(errorMessage(err));
       const kind = (err as { secret?: boolean }).secret ? "secret" : "config";
       plog.error(`failed: ${message}`);
       this.metrics.errors.inc({ pipeline: row.name, direction: row.direction, kind });
@@ -629,10 +630,10 @@ export class Coordinator {
     const error = p ? p.lastError : this.lastStatusError(w);
     if (state === "failed") {
       this.failed.set(w.key, w.fingerprint);
-      this.failedPipelines.set(w.key, { name: w.row.name, direction: w.row.direction, error: redactSecrets(error ?? "failed"), at: new Date() });
+      this.failedPipelines.set(w.key, { name: w.row.name, direction: w.row.direction, error: redact(error ?? "failed"), at: new Date() });
     }
     if (this.options.drain && w.endAction !== "restart") {
-      this.outcomes.push({ ...outcome(w.row, state, error ? redactSecrets(error) : null), delivered: p?.delivered ?? 0, deadLettered: p?.deadLettered ?? 0 });
+      this.outcomes.push({ ...outcome(w.row, state, error ? redact(error) : null), delivered: p?.delivered ?? 0, deadLettered: p?.deadLettered ?? 0 });
     }
     this.clearPipelineGauges(w.row.name, state);
     if (state !== "failed") {
@@ -675,7 +676,7 @@ export class Coordinator {
   /** Persists state and last error for `status` (relay_pipeline_status); best effort, in order. */
   private recordStatus(row: CatalogRow, state: string, error: string | null): void {
     const key = keyOf(row);
-    const lastError = error === null ? null : redactSecrets(error).slice(0, 2000);
+    const lastError = error === null ? null : redact(error).slice(0, 2000);
     const text = JSON.stringify({ state, error: lastError });
     if (this.statusWritten.get(key) === text) return;
     this.statusWritten.set(key, text);

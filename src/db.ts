@@ -1,5 +1,6 @@
 import postgres from "postgres";
 import { errorMessage } from "./errors.ts";
+import { redact, urlSecrets } from "./redact.ts";
 
 export type Sql = postgres.Sql<Record<string, never>>;
 
@@ -13,20 +14,6 @@ export function describeUrl(url: string): string {
   } catch {
     return "(unparseable URL)";
   }
-}
-
-/** Removes any password that a driver error message may have echoed back. */
-export function redact(text: string, url?: string): string {
-  let out = text.replace(/(\w+:\/\/[^:/@\s]+:)[^@\s]+@/g, "$1***@");
-  if (url) {
-    try {
-      const pw = decodeURIComponent(new URL(url).password);
-      if (pw) out = out.split(pw).join("***");
-    } catch {
-      /* not a URL: nothing more to hide */
-    }
-  }
-  return out;
 }
 
 export interface ConnectOptions {
@@ -57,7 +44,7 @@ export function explainConnectError(err: unknown, url: string): string {
   const target = describeUrl(url);
   const hint =
     code === "ECONNREFUSED"
-      ? "is the server running and listening there? (scripts/services starts a local one)"
+      ? "is the server running and listening there?"
       : code === "28P01" || code === "28000"
         ? "check the user name and password"
         : code === "3D000"
@@ -67,7 +54,7 @@ export function explainConnectError(err: unknown, url: string): string {
             : code === "ENOTFOUND"
               ? "the host name does not resolve"
               : "check the URL";
-  return `cannot connect to PostgreSQL at ${target}: ${redact(errorMessage(err), url)} — ${hint}`;
+  return `cannot connect to PostgreSQL at ${target}: ${redact(errorMessage(err), urlSecrets(url))} — ${hint}`;
 }
 
 /**

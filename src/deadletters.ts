@@ -4,6 +4,7 @@ import type { Sql } from "./db.ts";
 import type { Message } from "./message.ts";
 import { toEnvelope } from "./message.ts";
 import { exceedsJsonDepth } from "./inbound.ts";
+import { redact } from "./redact.ts";
 
 /**
  * Writes undeliverable messages to pgtrickle.relay_dead_letters, in one statement, before the
@@ -17,7 +18,7 @@ export async function writeDeadLetters(sql: Sql, pipeline: string, direction: Di
     dedup_key: storableKey(d.dedup_key),
     outbox_id: d.outbox_id,
     message: storable(d.message),
-    error: storableText(d.error),
+    error: storableText(redact(d.error)),
     error_kind: d.kind,
   }));
   await sql`
@@ -114,6 +115,6 @@ export async function markReplayed(sql: Sql, ids: string[]): Promise<void> {
 export async function markReplayFailed(sql: Sql, id: string, error: string): Promise<void> {
   await sql`
     UPDATE pgtrickle.relay_dead_letters
-    SET replay_requested_at = NULL, attempts = attempts + 1, last_seen_at = now(), error = ${error}
+    SET replay_requested_at = NULL, attempts = attempts + 1, last_seen_at = now(), error = ${redact(error)}
     WHERE id = ${id}::bigint`;
 }

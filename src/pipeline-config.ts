@@ -1,6 +1,8 @@
 import * as v from "valibot";
 import type { Backend, Direction } from "./backends/types.ts";
 import { configError } from "./errors.ts";
+import { nearest } from "./cli.ts";
+import { isSecretKey, redact, registerConfigSecrets } from "./redact.ts";
 import { resolveSecrets } from "./secrets.ts";
 
 /** A catalog row as `list_relay_configs()` returns it. */
@@ -22,6 +24,8 @@ export interface PipelineSpec {
   sink: Record<string, unknown>;
   /** Non-fatal remarks for the log: deprecated flat keys, unknown keys. */
   warnings: string[];
+  /** Unknown keys of either side, with a suggestion when one is near (`check` fails on them). */
+  unknownKeys: string[];
 }
 
 /** Pipeline tuning keys: allowed at top level or inside `source`, `source` winning (§5.1). */
@@ -62,10 +66,22 @@ const FLAT_ALIASES: Record<string, [side: "source" | "sink" | "*", key: string]>
 
 const isObject = (x: unknown): x is Record<string, unknown> => typeof x === "object" && x !== null && !Array.isArray(x);
 
+/** Pipeline names (README "Pipeline names"); catalog.sql's set_relay_outbox/inbox check the same. */
+export const PIPELINE_NAME = /^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$/;
+
+export function pipelineNameProblem(name: string): string | null {
+  return PIPELINE_NAME.test(name)
+    ? null
+    : `pipeline name ${JSON.stringify(name)} is not valid: 1-128 characters, letters, digits, "_", "-", ".", ":", starting with a letter or digit`;
+}
+
 /** Turns a catalog row into a PipelineSpec, or throws a config error naming the pipeline and key. */
 export function normalizePipeline(row: CatalogRow): PipelineSpec {
   const where = `pipeline '${row.name}'`;
+  const badName = pipelineNameProblem(row.name);
+  if (badName) throw configError(badName);
   if (!isObject(row.config)) throw configError(`${where}: config must be a JSON object`);
+  registerConfigSecrets(row.config);
   const config = row.config;
   const warnings: string[] = [];
   const source: Record<string, unknown> = isObject(config.source) ? { ...config.source } : {};
@@ -87,7 +103,7 @@ export function normalizePipeline(row: CatalogRow): PipelineSpec {
   const sinkType = pickType(where, "sink", config.sink_type, sink.type, row.direction === "reverse" ? "pg-inbox" : undefined);
   delete source.type;
   delete sink.type;
-  return { name: row.name, direction: row.direction, enabled: row.enabled, sourceType, source, sinkType, sink, warnings };
+  return { name: row.name, direction: row.direction, enabled: row.enabled, sourceType, source, sinkType, sink, warnings, unknownKeys: [] };
 }
 
 function pickType(where: string, side: string, outer: unknown, inner: unknown, fallback: string | undefined): string {
@@ -108,9 +124,48 @@ export function schemaEntries(schema: v.GenericSchema): Record<string, v.Generic
   return undefined;
 }
 
+/** What a schema expected, in words: `a string`, `one of "a", "b"`, `true or false` … */
+function expectedWords(expected: string | null): string {
+  if (!expected) return "something else";
+  const words: Record<string, string> = { string: "a string", number: "a number", boolean: "true or false", Array: "a list", Object: "an object", undefined: "absent" };
+  const parts = expected.replace(/^\((.*)\)$/, "$1").split(" | ");
+  if (parts.every((p) => p.startsWith('"'))) return `one of ${parts.join(", ")}`;
+  return parts.map((p) => words[p] ?? p).join(" or ");
+}
+
+/** A value for an error message: short, never one of a secret-named key, redacted anyway. */
+function shownValue(key: string, value: unknown): string {
+  if (isSecretKey(key)) return "(hidden)";
+  const text = JSON.stringify(value) ?? String(value);
+  return redact(text.length > 60 ? `${text.slice(0, 59)}…` : text);
+}
+
+/** One valibot issue in plain words: the key, what it must be, and the value received. */
+export function describeIssue(issue: v.BaseIssue<unknown>, side: string): string {
+  const path = issue.path?.map((p) => String(p.key)).join(".") ?? "";
+  const key = path ? `${side}.${path}` : side;
+  if (issue.kind === "schema" && issue.message.startsWith("Invalid key")) return `'${key}' is required`;
+  if (issue.kind === "schema") return `'${key}' must be ${expectedWords(issue.expected)}, got ${shownValue(key, issue.input)}`;
+  // Validations carry the schema's own sentence (`must be ≥ 1`, a custom check's message).
+  const reason = issue.message.replace(/ but received .*$/, "").replace(/^Invalid (\w+): Received .*$/, "must be a valid $1");
+  return `'${key}': ${reason}, got ${shownValue(key, issue.input)}`;
+}
+
+/** Every unknown key of `raw` with a suggestion from `allowed`. */
+function unknownKeys(raw: Record<string, unknown>, allowed: Set<string>, side: string, type: string): string[] {
+  return Object.keys(raw)
+    .filter((key) => !allowed.has(key))
+    .map((key) => {
+      const near = nearest(key, allowed).replace("'", `'${side}.`);
+      return `unknown ${type} ${side} key '${side}.${key}'${near}`;
+    });
+}
+
 /**
  * Resolves secrets, then validates one side's options with the backend's schema. The error names
- * the pipeline and the offending key; it never echoes a value (values may be secrets).
+ * the pipeline and lists every problem of that side, each with the key and the value received
+ * (values of secret-named keys are never shown). Unknown keys become `spec.unknownKeys`: a
+ * warning in `run`, an error in `check`.
  */
 export function parseBackendConfig<S extends v.GenericSchema>(
   spec: PipelineSpec,
@@ -122,18 +177,13 @@ export function parseBackendConfig<S extends v.GenericSchema>(
   const where = `pipeline '${spec.name}'`;
   const raw = resolveSecrets(spec[side], `${where}: ${side}`);
   const result = v.safeParse(schema, raw);
-  if (!result.success) {
-    const issue = result.issues[0];
-    const path = issue.path?.map((p) => String(p.key)).join(".") ?? "";
-    const key = path ? `${side}.${path}` : side;
-    throw configError(`${where}: invalid ${backend.type} ${side} option '${key}': ${issue.message.replace(/ but received .*$/, "")}`);
-  }
   const entries = schemaEntries(schema);
-  if (entries) {
-    const allowed = new Set([...Object.keys(entries), ...extraKnownKeys, ...(side === "source" ? TUNING_KEYS : [])]);
-    for (const key of Object.keys(raw)) {
-      if (!allowed.has(key)) spec.warnings.push(`unknown ${side} key '${key}' for ${backend.type} is ignored`);
-    }
+  const unknown = entries ? unknownKeys(raw, new Set([...Object.keys(entries), ...extraKnownKeys, ...(side === "source" ? TUNING_KEYS : [])]), side, backend.type) : [];
+  if (!result.success) {
+    const problems = [...new Set(result.issues.map((i) => describeIssue(i, side)))];
+    throw configError(`${where}: invalid ${backend.type} ${side}: ${[...problems, ...unknown].join("; ")}`);
   }
+  spec.unknownKeys.push(...unknown);
+  for (const u of unknown) spec.warnings.push(`${u} is ignored`);
   return result.output;
 }

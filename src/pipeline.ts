@@ -23,6 +23,8 @@ export interface PipelineDeps {
   sinkMaxInflight?: number;
   /** Proof of ownership (the pipeline's advisory lock); absent = unguarded (tests, one-off tools). */
   guard?: LockGuard;
+  /** `check`: create nothing on any system, report it (BackendContext.check). */
+  check?: { wouldCreate(what: string): void };
   /** Called on every state or last-error change (the coordinator persists it for `status`). */
   onStatus?: (pipeline: Pipeline) => void;
 }
@@ -83,6 +85,7 @@ export class Pipeline {
       sql: deps.sql,
       postgresUrl: deps.postgresUrl,
       drain: deps.drain,
+      check: deps.check,
       onInboxWrite: (inserted: number, dedupSkipped: number) => {
         deps.metrics.inboxWrites.inc({ pipeline: spec.name }, inserted);
         deps.metrics.dedupSkipped.inc({ pipeline: spec.name }, dedupSkipped);

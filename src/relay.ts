@@ -67,6 +67,8 @@ export async function runRelay(settings: Settings, options: RelayOptions): Promi
   process.on("SIGTERM", sigterm);
   options.stopWhen?.then(() => shutdown.abort());
 
+  // drain --timeout bounds the whole run, connecting and the graceful stop included.
+  const deadline = options.timeoutSecs ? Date.now() + options.timeoutSecs * 1000 : Infinity;
   const sql = await connectDatabase(settings, options.retryConnect, shutdown.signal);
   let timedOut = false;
   let sighup: (() => void) | undefined;
@@ -83,22 +85,25 @@ export async function runRelay(settings: Settings, options: RelayOptions): Promi
     const http = options.http ? startHttp(settings.metricsAddr, coordinator, metrics) : null;
     const running = coordinator.run();
     const stopProgress = options.drain ? showDrainProgress(coordinator) : () => {};
-    const timeout = options.timeoutSecs ? setTimeout(() => ((timedOut = true), shutdown.abort()), options.timeoutSecs * 1000) : undefined;
+    const timeout = deadline < Infinity ? setTimeout(() => ((timedOut = true), shutdown.abort()), Math.max(0, deadline - Date.now())) : undefined;
     await Promise.race([running, new Promise((r) => shutdown.signal.addEventListener("abort", r, { once: true }))]);
     clearTimeout(timeout);
     stopProgress();
     const graceful = coordinator.stop();
-    const deadline = new Promise<"late">((r) => setTimeout(() => r("late"), settings.shutdownTimeoutSecs * 1000).unref());
-    const finished = await Promise.race([graceful.then(() => "ok" as const), deadline]);
+    const stopWithin = Math.min(settings.shutdownTimeoutSecs * 1000, Math.max(0, deadline - Date.now()));
+    const late = new Promise<"late">((r) => setTimeout(() => r("late"), stopWithin).unref());
+    const finished = await Promise.race([graceful.then(() => "ok" as const), late]);
+    http?.stop(true);
+    if (finished === "late") {
+      const which = timedOut ? `drain --timeout (${options.timeoutSecs} s)` : `shutdown timeout (${settings.shutdownTimeoutSecs} s)`;
+      log.error(`${which} passed with batches in flight; they will be replayed`);
+      running.catch(() => {}); // the process exits now; a late failure of the abandoned work changes nothing
+      return { exitCode: 1, outcomes: coordinator.outcomes };
+    }
     await running.catch((err) => {
       if (errorKind(err) !== "config") throw err;
       log.error(errorMessage(err));
     });
-    http?.stop(true);
-    if (finished === "late") {
-      log.error(`shutdown timeout (${settings.shutdownTimeoutSecs} s) passed with batches in flight; they will be replayed`);
-      return { exitCode: 1, outcomes: coordinator.outcomes };
-    }
     if (options.drain) {
       const failed = coordinator.outcomes.filter((o) => o.state !== "drained");
       if (timedOut) log.error(`drain: --timeout of ${options.timeoutSecs} s passed before every pipeline caught up`);

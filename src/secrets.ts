@@ -1,9 +1,9 @@
 import { readFileSync } from "node:fs";
 import { configError } from "./errors.ts";
-import { registerSecrets } from "./observe/log.ts";
+import { registerSecrets } from "./redact.ts";
 
 /**
- * `${env:NAME}`, `${ENV:NAME}` and `${file:/path}` anywhere inside a string (CONTRACT.md §7.10).
+ * `${env:NAME}`, `${ENV:NAME}` and `${file:/path}` anywhere inside a string (README "Running it", secrets).
  * The database keeps only the tokens; resolved values live in memory only. Every value resolved
  * here is registered with the log redactor, and every error below names the token, never a value.
  */

@@ -36,10 +36,13 @@ import { envelopeJson, renderTemplate, type Message } from "../message.ts";
 import { abortableDelay, backoffMs, Sleeper } from "../sleep.ts";
 import { VERSION } from "../version.ts";
 import { runKeyed } from "./concurrency.ts";
-import { redactSecrets } from "./redact.ts";
+import { redact } from "../redact.ts";
 import { defineBackend, sinkSpec, sourceSpec, type BackendContext, type Batch, type Rejection, type Sink, type Source } from "./types.ts";
 
 const HEADER_NAME = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
+/** `application/json` or a `+json` type (`application/cloudevents+json`), parameters ignored. */
+const declaresJson = (contentType: string | null) => !!contentType && /^application\/([\w.-]+\+)?json$/i.test(contentType.split(";")[0]!.trim());
+
 const RESERVED_HEADERS = ["content-type", "idempotency-key", "x-pgtrickle-signature", "x-pgtrickle-full-refresh"];
 
 // Custom messages throughout: valibot's defaults echo the received value, and header values and
@@ -451,7 +454,7 @@ class HttpSink implements Sink {
   }
 
   private redact(text: string): string {
-    return redactSecrets(text, this.secrets);
+    return redact(text, this.secrets);
   }
 }
 
@@ -825,10 +828,14 @@ export class HttpSource implements Source {
       if (!ok) return jsonResponse(401, { error: "unauthorized" });
     }
     if (body.length === 0) return jsonResponse(400, { error: "empty body: send one JSON event, a JSON array of events, or any non-empty text" });
-
     const decoded = decodeBody(body);
     // Refused here, for this request only: queued, it would only be dead-lettered by the inbox.
     if (decoded.tooDeep) return jsonResponse(400, { error: TOO_DEEP });
+    // A sender that declares JSON and sends something else has a bug: refused, nothing written,
+    // rather than kept as a JSON string where nobody would notice (other types are kept as sent).
+    if (declaresJson(req.headers.get("content-type")) && !decoded.json) {
+      return jsonResponse(400, { error: "the body is declared application/json but is not valid JSON" });
+    }
     const messages = this.toMessages(req, url.pathname, suffix, body, decoded);
     if (messages.length === 0) return jsonResponse(200, { accepted: 0 });
     if (messages.length > this.cfg.max_pending) {

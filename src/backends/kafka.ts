@@ -36,7 +36,8 @@ import { configError, decodeError, errorMessage, permanentError, RelayError, tra
 import { headerValue, inboundMessage, reverseSourceKeys, utf8OrNull } from "../inbound.ts";
 import { envelopeJson, renderTemplate, type Message } from "../message.ts";
 import { Sleeper, withTimeout } from "../sleep.ts";
-import { readSettingFile, redactSecrets } from "./redact.ts";
+import { redact } from "../redact.ts";
+import { readSettingFile } from "./redact.ts";
 import { defineBackend, LAG_TIMEOUT_MS, sinkSpec, sourceSpec, type BackendContext, type Batch, type DeadLetter, type Lag, type Rejection, type Sink, type Source } from "./types.ts";
 
 /** Kafka's own rule for topic names (plus: not `.` or `..`). */
@@ -70,8 +71,8 @@ const KafkaSinkOptions = v.looseObject({
    */
   topic: v.optional(v.string()),
   /**
-   * Topic rendered per message, e.g. `pgtrickle.{stream_table}` (variables of CONTRACT §6.3 and
-   * top-level row fields). A message whose rendered topic is not a legal name is dead-lettered.
+   * Topic rendered per message, e.g. `pgtrickle.{stream_table}` (the template variables of the
+   * README's "Messages" and top-level row fields). A message whose rendered topic is not a legal name is dead-lettered.
    */
   topic_template: v.optional(v.string()),
   /** Record key rendered per message, e.g. `{op}:{outbox_id}`. Default: the dedup key. */
@@ -226,7 +227,7 @@ const readPem = (path: string, key: string): Buffer => readSettingFile(path, `ka
 /** Removes the SASL password (and TLS key passphrase) from any text kafkajs hands us. */
 export function scrubber(cfg: KafkaConnectionOptions): (text: string) => string {
   const secrets = [cfg.sasl_password, cfg.ssl_key_password].filter((s): s is string => !!s && s.length >= 1);
-  return (text) => redactSecrets(text, secrets);
+  return (text) => redact(text, secrets);
 }
 
 /**
@@ -493,7 +494,10 @@ class KafkaSink implements Sink {
     let exists: boolean;
     try {
       exists = (await admin.listTopics()).includes(topic);
-      if (!exists && this.cfg.create_topic) {
+      if (!exists && this.cfg.create_topic && this.ctx.check) {
+        this.ctx.check.wouldCreate(`kafka topic '${topic}'`);
+        exists = true;
+      } else if (!exists && this.cfg.create_topic) {
         await admin.createTopics({
           topics: [{ topic, numPartitions: this.cfg.num_partitions ?? -1, replicationFactor: this.cfg.replication_factor ?? -1 }],
           waitForLeaders: true,

@@ -34,7 +34,7 @@ import { configError, errorMessage, RelayError, transientError } from "../errors
 import { headerValue, inboundMessage, reverseSourceKeys } from "../inbound.ts";
 import { DEFAULT_SUBJECT_TEMPLATE, envelopeJson, renderTemplate, type Message } from "../message.ts";
 import { abortableDelay, withTimeout } from "../sleep.ts";
-import { redactUrlsAndSecrets as scrub } from "./redact.ts";
+import { redact as scrub } from "../redact.ts";
 import { defineBackend, LAG_TIMEOUT_MS, sinkSpec, sourceSpec, type Batch, type BackendContext, type DeadLetter, type Lag, type Rejection, type Sink, type Source } from "./types.ts";
 
 const positiveInt = (max = Number.MAX_SAFE_INTEGER) => v.pipe(v.number(), v.integer(), v.minValue(1), v.maxValue(max));
@@ -543,6 +543,10 @@ class NatsSink implements Sink {
         throw configError(`JetStream stream "${name}" (sink.stream) does not exist at NATS ${this.where}; create it or set sink.create_stream: true`);
       }
       const subjects = this.cfg.stream_subjects ?? defaultStreamSubjects(template ?? DEFAULT_SUBJECT_TEMPLATE);
+      if (this.ctx.check) {
+        this.ctx.check.wouldCreate(`JetStream stream "${name}" capturing ${subjects.join(", ")}`);
+        return;
+      }
       try {
         info = await jsm.streams.add({
           name,
@@ -774,6 +778,10 @@ class NatsSource implements Source {
       if (!this.cfg.create_stream) {
         throw configError(`JetStream stream "${name}" (source.stream) does not exist at NATS ${this.link.where}; create it or set source.create_stream: true`);
       }
+      if (this.ctx.check) {
+        this.ctx.check.wouldCreate(`JetStream stream "${name}" capturing ${subject}`);
+        return name;
+      }
       try {
         await jsm.streams.add({ name, subjects: [subject] });
       } catch (err) {
@@ -813,6 +821,7 @@ class NatsSource implements Source {
       if (apiError(err)?.err_code !== 10014) throw this.link.fail(err, `reading ${where} failed`);
     }
     const want = this.wantedConsumer();
+    if (info === null && this.ctx.check) return this.ctx.check.wouldCreate(`durable pull ${where}`);
     if (info === null) {
       try {
         await jsm.consumers.add(stream, want);
@@ -833,7 +842,9 @@ class NatsSource implements Source {
     if (have.ack_wait !== want.ack_wait) update.ack_wait = want.ack_wait!;
     if ((have.max_deliver ?? -1) !== want.max_deliver) update.max_deliver = want.max_deliver!;
     if ((have.filter_subject ?? "") !== want.filter_subject) update.filter_subject = want.filter_subject!;
-    if (Object.keys(update).length > 0) {
+    if (Object.keys(update).length > 0 && this.ctx.check) {
+      this.ctx.check.wouldCreate(`an update of ${where}: ${Object.keys(update).join(", ")}`);
+    } else if (Object.keys(update).length > 0) {
       try {
         await jsm.consumers.update(stream, this.durable, update);
       } catch (err) {

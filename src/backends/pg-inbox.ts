@@ -20,7 +20,8 @@
 import { readFileSync } from "node:fs";
 import postgres from "postgres";
 import * as v from "valibot";
-import { describeUrl, explainConnectError, redact, type Sql } from "../db.ts";
+import { describeUrl, explainConnectError, type Sql } from "../db.ts";
+import { redact, urlSecrets } from "../redact.ts";
 import { configError, errorMessage, isRowSqlstate, pgErrorKind, RelayError, transientError } from "../errors.ts";
 import type { Message } from "../message.ts";
 import { defineBackend, sinkSpec, type BackendContext, type Rejection, type Sink } from "./types.ts";
@@ -316,7 +317,7 @@ export class PgInboxSink implements Sink {
     // Class 42 (undefined table/column, no unique index for ON CONFLICT, type mismatch): the
     // table does not fit the configuration; retrying cannot help.
     const kind = state.startsWith("42") ? "config" : pgErrorKind(state);
-    return new RelayError(kind, `pg-inbox ${what} ${this.label()}: ${redact(errorMessage(err), this.url)} (SQLSTATE ${state})`, { cause: err });
+    return new RelayError(kind, `pg-inbox ${what} ${this.label()}: ${redact(errorMessage(err), urlSecrets(this.url ?? ""))} (SQLSTATE ${state})`, { cause: err });
   }
 
   async start(): Promise<void> {
@@ -549,7 +550,7 @@ export class PgInboxSink implements Sink {
           if (!isRowError(err)) throw err;
           rejections.push({
             message: messages[i]!,
-            error: `inbox ${this.label(plan)} refused event_id ${quotedKey(messages[i]!.dedup_key)}: ${redact(errorMessage(err), this.url)} (SQLSTATE ${sqlstateOf(err)})`,
+            error: `inbox ${this.label(plan)} refused event_id ${quotedKey(messages[i]!.dedup_key)}: ${redact(errorMessage(err), urlSecrets(this.url ?? ""))} (SQLSTATE ${sqlstateOf(err)})`,
           });
         }
       }

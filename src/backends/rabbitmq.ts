@@ -25,7 +25,8 @@ import { configError, errorMessage, RelayError, transientError } from "../errors
 import { headerValue, inboundMessage, reverseSourceKeys, sha256Hex, utf8OrNull } from "../inbound.ts";
 import { envelopeJson, renderTemplate, type Message } from "../message.ts";
 import { Sleeper, withTimeout } from "../sleep.ts";
-import { readSettingFile, redactSecrets } from "./redact.ts";
+import { redact } from "../redact.ts";
+import { readSettingFile } from "./redact.ts";
 import { defineBackend, LAG_TIMEOUT_MS, sinkSpec, sourceSpec, type BackendContext, type Batch, type Lag, type Rejection, type Sink, type Source } from "./types.ts";
 
 export const DEFAULT_ROUTING_KEY_TEMPLATE = "{stream_table}.{op}";
@@ -62,7 +63,7 @@ const RabbitSinkOptions = v.looseObject({
    */
   declare_exchange: v.optional(v.boolean(), true),
   /**
-   * Routing key rendered per message (CONTRACT §6.3 variables and top-level row fields). A key
+   * Routing key rendered per message (the README's template variables, top-level row fields). A key
    * longer than 255 bytes sends that message to the dead-letter table. Alias: `routing_key`.
    */
   routing_key_template: v.optional(v.string()),
@@ -165,7 +166,7 @@ const CONFIG_CODES = new Set([403 /* access refused */, 530 /* not allowed (vhos
 export function amqpScrubber(cfg: AmqpConnectionOptions): (text: string) => string {
   const u = new URL(cfg.url);
   const secrets = [u.password, decodeURIComponent(u.password), cfg.tls_key_password ?? ""].filter((s) => s.length > 0);
-  return (text) => redactSecrets(text, secrets).replace(/(amqps?:\/\/[^:/@\s]+:)[^@\s]+@/gi, "$1***@");
+  return (text) => redact(text, secrets);
 }
 
 /** A RelayError naming host:port (`where`); access problems are config, everything else transient. */
@@ -395,10 +396,11 @@ class RabbitSink implements Sink {
     const ch = await conn.createChannel();
     ch.on("error", () => {});
     try {
-      if (this.cfg.declare_exchange) await ch.assertExchange(name, this.cfg.exchange_type, { durable: true });
+      if (this.cfg.declare_exchange && !this.ctx.check) await ch.assertExchange(name, this.cfg.exchange_type, { durable: true });
       else await ch.checkExchange(name);
     } catch (err) {
       const code = (err as { code?: number }).code;
+      if (code === 404 && this.cfg.declare_exchange && this.ctx.check) return this.ctx.check.wouldCreate(`rabbitmq exchange '${name}'`);
       if (code === 404) {
         throw configError(`rabbitmq exchange '${name}' does not exist on ${this.where}: create it, or set declare_exchange: true`);
       }
@@ -766,7 +768,16 @@ export class RabbitSource implements Source {
     };
     const code = (err: unknown) => (err as { code?: number }).code;
     let declared = false;
-    if (this.cfg.declare_queue) {
+    if (this.cfg.declare_queue && this.ctx.check) {
+      declared = await onChannel((ch) => ch.checkQueue(q)).then(
+        () => false,
+        (err) => {
+          if (code(err) !== 404) throw this.failure(err, `checking queue '${q}'`);
+          this.ctx.check!.wouldCreate(`rabbitmq queue '${q}'`);
+          return true;
+        },
+      );
+    } else if (this.cfg.declare_queue) {
       try {
         await onChannel((ch) => ch.assertQueue(q, { durable: true }));
         declared = true;
@@ -783,7 +794,9 @@ export class RabbitSource implements Source {
         throw this.failure(err, `checking queue '${q}'`);
       }
     }
-    if (this.cfg.bind_exchange !== undefined) {
+    if (this.cfg.bind_exchange !== undefined && this.ctx.check) {
+      this.ctx.check.wouldCreate(`rabbitmq binding of queue '${q}' to exchange '${this.cfg.bind_exchange}' (if missing)`);
+    } else if (this.cfg.bind_exchange !== undefined) {
       const ex = this.cfg.bind_exchange;
       try {
         await onChannel((ch) => ch.bindQueue(q, ex, this.cfg.bind_routing_key));

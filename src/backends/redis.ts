@@ -22,7 +22,7 @@ import * as v from "valibot";
 import { configError, errorMessage, RelayError, transientError } from "../errors.ts";
 import { decodeBody, inboundMessage, reverseSourceKeys, type DecodedBody } from "../inbound.ts";
 import { renderTemplate, type Message } from "../message.ts";
-import { redactUrlsAndSecrets as scrub } from "./redact.ts";
+import { redact as scrub } from "../redact.ts";
 import { defineBackend, LAG_TIMEOUT_MS, sinkSpec, sourceSpec, type Batch, type BackendContext, type DeadLetter, type Lag, type Rejection, type Sink, type Source } from "./types.ts";
 
 const positiveInt = (max = Number.MAX_SAFE_INTEGER) => v.pipe(v.number(), v.integer(), v.minValue(1), v.maxValue(max));
@@ -637,6 +637,7 @@ class RedisSource implements Source {
   private async ensureGroup(client: Redis): Promise<void> {
     const args: (string | number)[] = ["CREATE", this.key, this.group, this.cfg.start_id];
     if (this.cfg.mkstream) args.push("MKSTREAM");
+    if (this.ctx.check) return this.reportGroup(client, this.ctx.check);
     try {
       await client.call("XGROUP", ...args);
       this.ctx.log.info(`redis: created consumer group "${this.group}" on "${this.key}" at ${this.cfg.start_id}`);
@@ -653,6 +654,22 @@ class RedisSource implements Source {
       if (/Invalid stream ID/i.test(message)) throw configError(`source.start_id "${this.cfg.start_id}" is not a valid stream id`, err);
       throw this.link.commandFailure(err, `XGROUP CREATE ${this.key} ${this.group}`);
     }
+  }
+
+  /** `check`: whether the stream and group exist, creating neither. */
+  private async reportGroup(client: Redis, check: { wouldCreate(what: string): void }): Promise<void> {
+    const type = await client.type(this.key).catch((err) => {
+      throw this.link.commandFailure(err, `TYPE ${this.key}`);
+    });
+    if (type === "none") {
+      if (!this.cfg.mkstream) throw configError(`Redis stream "${this.key}" (source.stream_key) does not exist at ${this.link.where} and source.mkstream is false`);
+      check.wouldCreate(`Redis stream "${this.key}" with consumer group "${this.group}"`);
+      return;
+    }
+    if (type !== "stream") throw configError(`Redis key "${this.key}" (source.stream_key) at ${this.link.where} holds a ${type}, not a stream`);
+    const groups = (await client.call("XINFO", "GROUPS", this.key)) as unknown[][];
+    const names = groups.map((g) => String(g[g.indexOf("name") + 1]));
+    if (!names.includes(this.group)) check.wouldCreate(`Redis consumer group "${this.group}" on "${this.key}"`);
   }
 
   /**

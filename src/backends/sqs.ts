@@ -35,7 +35,7 @@ import { inboundMessage, reverseSourceKeys } from "../inbound.ts";
 import { envelopeJson, renderTemplate, type Message } from "../message.ts";
 import { Sleeper } from "../sleep.ts";
 import { runKeyed } from "./concurrency.ts";
-import { redactSecrets } from "./redact.ts";
+import { redact } from "../redact.ts";
 import { defineBackend, LAG_TIMEOUT_MS, sinkSpec, sourceSpec, type BackendContext, type Batch, type Lag, type Rejection, type Sink, type Source } from "./types.ts";
 
 /** Where the queue is and how to reach it: shared by the sink and the source. */
@@ -237,7 +237,7 @@ class SqsConnection {
   }
 
   redact(text: string): string {
-    return redactSecrets(text, this.secrets);
+    return redact(text, this.secrets);
   }
 }
 

@@ -1,9 +1,11 @@
-import { open, rename, stat, type FileHandle } from "node:fs/promises";
+import { constants } from "node:fs";
+import { access, open, rename, stat, type FileHandle } from "node:fs/promises";
+import { dirname } from "node:path";
 import * as v from "valibot";
 import { configError, errorMessage, transientError } from "../errors.ts";
 import { toEnvelope, type Message } from "../message.ts";
 import { stdinSource } from "./stdin.ts";
-import { defineBackend, sinkSpec, type Sink } from "./types.ts";
+import { defineBackend, sinkSpec, type BackendContext, type Sink } from "./types.ts";
 
 /** Options of the stdout/file sink (CONTRACT.md §5.3). */
 const StdoutSinkConfig = v.looseObject({
@@ -73,11 +75,19 @@ class FileSink implements Sink {
   constructor(
     private readonly cfg: StdoutSinkConfig,
     private readonly path: string,
+    private readonly check?: BackendContext["check"],
   ) {
     this.describe = `file ${path} (${cfg.format})`;
   }
 
   async start(): Promise<void> {
+    // `check` creates no file: a missing one only needs a directory it may write to.
+    if (this.check && !(await stat(this.path).then(() => true, () => false))) {
+      await access(dirname(this.path), constants.W_OK).catch((err) => {
+        throw configError(`file sink: cannot open ${this.path} for append: ${(err as { code?: string }).code ?? errorMessage(err)}`);
+      });
+      return this.check.wouldCreate(`file ${this.path}`);
+    }
     await this.openFile();
   }
 
@@ -139,9 +149,9 @@ export default defineBackend({
   aliases: ["file", "stdin"],
   sink: sinkSpec({
     config: StdoutSinkConfig,
-    create(cfg) {
+    create(cfg, ctx) {
       const path = cfg.output ?? cfg.path;
-      return path && path !== "-" ? new FileSink(cfg, path) : new StdoutSink(cfg);
+      return path && path !== "-" ? new FileSink(cfg, path, ctx.check) : new StdoutSink(cfg);
     },
   }),
   // The reverse stdin/file source (src/backends/stdin.ts) shares this entry: `file` names both.

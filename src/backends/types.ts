@@ -16,6 +16,11 @@ export interface BackendContext {
   postgresUrl: string;
   /** Drain mode: a source ends its iteration once it has nothing pending. */
   drain: boolean;
+  /**
+   * Set by `check`: connect and verify, but create nothing on any system (no topic, stream,
+   * consumer group, queue, exchange or binding); report what `run` would create instead.
+   */
+  check?: { wouldCreate(what: string): void };
   /** Inbox sinks report each committed write: rows inserted, rows skipped by ON CONFLICT (metrics). */
   onInboxWrite?(inserted: number, dedupSkipped: number): void;
   /** Sources report each poll of their system (empty ones too) with its duration (metrics). */

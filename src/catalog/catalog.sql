@@ -134,11 +134,18 @@ DECLARE
     v_sink_type TEXT := p_sink ->> 'type';
 BEGIN
     IF v_sink_type IS NULL OR v_sink_type = '' THEN
-        RAISE EXCEPTION 'relay.invalid_config: sink JSONB must contain a "type" key (e.g. "nats", "kafka", "http", "redis", "sqs", "rabbitmq", "stdout", "pg-inbox"). Got: %', p_sink
+        RAISE EXCEPTION 'relay.invalid_config: sink JSONB must contain a "type" key (e.g. "nats", "kafka", "http", "redis", "sqs", "rabbitmq", "stdout", "pg-inbox"). Got %', -- its keys only: values may be secrets
+            CASE jsonb_typeof(p_sink) WHEN 'object' THEN 'an object with keys ' || coalesce((SELECT string_agg(quote_ident(k), ', ' ORDER BY k) FROM jsonb_object_keys(p_sink) AS k), '(none)')
+                 ELSE coalesce(jsonb_typeof(p_sink), 'NULL') END
             USING ERRCODE = 'raise_exception';
     END IF;
     IF p_outbox IS NULL OR p_outbox = '' THEN
         RAISE EXCEPTION 'relay.invalid_config: outbox name must not be empty'
+            USING ERRCODE = 'raise_exception';
+    END IF;
+    -- Names appear in logs, metrics labels and lock keys: one documented character set (README).
+    IF p_name IS NULL OR p_name !~ '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$' THEN
+        RAISE EXCEPTION 'relay.invalid_config: pipeline name % is not valid: 1-128 characters, letters, digits, "_", "-", ".", ":", starting with a letter or digit', coalesce(quote_literal(p_name), 'NULL')
             USING ERRCODE = 'raise_exception';
     END IF;
 
@@ -178,11 +185,18 @@ DECLARE
     v_source_type TEXT := p_source ->> 'type';
 BEGIN
     IF v_source_type IS NULL OR v_source_type = '' THEN
-        RAISE EXCEPTION 'relay.invalid_config: source JSONB must contain a "type" key (e.g. "kafka", "nats", "http", "redis", "sqs", "rabbitmq", "stdin"). Got: %', p_source
+        RAISE EXCEPTION 'relay.invalid_config: source JSONB must contain a "type" key (e.g. "kafka", "nats", "http", "redis", "sqs", "rabbitmq", "stdin"). Got %', -- its keys only: values may be secrets
+            CASE jsonb_typeof(p_source) WHEN 'object' THEN 'an object with keys ' || coalesce((SELECT string_agg(quote_ident(k), ', ' ORDER BY k) FROM jsonb_object_keys(p_source) AS k), '(none)')
+                 ELSE coalesce(jsonb_typeof(p_source), 'NULL') END
             USING ERRCODE = 'raise_exception';
     END IF;
     IF p_inbox IS NULL OR p_inbox = '' THEN
         RAISE EXCEPTION 'relay.invalid_config: inbox name must not be empty'
+            USING ERRCODE = 'raise_exception';
+    END IF;
+    -- Names appear in logs, metrics labels and lock keys: one documented character set (README).
+    IF p_name IS NULL OR p_name !~ '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$' THEN
+        RAISE EXCEPTION 'relay.invalid_config: pipeline name % is not valid: 1-128 characters, letters, digits, "_", "-", ".", ":", starting with a letter or digit', coalesce(quote_literal(p_name), 'NULL')
             USING ERRCODE = 'raise_exception';
     END IF;
 

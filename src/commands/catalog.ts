@@ -1,6 +1,6 @@
 import { defineCommand } from "citty";
 import { catalogStatus, formatCatalogStatus, installCatalog } from "../catalog/index.ts";
-import { connectionArgs, loadSettings, withDatabase } from "../cli-common.ts";
+import { connectionArgs, loadSettings, printOut, withDatabase } from "../cli-common.ts";
 import { describeUrl } from "../db.ts";
 import { log } from "../observe/log.ts";
 
@@ -29,7 +29,7 @@ const status = defineCommand({
     const settings = loadSettings(args);
     await withDatabase(settings, async (sql) => {
       const st = await catalogStatus(sql);
-      process.stdout.write(args.json ? JSON.stringify(st, null, 2) + "\n" : formatCatalogStatus(st) + "\n");
+      printOut(args.json ? JSON.stringify(st, null, 2) + "\n" : formatCatalogStatus(st));
     });
   },
 });

@@ -1,5 +1,8 @@
 import { defineCommand } from "citty";
-import { EXIT, loadSettings } from "../cli-common.ts";
+import { requireCatalog } from "../catalog/index.ts";
+import { listFlag, nearest } from "../cli.ts";
+import { EXIT, fail, loadSettings, withDatabase } from "../cli-common.ts";
+import type { Sql } from "../db.ts";
 import { log } from "../observe/log.ts";
 import type { Outcome } from "../coordinator.ts";
 import { runRelay } from "../relay.ts";
@@ -32,38 +35,62 @@ export const runCommand = defineCommand({
   },
 });
 
+/** drain's bound on the whole run when --timeout is not given: a CI job must end. */
+export const DRAIN_DEFAULT_TIMEOUT_SECS = 300;
+
 export const drainCommand = defineCommand({
   meta: {
     name: "drain",
-    description:
-      "Relay everything pending, then exit: 0 when every pipeline caught up, 1 if any failed or --timeout passed (summary on stderr), 3 if the database is unreachable. For CI jobs and one-shot runs.",
+    description: `Relay everything pending, then exit (for CI jobs and one-shot runs). The exit code says how it went (table below); a summary per pipeline goes to stderr. --timeout bounds the whole run, the graceful stop included.`,
   },
   args: {
     ...processArgs,
-    pipeline: { type: "string", description: "drain only these pipelines (comma-separated names)" },
-    timeout: { type: "string", description: "give up after this many seconds (default: no limit)" },
+    pipeline: { type: "string", description: "drain only these pipelines (comma-separated names)", valueHint: "names" },
+    timeout: { type: "string", description: `give up after this many seconds, everything included (default ${DRAIN_DEFAULT_TIMEOUT_SECS}; 0 = no limit)`, valueHint: "seconds" },
+    "allow-dead-letters": { type: "boolean", description: "exit 0 even when messages were dead-lettered during the run (default: exit 4)" },
+    "allow-empty": { type: "boolean", description: "exit 0 when the relay group has no enabled pipeline (default: exit 5)" },
+    "new-group": {
+      type: "boolean",
+      description: "accept a relay group that has no stored offsets while other groups have some (default: refused, exit 5 — a mistyped group would replay every outbox from the start)",
+    },
     metrics: { type: "boolean", description: "also serve /metrics and /health while draining" },
   },
   async run({ args }) {
     const settings = loadSettings(args);
-    const timeoutSecs = args.timeout ? Number(args.timeout) : 0;
-    if (!Number.isFinite(timeoutSecs) || timeoutSecs < 0) {
-      log.error(`--timeout must be a number of seconds, got "${args.timeout}"`);
-      process.exit(EXIT.config);
-    }
-    const only = args.pipeline ? String(args.pipeline).split(",").map((s) => s.trim()).filter(Boolean) : undefined;
+    const timeoutSecs = args.timeout === undefined ? DRAIN_DEFAULT_TIMEOUT_SECS : Number(args.timeout);
+    if (!Number.isFinite(timeoutSecs) || timeoutSecs < 0) fail(`--timeout must be a number of seconds ≥ 0, got "${args.timeout}"`, EXIT.config);
+    const only = listFlag(args.pipeline);
+    const refusal = await withDatabase(settings, (sql) => drainRefusal(sql, settings.relayGroupId, only, { allowEmpty: !!args["allow-empty"], newGroup: !!args["new-group"] }));
+    if (refusal) fail(refusal, EXIT.nothingToDrain);
     const result = await runRelay(settings, { drain: true, only, timeoutSecs, http: !!args.metrics, retryConnect: false }).catch(unreachable);
     printSummary(result.outcomes);
-    if (only) {
-      const missing = only.filter((n) => !result.outcomes.some((o) => o.name === n));
-      if (missing.length > 0) {
-        log.error(`no enabled pipeline named ${missing.join(", ")}`);
-        process.exit(EXIT.failed);
-      }
+    const deadLettered = result.outcomes.reduce((n, o) => n + o.deadLettered, 0);
+    if (result.exitCode === 0 && deadLettered > 0 && !args["allow-dead-letters"]) {
+      log.error(`drain: ${deadLettered} message(s) were dead-lettered during the run (see pgtrickle.relay_dead_letters; --allow-dead-letters accepts this)`);
+      process.exit(EXIT.deadLettered);
     }
     process.exit(result.exitCode);
   },
 });
+
+/**
+ * Why drain should not start, or null: no enabled pipeline (unless allowed), --pipeline names
+ * that are not enabled pipelines, or a relay group without any stored offset while others have
+ * some — simple-mode offsets are kept per group, so a mistyped group would relay every outbox
+ * again from its first row.
+ */
+async function drainRefusal(sql: Sql, groupId: string, only: string[] | undefined, allow: { allowEmpty: boolean; newGroup: boolean }): Promise<string | null> {
+  await requireCatalog(sql);
+  const enabled = (await sql<{ name: string }[]>`SELECT name FROM pgtrickle.list_relay_configs() WHERE enabled`).map((r) => r.name);
+  const missing = only?.filter((n) => !enabled.includes(n)) ?? [];
+  if (missing.length > 0) return `drain: no enabled pipeline named ${missing.join(", ")}${nearest(missing[0]!, enabled)}`;
+  if (enabled.length === 0) return allow.allowEmpty ? null : "drain: no enabled pipeline in the catalog (--allow-empty accepts this)";
+  const groups = (await sql<{ g: string }[]>`SELECT DISTINCT relay_group_id AS g FROM pgtrickle.relay_consumer_offsets ORDER BY 1`).map((r) => r.g);
+  if (groups.length > 0 && !groups.includes(groupId) && !allow.newGroup) {
+    return `drain: relay group '${groupId}' has no stored offsets, but ${groups.map((g) => `'${g}'`).join(", ")} do${nearest(groupId, groups)}; a new group relays every outbox from its first row (--new-group to do that)`;
+  }
+  return null;
+}
 
 function printSummary(outcomes: Outcome[]): void {
   if (outcomes.length === 0) log.info("drain: no enabled pipeline in this relay group");

@@ -1,8 +1,10 @@
 import { defineCommand } from "citty";
 import { requireCatalog } from "../catalog/index.ts";
-import { connectionArgs, loadSettings, withDatabase } from "../cli-common.ts";
+import { listFlag } from "../cli.ts";
+import { connectionArgs, EXIT, fail, loadSettings, printOut, withDatabase } from "../cli-common.ts";
 import { COORDINATOR_APP, MEMBER_KEY_SQL, PIPELINE_LOCK_SQL } from "../coordinator.ts";
-import { redact, type Sql } from "../db.ts";
+import type { Sql } from "../db.ts";
+import { redact } from "../redact.ts";
 import { errorMessage } from "../errors.ts";
 import { findOutbox } from "../outbox/resolve.ts";
 import { normalizePipeline, type CatalogRow, type PipelineSpec } from "../pipeline-config.ts";
@@ -170,49 +172,110 @@ export async function relayStatus(sql: Sql, groupId: string): Promise<RelayStatu
 
 const ownerText = (o: Owner | null) => (o ? `${o.process ?? o.application_name ?? "?"} (backend ${o.backend_pid}${o.client_addr ? `, ${o.client_addr}` : ""})` : "-");
 
-function table(header: string[], body: string[][]): string {
-  const widths = header.map((h, i) => Math.max(h.length, ...body.map((r) => r[i]!.length)));
-  const line = (cells: string[]) => cells.map((c, i) => (i === cells.length - 1 ? c : c.padEnd(widths[i]!))).join("  ").trimEnd();
-  return [line(header), ...body.map(line)].join("\n");
+export interface FormatOptions {
+  /** Characters per line; Infinity = no limit (--wide). */
+  width: number;
+  /** Every column, nothing cut (--wide). */
+  wide: boolean;
+  /** ANSI colour for the state (a terminal without NO_COLOR only). */
+  color: boolean;
 }
 
-export function formatStatus(s: RelayStatus): string {
+const STATE_COLOR: Record<string, number> = { failed: 31, degraded: 33, running: 32, drained: 32, unowned: 33 };
+const paint = (text: string, state: string, on: boolean) => (on && STATE_COLOR[state] ? `\u001b[${STATE_COLOR[state]}m${text}\u001b[0m` : text);
+const cut = (t: string, n: number) => (t.length > n ? `${t.slice(0, Math.max(0, n - 1))}…` : t);
+
+/** Columns aligned; the last one takes what is left of `width` and is cut with `…`. Colour is applied after padding. */
+function table(header: string[], body: string[][], states: string[], o: FormatOptions): string {
+  const widths = header.map((h, i) => Math.max(h.length, ...body.map((r) => r[i]!.length)));
+  const last = header.length - 1;
+  const used = widths.slice(0, last).reduce((a, b) => a + b + 2, 0);
+  const room = o.width === Infinity ? Infinity : Math.max(header[last]!.length, o.width - used);
+  const line = (cells: string[], state?: string) =>
+    cells
+      .map((c, i) => {
+        if (i === last) return cut(c, room);
+        const padded = c.padEnd(widths[i]!);
+        return header[i] === "STATE" && state ? paint(padded, state, o.color) : padded;
+      })
+      .join("  ")
+      .trimEnd();
+  return [line(header), ...body.map((r, n) => line(r, states[n]))].join("\n");
+}
+
+export function formatStatus(s: RelayStatus, o: FormatOptions = { width: Infinity, wide: true, color: false }): string {
   const procs = s.processes.length === 0 ? "no relay process running" : `${s.processes.length} relay process(es): ${s.processes.map(ownerText).join("; ")}`;
   const head = `relay group '${s.relay_group_id}': ${procs}`;
   if (s.pipelines.length === 0) return `${head}\nno pipelines (add one with pgtrickle.set_relay_outbox / set_relay_inbox)`;
-  const short = (t: string | null, n: number) => (t === null ? "-" : t.length > n ? `${t.slice(0, n - 1)}…` : t);
   const lag = (p: PipelineStatus) => (p.lag_rows === null ? "-" : `${p.lag_rows} rows / ${p.lag_seconds ?? 0} s`);
+  const error = (p: PipelineStatus) => p.last_error?.replace(/\s+/g, " ") ?? "-";
+  const states = s.pipelines.map((p) => p.state);
+  if (o.wide) {
+    const body = s.pipelines.map((p) => [
+      p.name,
+      p.direction,
+      p.enabled ? "yes" : "no",
+      p.state,
+      ownerText(p.owner),
+      `${p.source} → ${p.sink}`,
+      p.committed_offset ?? "-",
+      lag(p),
+      String(p.dead_letters),
+      error(p),
+    ]);
+    return `${head}\n${table(["PIPELINE", "DIRECTION", "ENABLED", "STATE", "OWNER", "SOURCE → SINK", "OFFSET", "LAG", "DEAD", "LAST ERROR"], body, states, o)}`;
+  }
   const body = s.pipelines.map((p) => [
-    p.name,
-    p.direction,
-    p.enabled ? "yes" : "no",
+    cut(p.name, 30),
+    p.direction === "forward" ? "fwd" : "rev",
     p.state,
-    ownerText(p.owner),
-    `${p.source} → ${p.sink}`,
-    p.committed_offset ?? "-",
-    lag(p),
+    cut(`${p.source} → ${p.sink}`, 40),
+    p.lag_rows === null ? "-" : String(p.lag_rows),
     String(p.dead_letters),
-    short(p.last_error?.replace(/\s+/g, " ") ?? null, 100),
+    error(p),
   ]);
-  return `${head}\n${table(["PIPELINE", "DIRECTION", "ENABLED", "STATE", "OWNER", "SOURCE → SINK", "OFFSET", "LAG", "DEAD", "LAST ERROR"], body)}`;
+  return `${head}\n${table(["PIPELINE", "DIR", "STATE", "SOURCE → SINK", "LAG", "DEAD", "LAST ERROR"], body, states, o)}`;
+}
+
+/** How `status` prints here: the terminal's width and colour, or 100 columns and none when piped. */
+function formatOptions(wide: boolean): FormatOptions {
+  const tty = process.stdout.isTTY === true;
+  const columns = tty ? process.stdout.columns : Number(process.env.COLUMNS) || 100;
+  return { width: wide ? Infinity : columns, wide, color: tty && !process.env.NO_COLOR };
 }
 
 export const statusCommand = defineCommand({
   meta: {
     name: "status",
     description:
-      "One line per pipeline: direction, enabled, state, the relay process holding its lock (pg_locks + pg_stat_activity), source → sink, committed offset, lag, unresolved dead letters, last error. Read-only.",
+      "One line per pipeline: state, source → sink, lag, unresolved dead letters, last error (--wide adds enabled, the relay process holding its lock from pg_locks + pg_stat_activity, and the committed offset). Read-only. Exit 1 when a pipeline is failed.",
   },
   args: {
     ...connectionArgs,
     ...settingArgs({ relayGroupId: "relay group whose locks and offsets to show" }),
+    pipeline: { type: "string", description: "only these pipelines (comma-separated names)", valueHint: "names" },
+    wide: { type: "boolean", description: "every column, nothing cut to the terminal's width" },
+    watch: { type: "boolean", description: "redraw every --interval seconds until Ctrl-C" },
+    interval: { type: "string", description: "seconds between redraws with --watch (default 2)", valueHint: "seconds" },
     json: { type: "boolean", description: "print JSON instead of a table" },
   },
   async run({ args }) {
     const settings = loadSettings(args);
-    await withDatabase(settings, async (sql) => {
-      const status = await relayStatus(sql, settings.relayGroupId);
-      process.stdout.write(args.json ? JSON.stringify(status, null, 2) + "\n" : formatStatus(status) + "\n");
+    const only = listFlag(args.pipeline);
+    const interval = args.interval === undefined ? 2 : Number(args.interval);
+    if (!(interval > 0)) fail(`--interval must be a positive number of seconds, got "${args.interval}"`, EXIT.config);
+    const exitCode = await withDatabase(settings, async (sql) => {
+      for (;;) {
+        const status = await relayStatus(sql, settings.relayGroupId);
+        if (only) status.pipelines = status.pipelines.filter((p) => only.includes(p.name));
+        const text = args.json ? JSON.stringify(status, null, 2) : formatStatus(status, formatOptions(!!args.wide));
+        // On a terminal, --watch redraws in place (clear screen, cursor home).
+        printOut(args.watch && process.stdout.isTTY ? `\u001b[2J\u001b[H${text}` : text);
+        const failed = status.pipelines.some((p) => p.state === "failed");
+        if (!args.watch) return failed ? EXIT.failed : 0;
+        await Bun.sleep(interval * 1000);
+      }
     });
+    process.exit(exitCode);
   },
 });

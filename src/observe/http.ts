@@ -1,7 +1,8 @@
 import type { Lag } from "../backends/types.ts";
 import type { Coordinator } from "../coordinator.ts";
 import type { Pipeline } from "../pipeline.ts";
-import { log, redactSecrets } from "./log.ts";
+import { redact } from "../redact.ts";
+import { log } from "./log.ts";
 import type { Metrics } from "./metrics.ts";
 
 const started = Date.now();
@@ -106,7 +107,7 @@ export async function drainedReport(coordinator: Coordinator, metrics: Metrics) 
 }
 
 function json(body: unknown, status: number): Response {
-  return new Response(redactSecrets(JSON.stringify(body)), { status, headers: { "content-type": "application/json" } });
+  return new Response(redact(JSON.stringify(body)), { status, headers: { "content-type": "application/json" } });
 }
 
 /** /metrics, /health and /health/drained on one listener. */
@@ -121,7 +122,7 @@ export function startHttp(addr: string, coordinator: Coordinator, metrics: Metri
       try {
         if (path === "/metrics") {
           await refreshLag(coordinator, metrics);
-          return new Response(redactSecrets(await metrics.registry.metrics()), { headers: { "content-type": metrics.registry.contentType } });
+          return new Response(redact(await metrics.registry.metrics()), { headers: { "content-type": metrics.registry.contentType } });
         }
         if (path === "/health") {
           const report = await healthReport(coordinator, metrics);
@@ -132,7 +133,7 @@ export function startHttp(addr: string, coordinator: Coordinator, metrics: Metri
           return json(report, report.drained ? 200 : 202);
         }
       } catch (err) {
-        return new Response(redactSecrets(`error: ${(err as Error).message}\n`), { status: 500 });
+        return new Response(redact(`error: ${(err as Error).message}\n`), { status: 500 });
       }
       return new Response("not found\n", { status: 404 });
     },

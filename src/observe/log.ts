@@ -1,4 +1,5 @@
 import { createConsola, type ConsolaInstance, type LogObject } from "consola";
+import { redact } from "../redact.ts";
 
 export type LogFormat = "text" | "json";
 export const LOG_LEVELS = ["error", "warn", "info", "debug", "trace"] as const;
@@ -6,43 +7,13 @@ export type LogLevel = (typeof LOG_LEVELS)[number];
 
 const consolaLevel: Record<LogLevel, number> = { error: 0, warn: 1, info: 3, debug: 4, trace: 5 };
 
-// ── secret redaction ──────────────────────────────────────────────────────────────────────────
-
-/**
- * Every resolved secret value this process holds (URL password, `${env:…}` / `${file:…}`
- * results). Each log line, health report and persisted error passes through `redactSecrets`, so
- * a value cannot leak even when a library echoes it back inside an error message.
- */
-const secretValues = new Set<string>();
-/** Shorter values would blank out ordinary words; a secret that short protects nothing anyway. */
-const MIN_SECRET_LENGTH = 3;
-
-export function registerSecrets(values: Iterable<string>): void {
-  for (const v of values) {
-    if (v.length >= MIN_SECRET_LENGTH) secretValues.add(v);
-    // A value may also appear URL-encoded (credentials inside a URL).
-    const enc = encodeURIComponent(v);
-    if (enc !== v && enc.length >= MIN_SECRET_LENGTH) secretValues.add(enc);
-  }
-}
-
-export function redactSecrets(text: string): string {
-  if (secretValues.size === 0) return text;
-  let out = text;
-  // Longest first: a secret that contains another must be replaced whole.
-  for (const v of [...secretValues].sort((a, b) => b.length - a.length)) {
-    if (out.includes(v)) out = out.split(v).join("***");
-  }
-  return out;
-}
-
 // ── formatting ────────────────────────────────────────────────────────────────────────────────
 
 function messageOf(entry: LogObject): string {
   const text = entry.args
     .map((a) => (a instanceof Error ? a.message : typeof a === "string" ? a : JSON.stringify(a)))
     .join(" ");
-  return redactSecrets(text);
+  return redact(text);
 }
 
 const LEVEL_NAME: Record<string, string> = { fatal: "error", error: "error", warn: "warn", log: "info", info: "info", success: "info", ready: "info", start: "info", box: "info", debug: "debug", trace: "trace", verbose: "trace" };

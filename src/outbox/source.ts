@@ -50,6 +50,11 @@ export const OutboxSourceConfig = v.looseObject({
   keep_internal_columns: v.optional(v.boolean(), false),
   /** Call enable_outbox(stream_table, retention_hours) when the stream table has no outbox. */
   auto_enable_outbox: v.optional(v.boolean(), false),
+  /**
+   * Simple mode, a pipeline without a stored offset (new, or new to this relay group): `earliest`
+   * relays every row still in the outbox, `latest` only rows written after its first start.
+   */
+  start_position: v.optional(v.picklist(["earliest", "latest"]), "earliest"),
 });
 export type OutboxSourceConfig = v.InferOutput<typeof OutboxSourceConfig>;
 
@@ -413,7 +418,13 @@ export class OutboxSource implements Source {
     const [row] = await this.sql<{ last: string }[]>`
       SELECT last_change_id::text AS last FROM pgtrickle.relay_consumer_offsets
       WHERE relay_group_id = ${this.ctx.relayGroupId} AND pipeline_id = ${this.ctx.pipeline}`;
-    return BigInt(row?.last ?? "0");
+    if (row) return BigInt(row.last);
+    if (this.cfg.start_position === "earliest") return 0n;
+    // `latest`: the current end of the outbox becomes the stored offset, so a restart before the
+    // first commit does not fall back to the beginning.
+    const [end] = await this.sql<{ max: string }[]>`SELECT coalesce(max(h.id), 0)::text AS max FROM ${this.headerTable()} AS h`;
+    await this.commit(this.sql, end!.max);
+    return BigInt(end!.max);
   }
 
   private async pollSimple(): Promise<HeaderRow[]> {

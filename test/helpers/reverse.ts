@@ -16,9 +16,12 @@ export async function setRelayInbox(db: TestDatabase, name: string, inbox: strin
   await db.sql`SELECT pgtrickle.set_relay_inbox(${name}, ${inbox}, ${db.sql.json(source as never)})`;
 }
 
-/** `pgtrickle-relay drain --pipeline name` against `db`, with `extra` arguments. */
+/**
+ * `pgtrickle-relay drain --pipeline name` against `db`, with `extra` arguments. Dead letters are
+ * allowed (exit 0): the tests of poison messages check the dead-letter table itself.
+ */
 export const drainPipeline = (db: TestDatabase, name: string, extra: string[] = [], timeoutMs?: number) =>
-  relayOnce(["drain", "--postgres-url", db.url, "--pipeline", name, ...extra], {}, timeoutMs);
+  relayOnce(["drain", "--postgres-url", db.url, "--pipeline", name, "--allow-dead-letters", ...extra], {}, timeoutMs);
 
 /** The inbox's rows, ordered by event_id. */
 export async function inboxRows(db: TestDatabase, inbox: string): Promise<InboxRow[]> {

@@ -333,11 +333,11 @@ describe("SQL functions", () => {
     const noType = await pgError(sql`SELECT pgtrickle.set_relay_outbox('x', 'outbox_x', NULL, '{"url":"u"}')`);
     expect(noType.code).toBe("P0001");
     expect(noType.message).toStartWith(SINK_TYPE_MSG);
-    expect(noType.message).toBe(`${SINK_TYPE_MSG} ${SINK_TYPE_LIST}. Got: {"url": "u"}`);
+    expect(noType.message).toBe(`${SINK_TYPE_MSG} ${SINK_TYPE_LIST}. Got an object with keys url`); // keys only: values may be secrets
 
     const emptyType = await pgError(sql`SELECT pgtrickle.set_relay_outbox('x', 'outbox_x', NULL, '{"type":""}')`);
     expect(emptyType.code).toBe("P0001");
-    expect(emptyType.message).toBe(`${SINK_TYPE_MSG} ${SINK_TYPE_LIST}. Got: {"type": ""}`);
+    expect(emptyType.message).toBe(`${SINK_TYPE_MSG} ${SINK_TYPE_LIST}. Got an object with keys type`);
 
     const emptyOutbox = await pgError(sql`SELECT pgtrickle.set_relay_outbox('x', '', NULL, '{"type":"nats"}')`);
     expect(emptyOutbox.code).toBe("P0001");
@@ -378,7 +378,7 @@ describe("SQL functions", () => {
     const noType = await pgError(sql`SELECT pgtrickle.set_relay_inbox('x', 'inbox_x', '{"topic":"t"}')`);
     expect(noType.code).toBe("P0001");
     expect(noType.message).toStartWith(SOURCE_TYPE_MSG);
-    expect(noType.message).toBe(`${SOURCE_TYPE_MSG} ${SOURCE_TYPE_LIST}. Got: {"topic": "t"}`);
+    expect(noType.message).toBe(`${SOURCE_TYPE_MSG} ${SOURCE_TYPE_LIST}. Got an object with keys topic`);
 
     const emptyType = await pgError(sql`SELECT pgtrickle.set_relay_inbox('x', 'inbox_x', '{"type":""}')`);
     expect(emptyType.code).toBe("P0001");
@@ -387,6 +387,12 @@ describe("SQL functions", () => {
     const emptyInbox = await pgError(sql`SELECT pgtrickle.set_relay_inbox('x', '', '{"type":"nats"}')`);
     expect(emptyInbox.code).toBe("P0001");
     expect(emptyInbox.message).toBe("relay.invalid_config: inbox name must not be empty");
+
+    for (const name of ["", "a b", "-x"]) {
+      const badName = await pgError(sql`SELECT pgtrickle.set_relay_inbox(${name}, 'inbox_x', '{"type":"nats"}')`);
+      expect(badName.code).toBe("P0001");
+      expect(badName.message).toContain(`pipeline name '${name}' is not valid`);
+    }
 
     const nullInbox = await pgError(sql`SELECT pgtrickle.set_relay_inbox('x', NULL, '{"type":"nats"}')`);
     expect(nullInbox.code).toBe("P0001");

@@ -10,7 +10,7 @@ import { join } from "node:path";
 import { createStreamTable, enableOutbox, writeRaw, writeV1Inline } from "../fixtures/outbox.ts";
 import { coordinatorBackend, getText, httpBase, payloadIds } from "../helpers/observe.ts";
 import { testDatabase, type TestDatabase } from "../helpers/pg.ts";
-import { eventually, relayOnce, RunningRelay } from "../helpers/relay.ts";
+import { eventually, relayCommand, relayOnce, RunningRelay } from "../helpers/relay.ts";
 
 const dir = mkdtempSync(join(tmpdir(), "relay-commands-"));
 let db: TestDatabase;
@@ -66,10 +66,11 @@ describe("status", () => {
     await eventually(
       async () => {
         const out = await relayOnce(["status", "--postgres-url", db.url, "--json"]);
-        expect(out.exitCode).toBe(0);
         st = JSON.parse(out.stdout);
         const run = st.pipelines.find((p: { name: string }) => p.name === "st_run");
-        return run?.state === "running" && run.committed_offset === last && st.pipelines.find((p: { name: string }) => p.name === "st_fail")?.state === "failed";
+        const failed = st.pipelines.find((p: { name: string }) => p.name === "st_fail")?.state === "failed";
+        expect(out.exitCode).toBe(failed ? 1 : 0); // exit 1 while a pipeline is failed
+        return run?.state === "running" && run.committed_offset === last && failed;
       },
       10_000,
       "status to show st_run running and st_fail failed",
@@ -97,8 +98,8 @@ describe("status", () => {
     expect(by("st_fail")).toMatchObject({ state: "failed", owner: null });
     expect(by("st_fail").last_error).toContain("sink.format");
 
-    const table = await relayOnce(["status", "--postgres-url", db.url]);
-    expect(table.exitCode).toBe(0);
+    const table = await relayOnce(["status", "--postgres-url", db.url, "--wide"]);
+    expect(table.exitCode).toBe(1);
     const lines = table.stdout.trim().split("\n");
     expect(lines[0]).toBe(`relay group 'default': 1 relay process(es): ${identity} (backend ${backend}, 127.0.0.1)`);
     expect(lines[1]).toMatch(/^PIPELINE\s+DIRECTION\s+ENABLED\s+STATE\s+OWNER\s+SOURCE → SINK\s+OFFSET\s+LAG\s+DEAD\s+LAST ERROR$/);
@@ -106,6 +107,18 @@ describe("status", () => {
     expect(runLine).toMatch(new RegExp(`^st_run\\s+forward\\s+yes\\s+running\\s+${identity.replace(/[.]/g, "\\.")} \\(backend ${backend}, 127\\.0\\.0\\.1\\)\\s+outbox public\\.st_run → file \\S+st_run\\.jsonl\\s+${last}\\s+0 rows / 0 s\\s+1\\s+-$`));
     expect(lines.find((l) => l.startsWith("st_off "))).toMatch(/^st_off\s+forward\s+no\s+disabled\s+-\s+.*\s+-\s+2 rows \/ \S+ s\s+0\s+-$/);
     expect(lines.find((l) => l.startsWith("st_fail "))).toMatch(/\s+failed\s+-\s+.*sink\.format/);
+
+    // Without --wide: the main columns, within the width (COLUMNS when piped), no colour off a terminal.
+    const narrow = await relayOnce(["status", "--postgres-url", db.url], { COLUMNS: "90" });
+    const narrowLines = narrow.stdout.trim().split("\n");
+    expect(narrowLines[1]).toMatch(/^PIPELINE\s+DIR\s+STATE\s+SOURCE → SINK\s+LAG\s+DEAD\s+LAST ERROR$/);
+    for (const l of narrowLines.slice(1)) expect(l.length).toBeLessThanOrEqual(90);
+    expect(narrowLines.find((l) => l.startsWith("st_fail "))).toMatch(/^st_fail\s+fwd\s+failed\s+.*…$/);
+    expect(narrow.stdout).not.toContain("\u001b[");
+    const one = await relayOnce(["status", "--postgres-url", db.url, "--pipeline", "st_run"]);
+    expect(one.exitCode).toBe(0);
+    expect(one.stdout).toContain("st_run ");
+    expect(one.stdout).not.toContain("st_fail");
   }, 60_000);
 
   test("a lock held by something that is not a relay is shown as such; no relay running says so", async () => {
@@ -121,6 +134,25 @@ describe("status", () => {
       expect(run.state).toBe("starting");
       const text = await relayOnce(["status", "--postgres-url", db.url]);
       expect(text.stdout.split("\n")[0]).toBe("relay group 'default': no relay process running");
+
+      // On a terminal (`script` gives it one) the failed state is red, unless NO_COLOR is set.
+      const onTerminal = async (env: Record<string, string>) => {
+        const command = relayCommand(["status", "--postgres-url", db.url]).map((a) => `'${a}'`).join(" ");
+        const proc = Bun.spawn(["script", "-qec", command, "/dev/null"], { stdout: "pipe", stderr: "pipe", env: { ...process.env, ...env } });
+        return new Response(proc.stdout).text();
+      };
+      expect(await onTerminal({})).toContain("\u001b[31mfailed");
+      expect(await onTerminal({ NO_COLOR: "1" })).not.toContain("\u001b[");
+
+      // --watch redraws until stopped.
+      const watch = Bun.spawn(relayCommand(["status", "--postgres-url", db.url, "--watch", "--interval", "0.2"]), { stdout: "pipe", stderr: "ignore" });
+      let seen = "";
+      const reader = (async () => {
+        for await (const chunk of watch.stdout) seen += new TextDecoder().decode(chunk);
+      })();
+      await eventually(() => (seen.match(/^relay group 'default'/gm)?.length ?? 0) >= 2, 20_000, "two redraws");
+      watch.kill("SIGINT");
+      await Promise.all([watch.exited, reader]);
     } finally {
       await other.end();
     }

@@ -130,7 +130,7 @@ describe("decoding every payload shape", () => {
     await db.sql.unsafe(`DELETE FROM pgtrickle."${tables.deltaTable}" WHERE outbox_id = ${v1}`);
     const emptied = await writeClaimCheck(db.sql, tables.outboxTable, tables.deltaTable, [], { deleted_count: 10001 });
     const after = await writeV1Inline(db.sql, tables.outboxTable, { inserted: [{ id: 2, amount: 2 }], deleted: [] });
-    expect((await drain("cc_missing")).exitCode).toBe(0);
+    expect((await drain("cc_missing")).exitCode).toBe(4); // the missing claim-check rows were dead-lettered
     const lines = readLines(output);
     expect(lines.map((l) => [l.outbox_id, l.op, l.is_full_refresh])).toEqual([
       [Number(emptied), "summary", true],
@@ -163,7 +163,7 @@ describe("dead letters", () => {
     const bad = await writeRaw(db.sql, tables.outboxTable, { v: 99, inserted: [] });
     const last = await writeV1Inline(db.sql, tables.outboxTable, { inserted: [{ id: 3, amount: 3 }], deleted: [] });
     const result = await drain("poison");
-    expect(result.exitCode).toBe(0);
+    expect(result.exitCode).toBe(4); // the poison row was dead-lettered
     expect(readLines(output).map((l) => l.payload)).toEqual([{ id: 1, amount: 1 }, { id: 3, amount: 3 }]);
     const letters = await db.sql<{ dedup_key: string; error: string; error_kind: string; outbox_id: string }[]>`
       SELECT dedup_key, error, error_kind, outbox_id::text FROM pgtrickle.relay_dead_letters WHERE pipeline = 'poison'`;

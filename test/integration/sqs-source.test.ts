@@ -84,7 +84,7 @@ async function pipeline(label: string, source: Record<string, unknown> = {}, opt
   await db.sql`SELECT pgtrickle.set_relay_inbox(${name}, ${inbox}, ${db.sql.json({ type: "sqs", queue_url: queueUrl, ...connection, ...source } as never)})`;
   const rows = () => db.sql<Row[]>`SELECT event_id, event_type, source, aggregate_id, payload, trace_id FROM pgtrickle.${db.sql(inbox)} ORDER BY event_id`;
   const count = async () => (await db.sql<{ n: number }[]>`SELECT count(*)::int AS n FROM pgtrickle.${db.sql(inbox)}`)[0]!.n;
-  const drain = (timeoutMs = 60_000) => relayOnce(["drain", "--postgres-url", db.url, "--pipeline", name], {}, timeoutMs);
+  const drain = (timeoutMs = 60_000) => relayOnce(["drain", "--postgres-url", db.url, "--pipeline", name, "--allow-dead-letters"], {}, timeoutMs);
   return { name, inbox, queueUrl, rows, count, drain };
 }
 

@@ -20,7 +20,7 @@ describe("normalizePipeline (CONTRACT.md §5.1)", () => {
   test("disagreeing type keys are a config error naming the pipeline", () => {
     expect(() => normalizePipeline({ name: "p9", direction: "forward", enabled: true, config: { sink_type: "nats", sink: { type: "kafka" } } })).toThrow(/pipeline 'p9'.*disagree/);
   });
-  test("validation errors name the pipeline and the key, never the value", () => {
+  test("validation errors name the pipeline, the key and the value received", () => {
     const spec = normalizePipeline({ name: "p", direction: "forward", enabled: true, config: { source: { outbox: "o" }, sink: { type: "file", format: "s3cr3t-xml" } } });
     const b = sinkBackend(spec.sinkType, "p");
     let message = "";
@@ -30,8 +30,41 @@ describe("normalizePipeline (CONTRACT.md §5.1)", () => {
       message = (err as Error).message;
     }
     expect(message).toContain("pipeline 'p'");
-    expect(message).toContain("sink.format");
-    expect(message).not.toContain("s3cr3t");
+    expect(message).toContain("'sink.format' must be one of");
+    expect(message).toContain('got "s3cr3t-xml"');
+  });
+
+  test("every problem of a side at once, in plain words, with the value received; secret-named keys never shown; unknown keys with a suggestion", () => {
+    const spec = normalizePipeline({
+      name: "k",
+      direction: "forward",
+      enabled: true,
+      config: { source: { outbox: "o" }, sink: { type: "kafka", "brokers ": "x", acks: "some", sasl_password: 42, ack_timout_ms: 5 } },
+    });
+    const b = sinkBackend(spec.sinkType, "k");
+    let message = "";
+    try {
+      parseBackendConfig(spec, "sink", b, b.sink!.config);
+    } catch (err) {
+      message = (err as Error).message;
+    }
+    expect(message).toContain("'sink.brokers' is required");
+    expect(message).toContain("'sink.sasl_password' must be a string, got (hidden)");
+    expect(message).toContain("unknown kafka sink key 'sink.brokers ' (did you mean 'sink.brokers'?)");
+    expect(message).not.toContain("Invalid key");
+    expect(message).not.toContain("42");
+
+    const ok = normalizePipeline({ name: "h", direction: "forward", enabled: true, config: { source: { outbox: "o" }, sink: { type: "file", formt: "csv" } } });
+    const file = sinkBackend(ok.sinkType, "h");
+    parseBackendConfig(ok, "sink", file, file.sink!.config);
+    expect(ok.unknownKeys).toEqual(["unknown stdout sink key 'sink.formt' (did you mean 'sink.format'?)"]);
+  });
+
+  test("pipeline names: non-empty, letters, digits and _ - . : only", () => {
+    for (const name of ["", " x", "a b", "ünïcode", "x".repeat(129)]) {
+      expect(() => normalizePipeline({ name, direction: "forward", enabled: true, config: { sink: { type: "stdout" } } })).toThrow(/pipeline name .* is not valid/);
+    }
+    expect(normalizePipeline({ name: "orders.eu-1:v2_x", direction: "forward", enabled: true, config: { sink: { type: "stdout" } } }).name).toBe("orders.eu-1:v2_x");
   });
   test("unknown sink types list the known ones", () => {
     expect(() => sinkBackend("carrier-pigeon", "p")).toThrow(/unknown sink type 'carrier-pigeon' \(known: .*stdout/);

@@ -3,7 +3,7 @@ import { mkdtempSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { RelayError } from "../../src/errors.ts";
-import { redactSecrets, registerSecrets } from "../../src/observe/log.ts";
+import { redact, registerConfigSecrets, registerSecrets } from "../../src/redact.ts";
 import { hasSecretToken, resolveSecrets, resolveSecretsIn } from "../../src/secrets.ts";
 
 const dir = mkdtempSync(join(tmpdir(), "relay-secrets-"));
@@ -73,12 +73,27 @@ describe("redaction", () => {
     const value = `s3cr3t/${crypto.randomUUID()}`;
     resolveSecretsIn("${env:V}", "x", { V: value, S: "ab" });
     resolveSecretsIn("${env:S}", "x", { S: "ab" });
-    expect(redactSecrets(`failed: connect to https://u:${value}@host (${encodeURIComponent(value)})`)).toBe("failed: connect to https://u:***@host (***)");
-    expect(redactSecrets("about a cab")).toBe("about a cab");
+    expect(redact(`failed: connect to https://u:${value}@host (${encodeURIComponent(value)})`)).toBe("failed: connect to https://u:***@host (***)");
+    expect(redact("about a cab")).toBe("about a cab");
   });
 
   test("a secret containing another is replaced whole", () => {
     registerSecrets(["inner-secret", "outer-inner-secret-x"]);
-    expect(redactSecrets("v=outer-inner-secret-x; w=inner-secret")).toBe("v=***; w=***");
+    expect(redact("v=outer-inner-secret-x; w=inner-secret")).toBe("v=***; w=***");
+  });
+});
+
+describe("the shapes redact masks without being told", () => {
+  test("URL passwords with and without a user, credential query parameters; user names and other parameters stay", () => {
+    expect(redact("redis://:hunter2@h:6379 and amqp://guest:pa55@h/vh")).toBe("redis://:***@h:6379 and amqp://guest:***@h/vh");
+    expect(redact("http://h/hook?token=abc&x=1&api_key=k1;sig=zz")).toBe("http://h/hook?token=***&x=1&api_key=***;sig=***");
+    expect(redact("http://user@h:8080/p")).toBe("http://user@h:8080/p");
+    expect(redact("nats://s3cr3ttoken@h:4222")).toBe("nats://***@h:4222");
+  });
+
+  test("registerConfigSecrets: secret-named keys at any depth, every header value, URL passwords inside strings", () => {
+    const tag = crypto.randomUUID().slice(0, 8);
+    registerConfigSecrets({ sink: { sasl_password: `sp-${tag}`, headers: { "X-Custom": `hv-${tag}` }, url: `amqp://u:up-${tag}@h`, topic: `t-${tag}` } });
+    expect(redact(`sp-${tag} hv-${tag} up-${tag} t-${tag}`)).toBe(`*** *** *** t-${tag}`);
   });
 });

@@ -3,7 +3,7 @@ import { mkdtempSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { RelayError } from "../../src/errors.ts";
-import { redactSecrets } from "../../src/observe/log.ts";
+import { redact } from "../../src/redact.ts";
 import { resolveSettings, settingArgs, SETTINGS } from "../../src/settings.ts";
 
 const dir = mkdtempSync(join(tmpdir(), "relay-settings-"));
@@ -83,18 +83,35 @@ sink_max_inflight = 0
     expect(Object.keys(env)).toContain("PGTRICKLE_RELAY_COORDINATOR_TICK_MS");
     expect(resolveSettings({}, { ...env, PGTRICKLE_RELAY_SINK_MAX_INFLIGHT: "17" }).sinkMaxInflight).toBe(17);
     const args = settingArgs({ sinkMaxInflight: "window", maxWorkers: "workers" });
-    expect(args["sink-max-inflight"]!.description).toBe("window (env PGTRICKLE_RELAY_SINK_MAX_INFLIGHT, default 1000)");
-    expect(args["max-workers"]!.description).toBe("workers (env PGTRICKLE_RELAY_MAX_WORKERS_PER_POD, default 10)");
+    expect(args["sink-max-inflight"]!.description).toBe('window (env PGTRICKLE_RELAY_SINK_MAX_INFLIGHT, TOML sink_max_inflight, default "1000")');
+    expect(args["max-workers"]!.description).toBe('workers (env PGTRICKLE_RELAY_MAX_WORKERS_PER_POD, TOML max_workers_per_pod, default "10")');
   });
 
   test("the URL may hold ${env:…}/${file:…}; the resolved password is redacted from then on", () => {
     const pw = `pw-${crypto.randomUUID()}`;
     const s = resolveSettings({ "postgres-url": "postgres://relay:${env:PGPW}@db/app" }, { PGPW: pw });
     expect(s.postgresUrl).toBe(`postgres://relay:${pw}@db/app`);
-    expect(redactSecrets(`login failed for postgres://relay:${pw}@db/app`)).toBe("login failed for postgres://relay:***@db/app");
+    expect(redact(`login failed for postgres://relay:${pw}@db/app`)).toBe("login failed for postgres://relay:***@db/app");
     expect(configError(() => resolveSettings({ "postgres-url": "postgres://relay:${env:NOPE}@db/app" }, {}))).toBe(
       "--postgres-url: environment variable NOPE is not set (referenced as ${env:NOPE})",
     );
+  });
+
+  test("the URL must be a postgres URL and the metrics address host:port; neither message echoes a password", () => {
+    expect(configError(() => resolveSettings({ "postgres-url": "not a url" }, {}))).toContain("--postgres-url is not a URL");
+    const mysql = configError(() => resolveSettings({ "postgres-url": "mysql://u:hunter22@db/app" }, {}));
+    expect(mysql).toContain("must start with postgres:// or postgresql://");
+    expect(mysql).not.toContain("hunter22");
+    expect(configError(() => resolveSettings({ "postgres-url": URL_, "metrics-addr": "garbage" }, {}))).toContain("--metrics-addr must be host:port");
+    expect(configError(() => resolveSettings({ "postgres-url": URL_, "metrics-addr": "127.0.0.1:70000" }, {}))).toContain("--metrics-addr");
+    expect(resolveSettings({ "postgres-url": URL_, "metrics-addr": "[::1]:0" }, {}).metricsAddr).toBe("[::1]:0");
+    expect(configError(() => resolveSettings({ "postgres-url": URL_, "relay-group-id": " " }, {}))).toBe("--relay-group-id must not be empty");
+  });
+
+  test("a TOML key that is not a setting is refused, with a suggestion", () => {
+    const path = join(mkdtempSync(join(tmpdir(), "relay-toml-")), "relay.toml");
+    writeFileSync(path, `postgres_url = "${URL_}"\nrelay_group = "eu"\n`);
+    expect(configError(() => resolveSettings({ config: path }, {}))).toContain("unknown key 'relay_group' (did you mean 'relay_group_id'?)");
   });
 
   test("bad values are config errors that name the flag", () => {
