@@ -104,6 +104,7 @@ export class Pipeline {
   /** When pending work was first seen since the last moment there was none (stall detection). */
   private pendingSince: number | null = null;
   private batchInHand = false;
+  private checkingProgress = false;
   private readonly onPermanentError: "dead_letter" | "halt";
   private lastReplayCheck = 0;
 
@@ -132,6 +133,8 @@ export class Pipeline {
         deps.metrics.pollDuration.observe(labels, seconds);
         this.lastPollAt = new Date();
         this.sourceAnsweredAt = Date.now();
+        // An idle source that answers again has recovered, even before a message comes.
+        if (this.state === "degraded" && this.lastError?.startsWith("source")) this.recovered("source");
       },
     };
     const sourceB = sourceBackend(spec.sourceType, spec.name);
@@ -174,7 +177,7 @@ export class Pipeline {
     try {
       await this.retrying(stop, "start", async () => {
         await this.startSource();
-        await this.onSink("start", async () => {});
+        await this.startSink();
       });
       if (stop.aborted) return this.finish("stopped");
       this.deps.metrics.sourceConnected.set({ pipeline: this.name }, 1);
@@ -205,7 +208,8 @@ export class Pipeline {
           if (errorKind(err) === "config" || stop.aborted || err instanceof LockLost) throw err;
           this.deps.metrics.sourceErrors.inc(this.labels);
           this.transient(err, "source");
-          if (sourceUnresponsive(err)) this.rebuildSource();
+          // A polling source's failure may leave its client on a silent socket, like a sink's.
+          if (sourceUnresponsive(err) || this.source.reportsPolls) this.rebuildSource();
           await abortableDelay(backoffMs(attempt++), stop);
         }
       }
@@ -231,9 +235,9 @@ export class Pipeline {
     return state;
   }
 
-  /** The state `status` and /health show: `stalled` overrides a state that claims all is well. */
+  /** The state `status` and /health show: `stalled` overrides `running`, which claims all is well. */
   get reportedState(): string {
-    return this.stalledSince && (this.state === "running" || this.state === "degraded") ? "stalled" : this.state;
+    return this.stalledSince && this.state === "running" ? "stalled" : this.state;
   }
 
   /** `work`, or Unresponsive once the I/O deadline passed. */
@@ -259,6 +263,10 @@ export class Pipeline {
       if (errorKind(err) === "transient" && this.sink === sink) this.rebuildSink();
       throw err;
     }
+  }
+
+  private startSink(): Promise<void> {
+    return this.onSink("start", async () => {});
   }
 
   /** One call of the source under the watchdog; past the deadline the run loop rebuilds the source. */
@@ -333,10 +341,16 @@ export class Pipeline {
    * reports — with no commit for longer than the stall time, whatever the state says.
    */
   private async checkProgress(): Promise<void> {
+    if (this.checkingProgress) return;
+    this.checkingProgress = true;
     let pending = this.batchInHand;
-    if (!pending && this.source.lag) {
-      const lag = await withTimeout(this.source.lag(), LAG_TIMEOUT_MS, "lag").catch(() => null);
-      pending = (lag?.rows ?? 0) > 0;
+    try {
+      if (!pending && this.source.lag) {
+        const lag = await withTimeout(this.source.lag(), LAG_TIMEOUT_MS, "lag").catch(() => null);
+        pending = (lag?.rows ?? 0) > 0;
+      }
+    } finally {
+      this.checkingProgress = false;
     }
     const now = Date.now();
     if (!pending) this.pendingSince = null;
