@@ -9,21 +9,35 @@ import { afterAll, beforeAll, expect, test } from "bun:test";
 import { CreateQueueCommand, DeleteQueueCommand, SendMessageCommand, SQSClient } from "@aws-sdk/client-sqs";
 import amqp from "amqplib";
 import Redis from "ioredis";
+import { Kafka, logLevel, type Producer } from "kafkajs";
 import { connect as natsConnect, type NatsConnection } from "nats";
 import { getJson, httpBase } from "../helpers/observe.ts";
 import { testDatabase, type TestDatabase } from "../helpers/pg.ts";
 import { tcpProxy } from "../helpers/proxy.ts";
 import { eventually, RunningRelay } from "../helpers/relay.ts";
 import { inboxRows, setRelayInbox } from "../helpers/reverse.ts";
-import { AMQP_URL, AWS_CREDENTIALS, NATS_URL, REDIS_URL, requireServer, SQS_CLIENT_CONFIG } from "../helpers/servers.ts";
+import {
+  AMQP_URL,
+  AWS_CREDENTIALS,
+  KAFKA_BROKERS,
+  KAFKA_PROXIED_ADVERTISED_PORT,
+  KAFKA_PROXIED_PORT,
+  NATS_URL,
+  REDIS_URL,
+  requireServer,
+  SQS_CLIENT_CONFIG,
+} from "../helpers/servers.ts";
 
 const run = Math.random().toString(36).slice(2, 8);
-const PIPELINES = ["wr_nats", "wr_redis", "wr_sqs", "wr_rabbit"] as const;
+const PIPELINES = ["wr_nats", "wr_redis", "wr_sqs", "wr_rabbit", "wr_kafka"] as const;
 type Name = (typeof PIPELINES)[number];
 const stream = `WDR_${run}`;
 const subject = `wdr${run}.events`;
 const redisKey = `wdr:${run}`;
 const queue = `wdr-${run}`;
+const topic = `wdr-${run}`;
+const kafka = new Kafka({ clientId: "watchdog-reverse-test", brokers: KAFKA_BROKERS, logLevel: logLevel.NOTHING });
+let producer: Producer;
 let db: TestDatabase;
 const proxies: Awaited<ReturnType<typeof tcpProxy>>[] = [];
 const sqs = new SQSClient(SQS_CLIENT_CONFIG);
@@ -38,7 +52,7 @@ let base = "";
 const portOf = (url: string) => Number(new URL(url).port);
 
 beforeAll(async () => {
-  for (const s of ["postgres", "nats", "redis", "rabbitmq", "sqs"] as const) await requireServer(s);
+  for (const s of ["postgres", "nats", "redis", "rabbitmq", "sqs", "kafka"] as const) await requireServer(s);
   db = await testDatabase("watchdog_reverse");
   nc = await natsConnect({ servers: NATS_URL });
   await (await nc.jetstreamManager()).streams.add({ name: stream, subjects: [subject] });
@@ -47,12 +61,20 @@ beforeAll(async () => {
   rabbit = await amqp.connect(AMQP_URL);
   rabbitChannel = await rabbit.createChannel();
   await rabbitChannel.assertQueue(queue, { durable: true });
+  const admin = kafka.admin();
+  await admin.connect();
+  await admin.createTopics({ topics: [{ topic, numPartitions: 1 }], waitForLeaders: true });
+  await admin.disconnect();
+  producer = kafka.producer();
+  await producer.connect();
 
   const via = async (port: number) => {
     const p = await tcpProxy(port);
     proxies.push(p);
     return p.port;
   };
+  const kafkaProxy = await tcpProxy(KAFKA_PROXIED_PORT, KAFKA_PROXIED_ADVERTISED_PORT);
+  proxies.push(kafkaProxy);
   const amqpUrl = new URL(AMQP_URL);
   amqpUrl.port = String(await via(portOf(AMQP_URL)));
   const sources: Record<Name, Record<string, unknown>> = {
@@ -62,6 +84,7 @@ beforeAll(async () => {
     wr_sqs: { type: "sqs", queue_url: queueUrl, endpoint: `http://127.0.0.1:${await via(portOf(SQS_CLIENT_CONFIG.endpoint))}`, region: "us-east-1", wait_time_seconds: 2 },
     // RabbitMQ pushes: a silent connection is found by the AMQP heartbeat.
     wr_rabbit: { type: "rabbitmq", url: amqpUrl.toString(), queue, heartbeat_seconds: 2 },
+    wr_kafka: { type: "kafka", brokers: `127.0.0.1:${kafkaProxy.port}`, topic, group_id: `wdr-${run}` },
   };
   for (const name of PIPELINES) await setRelayInbox(db, name, `${name}_inbox`, sources[name]);
   relay = new RunningRelay(["--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0", "--io-timeout", "8"], {
@@ -80,6 +103,10 @@ afterAll(async () => {
   redis?.disconnect();
   await rabbitChannel?.deleteQueue(queue).catch(() => {});
   await rabbit?.close().catch(() => {});
+  await producer?.disconnect().catch(() => {});
+  const admin = kafka.admin();
+  await admin.connect().then(() => admin.deleteTopics({ topics: [topic] })).catch(() => {});
+  await admin.disconnect().catch(() => {});
   if (queueUrl) await sqs.send(new DeleteQueueCommand({ QueueUrl: queueUrl })).catch(() => {});
   await db?.drop();
 });
@@ -91,6 +118,7 @@ async function publish(i: number): Promise<void> {
   await redis.xadd(redisKey, "*", "payload", body("wr_redis"));
   await sqs.send(new SendMessageCommand({ QueueUrl: queueUrl, MessageBody: body("wr_sqs") }));
   rabbitChannel.sendToQueue(queue, Buffer.from(body("wr_rabbit")), { persistent: true, contentType: "application/json" });
+  await producer.send({ topic, messages: [{ value: body("wr_kafka") }] });
 }
 
 async function missing(upTo: number): Promise<Record<string, number>> {
