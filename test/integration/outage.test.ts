@@ -13,8 +13,8 @@ import Redis from "ioredis";
 import { Kafka, logLevel } from "kafkajs";
 import { connect as natsConnect } from "nats";
 import { createStreamTable, enableOutbox, writeV1Inline } from "../fixtures/outbox.ts";
-import { topicDedupKeys } from "../helpers/kafka.ts";
-import { getJson, httpBase } from "../helpers/observe.ts";
+import { createTopic, deleteTopic, topicDedupKeys } from "../helpers/kafka.ts";
+import { expectAllDegraded, expectAllRecovered, httpBase } from "../helpers/observe.ts";
 import { testDatabase, type TestDatabase } from "../helpers/pg.ts";
 import { tcpProxy } from "../helpers/proxy.ts";
 import { eventually, RunningRelay } from "../helpers/relay.ts";
@@ -71,10 +71,7 @@ beforeAll(async () => {
   await ch.assertQueue(`outage-${run}`, { durable: false });
   await ch.bindQueue(`outage-${run}`, `outage-${run}`, "#");
   await ch.close();
-  const admin = kafka.admin();
-  await admin.connect();
-  await admin.createTopics({ topics: [{ topic, numPartitions: 1 }], waitForLeaders: true });
-  await admin.disconnect();
+  await createTopic(kafka, topic);
 
   const via = async (port: number) => {
     const p = await tcpProxy(port);
@@ -122,9 +119,7 @@ afterAll(async () => {
   }).catch(() => {});
   await rabbit?.close().catch(() => {});
   if (queueUrl) await sqs.send(new DeleteQueueCommand({ QueueUrl: queueUrl })).catch(() => {});
-  const admin = kafka.admin();
-  await admin.connect().then(() => admin.deleteTopics({ topics: [topic] })).catch(() => {});
-  await admin.disconnect().catch(() => {});
+  await deleteTopic(kafka, topic);
   await db?.drop();
   await remote?.drop();
 });
@@ -212,8 +207,6 @@ test("an oversized message lands in the dead-letter table while later rows flow"
   expect(got.every((l) => l.error_kind === "sink_permanent")).toBe(true);
 }, 60_000);
 
-type Health = { status: string; pipelines: { name: string; state: string; last_error: string | null }[] };
-
 test("a sink whose peer goes silent without closing is degraded, rebuilt, and delivers everything once the path is back; its last error clears", async () => {
   const ids: string[] = [];
   for (let i = 2001; i <= 2003; i++) ids.push(await writeV1Inline(db.sql, outboxTable, { inserted: [{ id: i }], deleted: [] }));
@@ -221,17 +214,7 @@ test("a sink whose peer goes silent without closing is degraded, rebuilt, and de
 
   for (const p of proxies) p.freeze();
   for (let i = 2004; i <= 2008; i++) ids.push(await writeV1Inline(db.sql, outboxTable, { inserted: [{ id: i }], deleted: [] }));
-  let health: { status: number; body: Health } | null = null;
-  const allDegraded = async () => {
-    health = await getJson<Health>(`${base}/health`);
-    const degraded = health.body.pipelines.filter((p) => p.state === "degraded").map((p) => p.name);
-    if (health.status === 503 && PIPELINES.every((n) => degraded.includes(n))) return true;
-    await Bun.sleep(500);
-    return false;
-  };
-  await eventually(allDegraded, 60_000, "every pipeline degraded, /health 503").catch((err) => {
-    throw new Error(`${err.message}: ${JSON.stringify(health)}\n${relay.stderr.slice(-4000)}`);
-  });
+  await expectAllDegraded(base, PIPELINES, relay);
   const status = await db.sql<{ pipeline: string; state: string; last_error: string | null }[]>`
     SELECT pipeline, state, last_error FROM pgtrickle.relay_pipeline_status ORDER BY pipeline`;
   expect(status.map((s) => [s.pipeline, s.state])).toEqual([...PIPELINES].sort().map((n) => [n, "degraded"]));
@@ -243,15 +226,6 @@ test("a sink whose peer goes silent without closing is degraded, rebuilt, and de
   await eventually(() => allHave(keysOf(ids)), 120_000, "every row everywhere after the path came back").catch(async (err) => {
     throw new Error(`${err.message}: missing ${JSON.stringify(await lacking(keysOf(ids)))}\n${relay.stderr.slice(-4000)}`);
   });
-  const recovered = async () => {
-    const rows = await db.sql<{ state: string; last_error: string | null }[]>`SELECT state, last_error FROM pgtrickle.relay_pipeline_status`;
-    const h = await getJson<Health>(`${base}/health`);
-    if (h.status === 200 && rows.length === PIPELINES.length && rows.every((r) => r.state === "running" && r.last_error === null)) return true;
-    await Bun.sleep(500);
-    return false;
-  };
-  await eventually(recovered, 30_000, "every pipeline running with its last error cleared, /health 200").catch(async (err) => {
-    throw new Error(`${err.message}: ${JSON.stringify(await db.sql`SELECT pipeline, state, last_error FROM pgtrickle.relay_pipeline_status`)}`);
-  });
+  await expectAllRecovered(db.sql, base, PIPELINES.length);
   expect(relay.stderr).toMatch(/no answer within 5 s; rebuilding the client/);
 }, 300_000);

@@ -11,7 +11,8 @@ import amqp from "amqplib";
 import Redis from "ioredis";
 import { Kafka, logLevel, type Producer } from "kafkajs";
 import { connect as natsConnect, type NatsConnection } from "nats";
-import { getJson, httpBase } from "../helpers/observe.ts";
+import { createTopic, deleteTopic } from "../helpers/kafka.ts";
+import { expectAllDegraded, expectAllRecovered, httpBase } from "../helpers/observe.ts";
 import { testDatabase, type TestDatabase } from "../helpers/pg.ts";
 import { tcpProxy } from "../helpers/proxy.ts";
 import { eventually, RunningRelay } from "../helpers/relay.ts";
@@ -61,10 +62,7 @@ beforeAll(async () => {
   rabbit = await amqp.connect(AMQP_URL);
   rabbitChannel = await rabbit.createChannel();
   await rabbitChannel.assertQueue(queue, { durable: true });
-  const admin = kafka.admin();
-  await admin.connect();
-  await admin.createTopics({ topics: [{ topic, numPartitions: 1 }], waitForLeaders: true });
-  await admin.disconnect();
+  await createTopic(kafka, topic);
   producer = kafka.producer();
   await producer.connect();
 
@@ -104,9 +102,7 @@ afterAll(async () => {
   await rabbitChannel?.deleteQueue(queue).catch(() => {});
   await rabbit?.close().catch(() => {});
   await producer?.disconnect().catch(() => {});
-  const admin = kafka.admin();
-  await admin.connect().then(() => admin.deleteTopics({ topics: [topic] })).catch(() => {});
-  await admin.disconnect().catch(() => {});
+  await deleteTopic(kafka, topic);
   if (queueUrl) await sqs.send(new DeleteQueueCommand({ QueueUrl: queueUrl })).catch(() => {});
   await db?.drop();
 });
@@ -144,38 +140,18 @@ async function expectAllLanded(upTo: number, timeoutMs: number, what: string): P
   });
 }
 
-type Health = { status: string; pipelines: { name: string; state: string; last_error: string | null }[] };
-
 test("a source whose peer goes silent without closing is degraded, rebuilt, and delivers everything once the path is back", async () => {
   for (const name of PIPELINES) await relay.waitForLog(new RegExp(`\\[${name}\\] started`), 60_000);
   for (let i = 1; i <= 3; i++) await publish(i);
   await expectAllLanded(3, 60_000, "the first messages in every inbox");
 
   for (const p of proxies) p.freeze();
-  let health: { status: number; body: Health } | null = null;
-  const allDegraded = async () => {
-    health = await getJson<Health>(`${base}/health`);
-    const degraded = health.body.pipelines.filter((p) => p.state === "degraded").map((p) => p.name);
-    if (health.status === 503 && PIPELINES.every((n) => degraded.includes(n))) return true;
-    await Bun.sleep(500);
-    return false;
-  };
-  await eventually(allDegraded, 60_000, "every pipeline degraded, /health 503").catch((err) => {
-    throw new Error(`${err.message}: ${JSON.stringify(health)}\n${relay.stderr.slice(-4000)}`);
-  });
+  await expectAllDegraded(base, PIPELINES, relay);
   for (let i = 4; i <= 8; i++) await publish(i);
   await Bun.sleep(8000);
   expect(Object.keys(await missing(8)).sort()).toEqual([...PIPELINES].sort());
 
   for (const p of proxies) p.thaw();
   await expectAllLanded(8, 120_000, "every message in every inbox after the path came back");
-  const recovered = async () => {
-    const rows = await db.sql<{ state: string; last_error: string | null }[]>`SELECT state, last_error FROM pgtrickle.relay_pipeline_status`;
-    if (rows.length === PIPELINES.length && rows.every((r) => r.state === "running" && r.last_error === null)) return true;
-    await Bun.sleep(500);
-    return false;
-  };
-  await eventually(recovered, 30_000, "every pipeline running with its last error cleared").catch(async (err) => {
-    throw new Error(`${err.message}: ${JSON.stringify(await db.sql`SELECT pipeline, state, last_error FROM pgtrickle.relay_pipeline_status`)}`);
-  });
+  await expectAllRecovered(db.sql, base, PIPELINES.length);
 }, 300_000);
