@@ -208,8 +208,8 @@ export class Pipeline {
           if (errorKind(err) === "config" || stop.aborted || err instanceof LockLost) throw err;
           this.deps.metrics.sourceErrors.inc(this.labels);
           this.transient(err, "source");
-          // A polling source's failure may leave its client on a silent socket, like a sink's.
-          if (sourceUnresponsive(err) || this.source.reportsPolls) this.rebuildSource();
+          // A broker source's failure may leave its client on a silent socket, like a sink's.
+          if (sourceUnresponsive(err) || (this.direction === "reverse" && this.source.reportsPolls)) this.rebuildSource();
           await abortableDelay(backoffMs(attempt++), stop);
         }
       }

@@ -190,6 +190,8 @@ test("every sink pauses while its server is unreachable and resumes with nothing
     throw new Error(`${err.message}: missing ${JSON.stringify(await lacking(keysOf(ids)))}\n${relay.stderr.slice(-3000)}`);
   });
   expect(relay.stderr).toMatch(/recovered/);
+  // The outage's error is history: `status` and /health must not keep showing it.
+  await expectAllRecovered(db.sql, base, PIPELINES.length);
 }, 120_000);
 
 test("an oversized message lands in the dead-letter table while later rows flow", async () => {
