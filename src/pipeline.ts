@@ -95,11 +95,13 @@ export class Pipeline {
   sink: Sink;
   private sinkStarted = false;
   private sourceStarted = false;
+  /** Since when the sink has failed without a success in between. */
+  private sinkFailingSince: number | null = null;
   private readonly makeSource: () => Source;
   private readonly makeSink: () => Sink;
   private readonly ioTimeoutMs: number;
   private readonly stallTimeoutMs: number;
-  /** When the source last proved alive: a poll answered (sources that report polls) or a batch arrived. */
+  /** When the source last proved alive: started, answered a poll (sources that report polls) or gave a batch. */
   private sourceAnsweredAt = Date.now();
   /** When pending work was first seen since the last moment there was none (stall detection). */
   private pendingSince: number | null = null;
@@ -208,8 +210,7 @@ export class Pipeline {
           if (errorKind(err) === "config" || stop.aborted || err instanceof LockLost) throw err;
           this.deps.metrics.sourceErrors.inc(this.labels);
           this.transient(err, "source");
-          // A broker source's failure may leave its client on a silent socket, like a sink's.
-          if (sourceUnresponsive(err) || (this.direction === "reverse" && this.source.reportsPolls)) this.rebuildSource();
+          if (sourceUnresponsive(err)) this.rebuildSource();
           await abortableDelay(backoffMs(attempt++), stop);
         }
       }
@@ -246,10 +247,11 @@ export class Pipeline {
   }
 
   /**
-   * One call of the sink under the watchdog, starting a freshly built sink first. Any transient
-   * failure rebuilds the sink before the retry: a client whose peer went silent (or whose own
-   * timeout fired) may hold a socket that will never answer again, and only a new client is sure
-   * to open a new one (docs/WATCHDOG.md).
+   * One call of the sink under the watchdog, starting a freshly built sink first. A call past its
+   * deadline rebuilds the sink before the retry, and so do transient failures that go on for the
+   * I/O timeout: a client whose own timeout fired may still hold a socket that will never answer
+   * again, and only a new client is sure to open a new one (docs/WATCHDOG.md). A shorter failure
+   * keeps the client and whatever it remembers of the failed write.
    */
   private async onSink<T>(what: string, call: (sink: Sink) => Promise<T>): Promise<T> {
     const sink = this.sink;
@@ -258,9 +260,14 @@ export class Pipeline {
         await this.deadline("sink", sink.start(), `start (${sink.describe})`);
         this.sinkStarted = true;
       }
-      return await this.deadline("sink", call(sink), `${what} (${sink.describe})`);
+      const result = await this.deadline("sink", call(sink), `${what} (${sink.describe})`);
+      this.sinkFailingSince = null;
+      return result;
     } catch (err) {
-      if (errorKind(err) === "transient" && this.sink === sink) this.rebuildSink();
+      if (errorKind(err) === "transient" && this.sink === sink) {
+        this.sinkFailingSince ??= Date.now();
+        if (err instanceof Unresponsive || Date.now() - this.sinkFailingSince >= this.ioTimeoutMs) this.rebuildSink();
+      }
       throw err;
     }
   }
@@ -285,12 +292,14 @@ export class Pipeline {
       throw transientError(errorMessage(err));
     }
     this.sourceStarted = true;
+    this.sourceAnsweredAt = Date.now();
   }
 
   private rebuildSink(): void {
     const old = this.sink;
     this.sink = this.makeSink();
     this.sinkStarted = false;
+    this.sinkFailingSince = null;
     this.deps.log.debug(`sink client rebuilt: ${old.describe}`);
     void this.closeQuietly(old);
   }
@@ -309,15 +318,15 @@ export class Pipeline {
   }
 
   /**
-   * The source's batches, with a deadline on the source's answers: a source that reports its polls
-   * must answer one within the I/O timeout (an idle poll counts), a silent peer makes it throw
-   * Unresponsive. Sources that do not report polls (push receivers, files) wait as long as they like.
+   * The source's batches, with a deadline on the source's answers: a reverse source that reports
+   * its polls must answer one within the I/O timeout (an idle poll counts; failed polls do not), or
+   * it throws Unresponsive. Sources that do not report polls (push receivers, files) wait as long
+   * as they like; the outbox source reads the relay's own database.
    */
   private async *watchedBatches(stop: AbortSignal): AsyncGenerator<Batch> {
     const source = this.source;
     const it = source.batches(stop)[Symbol.asyncIterator]();
     for (;;) {
-      this.sourceAnsweredAt = Date.now();
       const next = source.reportsPolls && this.direction === "reverse" ? this.answeredInTime(it.next(), source) : it.next();
       const r = await next;
       if (r.done) return;
