@@ -604,8 +604,10 @@ export class Coordinator {
         log: plog,
         drain: this.options.drain,
         sinkMaxInflight: this.settings.sinkMaxInflight,
+        ioTimeoutMs: this.settings.ioTimeoutSecs * 1000,
+        stallTimeoutMs: this.settings.stallTimeoutSecs * 1000,
         guard,
-        onStatus: (p) => this.recordStatus(row, p.state, p.lastError),
+        onStatus: (p) => this.recordStatus(row, p.reportedState, p.lastError),
       });
       worker.pipeline = pipeline;
       this.recordStatus(row, "starting", null);
@@ -668,7 +670,7 @@ export class Coordinator {
   /** Per-pipeline gauges must not outlive ownership: another replica reports them now. */
   private clearPipelineGauges(name: string, state: PipelineState): void {
     const m = this.metrics;
-    for (const g of [m.lagRows, m.lagSeconds, m.lastOffset, m.sourceConnected, m.sinkConnected]) g.remove({ pipeline: name });
+    for (const g of [m.lagRows, m.lagSeconds, m.lastOffset, m.sourceConnected, m.sinkConnected, m.stalled]) g.remove({ pipeline: name });
     if (state === "failed") m.healthy.set({ pipeline: name }, 0);
     else m.healthy.remove({ pipeline: name });
   }

@@ -1,13 +1,13 @@
 import type { ConsolaInstance } from "consola";
 import { sinkBackend, sourceBackend } from "./backends/index.ts";
-import type { Batch, DeadLetter, Direction, Rejection, Sink, Source } from "./backends/types.ts";
+import { LAG_TIMEOUT_MS, type Batch, type DeadLetter, type Direction, type Rejection, type Sink, type Source } from "./backends/types.ts";
 import type { Sql } from "./db.ts";
 import { markReplayed, markReplayFailed, messageFromStored, replayRequests, storedMessage, writeDeadLetters } from "./deadletters.ts";
-import { errorKind, errorMessage, RelayError } from "./errors.ts";
+import { errorKind, errorMessage, RelayError, transientError } from "./errors.ts";
 import type { Message } from "./message.ts";
 import type { Metrics } from "./observe/metrics.ts";
 import { parseBackendConfig, type PipelineSpec } from "./pipeline-config.ts";
-import { abortableDelay, backoffMs } from "./sleep.ts";
+import { abortableDelay, backoffMs, withTimeout } from "./sleep.ts";
 
 export type PipelineState = "starting" | "running" | "degraded" | "failed" | "stopped" | "drained";
 
@@ -25,8 +25,12 @@ export interface PipelineDeps {
   guard?: LockGuard;
   /** `check`: create nothing on any system, report it (BackendContext.check). */
   check?: { wouldCreate(what: string): void };
-  /** Called on every state or last-error change (the coordinator persists it for `status`). */
+  /** Called on every state, last-error or stall change (the coordinator persists it for `status`). */
   onStatus?: (pipeline: Pipeline) => void;
+  /** Deadline of every sink write, source poll answer and acknowledgement (docs/WATCHDOG.md). */
+  ioTimeoutMs?: number;
+  /** Pending work without a commit for this long makes the pipeline stalled (docs/WATCHDOG.md). */
+  stallTimeoutMs?: number;
 }
 
 /**
@@ -48,6 +52,26 @@ export class LockLost extends Error {
 }
 
 const DEFAULT_MAX_BATCH_MESSAGES = 1000;
+const DEFAULT_IO_TIMEOUT_MS = 60_000;
+const DEFAULT_STALL_TIMEOUT_MS = 300_000;
+/** A client being torn down may hang on its dead socket too: it gets this long, then is dropped. */
+const CLOSE_TIMEOUT_MS = 5000;
+
+/**
+ * A source or sink call that outlived its deadline: the peer stopped answering without closing
+ * the connection, so the client is torn down and rebuilt (docs/WATCHDOG.md).
+ */
+export class Unresponsive extends RelayError {
+  constructor(
+    readonly side: "source" | "sink",
+    what: string,
+    ms: number,
+  ) {
+    super("transient", `${what}: no answer within ${ms / 1000} s; rebuilding the client`);
+  }
+}
+
+const sourceUnresponsive = (err: unknown) => err instanceof Unresponsive && err.side === "source";
 
 /** How often to look for dead letters an operator asked to replay. */
 const REPLAY_CHECK_MS = 5000;
@@ -66,8 +90,25 @@ export class Pipeline {
   lastCommitAt: Date | null = null;
   delivered = 0;
   deadLettered = 0;
-  readonly source: Source;
-  readonly sink: Sink;
+  /** Since when the pipeline has had pending work without a commit for longer than the stall time. */
+  stalledSince: Date | null = null;
+  /** Replaced by a fresh client when the old one stopped answering (rebuild). */
+  source: Source;
+  sink: Sink;
+  private sinkStarted = false;
+  private sourceStarted = false;
+  /** Since when the sink has failed without a success in between. */
+  private sinkFailingSince: number | null = null;
+  private readonly makeSource: () => Source;
+  private readonly makeSink: () => Sink;
+  private readonly ioTimeoutMs: number;
+  private readonly stallTimeoutMs: number;
+  /** When the source last proved alive: started, answered a poll (sources that report polls) or gave a batch. */
+  private sourceAnsweredAt = Date.now();
+  /** When pending work was first seen since the last moment there was none (stall detection). */
+  private pendingSince: number | null = null;
+  private batchInHand = false;
+  private checkingProgress = false;
   private readonly onPermanentError: "dead_letter" | "halt";
   private lastReplayCheck = 0;
 
@@ -96,6 +137,9 @@ export class Pipeline {
         deps.metrics.polls.inc(labels);
         deps.metrics.pollDuration.observe(labels, seconds);
         this.lastPollAt = new Date();
+        this.sourceAnsweredAt = Date.now();
+        // An idle source that answers again has recovered, even before a message comes.
+        if (this.state === "degraded" && this.lastError?.startsWith("source")) this.recovered("source");
       },
     };
     const sourceB = sourceBackend(spec.sourceType, spec.name);
@@ -114,8 +158,14 @@ export class Pipeline {
       if (typeof sourceOptions.batch_size === "number") clip("batch_size", window);
     }
     const sourceSpec = { ...spec, source: sourceOptions };
-    this.source = sourceB.source!.create(parseBackendConfig(sourceSpec, "source", sourceB, sourceB.source!.config), ctx);
-    this.sink = sinkB.sink!.create(parseBackendConfig(spec, "sink", sinkB, sinkB.sink!.config, ["on_permanent_error"]), ctx);
+    const sourceConfig = parseBackendConfig(sourceSpec, "source", sourceB, sourceB.source!.config);
+    const sinkConfig = parseBackendConfig(spec, "sink", sinkB, sinkB.sink!.config, ["on_permanent_error"]);
+    this.makeSource = () => sourceB.source!.create(sourceConfig, ctx);
+    this.makeSink = () => sinkB.sink!.create(sinkConfig, ctx);
+    this.source = this.makeSource();
+    this.sink = this.makeSink();
+    this.ioTimeoutMs = deps.ioTimeoutMs ?? DEFAULT_IO_TIMEOUT_MS;
+    this.stallTimeoutMs = deps.stallTimeoutMs ?? DEFAULT_STALL_TIMEOUT_MS;
     const mode = spec.source.on_permanent_error ?? spec.sink.on_permanent_error;
     this.onPermanentError = mode === "halt" ? "halt" : "dead_letter";
     for (const w of spec.warnings) deps.log.warn(w);
@@ -128,10 +178,11 @@ export class Pipeline {
   /** Runs until `stop` aborts (finishing the batch in hand), the source is drained, or a config error. */
   async run(stop: AbortSignal): Promise<PipelineState> {
     const log = this.deps.log;
+    const progress = setInterval(() => void this.checkProgress(), Math.min(5000, Math.max(250, this.stallTimeoutMs / 4)));
     try {
       await this.retrying(stop, "start", async () => {
-        await this.source.start();
-        await this.sink.start();
+        await this.startSource();
+        await this.startSink();
       });
       if (stop.aborted) return this.finish("stopped");
       this.deps.metrics.sourceConnected.set({ pipeline: this.name }, 1);
@@ -141,7 +192,8 @@ export class Pipeline {
       let attempt = 0;
       while (!stop.aborted) {
         try {
-          for await (const batch of this.source.batches(stop)) {
+          await this.startSource();
+          for await (const batch of this.watchedBatches(stop)) {
             attempt = 0;
             await this.deliver(batch, stop);
             await this.replayRequested(stop);
@@ -161,6 +213,7 @@ export class Pipeline {
           if (errorKind(err) === "config" || stop.aborted || err instanceof LockLost) throw err;
           this.deps.metrics.sourceErrors.inc(this.labels);
           this.transient(err, "source");
+          if (sourceUnresponsive(err)) this.rebuildSource();
           await abortableDelay(backoffMs(attempt++), stop);
         }
       }
@@ -175,6 +228,8 @@ export class Pipeline {
       this.deps.metrics.errors.inc({ ...this.labels, kind: "config" });
       log.error(`failed: ${this.lastError}`);
       return this.finish("failed");
+    } finally {
+      clearInterval(progress);
     }
   }
 
@@ -184,11 +239,155 @@ export class Pipeline {
     return state;
   }
 
+  /** The state `status` and /health show: `stalled` overrides `running`, which claims all is well. */
+  get reportedState(): string {
+    return this.stalledSince && this.state === "running" ? "stalled" : this.state;
+  }
+
+  /** `work`, or Unresponsive once the I/O deadline passed. */
+  private deadline<T>(side: "source" | "sink", work: Promise<T>, what: string): Promise<T> {
+    return withTimeout(work, this.ioTimeoutMs, what, () => new Unresponsive(side, what, this.ioTimeoutMs));
+  }
+
+  /**
+   * One call of the sink under the watchdog, starting a freshly built sink first. A call past its
+   * deadline rebuilds the sink before the retry, and so do transient failures that go on for the
+   * I/O timeout: a client whose own timeout fired may still hold a socket that will never answer
+   * again, and only a new client is sure to open a new one (docs/WATCHDOG.md). A shorter failure
+   * keeps the client and whatever it remembers of the failed write.
+   */
+  private async onSink<T>(what: string, call: (sink: Sink) => Promise<T>): Promise<T> {
+    const sink = this.sink;
+    try {
+      if (!this.sinkStarted) {
+        await this.deadline("sink", sink.start(), `start (${sink.describe})`);
+        this.sinkStarted = true;
+      }
+      const result = await this.deadline("sink", call(sink), `${what} (${sink.describe})`);
+      this.sinkFailingSince = null;
+      return result;
+    } catch (err) {
+      if (errorKind(err) === "transient" && this.sink === sink) {
+        this.sinkFailingSince ??= Date.now();
+        if (err instanceof Unresponsive || Date.now() - this.sinkFailingSince >= this.ioTimeoutMs) this.rebuildSink();
+      }
+      throw err;
+    }
+  }
+
+  private startSink(): Promise<void> {
+    return this.onSink("start", async () => {});
+  }
+
+  /** One call of the source under the watchdog; past the deadline the run loop rebuilds the source. */
+  private onSource<T>(what: string, call: (source: Source) => Promise<T>): Promise<T> {
+    return this.deadline("source", call(this.source), `${what} (${this.source.describe})`);
+  }
+
+  /** Starts the source once (again after a rebuild); a start that hangs rebuilds it for the retry. */
+  private async startSource(): Promise<void> {
+    if (this.sourceStarted) return;
+    try {
+      await this.onSource("start", (source) => source.start());
+    } catch (err) {
+      if (!sourceUnresponsive(err)) throw err;
+      this.rebuildSource();
+      throw transientError(errorMessage(err));
+    }
+    this.sourceStarted = true;
+    this.sourceAnsweredAt = Date.now();
+  }
+
+  private rebuildSink(): void {
+    const old = this.sink;
+    this.sink = this.makeSink();
+    this.sinkStarted = false;
+    this.sinkFailingSince = null;
+    this.deps.log.debug(`sink client rebuilt: ${old.describe}`);
+    void this.closeQuietly(old);
+  }
+
+  /** A fresh source replaces one that stopped answering; startSource() starts it. */
+  private rebuildSource(): void {
+    const old = this.source;
+    this.source = this.makeSource();
+    this.sourceStarted = false;
+    this.deps.log.debug(`source client rebuilt: ${old.describe}`);
+    void this.closeQuietly(old);
+  }
+
+  private async closeQuietly(side: Source | Sink): Promise<void> {
+    await withTimeout(side.close(), CLOSE_TIMEOUT_MS, "close").catch((err) => this.deps.log.debug(`closing a replaced client: ${errorMessage(err)}`));
+  }
+
+  /**
+   * The source's batches, with a deadline on the source's answers: a reverse source that reports
+   * its polls must answer one within the I/O timeout (an idle poll counts; failed polls do not), or
+   * it throws Unresponsive. Sources that do not report polls (push receivers, files) wait as long
+   * as they like; the outbox source reads the relay's own database.
+   */
+  private async *watchedBatches(stop: AbortSignal): AsyncGenerator<Batch> {
+    const source = this.source;
+    const it = source.batches(stop)[Symbol.asyncIterator]();
+    for (;;) {
+      const next = source.reportsPolls && this.direction === "reverse" ? this.answeredInTime(it.next(), source) : it.next();
+      const r = await next;
+      if (r.done) return;
+      this.sourceAnsweredAt = Date.now();
+      yield r.value;
+    }
+  }
+
+  private answeredInTime<T>(work: Promise<T>, source: Source): Promise<T> {
+    let timer: ReturnType<typeof setInterval> | undefined;
+    const silent = new Promise<never>((_, reject) => {
+      timer = setInterval(() => {
+        if (Date.now() - this.sourceAnsweredAt > this.ioTimeoutMs) reject(new Unresponsive("source", `poll (${source.describe})`, this.ioTimeoutMs));
+      }, Math.min(1000, this.ioTimeoutMs));
+    });
+    return Promise.race([work, silent]).finally(() => clearInterval(timer));
+  }
+
+  /**
+   * Stall detection (docs/WATCHDOG.md): pending work — a batch in hand, or rows the source's lag
+   * reports — with no commit for longer than the stall time, whatever the state says.
+   */
+  private async checkProgress(): Promise<void> {
+    if (this.checkingProgress) return;
+    this.checkingProgress = true;
+    let pending = this.batchInHand;
+    try {
+      if (!pending && this.source.lag) {
+        const lag = await withTimeout(this.source.lag(), LAG_TIMEOUT_MS, "lag").catch(() => null);
+        pending = (lag?.rows ?? 0) > 0;
+      }
+    } finally {
+      this.checkingProgress = false;
+    }
+    const now = Date.now();
+    if (!pending) this.pendingSince = null;
+    else this.pendingSince ??= now;
+    const since = this.pendingSince === null ? null : Math.max(this.pendingSince, this.lastCommitAt?.getTime() ?? 0);
+    const stalled = since !== null && now - since > this.stallTimeoutMs;
+    if (stalled === (this.stalledSince !== null)) return;
+    this.stalledSince = stalled ? new Date(since!) : null;
+    this.deps.metrics.stalled.set({ pipeline: this.name }, stalled ? 1 : 0);
+    this.updateHealthy();
+    if (stalled) this.deps.log.warn(`stalled: pending work and no commit for ${Math.round((now - since!) / 1000)} s`);
+    else this.deps.log.info("no longer stalled");
+    this.deps.onStatus?.(this);
+  }
+
   private setState(state: PipelineState): void {
     const changed = state !== this.state;
     this.state = state;
-    this.deps.metrics.healthy.set({ pipeline: this.name }, state === "running" || state === "drained" ? 1 : 0);
+    this.updateHealthy();
     if (changed) this.deps.onStatus?.(this);
+  }
+
+  private updateHealthy(): void {
+    const ok = (this.state === "running" || this.state === "drained") && this.stalledSince === null;
+    this.deps.metrics.healthy.set({ pipeline: this.name }, ok ? 1 : 0);
   }
 
   private transient(err: unknown, where: string): void {
@@ -203,6 +402,15 @@ export class Pipeline {
     this.setState("degraded");
   }
 
+  /** Back to running; the outage's error is history now and must not linger in `status`. */
+  private recovered(what: string): void {
+    this.deps.log.info(`recovered (${what})`);
+    this.deps.metrics.sourceConnected.set({ pipeline: this.name }, 1);
+    this.deps.metrics.sinkConnected.set({ pipeline: this.name }, 1);
+    this.lastError = null;
+    this.setState("running");
+  }
+
   /** Throws LockLost unless this process still owns the pipeline; `confirm` asks the database. */
   private async ensureOwned(when: string, confirm: boolean): Promise<void> {
     const guard = this.deps.guard;
@@ -215,15 +423,10 @@ export class Pipeline {
     for (let attempt = 0; ; attempt++) {
       try {
         await work();
-        if (this.state === "degraded") {
-          this.deps.log.info(`recovered (${what})`);
-          this.deps.metrics.sourceConnected.set({ pipeline: this.name }, 1);
-          this.deps.metrics.sinkConnected.set({ pipeline: this.name }, 1);
-          this.setState("running");
-        }
+        if (this.state === "degraded") this.recovered(what);
         return;
       } catch (err) {
-        if (errorKind(err) === "config" || err instanceof LockLost) throw err;
+        if (errorKind(err) === "config" || err instanceof LockLost || sourceUnresponsive(err)) throw err;
         this.transient(err, what);
         if (stop.aborted) throw err;
         await abortableDelay(backoffMs(attempt), stop);
@@ -241,13 +444,14 @@ export class Pipeline {
     }
     m.consumed.inc(this.labels, batch.messages.length);
     if (batch.messages.some((x) => x.is_full_refresh)) m.fullRefreshBatches.inc({ pipeline: this.name });
+    this.batchInHand = true;
     try {
       await this.retrying(stop, "sink", async () => {
         await this.ensureOwned("before publishing", false);
         const timer = m.publishDuration.startTimer(this.labels);
         let rejections: Rejection[];
         try {
-          rejections = batch.messages.length > 0 ? await this.sink.write(batch.messages) : [];
+          rejections = batch.messages.length > 0 ? await this.onSink("write", (sink) => sink.write(batch.messages)) : [];
         } catch (err) {
           m.publishErrors.inc(this.labels);
           if (errorKind(err) !== "permanent") throw err;
@@ -259,7 +463,7 @@ export class Pipeline {
         // The commit is the step a stale owner must not take: ask the lock's session first.
         await this.ensureOwned("before committing", true);
         await this.deadLetter([...batch.deadLetters, ...rejections.map(rejectionLetter)], rejections.length);
-        await batch.ack();
+        await this.onSource("acknowledgement", () => batch.ack());
         m.published.inc(this.labels, batch.messages.length - rejections.length);
         m.batchesCommitted.inc(this.labels);
         const offset = (this.source as { committedOffset?: string }).committedOffset;
@@ -268,8 +472,10 @@ export class Pipeline {
         this.lastCommitAt = new Date();
       });
     } catch (err) {
-      await batch.release?.().catch(() => {});
+      if (batch.release) await withTimeout(batch.release(), this.ioTimeoutMs, "release").catch(() => {});
       throw err;
+    } finally {
+      this.batchInHand = false;
     }
   }
 
@@ -306,7 +512,7 @@ export class Pipeline {
         continue;
       }
       try {
-        const rejections = messages.length > 0 ? await this.sink.write(messages) : [];
+        const rejections = messages.length > 0 ? await this.onSink("replay write", (sink) => sink.write(messages)) : [];
         if (rejections.length > 0) await markReplayFailed(this.deps.sql, row.id, rejections[0]!.error);
         else {
           await markReplayed(this.deps.sql, [row.id]);

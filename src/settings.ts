@@ -17,6 +17,8 @@ export interface Settings {
   maxWorkers: number;
   shutdownTimeoutSecs: number;
   sinkMaxInflight: number;
+  ioTimeoutSecs: number;
+  stallTimeoutSecs: number;
 }
 
 interface Key {
@@ -40,6 +42,8 @@ export const SETTINGS: Record<keyof Settings, Key> = {
   maxWorkers: { flag: "max-workers", env: "PGTRICKLE_RELAY_MAX_WORKERS_PER_POD", file: "max_workers_per_pod", fallback: "10", hint: "n" },
   shutdownTimeoutSecs: { flag: "shutdown-timeout", env: "PGTRICKLE_RELAY_SHUTDOWN_TIMEOUT_SECS", file: "shutdown_timeout_seconds", fallback: "30", hint: "seconds" },
   sinkMaxInflight: { flag: "sink-max-inflight", env: "PGTRICKLE_RELAY_SINK_MAX_INFLIGHT", file: "sink_max_inflight", fallback: "1000", hint: "n" },
+  ioTimeoutSecs: { flag: "io-timeout", env: "PGTRICKLE_RELAY_IO_TIMEOUT_SECS", file: "io_timeout_secs", fallback: "60", hint: "seconds" },
+  stallTimeoutSecs: { flag: "stall-timeout", env: "PGTRICKLE_RELAY_STALL_TIMEOUT_SECS", file: "stall_timeout_secs", fallback: "300", hint: "seconds" },
 };
 
 function readConfigFile(path: string): Record<string, unknown> {
@@ -102,6 +106,8 @@ export function resolveSettings(flags: Record<string, unknown>, env: Record<stri
     maxWorkers: integer("max-workers", raw.maxWorkers!, 1),
     shutdownTimeoutSecs: integer("shutdown-timeout", raw.shutdownTimeoutSecs!, 0),
     sinkMaxInflight: integer("sink-max-inflight", raw.sinkMaxInflight!, 0),
+    ioTimeoutSecs: integer("io-timeout", raw.ioTimeoutSecs!, 1),
+    stallTimeoutSecs: integer("stall-timeout", raw.stallTimeoutSecs!, 1),
   };
 }
 

@@ -33,10 +33,14 @@ export function backoffMs(attempt: number, baseMs = 500, capMs = 60_000): number
   return Math.round(raw * (0.8 + Math.random() * 0.4));
 }
 
-/** `work`, or a rejection naming `what` once `ms` passed; the timer never outlives the race. */
-export function withTimeout<T>(work: Promise<T>, ms: number, what: string): Promise<T> {
+/**
+ * `work`, or a rejection naming `what` once `ms` passed (`expired` builds another error); the
+ * timer never outlives the race.
+ */
+export function withTimeout<T>(work: Promise<T>, ms: number, what: string, expired?: () => Error): Promise<T> {
   let timer: ReturnType<typeof setTimeout> | undefined;
-  const timeout = new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`${what} timed out after ${ms} ms`)), ms)));
+  const error = expired ?? (() => new Error(`${what} timed out after ${ms} ms`));
+  const timeout = new Promise<never>((_, reject) => (timer = setTimeout(() => reject(error()), ms)));
   return Promise.race([work, timeout]).finally(() => clearTimeout(timer));
 }
 

@@ -852,6 +852,7 @@ class KafkaSession {
       this.sleeper.wake();
     });
     consumer.on(ev.REBALANCING, () => this.onRebalance("the group is rebalancing"));
+    consumer.on(ev.FETCH, ({ payload }) => this.ctx.onPoll?.(payload.duration / 1000));
     consumer.on(ev.CRASH, ({ payload }) => {
       this.crashed = this.src.failure(payload.error, "consuming");
       this.sleeper.wake();
@@ -1151,6 +1152,8 @@ class KafkaSession {
  */
 export class KafkaSource implements Source {
   readonly describe: string;
+  /** Every fetch the broker answered, an empty one too (the pipeline's poll deadline, docs/WATCHDOG.md). */
+  readonly reportsPolls = true;
   readonly groupId: string;
   readonly scrub: (t: string) => string;
   readonly brokerList: string;

@@ -703,6 +703,8 @@ interface InFlight {
 
 class NatsSource implements Source {
   readonly describe: string;
+  /** Every fetch the server answered, an empty one too (the pipeline's poll deadline, docs/WATCHDOG.md). */
+  readonly reportsPolls = true;
   private readonly link: NatsLink;
   private readonly durable: string;
   private readonly ackWaitMs: number;
@@ -866,6 +868,10 @@ class NatsSource implements Source {
       if (this.link.disconnected) throw transientError(`NATS at ${this.link.where}: connection lost; the client is reconnecting`);
       const started = Date.now();
       const msgs = await this.fetch(js, stream, drain ? DRAIN_FETCH_WAIT_MS : this.fetchWaitMs, signal);
+      // An empty fetch also ends when the client stops waiting, so only a round trip proves the
+      // server answered.
+      if (msgs.length === 0 && !signal.aborted) await this.jsOf?.flush();
+      this.ctx.onPoll?.((Date.now() - started) / 1000);
       if (signal.aborted) {
         // Fetched after the stop was asked for: hand them straight back for the next start.
         for (const m of msgs) m.nak();

@@ -582,6 +582,8 @@ type Phase = "own" | "claim" | "new";
 
 class RedisSource implements Source {
   readonly describe: string;
+  /** Every XREADGROUP answer, an empty one too (the pipeline's poll deadline, docs/WATCHDOG.md). */
+  readonly reportsPolls = true;
   private readonly link: RedisLink;
   /** A connection for lag() only, opened on first use. */
   private readonly lagLink: RedisLink;
@@ -738,6 +740,7 @@ class RedisSource implements Source {
   }
 
   private async readGroup(client: Redis, id: string, block: boolean, signal: AbortSignal): Promise<Entry[]> {
+    const started = performance.now();
     const args: (string | number)[] = ["GROUP", this.group, this.consumer, "COUNT", this.count];
     if (block) args.push("BLOCK", this.cfg.block_ms);
     args.push("STREAMS", this.key, id);
@@ -753,6 +756,7 @@ class RedisSource implements Source {
     } finally {
       if (block) signal.removeEventListener("abort", abort);
     }
+    this.ctx.onPoll?.((performance.now() - started) / 1000);
     return toEntries(entriesOfStream(raw));
   }
 

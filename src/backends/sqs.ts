@@ -596,6 +596,8 @@ class InFlight {
  */
 class SqsSource implements Source {
   readonly describe: string;
+  /** Every ReceiveMessage answer, an empty one too (the pipeline's poll deadline, docs/WATCHDOG.md). */
+  readonly reportsPolls = true;
   readonly queueUrl: string;
   readonly visibility: number;
   readonly log: BackendContext["log"];
@@ -713,6 +715,7 @@ class SqsSource implements Source {
   private async receive(count: number, waitSeconds: number, signal: AbortSignal): Promise<SqsMessage[]> {
     const client = this.client;
     if (!client) throw transientError(`sqs source for ${this.queueUrl} is not started`);
+    const started = performance.now();
     try {
       const out = await client.send(
         new ReceiveMessageCommand({
@@ -725,6 +728,7 @@ class SqsSource implements Source {
         }),
         { abortSignal: signal },
       );
+      this.ctx.onPoll?.((performance.now() - started) / 1000);
       return out.Messages ?? [];
     } catch (err) {
       // Messages a cancelled receive may have taken stay invisible until their visibility timeout.

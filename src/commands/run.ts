@@ -19,6 +19,8 @@ const processArgs = settingArgs({
   maxWorkers: "most pipelines this process runs at once",
   shutdownTimeoutSecs: "seconds to finish in-flight batches on SIGINT/SIGTERM",
   sinkMaxInflight: "most messages polled but not yet acknowledged per pipeline (0 = unlimited)",
+  ioTimeoutSecs: "seconds a sink write, a source poll or an acknowledgement may take before its client is torn down and rebuilt",
+  stallTimeoutSecs: "seconds a pipeline with pending work may go without a commit before /health reports it stalled",
 });
 
 export const runCommand = defineCommand({

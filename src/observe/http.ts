@@ -47,8 +47,9 @@ const failing = (p: Pipeline, ...prefixes: string[]) => p.state === "degraded" &
 
 /**
  * JSON of /health (CONTRACT.md §7.12). `degraded` (503) when the database is unreachable, or a
- * pipeline of this process is degraded (its system is down) or failed (bad config, unresolved
- * secret) — those are listed with their last error, secrets redacted.
+ * pipeline of this process is degraded (its system is down), failed (bad config, unresolved
+ * secret) or stalled (pending work, no commit for --stall-timeout, docs/WATCHDOG.md) — those are
+ * listed with their state and last error, secrets redacted.
  */
 export async function healthReport(coordinator: Coordinator, metrics: Metrics) {
   const lags = await refreshLag(coordinator, metrics);
@@ -57,7 +58,7 @@ export async function healthReport(coordinator: Coordinator, metrics: Metrics) {
     return {
       name: p.name,
       direction: p.direction,
-      state: p.state as string,
+      state: p.reportedState,
       source: p.source.describe,
       sink: p.sink.describe,
       source_healthy: !failing(p, "source", "start"),
@@ -65,6 +66,7 @@ export async function healthReport(coordinator: Coordinator, metrics: Metrics) {
       last_poll_at: p.lastPollAt?.toISOString() ?? null,
       last_commit_at: p.lastCommitAt?.toISOString() ?? null,
       lag_rows: lag?.rows ?? null,
+      stalled_since: p.stalledSince?.toISOString() ?? null,
       last_error: p.lastError,
     };
   });
@@ -82,6 +84,7 @@ export async function healthReport(coordinator: Coordinator, metrics: Metrics) {
       last_poll_at: null,
       last_commit_at: null,
       lag_rows: null,
+      stalled_since: null,
       last_error: f.error,
     }));
   const pipelines = [...running, ...failed];

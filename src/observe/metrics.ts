@@ -18,7 +18,8 @@ export class Metrics {
   readonly deadLetters = this.counter("dead_letters_total", "Messages written to the dead-letter table", ["pipeline", "direction", "kind"]);
   readonly pollDuration = this.histogram("poll_duration_seconds", "Time to obtain one batch from the source", ["pipeline", "direction"]);
   readonly publishDuration = this.histogram("batch_publish_duration_seconds", "Time to write one batch to the sink", ["pipeline", "direction"]);
-  readonly healthy = this.gauge("pipeline_healthy", "1 when the pipeline is running without errors", ["pipeline"]);
+  readonly healthy = this.gauge("pipeline_healthy", "1 when the pipeline is running without errors and not stalled", ["pipeline"]);
+  readonly stalled = this.gauge("pipeline_stalled", "1 when the pipeline has pending work and no commit for longer than --stall-timeout", ["pipeline"]);
   readonly owned = this.gauge("pipelines_owned", "Pipelines whose lock this process holds", []);
   readonly lastOffset = this.gauge("last_committed_offset", "Last committed outbox id", ["pipeline"]);
   readonly lagRows = this.gauge("consumer_lag_rows", "max(id) minus the committed offset", ["pipeline"]);

@@ -24,3 +24,21 @@ export async function topicDedupKeys(client: Kafka, topic: string, expected: num
   }
   return keys;
 }
+
+/** A topic of one partition, created before the test's relay starts. */
+export async function createTopic(client: Kafka, topic: string): Promise<void> {
+  const admin = client.admin();
+  await admin.connect();
+  try {
+    await admin.createTopics({ topics: [{ topic, numPartitions: 1 }], waitForLeaders: true });
+  } finally {
+    await admin.disconnect();
+  }
+}
+
+/** Removes a test's topic, best effort (cleanup). */
+export async function deleteTopic(client: Kafka, topic: string): Promise<void> {
+  const admin = client.admin();
+  await admin.connect().then(() => admin.deleteTopics({ topics: [topic] })).catch(() => {});
+  await admin.disconnect().catch(() => {});
+}

@@ -71,3 +71,30 @@ export function readLines(path: string): Line[] {
 
 /** The `id`s of the row payloads a file sink wrote, in order (duplicates kept). */
 export const payloadIds = (path: string) => readLines(path).map((l) => l.payload?.id as number);
+
+type HealthReport = { status: string; pipelines: { name: string; state: string; last_error: string | null }[] };
+
+/** Waits until /health answers 503 with every one of `names` degraded; fails with the last report and the relay's log. */
+export async function expectAllDegraded(base: string, names: readonly string[], relay: RunningRelay, timeoutMs = 60_000): Promise<void> {
+  let last: { status: number; body: HealthReport } | null = null;
+  const until = Date.now() + timeoutMs;
+  for (;;) {
+    last = await getJson<HealthReport>(`${base}/health`);
+    const degraded = last.body.pipelines.filter((p) => p.state === "degraded").map((p) => p.name);
+    if (last.status === 503 && names.every((n) => degraded.includes(n))) return;
+    if (Date.now() > until) throw new Error(`timed out waiting for ${names.join(", ")} degraded, /health 503: ${JSON.stringify(last)}\n${relay.stderr.slice(-4000)}`);
+    await Bun.sleep(500);
+  }
+}
+
+/** Waits until /health answers 200 and each of `count` relay_pipeline_status rows is running with its last error cleared. */
+export async function expectAllRecovered(sql: Sql, base: string, count: number, timeoutMs = 30_000): Promise<void> {
+  const until = Date.now() + timeoutMs;
+  for (;;) {
+    const rows = await sql<{ pipeline: string; state: string; last_error: string | null }[]>`SELECT pipeline, state, last_error FROM pgtrickle.relay_pipeline_status`;
+    const health = await getJson(`${base}/health`);
+    if (health.status === 200 && rows.length === count && rows.every((r) => r.state === "running" && r.last_error === null)) return;
+    if (Date.now() > until) throw new Error(`timed out waiting for every pipeline running with its last error cleared, /health 200: ${health.status} ${JSON.stringify(rows)}`);
+    await Bun.sleep(500);
+  }
+}

@@ -12,16 +12,28 @@ export async function freePort(): Promise<number> {
   });
 }
 
-/** A TCP forwarder to the real server that a test can cut and restore, on a fixed port. */
-export async function tcpProxy(targetPort: number) {
+/**
+ * A TCP forwarder to the real server that a test can cut and restore (`stop`/`resume`, on the
+ * same port), or freeze: from `freeze()` on, every connection, open or new, goes silent for good —
+ * accepted, bytes taken, nothing forwarded in either direction, nothing closed: a peer that stopped
+ * answering (a dropped flow, a vanished host). After `thaw()` new connections work again; the
+ * silent ones stay silent until `stop()`, so only a client that gives up its socket recovers.
+ * `port` fixes the listening port.
+ */
+export async function tcpProxy(targetPort: number, port = 0) {
   const sockets = new Set<Socket>();
+  const silenced: (() => void)[] = [];
+  let frozen = false;
   let server: Server | null = null;
   const listen = (port: number) =>
     new Promise<number>((resolve, reject) => {
       server = createServer((client) => {
         const upstream = tcpConnect({ host: "127.0.0.1", port: targetPort });
         sockets.add(client).add(upstream);
-        client.pipe(upstream).pipe(client);
+        const link = { silent: frozen };
+        silenced.push(() => (link.silent = true));
+        client.on("data", (chunk: Buffer) => void (link.silent || upstream.write(chunk)));
+        upstream.on("data", (chunk: Buffer) => void (link.silent || client.write(chunk)));
         const end = () => {
           client.destroy();
           upstream.destroy();
@@ -34,9 +46,9 @@ export async function tcpProxy(targetPort: number) {
       server.once("error", reject);
       server.listen(port, "127.0.0.1", () => resolve((server!.address() as { port: number }).port));
     });
-  const port = await listen(0);
+  const bound = await listen(port);
   return {
-    port,
+    port: bound,
     async stop() {
       for (const s of sockets) s.destroy();
       sockets.clear();
@@ -45,7 +57,14 @@ export async function tcpProxy(targetPort: number) {
       if (s) await new Promise<void>((resolve) => s.close(() => resolve()));
     },
     async resume() {
-      await listen(port);
+      await listen(bound);
+    },
+    freeze() {
+      frozen = true;
+      for (const silence of silenced) silence();
+    },
+    thaw() {
+      frozen = false;
     },
   };
 }

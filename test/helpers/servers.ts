@@ -28,6 +28,13 @@ export const KAFKA_BROKERS = ["127.0.0.1:9092"];
 export const KAFKA_SASL_BROKERS = ["127.0.0.1:9094"];
 export const KAFKA_SASL_USER = "relay";
 export const KAFKA_SASL_PASSWORD = "relay-secret";
+/**
+ * The same broker's listener for clients behind a test's proxy: it listens on KAFKA_PROXIED_PORT
+ * and advertises KAFKA_PROXIED_ADVERTISED_PORT, where the test's proxy must listen (forwarding to
+ * KAFKA_PROXIED_PORT), so clients following the advertised address stay behind the proxy.
+ */
+export const KAFKA_PROXIED_PORT = 9095;
+export const KAFKA_PROXIED_ADVERTISED_PORT = 9096;
 
 /**
  * fauxqs, an SQS emulator. Queue URLs it hands out look like

@@ -170,9 +170,9 @@ describe("/health and /health/drained", () => {
     expect(ok.body).toMatchObject({ status: "healthy", pipelines_owned: 1, postgres: "connected" });
     const p = ok.body.pipelines[0];
     expect(Object.keys(p)).toEqual([
-      "name", "direction", "state", "source", "sink", "source_healthy", "sink_healthy", "last_poll_at", "last_commit_at", "lag_rows", "last_error",
+      "name", "direction", "state", "source", "sink", "source_healthy", "sink_healthy", "last_poll_at", "last_commit_at", "lag_rows", "stalled_since", "last_error",
     ]);
-    expect(p).toMatchObject({ name: "h_ok", direction: "forward", state: "running", source_healthy: true, sink_healthy: true, lag_rows: 0, last_error: null });
+    expect(p).toMatchObject({ name: "h_ok", direction: "forward", state: "running", source_healthy: true, sink_healthy: true, lag_rows: 0, stalled_since: null, last_error: null });
     expect(p.sink).toContain("h_ok.jsonl");
     expect(Date.parse(p.last_commit_at)).toBeGreaterThan(0);
 

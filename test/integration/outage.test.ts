@@ -1,23 +1,40 @@
 /**
  * Servers going away mid-stream, at the pipeline level: every sink's connection runs through a
- * loopback proxy the test cuts. The pipelines must pause (degraded), keep every row, and resume
- * by themselves once the server is back. Kafka cannot sit behind a proxy (its brokers advertise
- * their own address): kafka-outage.test.ts freezes the broker instead. Also: an oversized
- * message is dead-lettered while later rows flow.
+ * loopback proxy the test cuts, or freezes (connections accepted, nothing forwarded, nothing
+ * closed; after the thaw only new connections work, docs/WATCHDOG.md). The pipelines must pause
+ * (degraded), keep every row, and resume by themselves once the server is back. Kafka is reached
+ * through its proxied listener (scripts/services), which advertises the proxy's fixed port.
+ * Also: an oversized message is dead-lettered while later rows flow.
  */
 import { afterAll, beforeAll, expect, test } from "bun:test";
 import { CreateQueueCommand, DeleteQueueCommand, ReceiveMessageCommand, SQSClient } from "@aws-sdk/client-sqs";
 import amqp from "amqplib";
 import Redis from "ioredis";
+import { Kafka, logLevel } from "kafkajs";
 import { connect as natsConnect } from "nats";
 import { createStreamTable, enableOutbox, writeV1Inline } from "../fixtures/outbox.ts";
+import { createTopic, deleteTopic, topicDedupKeys } from "../helpers/kafka.ts";
+import { expectAllDegraded, expectAllRecovered, httpBase } from "../helpers/observe.ts";
 import { testDatabase, type TestDatabase } from "../helpers/pg.ts";
 import { tcpProxy } from "../helpers/proxy.ts";
 import { eventually, RunningRelay } from "../helpers/relay.ts";
-import { AMQP_URL, AWS_CREDENTIALS, NATS_URL, REDIS_URL, requireServer, SQS_CLIENT_CONFIG } from "../helpers/servers.ts";
+import {
+  AMQP_URL,
+  AWS_CREDENTIALS,
+  KAFKA_BROKERS,
+  KAFKA_PROXIED_ADVERTISED_PORT,
+  KAFKA_PROXIED_PORT,
+  NATS_URL,
+  REDIS_URL,
+  requireServer,
+  SQS_CLIENT_CONFIG,
+} from "../helpers/servers.ts";
 
 const run = Math.random().toString(36).slice(2, 8);
 const stream = `OUTAGE_${run}`;
+const topic = `outage-${run}`;
+const PIPELINES = ["o_nats", "o_redis", "o_rabbit", "o_sqs", "o_http", "o_pg", "o_kafka"];
+const kafka = new Kafka({ clientId: "outage-test", brokers: KAFKA_BROKERS, logLevel: logLevel.NOTHING });
 let db: TestDatabase;
 let remote: TestDatabase;
 let outboxTable = "";
@@ -28,11 +45,12 @@ const sqs = new SQSClient(SQS_CLIENT_CONFIG);
 let queueUrl = "";
 let rabbit: amqp.ChannelModel;
 let relay: RunningRelay;
+let base = "";
 
 const portOf = (url: string) => Number(new URL(url).port);
 
 beforeAll(async () => {
-  for (const s of ["postgres", "nats", "redis", "rabbitmq", "sqs"] as const) await requireServer(s);
+  for (const s of ["postgres", "nats", "redis", "rabbitmq", "sqs", "kafka"] as const) await requireServer(s);
   db = await testDatabase("outage");
   remote = await testDatabase("outage_remote", { catalog: false });
   await remote.sql`SELECT pgtrickle.create_inbox('orders_inbox')`;
@@ -53,12 +71,15 @@ beforeAll(async () => {
   await ch.assertQueue(`outage-${run}`, { durable: false });
   await ch.bindQueue(`outage-${run}`, `outage-${run}`, "#");
   await ch.close();
+  await createTopic(kafka, topic);
 
   const via = async (port: number) => {
     const p = await tcpProxy(port);
     proxies.push(p);
     return p.port;
   };
+  const kafkaProxy = await tcpProxy(KAFKA_PROXIED_PORT, KAFKA_PROXIED_ADVERTISED_PORT);
+  proxies.push(kafkaProxy);
   const pgUrl = new URL(remote.url);
   pgUrl.port = String(await via(portOf(remote.url)));
   const amqpUrl = new URL(AMQP_URL);
@@ -70,14 +91,16 @@ beforeAll(async () => {
     o_sqs: { type: "sqs", queue_url: queueUrl, endpoint: `http://127.0.0.1:${await via(portOf(SQS_CLIENT_CONFIG.endpoint))}`, region: "us-east-1", timeout_ms: 2000 },
     o_http: { type: "http", url: `http://127.0.0.1:${await via(server.port!)}/hook`, timeout_ms: 2000 },
     o_pg: { type: "pg-inbox", url: pgUrl.toString(), inbox_table: "orders_inbox", timeout_ms: 2000 },
+    o_kafka: { type: "kafka", brokers: `127.0.0.1:${kafkaProxy.port}`, topic },
   };
   for (const [name, sink] of Object.entries(sinks)) {
     await db.sql`SELECT pgtrickle.set_relay_outbox(${name}, 'public.outage', NULL, ${db.sql.json(sink as never)})`;
   }
-  relay = new RunningRelay(["--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0"], {
+  relay = new RunningRelay(["--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0", "--io-timeout", "5"], {
     AWS_ACCESS_KEY_ID: AWS_CREDENTIALS.accessKeyId,
     AWS_SECRET_ACCESS_KEY: AWS_CREDENTIALS.secretAccessKey,
   });
+  base = await httpBase(relay);
 });
 
 afterAll(async () => {
@@ -96,12 +119,13 @@ afterAll(async () => {
   }).catch(() => {});
   await rabbit?.close().catch(() => {});
   if (queueUrl) await sqs.send(new DeleteQueueCommand({ QueueUrl: queueUrl })).catch(() => {});
+  await deleteTopic(kafka, topic);
   await db?.drop();
   await remote?.drop();
 });
 
-/** The distinct dedup keys each destination holds now. */
-async function delivered(): Promise<Record<string, Set<string>>> {
+/** The distinct dedup keys each destination holds now (Kafka: read until `expected` records came). */
+async function delivered(expected: number): Promise<Record<string, Set<string>>> {
   const nc = await natsConnect({ servers: NATS_URL });
   const jsm = await nc.jetstreamManager();
   const natsKeys = new Set<string>();
@@ -122,6 +146,7 @@ async function delivered(): Promise<Record<string, Set<string>>> {
     pg: new Set(rows.map((r) => r.event_id)),
     rabbit: rabbitKeys,
     sqs: sqsKeys,
+    kafka: new Set(await topicDedupKeys(kafka, topic, expected, `outage-${run}`, 2000)),
   };
 }
 
@@ -138,27 +163,35 @@ async function drainQueues(): Promise<void> {
 
 async function allHave(keys: string[]): Promise<boolean> {
   await drainQueues();
-  const d = await delivered();
+  const d = await delivered(keys.length);
   return Object.values(d).every((set) => keys.every((k) => set.has(k)));
+}
+
+/** What each destination lacks of `keys`, for failure messages. */
+async function lacking(keys: string[]): Promise<Record<string, number>> {
+  const d = await delivered(keys.length);
+  return Object.fromEntries(Object.entries(d).map(([k, set]) => [k, keys.filter((key) => !set.has(key)).length]));
 }
 
 const keysOf = (ids: string[]) => ids.map((id) => `${outboxTable}:${id}:0`);
 
 test("every sink pauses while its server is unreachable and resumes with nothing lost", async () => {
-  for (const name of ["o_nats", "o_redis", "o_rabbit", "o_sqs", "o_http", "o_pg"]) await relay.waitForLog(new RegExp(`\\[${name}\\] started`));
+  for (const name of PIPELINES) await relay.waitForLog(new RegExp(`\\[${name}\\] started`), 60_000);
   const ids: string[] = [];
   for (let i = 1; i <= 5; i++) ids.push(await writeV1Inline(db.sql, outboxTable, { inserted: [{ id: i }], deleted: [] }));
   await eventually(() => allHave(keysOf(ids)), 30_000, "the first rows everywhere");
 
   for (const p of proxies) await p.stop();
   for (let i = 6; i <= 10; i++) ids.push(await writeV1Inline(db.sql, outboxTable, { inserted: [{ id: i }], deleted: [] }));
-  await eventually(() => (relay.stderr.match(/degraded, will retry/g) ?? []).length >= 6, 30_000, "every pipeline to report itself degraded");
+  await eventually(() => (relay.stderr.match(/degraded, will retry/g) ?? []).length >= PIPELINES.length, 30_000, "every pipeline to report itself degraded");
   for (const p of proxies) await p.resume();
 
   await eventually(() => allHave(keysOf(ids)), 60_000, "every row everywhere after the servers came back").catch(async (err) => {
-    throw new Error(`${err.message}: ${JSON.stringify(Object.fromEntries(Object.entries(await delivered()).map(([k, v]) => [k, v.size])))}\n${relay.stderr.slice(-3000)}`);
+    throw new Error(`${err.message}: missing ${JSON.stringify(await lacking(keysOf(ids)))}\n${relay.stderr.slice(-3000)}`);
   });
   expect(relay.stderr).toMatch(/recovered/);
+  // The outage's error is history: `status` and /health must not keep showing it.
+  await expectAllRecovered(db.sql, base, PIPELINES.length);
 }, 120_000);
 
 test("an oversized message lands in the dead-letter table while later rows flow", async () => {
@@ -175,3 +208,26 @@ test("an oversized message lands in the dead-letter table while later rows flow"
   expect(got.map((l) => l.pipeline)).toEqual(expect.arrayContaining(["o_nats", "o_sqs"]));
   expect(got.every((l) => l.error_kind === "sink_permanent")).toBe(true);
 }, 60_000);
+
+test("a sink whose peer goes silent without closing is degraded, rebuilt, and delivers everything once the path is back; its last error clears", async () => {
+  const ids: string[] = [];
+  for (let i = 2001; i <= 2003; i++) ids.push(await writeV1Inline(db.sql, outboxTable, { inserted: [{ id: i }], deleted: [] }));
+  await eventually(() => allHave(keysOf(ids)), 60_000, "the first rows everywhere");
+
+  for (const p of proxies) p.freeze();
+  for (let i = 2004; i <= 2008; i++) ids.push(await writeV1Inline(db.sql, outboxTable, { inserted: [{ id: i }], deleted: [] }));
+  await expectAllDegraded(base, PIPELINES, relay);
+  const status = await db.sql<{ pipeline: string; state: string; last_error: string | null }[]>`
+    SELECT pipeline, state, last_error FROM pgtrickle.relay_pipeline_status ORDER BY pipeline`;
+  expect(status.map((s) => [s.pipeline, s.state])).toEqual([...PIPELINES].sort().map((n) => [n, "degraded"]));
+  expect(status.every((s) => s.last_error !== null)).toBe(true);
+  // Long enough for clients rebuilt while frozen to be stuck as well.
+  await Bun.sleep(8000);
+
+  for (const p of proxies) p.thaw();
+  await eventually(() => allHave(keysOf(ids)), 120_000, "every row everywhere after the path came back").catch(async (err) => {
+    throw new Error(`${err.message}: missing ${JSON.stringify(await lacking(keysOf(ids)))}\n${relay.stderr.slice(-4000)}`);
+  });
+  await expectAllRecovered(db.sql, base, PIPELINES.length);
+  expect(relay.stderr).toMatch(/no answer within 5 s; rebuilding the client/);
+}, 300_000);

@@ -39,6 +39,8 @@ describe("resolveSettings", () => {
       maxWorkers: 10,
       shutdownTimeoutSecs: 30,
       sinkMaxInflight: 1000,
+      ioTimeoutSecs: 60,
+      stallTimeoutSecs: 300,
     });
   });
 
@@ -54,6 +56,8 @@ coordinator_tick_ms = 250
 max_workers_per_pod = 3
 shutdown_timeout_seconds = 5
 sink_max_inflight = 0
+io_timeout_secs = 9
+stall_timeout_secs = 40
 `);
     const fromFile = resolveSettings({ config: path }, {});
     expect(fromFile).toEqual({
@@ -67,6 +71,8 @@ sink_max_inflight = 0
       maxWorkers: 3,
       shutdownTimeoutSecs: 5,
       sinkMaxInflight: 0,
+      ioTimeoutSecs: 9,
+      stallTimeoutSecs: 40,
     });
     const env = { PGTRICKLE_RELAY_GROUP_ID: "from-env", PGTRICKLE_RELAY_MAX_WORKERS_PER_POD: "4", PGTRICKLE_RELAY_CONFIG: path };
     const mixed = resolveSettings({ "max-workers": "5", "log-level": "warn" }, env);
