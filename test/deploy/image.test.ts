@@ -71,7 +71,7 @@ describe("the scratch image under podman (runc, host network, read-only root fil
   test("--version", async () => {
     const r = await container(["--version"]);
     expect(r.exitCode).toBe(0);
-    expect(r.stdout).toStartWith(`${pkg.version} (`);
+    expect(r.stdout).toStartWith(`pgtrickle-relay ${pkg.version} (`);
   });
 
   test("catalog install, then drain relays an outbox row to stdout", async () => {

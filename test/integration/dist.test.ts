@@ -148,7 +148,7 @@ afterAll(() => {
 });
 
 function versionPattern(commit = commitAtBuild): RegExp {
-  return new RegExp(`^${VERSION.replace(/\./g, "\\.")} \\(${commit}(-dirty)?\\)\\n?$`);
+  return new RegExp(`^pgtrickle-relay ${VERSION.replace(/\./g, "\\.")} \\(${commit}(-dirty)?\\)\\n?$`);
 }
 
 describe("scripts/build", () => {
