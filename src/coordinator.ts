@@ -24,7 +24,7 @@ export const COORDINATOR_APP = "pgtrickle-relay coordinator";
 export const coordinatorAppName = () => `${COORDINATOR_APP} ${processIdentity()}`.slice(0, 63);
 
 /**
- * A pipeline's lock is `pg_try_advisory_lock(hashtext(group), hashtext(name))` (CONTRACT.md §7.3);
+ * A pipeline's lock is `pg_try_advisory_lock(hashtext(group), hashtext(name))` (docs/interface.md §7.3);
  * in pg_locks that is classid = hashtext(group), objid = hashtext(name), objsubid = 2, in this
  * database only (advisory locks are per database; pg_locks shows every database).
  */
@@ -213,7 +213,7 @@ export interface FailedPipeline {
 }
 
 /**
- * Owns pipelines for this process (CONTRACT.md §7.3–7.4): reads the catalog, wins each pipeline's
+ * Owns pipelines for this process (docs/interface.md §7.3–7.4): reads the catalog, wins each pipeline's
  * advisory lock on one pinned session, runs a Pipeline per lock, and reacts to config NOTIFYs.
  *
  * Ownership and its one window: losing the lock session aborts every worker at once (the
@@ -454,7 +454,7 @@ export class Coordinator {
     return new Map(members.map((pid, rank) => [pid, Math.min(this.settings.maxWorkers, base + (rank < extra ? 1 : 0))]));
   }
 
-  /** Tries the locks of unowned pipelines, up to this process's share (CONTRACT.md §7.3). */
+  /** Tries the locks of unowned pipelines, up to this process's share (docs/interface.md §7.3). */
   private async acquire(snapshot: LockSnapshot): Promise<void> {
     const session = this.session!;
     const group = this.settings.relayGroupId;

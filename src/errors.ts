@@ -21,7 +21,7 @@ export const transientError = (message: string, cause?: unknown) => new RelayErr
 export const permanentError = (message: string, cause?: unknown) => new RelayError("permanent", message, { cause });
 export const decodeError = (message: string, cause?: unknown) => new RelayError("decode", message, { cause });
 
-/** SQLSTATE classes from CONTRACT.md §7.8. */
+/** SQLSTATE classes of docs/interface.md §7.8. */
 export function pgErrorKind(code: string | undefined): ErrorKind {
   if (!code) return "transient";
   if (code.startsWith("08") || code.startsWith("53") || code.startsWith("57P")) return "transient";

@@ -1,7 +1,7 @@
 /**
- * The mapping every reverse source shares (CONTRACT.md §6.5, §6.6): raw inbound data → a Message
- * whose dedup_key becomes the inbox `event_id`, subject the `event_type`, payload the `payload`,
- * and `inbound` the `source` / `aggregate_id` / `trace_id` columns.
+ * The mapping every reverse source shares (docs/interface.md §6.5, §6.6): raw inbound data → a
+ * Message whose dedup_key becomes the inbox `event_id`, subject the `event_type`, payload the
+ * `payload`, and `inbound` the `source` / `aggregate_id` / `trace_id` columns.
  *
  * A source supplies what only it knows (its type, where it read from, its producer key, its
  * event-type candidate, its coordinates for a synthesized key); everything else is decided here,
@@ -14,7 +14,7 @@ import type { Message } from "./message.ts";
 const positiveInt = (fallback: number) => v.optional(v.pipe(v.number(), v.integer(), v.minValue(1)), fallback);
 
 /**
- * Keys shared by every reverse source (CONTRACT.md §5.4). Spread into a source's schema:
+ * Keys shared by every reverse source (docs/interface.md §5.4). Spread into a source's schema:
  * `v.looseObject({ ...reverseSourceKeys, url: …, … })`.
  */
 export const reverseSourceKeys = {
@@ -78,8 +78,8 @@ export function utf8OrNull(bytes: Uint8Array): string | null {
 }
 
 /**
- * Body → payload, never null for a non-JSON body (§6.6, defect 37): parsed JSON when it parses;
- * otherwise the text as a JSON string when it is valid UTF-8; otherwise `{"base64": "…"}`.
+ * Body → payload, never null for a non-JSON body (docs/interface.md §6.6): parsed JSON when it
+ * parses; otherwise the text as a JSON string when it is valid UTF-8; otherwise `{"base64": "…"}`.
  */
 export function decodeBody(body: Uint8Array | string): DecodedBody {
   const text = typeof body === "string" ? body : utf8OrNull(body);

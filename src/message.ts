@@ -1,5 +1,5 @@
 /**
- * The relay message and its wire envelope (CONTRACT.md §6). One Message flows from a source
+ * The relay message and its wire envelope (docs/interface.md §6). One Message flows from a source
  * through the pipeline to a sink; `context` carries what templates need and is never sent.
  */
 export type Op = "insert" | "delete" | "summary" | "event";
@@ -35,7 +35,7 @@ export interface Message extends Envelope {
   refused?: string;
 }
 
-/** Inbox columns a reverse source derives per CONTRACT.md §6.6. */
+/** Inbox columns a reverse source derives per docs/interface.md §6.6. */
 export interface InboundColumns {
   source: string | null;
   aggregate_id: string | null;

@@ -13,7 +13,7 @@ export interface CatalogRow {
   config: unknown;
 }
 
-/** A pipeline config normalised to the nested shape of CONTRACT.md §5.1. */
+/** A pipeline config normalised to the nested shape of docs/interface.md §5.1. */
 export interface PipelineSpec {
   name: string;
   direction: Direction;

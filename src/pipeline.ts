@@ -19,7 +19,7 @@ export interface PipelineDeps {
   log: ConsolaInstance;
   /** Drain mode: stop once the source has nothing pending. */
   drain: boolean;
-  /** Most messages polled but not yet acknowledged (CONTRACT.md §7.9); 0 = unlimited. */
+  /** Most messages polled but not yet acknowledged (docs/interface.md §7.9); 0 = unlimited. */
   sinkMaxInflight?: number;
   /** Proof of ownership (the pipeline's advisory lock); absent = unguarded (tests, one-off tools). */
   guard?: LockGuard;
@@ -78,7 +78,7 @@ const REPLAY_CHECK_MS = 5000;
 
 /**
  * One pipeline: `for await (batch of source) { write to sink; ack }`, with the error kinds of
- * CONTRACT.md §7.8 around it. Nothing is acknowledged before the sink accepted it (or it sits
+ * docs/interface.md §7.8 around it. Nothing is acknowledged before the sink accepted it (or it sits
  * in the dead-letter table); transient failures pause the pipeline and retry, never skip.
  */
 export class Pipeline {
@@ -145,9 +145,10 @@ export class Pipeline {
     const sourceB = sourceBackend(spec.sourceType, spec.name);
     const sinkB = sinkBackend(spec.sinkType, spec.name);
     const window = deps.sinkMaxInflight ?? 0;
-    // Backpressure (§7.9): the loop holds one batch at a time, so a batch never larger than the
-    // window keeps polled-but-unacknowledged messages within it. batch_size (outbox header rows
-    // or broker messages per poll) is clipped too, so a poll never reads more than the window.
+    // Backpressure (docs/interface.md §7.9): the loop holds one batch at a time, so a batch never
+    // larger than the window keeps polled-but-unacknowledged messages within it. batch_size
+    // (outbox header rows or broker messages per poll) is clipped too, so a poll never reads more
+    // than the window.
     const sourceOptions = { ...spec.source };
     if (window > 0) {
       const clip = (key: string, fallback: number) => {

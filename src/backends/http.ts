@@ -1,5 +1,5 @@
 /**
- * HTTP webhook sink (CONTRACT.md §5.3 http, §6.4) and webhook receiver source (§5.4 http; see
+ * HTTP webhook sink (docs/interface.md §5.3, §6.4) and webhook receiver source (§5.4 http; see
  * HttpSource below).
  *
  * Batch mode (default) POSTs a JSON array of envelopes per request. A request holds messages of
@@ -585,7 +585,8 @@ interface Queued {
 const digest = (text: string) => createHash("sha256").update(text).digest();
 
 /**
- * The webhook receiver (CONTRACT.md §5.4 http, §7.5, §7.9; defect 32).
+ * The webhook receiver (docs/interface.md §5.4, §7.5, §7.9): a request is answered only after
+ * its events are in the inbox.
  *
  * Requests queue their events; the pipeline takes them in batches of up to `batch_size` (requests
  * arriving together share a batch) and a request is answered 200 `{"accepted": n}` only once every

@@ -1,5 +1,5 @@
 /**
- * Kafka (CONTRACT.md §5.3 kafka, §6.4) through kafkajs.
+ * Kafka (docs/interface.md §5.3, §6.4) through kafkajs.
  *
  * Sink: one idempotent producer; each write renders topics and keys, rejects what Kafka can
  * never take (illegal topic name, record larger than the topic's max.message.bytes), and sends
@@ -687,7 +687,7 @@ const KafkaSourceConfig = v.pipe(
 
 export type KafkaSourceConfig = v.InferOutput<typeof KafkaSourceConfig>;
 
-/** Headers that carry a producer's dedup key, in order of preference (CONTRACT.md §6.5). */
+/** Headers that carry a producer's dedup key, in order of preference (docs/interface.md §6.5). */
 export const KAFKA_DEDUP_HEADERS = ["pgt_dedup_key", "dedup_key", "Idempotency-Key"] as const;
 
 /** kafkajs headers as text: a repeated header keeps its first value; a value that is not UTF-8 is left out. */
@@ -716,7 +716,7 @@ export interface KafkaRecord {
 export type Converted = { ok: true; message: Message } | { ok: false; deadLetter: DeadLetter };
 
 /**
- * One record → its inbox message (CONTRACT.md §6.5, §6.6): event_id = header `pgt_dedup_key` /
+ * One record → its inbox message (docs/interface.md §6.5, §6.6): event_id = header `pgt_dedup_key` /
  * `dedup_key` / `Idempotency-Key` verbatim, else the record key with `dedup_from_key`, else
  * `kafka:<topic>:<partition>:<offset>`; event_type candidate = header `event-type`, else the
  * topic; aggregate_id fallback = the record key; trace_id from a `traceparent` header. A record

@@ -1,5 +1,5 @@
 /**
- * NATS JetStream (CONTRACT.md §5.3 nats, §5.4 nats, §6.4, §6.5).
+ * NATS JetStream (docs/interface.md §5.3, §5.4, §6.4, §6.5).
  *
  * Sink: each message is an acked JetStream publish with header `Nats-Msg-Id` = dedup key, so a
  * replayed batch is absorbed by the stream's duplicate window; `Pgtrickle-Full-Refresh: true`
@@ -446,7 +446,7 @@ export function subjectsOverlap(a: string, b: string): boolean {
   }
 }
 
-/** Why a rendered subject cannot be published to, or null when it can (CONTRACT §6.3). */
+/** Why a rendered subject cannot be published to, or null when it can (docs/interface.md §6.3). */
 export function invalidSubject(subject: string): string | null {
   if (subject.length === 0) return "the subject is empty";
   if (/[\s\u0000]/.test(subject)) return `subject "${subject}" contains whitespace`;
@@ -507,7 +507,7 @@ class NatsSink implements Sink {
     return this.link.fail(err, what);
   }
 
-  /** CONTRACT §5.3: a stream must capture the subjects, or every publish fails with "no responders". */
+  /** docs/interface.md §5.3: a stream must capture the subjects, or every publish fails with "no responders". */
   private async checkStream(jsm: JetStreamManager): Promise<void> {
     const template = this.cfg.subject_template;
     const pattern = template ? templatePattern(template) : undefined;

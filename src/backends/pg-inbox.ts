@@ -1,5 +1,5 @@
 /**
- * PostgreSQL inbox sink (CONTRACT.md §2.9, §5.3 pg-inbox, §5.4, §6.6).
+ * PostgreSQL inbox sink (docs/interface.md §2.9, §5.3, §5.4, §6.6).
  *
  * Reverse pipelines write into an inbox table of the relay's own database; forward pipelines write
  * into an inbox of a remote PostgreSQL (`url`), with a client of their own. Both resolve the table

@@ -1,5 +1,5 @@
 /**
- * RabbitMQ (AMQP 0-9-1; CONTRACT.md §5.3 rabbitmq, §6.4) through amqplib.
+ * RabbitMQ (AMQP 0-9-1; docs/interface.md §5.3, §6.4) through amqplib.
  *
  * Sink: one connection with one confirm channel. A write publishes the whole batch on that
  * channel in order (so every queue sees a key's messages in batch order), with at most
@@ -517,7 +517,7 @@ export interface AmqpDelivery {
 const nonEmpty = (x: unknown): x is string => typeof x === "string" && x !== "";
 
 /**
- * One delivery → its inbox message (CONTRACT.md §6.5, §6.6): event_id = property `message_id`,
+ * One delivery → its inbox message (docs/interface.md §6.5, §6.6): event_id = property `message_id`,
  * else header `pgt_dedup_key`, else `amqp:` + hex SHA-256 of exchange, routing key and body
  * (NUL-separated); event_type candidate = property `type`, else the routing key; source =
  * `rabbitmq:<queue>`; trace_id from a `traceparent` header.

@@ -1,5 +1,5 @@
 /**
- * Redis Streams (CONTRACT.md §5.3 redis, §5.4 redis, §6.4, §6.5) through ioredis.
+ * Redis Streams (docs/interface.md §5.3, §5.4, §6.4, §6.5) through ioredis.
  *
  * Sink: one `XADD <key> [MAXLEN ~ n] * dedup_key <k> pgt_dedup_key <k> subject <s> op <op>
  * payload <row JSON> full_refresh true|false outbox_id <id or "">` per message, sent as
@@ -401,7 +401,7 @@ return added
 
 type DedupPipeline = { pgtDedupXadd(stream: string, set: string, ...args: string[]): unknown };
 
-/** The entry's field/value items (CONTRACT §6.4), in this order. */
+/** The entry's field/value items (docs/interface.md §6.4), in this order. */
 function entryFields(m: Message): string[] {
   return [
     "dedup_key", m.dedup_key,

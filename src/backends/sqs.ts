@@ -1,5 +1,5 @@
 /**
- * Amazon SQS sink (CONTRACT.md §5.3 sqs, §6.4) and source (§5.4 sqs; see SqsSource below), also
+ * Amazon SQS sink (docs/interface.md §5.3, §6.4) and source (§5.4 sqs; see SqsSource below), also
  * for SQS-compatible servers (`endpoint`). Both share the connection keys and their client setup.
  *
  * Messages go out with SendMessageBatch: at most 10 entries and `max_batch_bytes` per call, the
@@ -459,7 +459,7 @@ class SqsSink implements Sink {
 // ---------------------------------------------------------------------------------------------
 // The source (reverse)
 
-/** Options of the SQS source (CONTRACT.md §5.4 sqs). */
+/** Options of the SQS source (docs/interface.md §5.4). */
 const SqsSourceConfig = v.looseObject({
   /** Source type (`sqs`); ignored here. */
   type: v.optional(v.string()),
@@ -575,7 +575,7 @@ class InFlight {
 
 
 /**
- * Reads an SQS queue into the inbox (CONTRACT.md §5.4, §6.5, §7.5).
+ * Reads an SQS queue into the inbox (docs/interface.md §5.4, §6.5, §7.5).
  *
  * A batch is up to `batch_size` messages from one long-poll receive plus immediate follow-up
  * receives (`max_messages` each) while they return messages. ack() deletes EVERY receipt handle of

@@ -1,6 +1,7 @@
 /**
- * The reverse stdin/file source (CONTRACT.md §5.4 stdin/file, §6.5, defect 36). It is registered
- * as the `source` of the stdout backend (src/backends/stdout.ts), because the registry finds a
+ * The reverse stdin/file source (docs/interface.md §5.4, §6.5): a bad line is a dead letter of
+ * its own, a file's position survives restarts, and keys are never random. It is registered as
+ * the `source` of the stdout backend (src/backends/stdout.ts), because the registry finds a
  * backend by type or alias and `file` names both the forward file sink and this source.
  */
 import { open, stat, type FileHandle } from "node:fs/promises";
@@ -13,7 +14,7 @@ import type { Message } from "../message.ts";
 import { Sleeper } from "../sleep.ts";
 import { sourceSpec, type BackendContext, type Batch, type DeadLetter, type Lag, type Source } from "./types.ts";
 
-/** Options of the stdin/file source (CONTRACT.md §5.4). */
+/** Options of the stdin/file source (docs/interface.md §5.4). */
 const StdinSourceConfig = v.looseObject({
   ...reverseSourceKeys,
   /** `jsonl` (one JSON value per line) or `json_pretty` (JSON values spanning lines, as the stdout sink writes them). */
@@ -259,8 +260,8 @@ const LAG_SCAN_BYTES = 1024 * 1024;
 /**
  * Reads JSON values from standard input or a file into inbox messages. Dedup key: the body's
  * `dedup_key` (or `pgt_dedup_key`) verbatim, else `file:<absolute path>:<line>` (with `g<n>:` before
- * the line once the file was replaced or truncated n times) or `stdin:` +
- * SHA-256 of the line (§6.5). A value that is not JSON (or not UTF-8) becomes a `decode` dead
+ * the line once the file was replaced or truncated n times) or `stdin:` + SHA-256 of the line
+ * (docs/interface.md §6.5). A value that is not JSON (or not UTF-8) becomes a `decode` dead
  * letter of its batch, so the lines around it are delivered and the position moves past it.
  * A file's position (byte offset past the last acknowledged value) is committed in the relay
  * catalog by ack(), after the inbox commit; a crash in between replays values whose keys the

@@ -7,7 +7,7 @@ import { toEnvelope, type Message } from "../message.ts";
 import { stdinSource } from "./stdin.ts";
 import { defineBackend, sinkSpec, type BackendContext, type Sink } from "./types.ts";
 
-/** Options of the stdout/file sink (CONTRACT.md §5.3). */
+/** Options of the stdout/file sink (docs/interface.md §5.3). */
 const StdoutSinkConfig = v.looseObject({
   /** `jsonl` (one envelope per line), `json_pretty` (indented), or `csv` (header once per file). */
   format: v.optional(v.picklist(["jsonl", "json_pretty", "csv"]), "jsonl"),

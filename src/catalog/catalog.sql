@@ -1,4 +1,5 @@
--- pgtrickle-relay catalog, version 1 (CONTRACT.md §3 plus the relay-only objects).
+-- pgtrickle-relay catalog, version 1 (docs/interface.md §3: §3.1–3.4 plus the relay-only
+-- objects of §3.5).
 --
 -- pg_trickle 0.29–0.45 ships the §3 objects itself; 0.46+ dropped them, so the relay carries
 -- this copy and installs it with `pgtrickle-relay catalog install`. Every statement is

@@ -5,7 +5,7 @@ import { configError, errorKind, errorMessage, RelayError } from "../errors.ts";
 // catalog with nothing else on disk.
 import catalogSql from "./catalog.sql" with { type: "text" };
 
-/** The whole catalog script (CONTRACT.md §3 plus the relay-only objects); `psql -1 -f`-able. */
+/** The whole catalog script (docs/interface.md §3, relay-only objects of §3.5 included); `psql -1 -f`-able. */
 export const CATALOG_SQL: string = catalogSql;
 /** Written to `pgtrickle.relay_catalog_version` by catalog.sql; bump both together. */
 export const CATALOG_VERSION = "1";
@@ -498,7 +498,7 @@ export interface ObjectPresence {
   extension: string | null;
 }
 
-/** Which generation of pg_trickle objects the database looks like (CONTRACT.md §0). */
+/** Which generation of pg_trickle objects the database looks like (docs/interface.md §0). */
 export type Era = "none" | "pre-0.29" | "0.29-0.45" | "0.46+";
 
 export interface CatalogStatus {
@@ -771,7 +771,7 @@ export function formatCatalogStatus(s: CatalogStatus): string {
 // ── startup check ───────────────────────────────────────────────────────────────────────────
 
 /**
- * The relay's startup gate (CONTRACT.md §7.2 step 3): a config error naming the database and
+ * The relay's startup gate (docs/interface.md §7.2): a config error naming the database and
  * the fix unless the relay catalog and the dead-letter table are both there.
  */
 export async function requireCatalog(sql: Sql): Promise<CatalogStatus> {

@@ -15,7 +15,7 @@ const DEMO_OUTBOX = "outbox_relay_demo_orders";
 const DEMO_MARK = "created by pgtrickle-relay demo";
 
 /**
- * Without the extension, the demo builds an outbox of the extension's shape (CONTRACT.md §2.2–2.3):
+ * Without the extension, the demo builds an outbox of the extension's shape (docs/interface.md §2.2–2.3):
  * a pgt_outbox_config (only if absent, marked as the demo's), a header table that notifies on
  * insert, and a claim-check table, so the relay runs exactly as it would against pg_trickle.
  */

@@ -46,7 +46,7 @@ export async function refreshLag(coordinator: Coordinator, metrics: Metrics): Pr
 const failing = (p: Pipeline, ...prefixes: string[]) => p.state === "degraded" && prefixes.some((x) => p.lastError?.startsWith(x));
 
 /**
- * JSON of /health (CONTRACT.md §7.12). `degraded` (503) when the database is unreachable, or a
+ * JSON of /health (docs/interface.md §7.12). `degraded` (503) when the database is unreachable, or a
  * pipeline of this process is degraded (its system is down), failed (bad config, unresolved
  * secret) or stalled (pending work, no commit for --stall-timeout, docs/WATCHDOG.md) — those are
  * listed with their state and last error, secrets redacted.

@@ -1,6 +1,6 @@
 import { Counter, Gauge, Histogram, Registry } from "prom-client";
 
-/** The metric set of CONTRACT.md §7.11. Labels never carry secrets or payload text. */
+/** The metric set of docs/interface.md §7.11. Labels never carry secrets or payload text. */
 export class Metrics {
   readonly registry = new Registry();
   private readonly p = "pgtrickle_relay_";

@@ -1,6 +1,6 @@
 import { decodeError } from "../errors.ts";
 
-/** One header row of `pgtrickle."outbox_<st>"` (CONTRACT.md §2.3); bigints stay strings. */
+/** One header row of `pgtrickle."outbox_<st>"` (docs/interface.md §2.3); bigints stay strings. */
 export interface HeaderRow {
   id: string;
   refresh_id: string | null;
@@ -17,7 +17,7 @@ export interface DecodeOptions {
 }
 
 /**
- * What one header row turns into (CONTRACT.md §4.3):
+ * What one header row turns into (docs/interface.md §4.3):
  * - inline rows (designed v1 object, or the 0.37–0.45 bare snapshot array),
  * - claim-check (rows live in the delta table and are paged by the source),
  * - a single summary message (NULL payload, pg_tide count envelope, the empty snapshot of an

@@ -1,7 +1,7 @@
 import type { Sql } from "../db.ts";
 import { configError } from "../errors.ts";
 
-/** Where a stream table's outbox lives, read from pgt_outbox_config — never derived (§2.3). */
+/** Where a stream table's outbox lives, read from pgt_outbox_config — never derived (docs/interface.md §2.3). */
 export interface OutboxTarget {
   schema: string;
   streamTable: string;
@@ -37,7 +37,7 @@ interface ConfigRow {
 
 /**
  * Finds the outbox for `source.outbox`, which may be `schema.table`, a bare stream-table name,
- * or an outbox table name (CONTRACT.md §5.2). Returns null when nothing matches.
+ * or an outbox table name (docs/interface.md §5.2). Returns null when nothing matches.
  */
 export async function findOutbox(sql: Sql, pipeline: string, name: string): Promise<OutboxTarget | null> {
   await requireOutboxApi(sql, pipeline);

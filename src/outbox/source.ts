@@ -10,7 +10,7 @@ import { loadSourcePosition, saveSourcePosition } from "../backends/stdin.ts";
 
 const positiveInt = (fallback: number) => v.optional(v.pipe(v.number(), v.integer(), v.minValue(1)), fallback);
 
-/** Options of the outbox source (CONTRACT.md §5.2). Pipeline tuning keys live here too. */
+/** Options of the outbox source (docs/interface.md §5.2). Pipeline tuning keys live here too. */
 export const OutboxSourceConfig = v.looseObject({
   /** Stream table (`schema.table` or `table`) or outbox table name; resolved via pgt_outbox_config. */
   outbox: v.pipe(v.string(), v.minLength(1)),
@@ -318,7 +318,7 @@ export class OutboxSource implements Source {
     }
     if (plan.kind === "rows") {
       // An UPDATE is a delete plus an insert: deletes go first so that a consumer applying
-      // messages in order ends with the new row. Indexes follow §6.2 (inserts first).
+      // messages in order ends with the new row. Indexes follow docs/interface.md §6.2 (inserts first).
       const inserted = plan.inserted.length;
       const out: Message[] = [];
       plan.deleted.forEach((row, i) => out.push(this.message(header, "delete", inserted + i, row, plan.fullRefresh, plan.refreshId)));
@@ -495,7 +495,8 @@ export class OutboxSource implements Source {
     if (this.groupMode) {
       await sql`SELECT pgtrickle.commit_offset(${this.cfg.group!}, ${this.consumerId}, ${id}::bigint)`;
     } else {
-      // Never moves the offset backwards: a stale process cannot rewind a newer owner (§3.1).
+      // Never moves the offset backwards: a stale process cannot rewind a newer owner
+      // (docs/interface.md §3.1).
       await sql`
         INSERT INTO pgtrickle.relay_consumer_offsets (relay_group_id, pipeline_id, last_change_id, worker_id, updated_at)
         VALUES (${this.ctx.relayGroupId}, ${this.ctx.pipeline}, ${id}::bigint, ${workerId()}, now())

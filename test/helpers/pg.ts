@@ -21,7 +21,7 @@ function urlFor(db: string, adminUrl: string): string {
 
 /**
  * A new database of its own for one test file, so files never see each other's rows or
- * notifications. `fixture` loads the pg_trickle test double (CONTRACT.md §2); `catalog`
+ * notifications. `fixture` loads the pg_trickle test double (docs/interface.md §2); `catalog`
  * installs the relay catalog the way `pgtrickle-relay catalog install` does; `adminUrl` picks
  * another server (test/helpers/pgtrickle.ts: the real extension). `setup` runs before the
  * catalog install. Fails loudly, naming the server, when PostgreSQL is not running.

@@ -1,7 +1,7 @@
 import type { TestDatabase } from "./pg.ts";
 import { relayOnce, type RunningRelay } from "./relay.ts";
 
-/** The inbox columns reverse-pipeline tests compare (CONTRACT.md §6.6). */
+/** The inbox columns reverse-pipeline tests compare (docs/interface.md §6.6). */
 export interface InboxRow {
   event_id: string;
   event_type: string | null;

@@ -1,4 +1,4 @@
-// The relay catalog (CONTRACT.md §3 plus the relay-only dead-letter objects) against a real
+// The relay catalog (docs/interface.md §3, the relay-only objects of §3.5 included) against a real
 // PostgreSQL: install/status/require, every SQL function, the NOTIFY trigger and the grants.
 import { afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:test";
 import { connect, type Sql } from "../../src/db.ts";
@@ -620,7 +620,7 @@ describe("grants", () => {
     expect((await asMember`SELECT name FROM pgtrickle.relay_inbox_config`).length).toBe(1);
     expect((await asMember`SELECT version FROM pgtrickle.relay_catalog_version`)[0]?.version).toBe("1");
 
-    // The offset commit of CONTRACT.md §3.1, never moving backwards.
+    // The offset commit of docs/interface.md §3.1, never moving backwards.
     const commit = (id: number) => asMember`
       INSERT INTO pgtrickle.relay_consumer_offsets AS o (relay_group_id, pipeline_id, last_change_id, worker_id, updated_at)
       VALUES ('default', 'g1', ${id}, 'host:1', now())

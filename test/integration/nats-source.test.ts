@@ -1,3 +1,4 @@
+// Section numbers (§…) in test names refer to docs/interface.md.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { createConsola } from "consola";
 import { AckPolicy, connect, headers as natsHeaders, nanos, type JetStreamClient, type JetStreamManager, type NatsConnection } from "nats";

@@ -138,7 +138,7 @@ describe("/metrics", () => {
     expect(metric(text, "pgtrickle_relay_lag_seconds", { pipeline: "m_ok" })).toBe(0);
     expect(metric(text, "pgtrickle_relay_source_connected", { pipeline: "m_ok" })).toBe(1);
     expect(metric(text, "pgtrickle_relay_sink_connected", { pipeline: "m_ok" })).toBe(1);
-    // Every family of CONTRACT.md §7.11 is declared.
+    // Every family of docs/interface.md §7.11 is declared.
     for (const name of [
       "messages_published_total", "messages_consumed_total", "publish_errors_total", "source_errors_total", "errors_total",
       "dedup_skipped_total", "inbox_writes_total", "polls_total", "batches_committed_total", "claim_check_fetches_total",

@@ -1,3 +1,4 @@
+// Section numbers (§…) in test names refer to docs/interface.md.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { appendFileSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import net from "node:net";

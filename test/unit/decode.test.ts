@@ -15,7 +15,7 @@ const header = (payload: unknown, extra: Partial<HeaderRow> = {}): HeaderRow => 
 });
 const opts = { summaryMessages: true, keepInternalColumns: false };
 
-describe("planFor (CONTRACT.md §4.3)", () => {
+describe("planFor (docs/interface.md §4.3)", () => {
   test("v1 inline keeps arrays and the full_refresh flag", () => {
     expect(planFor(header({ v: 1, inserted: [{ a: 1 }], deleted: [], full_refresh: true }), "t", opts)).toEqual({
       kind: "rows", fullRefresh: true, refreshId: null, inserted: [{ a: 1 }], deleted: [],
@@ -62,7 +62,7 @@ describe("planFor (CONTRACT.md §4.3)", () => {
   });
 });
 
-describe("templates and envelope (CONTRACT.md §6)", () => {
+describe("templates and envelope (docs/interface.md §6)", () => {
   const m: Message = {
     dedup_key: "outbox_orders:7:0", subject: "", payload: { region: "eu", id: 3, nested: { a: 1 } }, op: "insert",
     is_full_refresh: false, outbox_id: 7, refresh_id: null,

@@ -1,3 +1,4 @@
+// Section numbers (§…) in test names refer to docs/interface.md.
 import { describe, expect, test } from "bun:test";
 import * as v from "valibot";
 import { splitQualifiedName, splitTlsParams, tlsOption } from "../../src/backends/pg-inbox.ts";

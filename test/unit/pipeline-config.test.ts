@@ -2,7 +2,7 @@ import { describe, expect, test } from "bun:test";
 import { normalizePipeline, parseBackendConfig } from "../../src/pipeline-config.ts";
 import { sinkBackend } from "../../src/backends/index.ts";
 
-describe("normalizePipeline (CONTRACT.md §5.1)", () => {
+describe("normalizePipeline (docs/interface.md §5.1)", () => {
   test("the nested shape written by set_relay_outbox", () => {
     const spec = normalizePipeline({
       name: "p", direction: "forward", enabled: true,

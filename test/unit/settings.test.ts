@@ -27,7 +27,7 @@ function configError(fn: () => unknown): string {
 }
 
 describe("resolveSettings", () => {
-  test("defaults of CONTRACT.md §7.1", () => {
+  test("defaults of docs/interface.md §7.1", () => {
     expect(resolveSettings({ "postgres-url": URL_ }, {})).toEqual({
       postgresUrl: URL_,
       relayGroupId: "default",
