@@ -6,6 +6,7 @@ import { explainConnectError } from "./db.ts";
 import { errorKind, errorMessage } from "./errors.ts";
 import { log, pipelineLog } from "./observe/log.ts";
 import type { Metrics } from "./observe/metrics.ts";
+import { forwardProgress } from "./outbox/progress.ts";
 import { OutboxSource } from "./outbox/source.ts";
 import { Pipeline, type LockGuard, type PipelineState } from "./pipeline.ts";
 import { normalizePipeline, type CatalogRow } from "./pipeline-config.ts";
@@ -714,6 +715,28 @@ export class Coordinator {
     }
     await Promise.all([...this.workers.values()].map((w) => w.ended));
     await this.session?.close();
+  }
+
+  /**
+   * Rows still pending behind each pipeline that failed here (/health/drained): a forward
+   * pipeline's lag is read from its committed offset and outbox, as `status` reads it; a reverse
+   * one's is unknown (null) — its source could not be built to ask the broker.
+   */
+  async failedLag(): Promise<{ name: string; direction: string; rows: number | null; error: string }[]> {
+    return Promise.all(
+      [...this.failedPipelines.entries()].map(async ([key, f]) => {
+        const row = this.desired.get(key)?.row;
+        let rows: number | null = null;
+        if (row && f.direction === "forward") {
+          try {
+            rows = (await forwardProgress(this.sql, this.settings.relayGroupId, normalizePipeline(row))).rows;
+          } catch {
+            // an invalid config or a missing outbox: the lag stays unknown
+          }
+        }
+        return { name: f.name, direction: f.direction, rows, error: f.error };
+      }),
+    );
   }
 
   /** Running pipelines (for /health and /metrics). */

@@ -98,15 +98,22 @@ export async function healthReport(coordinator: Coordinator, metrics: Metrics) {
   };
 }
 
-/** 200 `{"drained":true,…}` once every owned pipeline has nothing left; 202 with the laggards otherwise. */
+/**
+ * 200 `{"drained":true,…}` once every running pipeline has nothing left; 202 with the laggards
+ * otherwise. Pipelines that failed here are listed with their lag (`failed_pipelines`) but do not
+ * hold the answer at 202: they cannot make progress, so a preStop hook waiting on them would
+ * only wait out the grace period.
+ */
 export async function drainedReport(coordinator: Coordinator, metrics: Metrics) {
   const lags = await refreshLag(coordinator, metrics);
   const rows = coordinator.pipelines.map((p) => ({ name: p.name, rows: lags.get(`${p.direction}:${p.name}`)?.rows ?? 0 }));
   const lagging = rows.filter((r) => r.rows > 0);
   const max = Math.max(0, ...rows.map((r) => r.rows));
+  const failed = (await coordinator.failedLag()).map((f) => ({ name: f.name, direction: f.direction, lag_rows: f.rows, last_error: f.error }));
+  const failedPart = failed.length > 0 ? { failed_pipelines: failed } : {};
   return lagging.length === 0
-    ? { drained: true as const, max_lag_rows: 0 }
-    : { drained: false as const, max_lag_rows: max, lagging_pipelines: lagging.map((r) => r.name) };
+    ? { drained: true as const, max_lag_rows: 0, ...failedPart }
+    : { drained: false as const, max_lag_rows: max, lagging_pipelines: lagging.map((r) => r.name), ...failedPart };
 }
 
 function json(body: unknown, status: number): Response {

@@ -184,6 +184,16 @@ describe("/health and /health/drained", () => {
     expect(failed).toMatchObject({ state: "failed", source_healthy: false, sink_healthy: false });
     expect(failed.last_error).toContain("sink.format");
 
+    // /health/drained names the failed pipeline with the rows waiting behind it, without being
+    // held at 202 by it (it cannot make progress).
+    await rows("h_bad", [1]);
+    await rows("h_bad", [2]);
+    const drained = await getJson(`${base}/health/drained`);
+    expect(drained.status).toBe(200);
+    expect(drained.body.failed_pipelines).toEqual([
+      { name: "h_bad", direction: "forward", lag_rows: 2, last_error: expect.stringContaining("sink.format") },
+    ]);
+
     await db.sql`SELECT pgtrickle.delete_relay('h_bad')`;
     await eventually(async () => (await getJson(`${base}/health`)).status === 200, 10_000, "200 again once the failed pipeline is gone");
   }, 60_000);
