@@ -46,18 +46,27 @@ complete -o default -F _pgtrickle_relay ${PROGRAM}
 
 function zsh(list: Entry[]): string {
   const key = (e: Entry) => JSON.stringify(e.path || "-");
-  // `words` is zsh's own array of the command line; the tables get other names.
+  // `words` is zsh's own array of the command line and `path` is tied to PATH: the tables and
+  // the command path get other names.
   return `#compdef ${PROGRAM}
 # zsh completion for ${PROGRAM}
 _pgtrickle_relay() {
-  local path="" w
+  local cmdpath="" w k
   local -A subs offers
-${list.map((e) => `  subs[${key(e)}]=${JSON.stringify(e.subcommands.join(" "))}\n  offers[${key(e)}]=${JSON.stringify([...e.subcommands, ...e.flags].join(" "))}`).join("\n")}
+  # Filled as key/value lists: in \`subs["k"]=v\` zsh would keep the quotes in the key.
+  subs=(
+${list.map((e) => `    ${key(e)} ${JSON.stringify(e.subcommands.join(" "))}`).join("\n")}
+  )
+  offers=(
+${list.map((e) => `    ${key(e)} ${JSON.stringify([...e.subcommands, ...e.flags].join(" "))}`).join("\n")}
+  )
   for w in \${words[2,CURRENT-1]}; do
     [[ $w == -* ]] && continue
-    [[ " \${subs[\${path:--}]} " == *" $w "* ]] && path="\${path:+$path }$w"
+    k=\${cmdpath:--}
+    [[ " \${subs[$k]} " == *" $w "* ]] && cmdpath="\${cmdpath:+$cmdpath }$w"
   done
-  compadd -- \${=offers[\${path:--}]}
+  k=\${cmdpath:--}
+  compadd -- \${=offers[$k]}
 }
 _pgtrickle_relay "$@"
 `;
