@@ -4,11 +4,12 @@
  * msg/s next to the raw kafkajs figure (same producer settings, one sendBatch per 500 messages
  * with the same keys, bodies and headers) measured right after, since machine load moves both.
  *
- *   node_modules/.bin/bun bench/kafka-sink.ts [total=20000] [batch=500] [compression=none]
+ *   node_modules/.bin/bun bench/kafka-sink.ts [total=20000] [batch=500] [compression=none|gzip|snappy|lz4|zstd]
  */
-import { CompressionTypes, Kafka, logLevel, Partitioners } from "kafkajs";
+import { Kafka, logLevel, Partitioners } from "kafkajs";
 import * as v from "valibot";
 import kafka from "../src/backends/kafka.ts";
+import { COMPRESSION_TYPES, type KafkaCompression } from "../src/backends/kafka-codecs.ts";
 import { envelopeJson } from "../src/message.ts";
 import { benchContext, benchBatches, timedWrites } from "./lib.ts";
 import { forwardMessages } from "../test/helpers/messages.ts";
@@ -16,7 +17,7 @@ import { KAFKA_BROKERS, requireServer } from "../test/helpers/servers.ts";
 
 const total = Number(process.argv[2] ?? 20_000);
 const batchSize = Number(process.argv[3] ?? 500);
-const compression = process.argv[4] ?? "none";
+const compression = (process.argv[4] ?? "none") as KafkaCompression;
 
 await requireServer("kafka");
 const run = `${process.pid}_${Date.now() % 1e6}`;
@@ -36,7 +37,7 @@ await producer.connect();
 const rawWrite = (batch: (typeof batches)[number]) =>
   producer.sendBatch({
     acks: -1,
-    compression: compression === "gzip" ? CompressionTypes.GZIP : CompressionTypes.None,
+    compression: COMPRESSION_TYPES[compression],
     topicMessages: [
       {
         topic: rawTopic,

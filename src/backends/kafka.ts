@@ -12,9 +12,7 @@
  * batches are held until the pipeline has committed them to the inbox; offsets are committed per
  * partition only in ack(). See KafkaSource.
  */
-import { gzipSync } from "node:zlib";
 import {
-  CompressionTypes,
   ConfigResourceTypes,
   Kafka,
   logLevel,
@@ -38,6 +36,7 @@ import { envelopeJson, renderTemplate, type Message } from "../message.ts";
 import { Sleeper, withTimeout } from "../sleep.ts";
 import { redact } from "../redact.ts";
 import { readSettingFile } from "./redact.ts";
+import { COMPRESSION_TYPES, compressSync, registerKafkaCodecs } from "./kafka-codecs.ts";
 import { defineBackend, LAG_TIMEOUT_MS, sinkSpec, sourceSpec, type BackendContext, type Batch, type DeadLetter, type Lag, type Rejection, type Sink, type Source } from "./types.ts";
 
 /** Kafka's own rule for topic names (plus: not `.` or `..`). */
@@ -50,6 +49,9 @@ const KAFKA_DEFAULT_MAX_MESSAGE_BYTES = 1048588;
 /** Record batch header (v2), and a generous per-record overhead (varints, attributes, header names). */
 const BATCH_OVERHEAD = 61;
 const RECORD_OVERHEAD = 64;
+
+// kafkajs ships only gzip; snappy, lz4 and zstd are registered once, for sinks and sources.
+registerKafkaCodecs();
 
 const positiveInt = (what: string) => v.pipe(v.number(), v.integer(`${what} must be an integer`), v.minValue(1, `${what} must be ≥ 1`));
 
@@ -97,18 +99,15 @@ const KafkaSinkOptions = v.looseObject({
     "all",
   ),
   /**
-   * `none` or `gzip`. snappy, lz4 and zstd need codec packages this relay does not bundle, so
-   * they are refused.
+   * Record batch compression: `none`, `gzip`, `snappy` (xerial framing, as Kafka's Java client
+   * writes it), `lz4` (LZ4 frames, independent blocks) or `zstd`. The Kafka source reads all of
+   * them, whatever codec a producer used.
    */
   compression: v.optional(
     v.pipe(
       v.string(),
       v.transform(lower),
-      v.picklist(["none", "gzip", "snappy", "lz4", "zstd"], "compression must be none or gzip"),
-      v.check(
-        (c) => c === "none" || c === "gzip",
-        "compression snappy/lz4/zstd needs a codec that pgtrickle-relay does not bundle (kafkajs supports only gzip natively); use none or gzip",
-      ),
+      v.picklist(["none", "gzip", "snappy", "lz4", "zstd"], "compression must be none, gzip, snappy, lz4 or zstd"),
     ),
     "none",
   ),
@@ -336,7 +335,6 @@ class KafkaSink implements Sink {
   private readonly brokerList: string;
   private readonly scrub: (t: string) => string;
   private readonly idempotent: boolean;
-  private readonly compression: CompressionTypes;
   private kafka?: Kafka;
   private producer?: Producer;
   private admin?: Admin;
@@ -351,7 +349,6 @@ class KafkaSink implements Sink {
     this.describe = `kafka ${this.brokerList} → ${cfg.topic ?? cfg.topic_template}`;
     this.scrub = scrubber(cfg);
     this.idempotent = cfg.acks === -1;
-    this.compression = cfg.compression === "gzip" ? CompressionTypes.GZIP : CompressionTypes.None;
     if (!this.idempotent) ctx.log.info(`kafka sink: acks=${cfg.acks}, so the idempotent producer is off (Kafka allows it only with acks=all)`);
     if (cfg.linger_ms !== undefined) ctx.log.info("kafka sink: linger_ms has no effect (kafkajs sends each batch at once)");
   }
@@ -423,10 +420,10 @@ class KafkaSink implements Sink {
     return m.dedup_key;
   }
 
-  /** Uncompressed size, or with gzip the real compressed size for records that look too big. */
+  /** Uncompressed size, or with compression the real compressed size for records that look too big. */
   private compressedEstimate(o: Outgoing): number {
-    if (this.compression !== CompressionTypes.GZIP || BATCH_OVERHEAD + o.bytes <= this.topics.get(o.topic)!) return o.bytes;
-    return o.bytes - o.value.length + gzipSync(o.value).length;
+    if (this.cfg.compression === "none" || BATCH_OVERHEAD + o.bytes <= this.topics.get(o.topic)!) return o.bytes;
+    return o.bytes - o.value.length + compressSync(this.cfg.compression, o.value).length;
   }
 
   /** Consecutive slices: ≤ batch_num_messages records, estimated bytes ≤ the smallest topic limit. */
@@ -467,7 +464,7 @@ class KafkaSink implements Sink {
         topicMessages: [...byTopic.values()],
         acks: this.cfg.acks,
         timeout: this.cfg.request_timeout_ms,
-        compression: this.compression,
+        compression: COMPRESSION_TYPES[this.cfg.compression],
       });
       return [];
     } catch (err) {
