@@ -8,7 +8,8 @@
  *   snappy. Both are read; the xerial framing is written, as Java does.
  * - lz4 (lz4js): the LZ4 frame format, independent blocks, no checksums but the header's, as
  *   Kafka's KafkaLZ4BlockOutputStream writes it (its reader refuses dependent blocks).
- * - zstd: Bun's built-in zstd (standard frames, several frames or none with content size read).
+ * - zstd: Bun's built-in zstd (Bun.zstdCompress/zstdDecompress); it reads concatenated frames and
+ *   frames without a content size, as streaming writers (zstd-jni in Kafka's Java client) produce.
  */
 import { gzipSync } from "node:zlib";
 import { CompressionCodecs, CompressionTypes } from "kafkajs";
