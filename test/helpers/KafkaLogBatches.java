@@ -33,7 +33,7 @@ public class KafkaLogBatches {
     for (File segment : segments) {
       try (FileRecords records = FileRecords.open(segment, false)) {
         for (RecordBatch batch : records.batches()) {
-          for (Record record : batch) {
+          for (org.apache.kafka.common.record.Record record : batch) {
             ByteBuffer value = record.value();
             byte[] bytes = new byte[value == null ? 0 : value.remaining()];
             if (value != null) value.get(bytes);
