@@ -88,7 +88,10 @@ export interface StoredRecord {
   value: string;
 }
 
-/** Every record of `topics` as the broker's log segments hold it (test/helpers/KafkaLogBatches.java). */
+/**
+ * Every record of `topics` as the broker's log segments hold it (test/helpers/KafkaLogBatches.java):
+ * in offset order within a partition, partitions in no particular order.
+ */
 export async function storedRecords(brokers: string[], topics: string[]): Promise<StoredRecord[]> {
   const out = await runJava([KAFKA_LOG_BATCHES, brokers.join(","), ...topics]);
   return out

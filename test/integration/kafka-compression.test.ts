@@ -124,3 +124,28 @@ test("the sink's compression gzip, snappy, lz4 and zstd is what the broker store
     expect({ codec, keys }).toEqual({ codec, keys: expected });
   }
 }, 300_000);
+
+test("a record over the topic's max.message.bytes that compresses below it is sent with every codec, refused without", async () => {
+  const spec = kafka.sink!;
+  const LIMIT = 64 * 1024;
+  const big = forwardMessages(1, { stream_table: "comp_big", payload: () => ({ pad: PAD.repeat(1000) }) }); // ~280 KB
+  for (const codec of ["none", ...CODECS] as const) {
+    const topic = topicOf("big", codec);
+    await admin.createTopics({
+      topics: [{ topic, numPartitions: 1, configEntries: [{ name: "max.message.bytes", value: String(LIMIT) }] }],
+      waitForLeaders: true,
+    });
+    const config = v.parse(spec.config, { type: "kafka", brokers: KAFKA_BROKERS.join(","), topic, compression: codec });
+    const sink = spec.create(config, backendContext(`big_${codec}`, { log: log.withTag("kafka-compression-test") }));
+    try {
+      await sink.start();
+      const rejected = (await sink.write(big)).map((r) => r.error.includes("max.message.bytes"));
+      expect({ codec, rejected }).toEqual({ codec, rejected: codec === "none" ? [true] : [] });
+    } finally {
+      await sink.close();
+    }
+  }
+  const stored = await storedRecords(KAFKA_BROKERS, CODECS.map((c) => topicOf("big", c)));
+  const sent = stored.map((r) => `${r.codec} ${JSON.parse(r.value).dedup_key}`).sort();
+  expect(sent).toEqual(CODECS.map((c) => `${c} ${big[0]!.dedup_key}`).sort());
+}, 300_000);
