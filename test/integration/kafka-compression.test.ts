@@ -12,6 +12,8 @@ import { afterAll, beforeAll, expect, test } from "bun:test";
 import { Kafka, logLevel, type Admin } from "kafkajs";
 import * as v from "valibot";
 import kafka from "../../src/backends/kafka.ts";
+import type { Rejection } from "../../src/backends/types.ts";
+import type { Message } from "../../src/message.ts";
 import { log } from "../../src/observe/log.ts";
 import { backendContext } from "../helpers/backend.ts";
 import { consoleProduce, storedRecords, type StoredRecord } from "../helpers/kafka.ts";
@@ -50,6 +52,19 @@ afterAll(async () => {
 });
 
 const topicOf = (direction: string, codec: string) => `relaycomp.${RUN}.${direction}.${codec}`;
+
+/** A Kafka sink with `options` started, given `messages` and closed; its rejections. */
+async function writeThroughSink(name: string, options: Record<string, unknown>, messages: Message[]): Promise<Rejection[]> {
+  const spec = kafka.sink!;
+  const config = v.parse(spec.config, { type: "kafka", brokers: KAFKA_BROKERS.join(","), ...options });
+  const sink = spec.create(config, backendContext(name, { log: log.withTag("kafka-compression-test") }));
+  try {
+    await sink.start();
+    return await sink.write(messages);
+  } finally {
+    await sink.close();
+  }
+}
 
 /** Per topic: the codecs its batches were stored with, and its largest batch's record count. */
 function batchesOf(records: StoredRecord[], topic: string): { codecs: string[]; largestBatch: number } {
@@ -101,17 +116,10 @@ test("records the console producer wrote with gzip, snappy, lz4 and zstd reach t
 test("the sink's compression gzip, snappy, lz4 and zstd is what the broker stores, and its records read back", async () => {
   // ~200 KB per batch: several LZ4 and snappy blocks.
   const N = 500;
-  const spec = kafka.sink!;
   for (const codec of ["none", ...CODECS] as const) {
-    const config = v.parse(spec.config, { type: "kafka", brokers: KAFKA_BROKERS.join(","), topic: topicOf("out", codec), create_topic: true, num_partitions: 1, compression: codec });
-    const sink = spec.create(config, backendContext(`out_${codec}`, { log: log.withTag("kafka-compression-test") }));
-    try {
-      await sink.start();
-      const messages = forwardMessages(N, { stream_table: `comp_${codec}`, payload: (i) => ({ i, codec, pad: PAD }) });
-      expect(await sink.write(messages)).toEqual([]);
-    } finally {
-      await sink.close();
-    }
+    const messages = forwardMessages(N, { stream_table: `comp_${codec}`, payload: (i) => ({ i, codec, pad: PAD }) });
+    const options = { topic: topicOf("out", codec), create_topic: true, num_partitions: 1, compression: codec };
+    expect(await writeThroughSink(`out_${codec}`, options, messages)).toEqual([]);
   }
 
   const topics = ["none", ...CODECS].map((c) => topicOf("out", c));
@@ -126,7 +134,6 @@ test("the sink's compression gzip, snappy, lz4 and zstd is what the broker store
 }, 300_000);
 
 test("a record over the topic's max.message.bytes that compresses below it is sent with every codec, refused without", async () => {
-  const spec = kafka.sink!;
   const LIMIT = 64 * 1024;
   const big = forwardMessages(1, { stream_table: "comp_big", payload: () => ({ pad: PAD.repeat(1000) }) }); // ~280 KB
   for (const codec of ["none", ...CODECS] as const) {
@@ -135,15 +142,8 @@ test("a record over the topic's max.message.bytes that compresses below it is se
       topics: [{ topic, numPartitions: 1, configEntries: [{ name: "max.message.bytes", value: String(LIMIT) }] }],
       waitForLeaders: true,
     });
-    const config = v.parse(spec.config, { type: "kafka", brokers: KAFKA_BROKERS.join(","), topic, compression: codec });
-    const sink = spec.create(config, backendContext(`big_${codec}`, { log: log.withTag("kafka-compression-test") }));
-    try {
-      await sink.start();
-      const rejected = (await sink.write(big)).map((r) => r.error.includes("max.message.bytes"));
-      expect({ codec, rejected }).toEqual({ codec, rejected: codec === "none" ? [true] : [] });
-    } finally {
-      await sink.close();
-    }
+    const rejected = (await writeThroughSink(`big_${codec}`, { topic, compression: codec }, big)).map((r) => r.error.includes("max.message.bytes"));
+    expect({ codec, rejected }).toEqual({ codec, rejected: codec === "none" ? [true] : [] });
   }
   const stored = await storedRecords(KAFKA_BROKERS, CODECS.map((c) => topicOf("big", c)));
   const sent = stored.map((r) => `${r.codec} ${JSON.parse(r.value).dedup_key}`).sort();
