@@ -4,7 +4,7 @@
  * that `bun build --compile` bundles them (the rule src/backends/index.ts states).
  *
  * - snappy (snappyjs): Kafka's Java client writes snappy in the xerial framing (a 16-byte
- *   header, then blocks of [int32 compressed length][raw snappy]); librdkafka may write raw
+ *   header, then blocks of [int32 compressed length][raw snappy]); other clients may write raw
  *   snappy. Both are read; the xerial framing is written, as Java does.
  * - lz4 (lz4js): the LZ4 frame format, independent blocks, no checksums but the header's, as
  *   Kafka's KafkaLZ4BlockOutputStream writes it (its reader refuses dependent blocks).
