@@ -185,7 +185,7 @@ export async function loadCommandPath(root: AnyCommand, argv: string[]): Promise
   let cmd = root;
   for (const word of argv) {
     if (word === "-h" || word === "--help") continue;
-    if (!cmd.subCommands || word.startsWith("-") || !(word in cmd.subCommands)) return;
+    if (!cmd.subCommands || word.startsWith("-") || !Object.hasOwn(cmd.subCommands, word)) return;
     cmd = await loadSubcommand(cmd, word);
   }
 }

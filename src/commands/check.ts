@@ -47,9 +47,8 @@ async function probe(sql: Sql, settings: Settings, row: CatalogRow, side: "sourc
   let described = "";
   await sql
     .begin(async (tx) => {
-      const spec = normalizePipeline(row);
-      await loadBackends([spec.sourceType, spec.sinkType]);
-      const pipeline = new Pipeline(spec, {
+      // checkPipeline validated the row first, which loaded its backends.
+      const pipeline = new Pipeline(normalizePipeline(row), {
         sql: tx as unknown as Sql,
         postgresUrl: settings.postgresUrl,
         relayGroupId: settings.relayGroupId,
