@@ -9,7 +9,7 @@
  */
 import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { BACKENDS } from "../src/backends/index.ts";
+import { allBackends } from "../src/backends/index.ts";
 import { schemaEntries } from "../src/pipeline-config.ts";
 import { reverseSourceKeys } from "../src/inbound.ts";
 
@@ -73,7 +73,7 @@ function table(schema: AnySchema, docs: Map<string, string>): string {
   return ["| key | type | default | meaning |", "|---|---|---|---|", ...rows].join("\n");
 }
 
-export function generate(): string {
+export async function generate(): Promise<string> {
   const parts = [
     "# Pipeline options",
     "",
@@ -82,7 +82,7 @@ export function generate(): string {
     "String values may hold `${env:NAME}` or `${file:/path}` secrets.",
     "",
   ];
-  for (const b of BACKENDS) {
+  for (const b of await allBackends()) {
     const file = FILES[b.type] ?? `src/backends/${b.type}.ts`;
     const docs = comments(join(root, file));
     // A source may live in a file of its own; keys every reverse source shares are documented in src/inbound.ts.
@@ -96,7 +96,7 @@ export function generate(): string {
 
 if (import.meta.main) {
   const path = join(root, "docs/OPTIONS.md");
-  const text = generate();
+  const text = await generate();
   if (process.argv.includes("--check")) {
     const current = readFileSync(path, "utf8");
     if (current !== text) {

@@ -166,6 +166,35 @@ export function parseCommandLine(root: AnyCommand, argv: string[]): Parsed {
   return { path, cmd, args, help };
 }
 
+/** A subcommand given as its definition or as a function importing it (citty's Resolvable). */
+type LazyCommand = AnyCommand | (() => Promise<AnyCommand>);
+
+/** Replaces a lazily imported subcommand by its definition, in place; returns the definition. */
+async function loadSubcommand(cmd: AnyCommand, name: string): Promise<AnyCommand> {
+  const subs = cmd.subCommands as Record<string, LazyCommand>;
+  const sub = subs[name]!;
+  if (typeof sub === "function") subs[name] = await sub();
+  return subs[name] as AnyCommand;
+}
+
+/**
+ * Imports the subcommands named by the command words of `argv` (as parseCommandLine walks them),
+ * so that parsing finds plain definitions there; the other commands stay unloaded.
+ */
+export async function loadCommandPath(root: AnyCommand, argv: string[]): Promise<void> {
+  let cmd = root;
+  for (const word of argv) {
+    if (word === "-h" || word === "--help") continue;
+    if (!cmd.subCommands || word.startsWith("-") || !Object.hasOwn(cmd.subCommands, word)) return;
+    cmd = await loadSubcommand(cmd, word);
+  }
+}
+
+/** Imports every subcommand, recursively (top-level help, completion scripts). */
+export async function loadAllCommands(cmd: AnyCommand): Promise<void> {
+  for (const name of Object.keys(cmd.subCommands ?? {})) await loadAllCommands(await loadSubcommand(cmd, name));
+}
+
 // ── help ──────────────────────────────────────────────────────────────────────────────────────
 
 /** Terminal width for help text; 80 when stdout is not a terminal. */

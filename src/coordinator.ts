@@ -9,6 +9,7 @@ import type { Metrics } from "./observe/metrics.ts";
 import { forwardProgress } from "./outbox/progress.ts";
 import { OutboxSource } from "./outbox/source.ts";
 import { Pipeline, type LockGuard, type PipelineState } from "./pipeline.ts";
+import { loadBackends } from "./backends/index.ts";
 import { normalizePipeline, type CatalogRow } from "./pipeline-config.ts";
 import { redact } from "./redact.ts";
 import { resolveSecrets } from "./secrets.ts";
@@ -40,6 +41,16 @@ export const PIPELINE_LOCK_SQL = `l.locktype = 'advisory' AND l.objsubid = 2 AND
 export const MEMBER_KEY_SQL = `('x' || left(md5('pgtrickle-relay members:' || $1::text), 16))::bit(64)::bigint`;
 
 const keyOf = (r: { name: string; direction: string }) => `${r.direction}:${r.name}`;
+
+/** The backend types a catalog row names; none when the row is invalid (startWorker reports that). */
+function backendTypes(row: CatalogRow): string[] {
+  try {
+    const spec = normalizePipeline(row);
+    return [spec.sourceType, spec.sinkType];
+  } catch {
+    return [];
+  }
+}
 
 /** Who holds each desired pipeline's lock (coordinator backend pid), and which replicas run. */
 interface LockSnapshot {
@@ -383,6 +394,8 @@ export class Coordinator {
   /** Brings the running set in line with the catalog: stop removed, restart changed, then acquire. */
   private async reconcile(): Promise<void> {
     const rows = await this.loadCatalog();
+    // startWorker builds pipelines synchronously: their backends (client libraries) load here.
+    await loadBackends(rows.flatMap(backendTypes));
     const desired = new Map(rows.map((r) => [keyOf(r), this.desire(r)]));
     for (const [key, d] of desired) {
       // An unresolved secret may resolve at the next reload (a file appears): try again each time.

@@ -1,33 +1,13 @@
 #!/usr/bin/env bun
-import { defineCommand } from "citty";
-import { EXIT_USAGE, parseCommandLine, PROGRAM, renderHelp, UsageError, wrapLines, type AnyCommand } from "./cli.ts";
-import { EXIT, EXIT_CODES } from "./cli-common.ts";
-import { errorMessage } from "./errors.ts";
-import { log } from "./observe/log.ts";
-import { redact } from "./redact.ts";
-import { catalogCommand } from "./commands/catalog.ts";
-import { deadLettersCommand } from "./commands/dead-letters.ts";
-import { pipelineCommand } from "./commands/pipeline.ts";
-import { tailCommand } from "./commands/tail.ts";
-import { checkCommand } from "./commands/check.ts";
-import { demoCommand } from "./commands/demo.ts";
-import { drainCommand, runCommand } from "./commands/run.ts";
-import { statusCommand } from "./commands/status.ts";
-import { completionScript, SHELLS } from "./completion.ts";
-import { SETTINGS } from "./settings.ts";
-import { COMMIT, VERSION } from "./version.ts";
-
 /**
- * kafkajs 2.2.4 arms `setTimeout(check, throttledUntil - Date.now())` with no throttle in force
- * (RequestQueue.scheduleCheckPendingRequests), a negative delay that the runtime turns into 1 ms
- * with a `TimeoutNegativeWarning` on stderr for every Kafka pipeline — noise that also breaks
- * `--log-format json`. A negative delay means "now" anyway, so it is passed on as 0.
+ * The entry point. It imports only the command-line parser: each command's module (and what it
+ * needs: postgres, prom-client, consola…) is imported when that command runs, so `--version`
+ * and `help <command>` load almost nothing (bench/startup.ts measures it).
  */
-const runtimeSetTimeout = globalThis.setTimeout;
-globalThis.setTimeout = Object.assign(
-  (handler: (...args: unknown[]) => void, delay?: number, ...rest: unknown[]) => runtimeSetTimeout(handler, typeof delay === "number" && delay < 0 ? 0 : delay, ...rest),
-  runtimeSetTimeout,
-) as typeof setTimeout;
+import { defineCommand } from "citty";
+import { EXIT_USAGE, loadAllCommands, loadCommandPath, parseCommandLine, PROGRAM, renderHelp, UsageError, wrapLines, type AnyCommand } from "./cli.ts";
+import { completionScript, SHELLS } from "./completion.ts";
+import { COMMIT, VERSION } from "./version.ts";
 
 const PG = "--postgres-url postgres://relay@db/app";
 
@@ -70,13 +50,19 @@ const EXAMPLES: Record<string, string[]> = {
 };
 
 /** The process settings, for the top-level help: each command's help lists those it takes. */
-const settingNotes = [
-  "Settings (flag > environment variable > --config TOML key > default):",
-  ...Object.values(SETTINGS).map((k) => `  --${k.flag} <${k.hint}>${k.fallback ? ` (default ${k.fallback})` : ""}\n      ${k.env}, ${k.file}`),
-  "  --config <path>\n      PGTRICKLE_RELAY_CONFIG",
-];
+async function settingNotes(): Promise<string[]> {
+  const { SETTINGS } = await import("./settings.ts");
+  return [
+    "Settings (flag > environment variable > --config TOML key > default):",
+    ...Object.values(SETTINGS).map((k) => `  --${k.flag} <${k.hint}>${k.fallback ? ` (default ${k.fallback})` : ""}\n      ${k.env}, ${k.file}`),
+    "  --config <path>\n      PGTRICKLE_RELAY_CONFIG",
+  ];
+}
 
-const exitCodeNotes = ["Exit codes:", ...EXIT_CODES.map(([code, text]) => `  ${String(code).padEnd(4)}${wrapLines(text, 72).join(`\n${" ".repeat(6)}`)}`)];
+async function exitCodeNotes(): Promise<string[]> {
+  const { EXIT_CODES } = await import("./cli-common.ts");
+  return ["Exit codes:", ...EXIT_CODES.map(([code, text]) => `  ${String(code).padEnd(4)}${wrapLines(text, 72).join(`\n${" ".repeat(6)}`)}`)];
+}
 
 const main = defineCommand({
   meta: {
@@ -84,22 +70,24 @@ const main = defineCommand({
     description:
       "Relays pg_trickle outbox rows to NATS, Kafka, HTTP, Redis, SQS, RabbitMQ, PostgreSQL or files, and external events into pg_trickle inboxes. Pipelines are configured in SQL (pgtrickle.set_relay_outbox / set_relay_inbox). Run `pgtrickle-relay <command> --help` for a command's flags.",
   },
+  // Imported on first use (loadCommandPath); string literals, so `bun build --compile` bundles them.
   subCommands: {
-    run: runCommand,
-    drain: drainCommand,
-    status: statusCommand,
-    check: checkCommand,
-    catalog: catalogCommand,
-    pipeline: pipelineCommand,
-    "dead-letters": deadLettersCommand,
-    tail: tailCommand,
-    demo: demoCommand,
+    run: () => import("./commands/run.ts").then((m) => m.runCommand),
+    drain: () => import("./commands/run.ts").then((m) => m.drainCommand),
+    status: () => import("./commands/status.ts").then((m) => m.statusCommand),
+    check: () => import("./commands/check.ts").then((m) => m.checkCommand),
+    catalog: () => import("./commands/catalog.ts").then((m) => m.catalogCommand),
+    pipeline: () => import("./commands/pipeline.ts").then((m) => m.pipelineCommand),
+    "dead-letters": () => import("./commands/dead-letters.ts").then((m) => m.deadLettersCommand),
+    tail: () => import("./commands/tail.ts").then((m) => m.tailCommand),
+    demo: () => import("./commands/demo.ts").then((m) => m.demoCommand),
     completion: defineCommand({
       meta: { name: "completion", description: "Print the shell completion script for bash, zsh or fish" },
       args: { shell: { type: "positional", description: "bash, zsh or fish", required: true } },
-      run({ args }) {
+      async run({ args }) {
         const shell = String(args.shell);
         if (!(SHELLS as readonly string[]).includes(shell)) throw new UsageError(`completion: unknown shell '${shell}'; one of ${SHELLS.join(", ")}`);
+        await loadAllCommands(main);
         process.stdout.write(completionScript(shell as (typeof SHELLS)[number], main));
       },
     }),
@@ -108,10 +96,13 @@ const main = defineCommand({
   },
 });
 
-function printHelp(path: string[]): void {
+async function printHelp(path: string[]): Promise<void> {
+  await loadCommandPath(main, path);
   const parsed = parseCommandLine(main, [...path, "--help"]);
   const key = parsed.path.join(" ");
-  const notes = key === "" ? [...settingNotes, "", ...exitCodeNotes] : key === "drain" ? exitCodeNotes : [];
+  // The top-level help lists every command with its description.
+  if (key === "") await loadAllCommands(main);
+  const notes = key === "" ? [...(await settingNotes()), "", ...(await exitCodeNotes())] : key === "drain" ? await exitCodeNotes() : [];
   process.stdout.write(renderHelp(parsed.cmd, parsed.path, { examples: EXAMPLES[key], notes }));
 }
 
@@ -121,6 +112,7 @@ async function dispatch(argv: string[]): Promise<void> {
     return;
   }
   if (argv[0] === "help") return printHelp(argv.slice(1));
+  await loadCommandPath(main, argv);
   const parsed = parseCommandLine(main, argv);
   if (parsed.help || parsed.path[0] === "version") return printHelp(parsed.path);
   const cmd = parsed.cmd as AnyCommand;
@@ -135,6 +127,7 @@ try {
     process.exit(EXIT_USAGE);
   }
   // One line, secrets masked: a stack trace helps nobody who runs the binary.
+  const [{ log }, { redact }, { errorMessage }, { EXIT }] = await Promise.all([import("./observe/log.ts"), import("./redact.ts"), import("./errors.ts"), import("./cli-common.ts")]);
   log.error(redact(errorMessage(err)));
   process.exit(EXIT.failed);
 }

@@ -20,6 +20,8 @@ export interface RelayOptions {
   retryConnect: boolean;
   /** Stop gracefully once this resolves (the demo's --count). */
   stopWhen?: Promise<void>;
+  /** The command checked the catalog a moment ago (drain, before deciding to start): not again. */
+  catalogChecked?: boolean;
 }
 
 /** Connects, retrying with jittered backoff for a service, once for a one-shot command. */
@@ -73,7 +75,7 @@ export async function runRelay(settings: Settings, options: RelayOptions): Promi
   let timedOut = false;
   let sighup: (() => void) | undefined;
   try {
-    await requireCatalog(sql);
+    if (!options.catalogChecked) await requireCatalog(sql);
     log.info(`relay ${processIdentity()} (group '${settings.relayGroupId}', ${options.drain ? "drain" : "run"}) on ${describeUrl(settings.postgresUrl)}`);
     const metrics = new Metrics();
     const coordinator = new Coordinator(settings, sql, metrics, { drain: options.drain, only: options.only });

@@ -39,6 +39,19 @@ import { readSettingFile } from "./redact.ts";
 import { COMPRESSION_TYPES, compressSync, registerKafkaCodecs } from "./kafka-codecs.ts";
 import { defineBackend, LAG_TIMEOUT_MS, sinkSpec, sourceSpec, type BackendContext, type Batch, type DeadLetter, type Lag, type Rejection, type Sink, type Source } from "./types.ts";
 
+/**
+ * kafkajs 2.2.4 arms `setTimeout(check, throttledUntil - Date.now())` with no throttle in force
+ * (RequestQueue.scheduleCheckPendingRequests), a negative delay that the runtime turns into 1 ms
+ * with a `TimeoutNegativeWarning` on stderr for every Kafka pipeline — noise that also breaks
+ * `--log-format json`. A negative delay means "now" anyway, so it is passed on as 0. Installed
+ * when this module loads, i.e. only in a process that runs a Kafka pipeline.
+ */
+const runtimeSetTimeout = globalThis.setTimeout;
+globalThis.setTimeout = Object.assign(
+  (handler: (...args: unknown[]) => void, delay?: number, ...rest: unknown[]) => runtimeSetTimeout(handler, typeof delay === "number" && delay < 0 ? 0 : delay, ...rest),
+  runtimeSetTimeout,
+) as typeof setTimeout;
+
 /** Kafka's own rule for topic names (plus: not `.` or `..`). */
 const TOPIC_NAME = /^[A-Za-z0-9._-]{1,249}$/;
 const PLACEHOLDER = /\{[A-Za-z0-9_]+\}/;

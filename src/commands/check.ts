@@ -6,6 +6,7 @@ import type { Sql } from "../db.ts";
 import { configError, errorMessage } from "../errors.ts";
 import { log } from "../observe/log.ts";
 import { Metrics } from "../observe/metrics.ts";
+import { loadBackends } from "../backends/index.ts";
 import { Pipeline } from "../pipeline.ts";
 import { normalizePipeline, type CatalogRow } from "../pipeline-config.ts";
 import { redact } from "../redact.ts";
@@ -46,6 +47,7 @@ async function probe(sql: Sql, settings: Settings, row: CatalogRow, side: "sourc
   let described = "";
   await sql
     .begin(async (tx) => {
+      // checkPipeline validated the row first, which loaded its backends.
       const pipeline = new Pipeline(normalizePipeline(row), {
         sql: tx as unknown as Sql,
         postgresUrl: settings.postgresUrl,
@@ -121,6 +123,7 @@ export async function checkPipeline(sql: Sql, settings: Settings, row: CatalogRo
   try {
     // Validates both sides against the backend schemas without connecting anything.
     const spec = normalizePipeline(row);
+    await loadBackends([spec.sourceType, spec.sinkType]);
     new Pipeline(spec, { sql, postgresUrl: settings.postgresUrl, relayGroupId: settings.relayGroupId, metrics: new Metrics(), log: quietLog(row.name), drain: true });
     // `run` only warns about an unknown key (it may be newer than this binary); check refuses it.
     if (spec.unknownKeys.length > 0) throw configError(`pipeline '${row.name}': ${spec.unknownKeys.join("; ")}`);

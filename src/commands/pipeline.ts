@@ -12,6 +12,7 @@ import type { Sql } from "../db.ts";
 import { configError, errorMessage } from "../errors.ts";
 import { log } from "../observe/log.ts";
 import { Metrics } from "../observe/metrics.ts";
+import { loadBackends } from "../backends/index.ts";
 import { Pipeline } from "../pipeline.ts";
 import { normalizePipeline, pipelineNameProblem, type CatalogRow } from "../pipeline-config.ts";
 import { registerConfigSecrets } from "../redact.ts";
@@ -130,11 +131,12 @@ function storedRow(name: string, d: Definition): CatalogRow {
 }
 
 /** Validates like `check --offline` (schemas, unknown keys); throws a config error listing what is wrong. */
-function validate(settings: Settings, sql: Sql, row: CatalogRow): void {
+async function validate(settings: Settings, sql: Sql, row: CatalogRow): Promise<void> {
   if (typeof (row.direction === "forward" ? (row.config as { sink_type?: unknown }).sink_type : (row.config as { source_type?: unknown }).source_type) !== "string") {
     throw configError(`pipeline '${row.name}': the ${row.direction === "forward" ? "sink" : "source"} needs a type (--type, or "type" in --config)`);
   }
   const spec = normalizePipeline(row);
+  await loadBackends([spec.sourceType, spec.sinkType]);
   new Pipeline(spec, { sql, postgresUrl: settings.postgresUrl, relayGroupId: settings.relayGroupId, metrics: new Metrics(), log: log.create({ level: 0 }), drain: true });
   if (spec.unknownKeys.length > 0) throw configError(`pipeline '${row.name}': ${spec.unknownKeys.join("; ")}`);
 }
@@ -170,7 +172,7 @@ const set = defineCommand({
     }
     await withDatabase(settings, async (sql) => {
       await requireCatalog(sql);
-      validate(settings, sql, storedRow(name, definition));
+      await validate(settings, sql, storedRow(name, definition));
       const d = definition;
       const enabled = !args.disabled;
       if (d.direction === "forward") {

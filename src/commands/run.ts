@@ -64,7 +64,7 @@ export const drainCommand = defineCommand({
     const only = listFlag(args.pipeline);
     const refusal = await withDatabase(settings, (sql) => drainRefusal(sql, settings.relayGroupId, only, { allowEmpty: !!args["allow-empty"], newGroup: !!args["new-group"] }));
     if (refusal) fail(refusal, EXIT.nothingToDrain);
-    const result = await runRelay(settings, { drain: true, only, timeoutSecs, http: !!args.metrics, retryConnect: false }).catch(unreachable);
+    const result = await runRelay(settings, { drain: true, only, timeoutSecs, http: !!args.metrics, retryConnect: false, catalogChecked: true }).catch(unreachable);
     printSummary(result.outcomes);
     const deadLettered = result.outcomes.reduce((n, o) => n + o.deadLettered, 0);
     if (result.exitCode === 0 && deadLettered > 0 && !args["allow-dead-letters"]) {

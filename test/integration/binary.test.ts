@@ -1,22 +1,25 @@
 /**
- * Every forward backend driven by the COMPILED binary (DESIGN.md: `bun build --compile` bundles
- * only static imports, and the AWS credential chain has broken after bundling before). One
- * outbox, one pipeline per sink, one `dist/pgtrickle-relay drain`, then each destination is read
- * back with its own client.
+ * Every backend driven by the COMPILED binary: backends are imported on first use
+ * (src/backends/index.ts), and the AWS credential chain has broken after bundling before, so a
+ * module or library code path missing from the bundle must fail here. Forward: one outbox, one
+ * pipeline per sink, one `dist/pgtrickle-relay drain`, then each destination is read back with
+ * its own client. Reverse: one pipeline per source, each fed N messages by its own client, one
+ * drain, then the inboxes are counted.
  */
 import { afterAll, beforeAll, expect, test } from "bun:test";
-import { CreateQueueCommand, DeleteQueueCommand, ReceiveMessageCommand, SQSClient } from "@aws-sdk/client-sqs";
+import { CreateQueueCommand, DeleteQueueCommand, ReceiveMessageCommand, SendMessageCommand, SQSClient } from "@aws-sdk/client-sqs";
 import amqp from "amqplib";
 import Redis from "ioredis";
 import { Kafka, logLevel } from "kafkajs";
-import { connect as natsConnect } from "nats";
-import { mkdtempSync, readFileSync } from "node:fs";
+import { connect as natsConnect, type NatsConnection } from "nats";
+import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createStreamTable, enableOutbox, writeV1Inline } from "../fixtures/outbox.ts";
 import { testDatabase, type TestDatabase } from "../helpers/pg.ts";
 import { storedRecords } from "../helpers/kafka.ts";
 import { relayOnce } from "../helpers/relay.ts";
+import { inboxCount, setRelayInbox } from "../helpers/reverse.ts";
 import { AMQP_URL, AWS_CREDENTIALS, AWS_REGION, KAFKA_BROKERS, NATS_URL, REDIS_URL, requireServer, SQS_CLIENT_CONFIG, SQS_ENDPOINT } from "../helpers/servers.ts";
 
 const ROOT = new URL("../..", import.meta.url).pathname;
@@ -32,7 +35,11 @@ const webhook: { keys: string[]; bodies: unknown[] } = { keys: [], bodies: [] };
 let server: ReturnType<typeof Bun.serve>;
 const sqs = new SQSClient(SQS_CLIENT_CONFIG);
 let queueUrl = "";
+let sourceQueueUrl = "";
 let amqpConn: amqp.ChannelModel;
+let nc: NatsConnection | undefined;
+const kafka = new Kafka({ brokers: KAFKA_BROKERS, logLevel: logLevel.NOTHING });
+const binaryEnv = { PGTRICKLE_RELAY_BIN: BIN, AWS_ACCESS_KEY_ID: AWS_CREDENTIALS.accessKeyId, AWS_SECRET_ACCESS_KEY: AWS_CREDENTIALS.secretAccessKey };
 
 beforeAll(async () => {
   for (const s of ["postgres", "nats", "redis", "rabbitmq", "kafka", "sqs"] as const) await requireServer(s);
@@ -83,7 +90,16 @@ beforeAll(async () => {
 afterAll(async () => {
   server?.stop(true);
   await amqpConn?.close().catch(() => {});
-  if (queueUrl) await sqs.send(new DeleteQueueCommand({ QueueUrl: queueUrl })).catch(() => {});
+  for (const url of [queueUrl, sourceQueueUrl]) if (url) await sqs.send(new DeleteQueueCommand({ QueueUrl: url })).catch(() => {});
+  if (nc) {
+    await (await nc.jetstreamManager()).streams.delete(`BINSRC_${run}`).catch(() => {});
+    await nc.close();
+  }
+  const admin = kafka.admin();
+  await admin.connect();
+  await admin.deleteTopics({ topics: [`binsrc-${run}`] }).catch(() => {});
+  await admin.deleteGroups([`binsrc-${run}`]).catch(() => {});
+  await admin.disconnect();
   await db?.drop();
   await remote?.drop();
 });
@@ -91,11 +107,7 @@ afterAll(async () => {
 const expectedKeys = () => Array.from({ length: N }, (_, i) => `${outboxTable}:${i + 1}:0`);
 
 test("the compiled binary relays one outbox to every sink, credentials for SQS from the environment", async () => {
-  const result = await relayOnce(["drain", "--postgres-url", db.url], {
-    PGTRICKLE_RELAY_BIN: BIN,
-    AWS_ACCESS_KEY_ID: AWS_CREDENTIALS.accessKeyId,
-    AWS_SECRET_ACCESS_KEY: AWS_CREDENTIALS.secretAccessKey,
-  }, 120_000);
+  const result = await relayOnce(["drain", "--postgres-url", db.url], binaryEnv, 120_000);
   expect(result.stderr).not.toContain("failed");
   expect(result.exitCode).toBe(0);
 
@@ -110,7 +122,6 @@ test("the compiled binary relays one outbox to every sink, credentials for SQS f
   await jsm.streams.delete(`BIN_${run}`);
   await nc.close();
 
-  const kafka = new Kafka({ brokers: KAFKA_BROKERS, logLevel: logLevel.NOTHING });
   const consumer = kafka.consumer({ groupId: `bin-check-${run}` });
   await consumer.connect();
   await consumer.subscribe({ topic: `bin-${run}`, fromBeginning: true });
@@ -155,3 +166,58 @@ test("the compiled binary relays one outbox to every sink, credentials for SQS f
   const rows = await remote.sql<{ event_id: string }[]>`SELECT event_id FROM pgtrickle.orders_inbox ORDER BY event_id`;
   expect(rows.map((r) => r.event_id)).toEqual(expectedKeys().sort());
 }, 180_000);
+
+/** Feeds N messages into each source system, one reverse pipeline per source type. */
+async function sourcePipelines(): Promise<Record<string, Record<string, unknown>>> {
+  const bodies = Array.from({ length: N }, (_, i) => JSON.stringify({ event_type: "order.created", n: i + 1 }));
+
+  nc = await natsConnect({ servers: NATS_URL });
+  await (await nc.jetstreamManager()).streams.add({ name: `BINSRC_${run}`, subjects: [`binsrc${run}.>`] });
+  const js = nc.jetstream();
+  for (const body of bodies) await js.publish(`binsrc${run}.orders`, new TextEncoder().encode(body));
+
+  const admin = kafka.admin();
+  await admin.connect();
+  await admin.createTopics({ topics: [{ topic: `binsrc-${run}`, numPartitions: 1 }], waitForLeaders: true });
+  await admin.disconnect();
+  const producer = kafka.producer();
+  await producer.connect();
+  await producer.send({ topic: `binsrc-${run}`, messages: bodies.map((value, i) => ({ key: `k${i}`, value })) });
+  await producer.disconnect();
+
+  const redis = new Redis(REDIS_URL);
+  for (const body of bodies) await redis.xadd(`binsrc:${run}`, "*", "payload", body);
+  redis.disconnect();
+
+  sourceQueueUrl = (await sqs.send(new CreateQueueCommand({ QueueName: `binsrc-${run}` }))).QueueUrl!;
+  for (const body of bodies) await sqs.send(new SendMessageCommand({ QueueUrl: sourceQueueUrl, MessageBody: body }));
+
+  const ch = await amqpConn.createChannel();
+  await ch.assertQueue(`binsrc-${run}`, { durable: true });
+  for (const body of bodies) ch.sendToQueue(`binsrc-${run}`, Buffer.from(body), { persistent: true });
+  await ch.close();
+
+  const input = join(dir, "in.jsonl");
+  writeFileSync(input, bodies.map((b) => `${b}\n`).join(""));
+
+  return {
+    src_nats: { type: "nats", url: NATS_URL, subject: `binsrc${run}.>` },
+    src_kafka: { type: "kafka", brokers: KAFKA_BROKERS.join(","), topic: `binsrc-${run}`, group_id: `binsrc-${run}` },
+    src_redis: { type: "redis", url: REDIS_URL, stream_key: `binsrc:${run}` },
+    src_sqs: { type: "sqs", queue_url: sourceQueueUrl, endpoint: SQS_ENDPOINT, region: AWS_REGION },
+    src_rabbit: { type: "rabbitmq", url: AMQP_URL, queue: `binsrc-${run}` },
+    src_file: { type: "file", input },
+  };
+}
+
+test("the compiled binary drains every source into its inbox (the HTTP receiver loads and is skipped: it has no backlog)", async () => {
+  const pipelines = { ...(await sourcePipelines()), src_http: { type: "http", listen_addr: "127.0.0.1:0", path: "/hooks" } };
+  for (const [name, source] of Object.entries(pipelines)) await setRelayInbox(db, name, `${name}_inbox`, source);
+  const names = Object.keys(pipelines);
+  const result = await relayOnce(["drain", "--postgres-url", db.url, "--pipeline", names.join(","), "--timeout", "150"], binaryEnv, 180_000);
+  expect(result.stderr).not.toContain("failed");
+  expect(result.exitCode).toBe(0);
+  const counts: Record<string, number> = {};
+  for (const name of names) counts[name] = await inboxCount(db, `${name}_inbox`);
+  expect(counts).toEqual({ ...Object.fromEntries(names.map((n) => [n, N])), src_http: 0 });
+}, 240_000);

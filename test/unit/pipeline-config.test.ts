@@ -1,8 +1,9 @@
-import { describe, expect, test } from "bun:test";
+import { beforeAll, describe, expect, test } from "bun:test";
 import { normalizePipeline, parseBackendConfig } from "../../src/pipeline-config.ts";
-import { sinkBackend } from "../../src/backends/index.ts";
+import { loadBackends, sinkBackend } from "../../src/backends/index.ts";
 
 describe("normalizePipeline (docs/interface.md §5.1)", () => {
+  beforeAll(() => loadBackends(["stdout", "kafka"]));
   test("the nested shape written by set_relay_outbox", () => {
     const spec = normalizePipeline({
       name: "p", direction: "forward", enabled: true,

@@ -1,0 +1,49 @@
+import { describe, expect, test } from "bun:test";
+import { mkdtempSync, readFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { allBackends, REGISTRY } from "../../src/backends/index.ts";
+
+const root = new URL("../..", import.meta.url).pathname;
+const CLIENT_LIBRARIES = ["kafkajs", "nats", "amqplib", "ioredis", "@aws-sdk/client-sqs"];
+
+/** The npm packages a fresh `bun …args` process imported (test/fixtures/loaded-packages.ts). */
+function packagesLoadedBy(args: string[]): string[] {
+  const file = join(mkdtempSync(join(tmpdir(), "relay-loaded-")), "packages");
+  const proc = Bun.spawnSync([process.execPath, "--preload", join(root, "test/fixtures/loaded-packages.ts"), ...args], {
+    cwd: root,
+    env: { ...process.env, LOADED_PACKAGES_FILE: file },
+    stdout: "pipe",
+    stderr: "pipe",
+  });
+  expect(proc.stderr.toString()).toBe("");
+  expect(proc.exitCode).toBe(0);
+  return readFileSync(file, "utf8").split("\n");
+}
+
+describe("backend registry: client libraries load only when used", () => {
+  test("each entry names its module's type, aliases and sides", async () => {
+    const backends = await allBackends();
+    expect(backends.map((b) => ({ type: b.type, aliases: b.aliases ?? [], sink: !!b.sink, source: !!b.source }))).toEqual(
+      REGISTRY.map((e) => ({ type: e.type, aliases: e.aliases, sink: e.sink, source: e.source })),
+    );
+  });
+
+  test("--version imports no client library, nor the database driver", () => {
+    const loaded = packagesLoadedBy(["src/main.ts", "--version"]);
+    expect(loaded).toContain("citty");
+    for (const lib of [...CLIENT_LIBRARIES, "postgres"]) expect(loaded).not.toContain(lib);
+  });
+
+  test("the drain command with an outbox → stdout pipeline imports no client library", () => {
+    const script = `await import("./src/commands/run.ts"); await (await import("./src/backends/index.ts")).loadBackends(["outbox", "stdout"]);`;
+    const loaded = packagesLoadedBy(["-e", script]);
+    expect(loaded).toContain("postgres");
+    for (const lib of CLIENT_LIBRARIES) expect(loaded).not.toContain(lib);
+  });
+
+  test("a kafka pipeline imports kafkajs and nothing else of the kind (the check above can see a library)", () => {
+    const loaded = packagesLoadedBy(["-e", `await (await import("./src/backends/index.ts")).loadBackends(["kafka"]);`]);
+    expect(CLIENT_LIBRARIES.filter((lib) => loaded.includes(lib))).toEqual(["kafkajs"]);
+  });
+});
