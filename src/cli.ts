@@ -100,7 +100,8 @@ export function parseCommandLine(root: AnyCommand, argv: string[]): Parsed {
     }
     const subs = cmd.subCommands as Record<string, AnyCommand> | undefined;
     if (!subs || word.startsWith("-")) break;
-    const sub = subs[word];
+    // Own keys only: `toString` or `constructor` are no commands.
+    const sub = Object.hasOwn(subs, word) ? subs[word] : undefined;
     if (!sub) {
       const where = path.length ? `'${path.join(" ")}' has no subcommand` : "unknown command";
       throw new UsageError(`${where} '${word}'${didYouMean(suggest(word, Object.keys(subs)))} (see ${PROGRAM} ${[...path, "--help"].join(" ")})`);
@@ -131,7 +132,7 @@ export function parseCommandLine(root: AnyCommand, argv: string[]): Parsed {
     }
     const eq = word.indexOf("=");
     const given = word.replace(/^--?/, "").slice(0, eq < 0 ? undefined : eq - (word.startsWith("--") ? 2 : 1));
-    const name = flags[given] ? given : aliases.get(given);
+    const name = Object.hasOwn(flags, given) ? given : aliases.get(given);
     if (!name) {
       if (path.length === 0 && word.startsWith("-") && !help) {
         throw new UsageError(`unknown flag '${word}'; flags go after the command (see ${PROGRAM} --help)`);

@@ -33,6 +33,8 @@ describe("strict command line", () => {
     expect(usage(["drain", "--timout", "5"])).toContain("unknown flag '--timout' for 'drain'; did you mean --timeout?");
     expect(usage(["drain", "--dry-run"])).toContain("unknown flag '--dry-run'");
     expect(usage(["drian"])).toContain("unknown command 'drian'; did you mean drain?");
+    expect(usage(["toString"])).toContain("unknown command 'toString'");
+    expect(usage(["drain", "--constructor"])).toContain("unknown flag '--constructor'");
     expect(usage(["catalog", "instal"])).toContain("did you mean install?");
     expect(usage(["catalog"])).toContain("needs a subcommand: install");
     expect(usage(["drain", "--timeout"])).toBe("--timeout needs a value");
