@@ -1,4 +1,5 @@
 import { createServer, connect as tcpConnect, type Server, type Socket } from "node:net";
+import { KAFKA_PROXIED_ADVERTISED_PORT, KAFKA_PROXIED_PORT } from "./servers.ts";
 
 /** A loopback port nothing listens on right now. */
 export async function freePort(): Promise<number> {
@@ -105,5 +106,24 @@ export async function freezingProxy(targetPort: number, freezesOn: (chunk: Buffe
       for (const s of sockets) s.destroy();
       await new Promise<void>((resolve) => server.close(() => resolve()));
     },
+  };
+}
+
+/**
+ * One loopback proxy in front of each server a test cuts off: `via(port)` starts one and gives
+ * its port; `kafka()` the one for the broker's proxied listener (its advertised address is where
+ * that proxy listens). `all` serves freezing, resuming and stopping them together.
+ */
+export function proxyGroup() {
+  const all: Awaited<ReturnType<typeof tcpProxy>>[] = [];
+  const add = async (target: number, port?: number) => {
+    const p = await tcpProxy(target, port);
+    all.push(p);
+    return p;
+  };
+  return {
+    all,
+    via: async (port: number) => (await add(port)).port,
+    kafka: () => add(KAFKA_PROXIED_PORT, KAFKA_PROXIED_ADVERTISED_PORT),
   };
 }

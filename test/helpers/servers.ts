@@ -45,6 +45,10 @@ export const SQS_ENDPOINT = "http://127.0.0.1:4566";
 /** The emulator accepts any credentials; these dummies keep the AWS SDK from looking further. */
 export const AWS_REGION = "us-east-1";
 export const AWS_CREDENTIALS = { accessKeyId: "test", secretAccessKey: "test" } as const;
+/** The same credentials as the environment of a relay process (the SDK's default chain reads them). */
+export const AWS_ENV = { AWS_ACCESS_KEY_ID: AWS_CREDENTIALS.accessKeyId, AWS_SECRET_ACCESS_KEY: AWS_CREDENTIALS.secretAccessKey };
+/** The port of a server URL. */
+export const portOf = (url: string) => Number(new URL(url).port);
 /** Ready-made SQSClient options for the emulator. */
 export const SQS_CLIENT_CONFIG = {
   endpoint: SQS_ENDPOINT,

@@ -20,7 +20,7 @@ import { testDatabase, type TestDatabase } from "../helpers/pg.ts";
 import { storedRecords } from "../helpers/kafka.ts";
 import { relayOnce } from "../helpers/relay.ts";
 import { inboxCount, setRelayInbox } from "../helpers/reverse.ts";
-import { AMQP_URL, AWS_CREDENTIALS, AWS_REGION, KAFKA_BROKERS, NATS_URL, REDIS_URL, requireServer, SQS_CLIENT_CONFIG, SQS_ENDPOINT } from "../helpers/servers.ts";
+import { AMQP_URL, AWS_ENV, AWS_REGION, KAFKA_BROKERS, NATS_URL, REDIS_URL, requireServer, SQS_CLIENT_CONFIG, SQS_ENDPOINT } from "../helpers/servers.ts";
 
 const ROOT = new URL("../..", import.meta.url).pathname;
 const BIN = join(ROOT, "dist/pgtrickle-relay");
@@ -39,7 +39,7 @@ let sourceQueueUrl = "";
 let amqpConn: amqp.ChannelModel;
 let nc: NatsConnection | undefined;
 const kafka = new Kafka({ brokers: KAFKA_BROKERS, logLevel: logLevel.NOTHING });
-const binaryEnv = { PGTRICKLE_RELAY_BIN: BIN, AWS_ACCESS_KEY_ID: AWS_CREDENTIALS.accessKeyId, AWS_SECRET_ACCESS_KEY: AWS_CREDENTIALS.secretAccessKey };
+const binaryEnv = { PGTRICKLE_RELAY_BIN: BIN, ...AWS_ENV };
 
 beforeAll(async () => {
   for (const s of ["postgres", "nats", "redis", "rabbitmq", "kafka", "sqs"] as const) await requireServer(s);

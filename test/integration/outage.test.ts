@@ -16,14 +16,13 @@ import { createStreamTable, enableOutbox, writeV1Inline } from "../fixtures/outb
 import { createTopic, deleteTopic, topicDedupKeys } from "../helpers/kafka.ts";
 import { expectAllDegraded, expectAllRecovered, httpBase } from "../helpers/observe.ts";
 import { testDatabase, type TestDatabase } from "../helpers/pg.ts";
-import { tcpProxy } from "../helpers/proxy.ts";
+import { proxyGroup } from "../helpers/proxy.ts";
 import { eventually, RunningRelay } from "../helpers/relay.ts";
 import {
   AMQP_URL,
-  AWS_CREDENTIALS,
+  AWS_ENV,
+  portOf,
   KAFKA_BROKERS,
-  KAFKA_PROXIED_ADVERTISED_PORT,
-  KAFKA_PROXIED_PORT,
   NATS_URL,
   REDIS_URL,
   requireServer,
@@ -38,7 +37,7 @@ const kafka = new Kafka({ clientId: "outage-test", brokers: KAFKA_BROKERS, logLe
 let db: TestDatabase;
 let remote: TestDatabase;
 let outboxTable = "";
-const proxies: Awaited<ReturnType<typeof tcpProxy>>[] = [];
+const proxies = proxyGroup();
 const webhook: string[] = [];
 let server: ReturnType<typeof Bun.serve>;
 const sqs = new SQSClient(SQS_CLIENT_CONFIG);
@@ -46,8 +45,6 @@ let queueUrl = "";
 let rabbit: amqp.ChannelModel;
 let relay: RunningRelay;
 let base = "";
-
-const portOf = (url: string) => Number(new URL(url).port);
 
 beforeAll(async () => {
   for (const s of ["postgres", "nats", "redis", "rabbitmq", "sqs", "kafka"] as const) await requireServer(s);
@@ -73,13 +70,8 @@ beforeAll(async () => {
   await ch.close();
   await createTopic(kafka, topic);
 
-  const via = async (port: number) => {
-    const p = await tcpProxy(port);
-    proxies.push(p);
-    return p.port;
-  };
-  const kafkaProxy = await tcpProxy(KAFKA_PROXIED_PORT, KAFKA_PROXIED_ADVERTISED_PORT);
-  proxies.push(kafkaProxy);
+  const { via } = proxies;
+  const kafkaProxy = await proxies.kafka();
   const pgUrl = new URL(remote.url);
   pgUrl.port = String(await via(portOf(remote.url)));
   const amqpUrl = new URL(AMQP_URL);
@@ -96,16 +88,13 @@ beforeAll(async () => {
   for (const [name, sink] of Object.entries(sinks)) {
     await db.sql`SELECT pgtrickle.set_relay_outbox(${name}, 'public.outage', NULL, ${db.sql.json(sink as never)})`;
   }
-  relay = new RunningRelay(["--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0", "--io-timeout", "5"], {
-    AWS_ACCESS_KEY_ID: AWS_CREDENTIALS.accessKeyId,
-    AWS_SECRET_ACCESS_KEY: AWS_CREDENTIALS.secretAccessKey,
-  });
+  relay = new RunningRelay(["--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0", "--io-timeout", "5"], AWS_ENV);
   base = await httpBase(relay);
 });
 
 afterAll(async () => {
   if (relay && relay.proc.exitCode === null) await relay.stop("SIGKILL");
-  for (const p of proxies) await p.stop();
+  for (const p of proxies.all) await p.stop();
   server?.stop(true);
   const nc = await natsConnect({ servers: NATS_URL });
   await (await nc.jetstreamManager()).streams.delete(stream).catch(() => {});
@@ -181,10 +170,10 @@ test("every sink pauses while its server is unreachable and resumes with nothing
   for (let i = 1; i <= 5; i++) ids.push(await writeV1Inline(db.sql, outboxTable, { inserted: [{ id: i }], deleted: [] }));
   await eventually(() => allHave(keysOf(ids)), 30_000, "the first rows everywhere");
 
-  for (const p of proxies) await p.stop();
+  for (const p of proxies.all) await p.stop();
   for (let i = 6; i <= 10; i++) ids.push(await writeV1Inline(db.sql, outboxTable, { inserted: [{ id: i }], deleted: [] }));
   await eventually(() => (relay.stderr.match(/degraded, will retry/g) ?? []).length >= PIPELINES.length, 30_000, "every pipeline to report itself degraded");
-  for (const p of proxies) await p.resume();
+  for (const p of proxies.all) await p.resume();
 
   await eventually(() => allHave(keysOf(ids)), 60_000, "every row everywhere after the servers came back").catch(async (err) => {
     throw new Error(`${err.message}: missing ${JSON.stringify(await lacking(keysOf(ids)))}\n${relay.stderr.slice(-3000)}`);
@@ -214,7 +203,7 @@ test("a sink whose peer goes silent without closing is degraded, rebuilt, and de
   for (let i = 2001; i <= 2003; i++) ids.push(await writeV1Inline(db.sql, outboxTable, { inserted: [{ id: i }], deleted: [] }));
   await eventually(() => allHave(keysOf(ids)), 60_000, "the first rows everywhere");
 
-  for (const p of proxies) p.freeze();
+  for (const p of proxies.all) p.freeze();
   for (let i = 2004; i <= 2008; i++) ids.push(await writeV1Inline(db.sql, outboxTable, { inserted: [{ id: i }], deleted: [] }));
   await expectAllDegraded(base, PIPELINES, relay);
   const status = await db.sql<{ pipeline: string; state: string; last_error: string | null }[]>`
@@ -224,7 +213,7 @@ test("a sink whose peer goes silent without closing is degraded, rebuilt, and de
   // Long enough for clients rebuilt while frozen to be stuck as well.
   await Bun.sleep(8000);
 
-  for (const p of proxies) p.thaw();
+  for (const p of proxies.all) p.thaw();
   await eventually(() => allHave(keysOf(ids)), 120_000, "every row everywhere after the path came back").catch(async (err) => {
     throw new Error(`${err.message}: missing ${JSON.stringify(await lacking(keysOf(ids)))}\n${relay.stderr.slice(-4000)}`);
   });

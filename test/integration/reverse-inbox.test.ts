@@ -484,18 +484,8 @@ describe("forward pg-inbox sink to a remote database", () => {
     const counts = { inserted: 0, skipped: 0 };
     const sink = inboxSink({ url: remoteUrl(), inbox_table: "fwd_inbox" }, ctxFor(db, "forward", counts));
     await sink.start();
-    const m = (k: string): Message => ({
-      dedup_key: k,
-      subject: "s",
-      payload: { k },
-      op: "insert",
-      is_full_refresh: false,
-      outbox_id: 1,
-      refresh_id: null,
-      context: { pipeline: "direct", stream_table: "x", schema: "s" },
-    });
-    await sink.write([m("direct:1"), m("direct:2")]);
-    await sink.write([m("direct:1"), m("direct:2"), m("direct:3")]);
+    await sink.write([directMessage("direct:1"), directMessage("direct:2")]);
+    await sink.write([directMessage("direct:1"), directMessage("direct:2"), directMessage("direct:3")]);
     expect(counts).toEqual({ inserted: 3, skipped: 2 });
     expect((await remote.sql`SELECT source FROM pgtrickle.fwd_inbox WHERE event_id = 'direct:3'`)[0]!.source).toBe("pg_trickle:s.x");
     await sink.close();
@@ -506,17 +496,7 @@ describe("forward pg-inbox sink to a remote database", () => {
     await remote.sql`CREATE INDEX ON pgtrickle.fwd_limits_inbox (event_type)`;
     const sink = inboxSink({ url: remoteUrl(), inbox_table: "fwd_limits_inbox" }, ctxFor(db, "forward"));
     await sink.start();
-    const m = (k: string, subject: string): Message => ({
-      dedup_key: k,
-      subject,
-      payload: { k },
-      op: "insert",
-      is_full_refresh: false,
-      outbox_id: 1,
-      refresh_id: null,
-      context: { pipeline: "direct", stream_table: "x", schema: "s" },
-    });
-    const rejected = await sink.write([m("limits:1", "ok"), m("limits:2", TOO_LONG_KEY), m("limits:3", "ok")]);
+    const rejected = await sink.write([directMessage("limits:1", "ok"), directMessage("limits:2", TOO_LONG_KEY), directMessage("limits:3", "ok")]);
     await sink.close();
     expect(rejected.map((r) => r.message.dedup_key)).toEqual(["limits:2"]);
     expect(rejected[0]!.error).toContain("SQLSTATE 54000");
@@ -709,3 +689,17 @@ describe("crash safety", () => {
     expect((await position("big"))!.offset).toBe(statSync(path).size);
   }, 120_000);
 });
+
+/** A forward message written straight into a remote inbox by the sink's own write(). */
+function directMessage(key: string, subject = "s"): Message {
+  return {
+    dedup_key: key,
+    subject,
+    payload: { k: key },
+    op: "insert",
+    is_full_refresh: false,
+    outbox_id: 1,
+    refresh_id: null,
+    context: { pipeline: "direct", stream_table: "x", schema: "s" },
+  };
+}

@@ -14,15 +14,14 @@ import { connect as natsConnect, type NatsConnection } from "nats";
 import { createTopic, deleteTopic } from "../helpers/kafka.ts";
 import { expectAllDegraded, expectAllRecovered, httpBase } from "../helpers/observe.ts";
 import { testDatabase, type TestDatabase } from "../helpers/pg.ts";
-import { tcpProxy } from "../helpers/proxy.ts";
+import { proxyGroup } from "../helpers/proxy.ts";
 import { eventually, RunningRelay } from "../helpers/relay.ts";
 import { inboxRows, setRelayInbox } from "../helpers/reverse.ts";
 import {
   AMQP_URL,
-  AWS_CREDENTIALS,
+  AWS_ENV,
+  portOf,
   KAFKA_BROKERS,
-  KAFKA_PROXIED_ADVERTISED_PORT,
-  KAFKA_PROXIED_PORT,
   NATS_URL,
   REDIS_URL,
   requireServer,
@@ -40,7 +39,7 @@ const topic = `wdr-${run}`;
 const kafka = new Kafka({ clientId: "watchdog-reverse-test", brokers: KAFKA_BROKERS, logLevel: logLevel.NOTHING });
 let producer: Producer;
 let db: TestDatabase;
-const proxies: Awaited<ReturnType<typeof tcpProxy>>[] = [];
+const proxies = proxyGroup();
 const sqs = new SQSClient(SQS_CLIENT_CONFIG);
 let queueUrl = "";
 let nc: NatsConnection;
@@ -49,8 +48,6 @@ let rabbit: amqp.ChannelModel;
 let rabbitChannel: amqp.Channel;
 let relay: RunningRelay;
 let base = "";
-
-const portOf = (url: string) => Number(new URL(url).port);
 
 beforeAll(async () => {
   for (const s of ["postgres", "nats", "redis", "rabbitmq", "sqs", "kafka"] as const) await requireServer(s);
@@ -66,13 +63,8 @@ beforeAll(async () => {
   producer = kafka.producer();
   await producer.connect();
 
-  const via = async (port: number) => {
-    const p = await tcpProxy(port);
-    proxies.push(p);
-    return p.port;
-  };
-  const kafkaProxy = await tcpProxy(KAFKA_PROXIED_PORT, KAFKA_PROXIED_ADVERTISED_PORT);
-  proxies.push(kafkaProxy);
+  const { via } = proxies;
+  const kafkaProxy = await proxies.kafka();
   const amqpUrl = new URL(AMQP_URL);
   amqpUrl.port = String(await via(portOf(AMQP_URL)));
   const sources: Record<Name, Record<string, unknown>> = {
@@ -85,16 +77,13 @@ beforeAll(async () => {
     wr_kafka: { type: "kafka", brokers: `127.0.0.1:${kafkaProxy.port}`, topic, group_id: `wdr-${run}` },
   };
   for (const name of PIPELINES) await setRelayInbox(db, name, `${name}_inbox`, sources[name]);
-  relay = new RunningRelay(["--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0", "--io-timeout", "8"], {
-    AWS_ACCESS_KEY_ID: AWS_CREDENTIALS.accessKeyId,
-    AWS_SECRET_ACCESS_KEY: AWS_CREDENTIALS.secretAccessKey,
-  });
+  relay = new RunningRelay(["--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0", "--io-timeout", "8"], AWS_ENV);
   base = await httpBase(relay);
 });
 
 afterAll(async () => {
   if (relay && relay.proc.exitCode === null) await relay.stop("SIGKILL");
-  for (const p of proxies) await p.stop();
+  for (const p of proxies.all) await p.stop();
   await (await nc?.jetstreamManager())?.streams.delete(stream).catch(() => {});
   await nc?.close();
   await redis?.del(redisKey);
@@ -145,13 +134,13 @@ test("a source whose peer goes silent without closing is degraded, rebuilt, and 
   for (let i = 1; i <= 3; i++) await publish(i);
   await expectAllLanded(3, 60_000, "the first messages in every inbox");
 
-  for (const p of proxies) p.freeze();
+  for (const p of proxies.all) p.freeze();
   await expectAllDegraded(base, PIPELINES, relay);
   for (let i = 4; i <= 8; i++) await publish(i);
   await Bun.sleep(8000);
   expect(Object.keys(await missing(8)).sort()).toEqual([...PIPELINES].sort());
 
-  for (const p of proxies) p.thaw();
+  for (const p of proxies.all) p.thaw();
   await expectAllLanded(8, 120_000, "every message in every inbox after the path came back");
   await expectAllRecovered(db.sql, base, PIPELINES.length);
 }, 300_000);
