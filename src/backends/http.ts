@@ -195,6 +195,8 @@ function readPem(value: string, key: string): string {
 /** One HTTP request of a write: its messages, body, `Idempotency-Key` and ordering keys. */
 interface OutgoingRequest {
   messages: Message[];
+  /** Each message's JSON, as the body holds it (a refused batch is split along these). */
+  elements: string[];
   body: string;
   idempotencyKey: string;
   orderingKeys: string[];
@@ -254,8 +256,7 @@ class HttpSink implements Sink {
     const u = new URL(cfg.url);
     const urlSecrets = u.search || u.username || u.password ? [cfg.url, u.search, u.password, decodeURIComponent(u.password)] : [];
     this.secrets = [...Object.values(cfg.headers), cfg.signing_secret ?? "", ...urlSecrets]
-      .filter((s) => s.length >= 4)
-      .sort((a, b) => b.length - a.length);
+      .filter((s) => s.length >= 4);
     for (const name of Object.keys(cfg.headers)) {
       if (RESERVED_HEADERS.includes(name.toLowerCase())) {
         throw configError(`headers: ${name} is set by the relay and cannot be configured`);
@@ -278,7 +279,8 @@ class HttpSink implements Sink {
   async write(messages: Message[]): Promise<Rejection[]> {
     if (messages.length === 0) return [];
     const requests = this.cfg.batch_mode ? this.batchRequests(messages) : messages.map((m) => this.eventRequest(m));
-    const unsettled = requests.filter((r) => r.messages.some((m) => !this.settled.has(m.dedup_key)));
+    // `settled` is empty but after a failed write: only a replay has requests to skip.
+    const unsettled = this.settled.size === 0 ? requests : requests.filter((r) => r.messages.some((m) => !this.settled.has(m.dedup_key)));
     const tasks = unsettled.map((r) => ({ keys: r.orderingKeys, run: () => this.sendWithRetries(r) }));
     const { errors } = await runKeyed(tasks, this.cfg.max_in_flight);
     if (errors.length) {
@@ -306,7 +308,8 @@ class HttpSink implements Sink {
   }
 
   private eventRequest(m: Message): OutgoingRequest {
-    return { messages: [m], body: this.elementJson(m), idempotencyKey: headerValue(m.dedup_key), orderingKeys: [this.orderingKey(m)] };
+    const element = this.elementJson(m);
+    return { messages: [m], elements: [element], body: element, idempotencyKey: headerValue(m.dedup_key), orderingKeys: [this.orderingKey(m)] };
   }
 
   /**
@@ -324,6 +327,7 @@ class HttpSink implements Sink {
   private batchRequest(messages: Message[], elements: string[]): OutgoingRequest {
     return {
       messages,
+      elements,
       body: `[${elements.join(",")}]`,
       idempotencyKey: `batch:${sha256Hex(messages.map((m) => m.dedup_key).join("\n"))}`,
       orderingKeys: [...new Set(messages.map((m) => this.orderingKey(m)))],
@@ -356,7 +360,10 @@ class HttpSink implements Sink {
   /** A batch request cut in two, each half with the Idempotency-Key of its own messages. */
   private halves(request: OutgoingRequest): OutgoingRequest[] {
     const middle = Math.ceil(request.messages.length / 2);
-    return [request.messages.slice(0, middle), request.messages.slice(middle)].map((messages) => this.batchRequest(messages, messages.map((m) => this.elementJson(m))));
+    return [
+      this.batchRequest(request.messages.slice(0, middle), request.elements.slice(0, middle)),
+      this.batchRequest(request.messages.slice(middle), request.elements.slice(middle)),
+    ];
   }
 
   private elementJson(m: Message): string {

@@ -36,7 +36,7 @@ import { envelopeJson, renderTemplate, type Message } from "../message.ts";
 import { Sleeper, withTimeout } from "../sleep.ts";
 import { redact } from "../redact.ts";
 import { readSettingFile } from "./redact.ts";
-import { COMPRESSION_TYPES, compressSync, registerKafkaCodecs } from "./kafka-codecs.ts";
+import { COMPRESSION_TYPES, compressSync, registerKafkaCodecs, type KafkaCompression } from "./kafka-codecs.ts";
 import { defineBackend, LAG_TIMEOUT_MS, sinkSpec, sourceSpec, type BackendContext, type Batch, type DeadLetter, type Lag, type Rejection, type Sink, type Source } from "./types.ts";
 
 /**
@@ -120,7 +120,7 @@ const KafkaSinkOptions = v.looseObject({
     v.pipe(
       v.string(),
       v.transform(lower),
-      v.picklist(["none", "gzip", "snappy", "lz4", "zstd"], "compression must be none, gzip, snappy, lz4 or zstd"),
+      v.picklist(Object.keys(COMPRESSION_TYPES) as KafkaCompression[], "compression must be none, gzip, snappy, lz4 or zstd"),
     ),
     "none",
   ),

@@ -232,6 +232,8 @@ export function splitTlsParams(url: string): { url: string; sslmode?: SslMode; s
 export class PgInboxSink implements Sink {
   readonly describe: string;
   private readonly url: string | undefined;
+  /** The URL's password and credential parameters, masked in every error this sink raises. */
+  private readonly urlSecrets: string[];
   private readonly requested: { schema: string | null; name: string };
   private readonly mapping: Partial<Record<InboxField, string>>;
   private client: Sql | null = null;
@@ -263,6 +265,7 @@ export class PgInboxSink implements Sink {
     this.requested = { schema: parts.schema ?? schemaKey, name: parts.name };
     this.mapping = cfg.mapping ?? {};
     this.url = cfg.url ?? cfg.postgres_url;
+    this.urlSecrets = urlSecrets(this.url ?? "");
     if (cfg.url && cfg.postgres_url && cfg.url !== cfg.postgres_url) throw configError(`${where}: sink.url and sink.postgres_url disagree`);
     if (ctx.direction === "forward" && !this.url) {
       throw configError(`${where}: a forward pg-inbox sink writes to a remote database: set sink.url (postgres://…)`);
@@ -317,7 +320,7 @@ export class PgInboxSink implements Sink {
     // Class 42 (undefined table/column, no unique index for ON CONFLICT, type mismatch): the
     // table does not fit the configuration; retrying cannot help.
     const kind = state.startsWith("42") ? "config" : pgErrorKind(state);
-    return new RelayError(kind, `pg-inbox ${what} ${this.label()}: ${redact(errorMessage(err), urlSecrets(this.url ?? ""))} (SQLSTATE ${state})`, { cause: err });
+    return new RelayError(kind, `pg-inbox ${what} ${this.label()}: ${redact(errorMessage(err), this.urlSecrets)} (SQLSTATE ${state})`, { cause: err });
   }
 
   async start(): Promise<void> {
@@ -550,7 +553,7 @@ export class PgInboxSink implements Sink {
           if (!isRowError(err)) throw err;
           rejections.push({
             message: messages[i]!,
-            error: `inbox ${this.label(plan)} refused event_id ${quotedKey(messages[i]!.dedup_key)}: ${redact(errorMessage(err), urlSecrets(this.url ?? ""))} (SQLSTATE ${sqlstateOf(err)})`,
+            error: `inbox ${this.label(plan)} refused event_id ${quotedKey(messages[i]!.dedup_key)}: ${redact(errorMessage(err), this.urlSecrets)} (SQLSTATE ${sqlstateOf(err)})`,
           });
         }
       }

@@ -25,7 +25,7 @@ import { configError, errorMessage, RelayError, transientError } from "../errors
 import { headerValue, inboundMessage, reverseSourceKeys, sha256Hex, utf8OrNull } from "../inbound.ts";
 import { envelopeJson, renderTemplate, type Message } from "../message.ts";
 import { Sleeper, withTimeout } from "../sleep.ts";
-import { redact } from "../redact.ts";
+import { redact, urlSecrets } from "../redact.ts";
 import { readSettingFile } from "./redact.ts";
 import { defineBackend, LAG_TIMEOUT_MS, sinkSpec, sourceSpec, type BackendContext, type Batch, type Lag, type Rejection, type Sink, type Source } from "./types.ts";
 
@@ -164,8 +164,7 @@ const CONFIG_CODES = new Set([403 /* access refused */, 530 /* not allowed (vhos
 
 /** Removes the URL's password (and the TLS key passphrase) from any text amqplib hands us. */
 export function amqpScrubber(cfg: AmqpConnectionOptions): (text: string) => string {
-  const u = new URL(cfg.url);
-  const secrets = [u.password, decodeURIComponent(u.password), cfg.tls_key_password ?? ""].filter((s) => s.length > 0);
+  const secrets = [...urlSecrets(cfg.url), cfg.tls_key_password ?? ""].filter((s) => s.length > 0);
   return (text) => redact(text, secrets);
 }
 
