@@ -14,6 +14,7 @@ import { createStreamTable, enableOutbox } from "../test/fixtures/outbox.ts";
 import { coordinatorBackend, lockHolders } from "../test/helpers/observe.ts";
 import { testDatabase } from "../test/helpers/pg.ts";
 import { RunningRelay } from "../test/helpers/relay.ts";
+import { median } from "./lib.ts";
 
 const rounds = Number(process.argv[2] ?? 3);
 const tick = process.argv[3] ?? "500";
@@ -50,8 +51,6 @@ async function until(among: RunningRelay[], expected: string): Promise<number> {
   }
   return performance.now() - t0;
 }
-
-const median = (xs: number[]) => [...xs].sort((x, y) => x - y)[Math.floor(xs.length / 2)]!;
 
 try {
   await createStreamTable(db.sql, "public.sh", "id int primary key");

@@ -1,6 +1,7 @@
 import { connect, explainConnectError, type Sql } from "./db.ts";
 import { errorKind, errorMessage, RelayError } from "./errors.ts";
 import { configureLogging, log } from "./observe/log.ts";
+import { EXIT_USAGE } from "./cli.ts";
 import { redact } from "./redact.ts";
 import { resolveSettings, settingArgs, type Settings } from "./settings.ts";
 
@@ -12,7 +13,7 @@ export const connectionArgs = settingArgs({
 });
 
 /** Exit codes of every command; `--help` and README print EXIT_CODES. */
-export const EXIT = { failed: 1, config: 2, unreachable: 3, deadLettered: 4, nothingToDrain: 5 } as const;
+export const EXIT = { failed: 1, config: EXIT_USAGE, unreachable: 3, deadLettered: 4, nothingToDrain: 5 } as const;
 
 export const EXIT_CODES: [number, string][] = [
   [0, "success"],

@@ -81,7 +81,6 @@ function fish(list: Entry[]): string {
       ...parts.map((p) => `__fish_seen_subcommand_from ${p}`),
       ...(e.subcommands.length ? [`not __fish_seen_subcommand_from ${e.subcommands.join(" ")}`] : []),
     ];
-    if (parts.length === 0 && e.subcommands.length) cond.splice(0, cond.length, `not __fish_seen_subcommand_from ${e.subcommands.join(" ")}`);
     const when = cond.length ? ` -n '${cond.join("; and ")}'` : "";
     for (const s of e.subcommands) lines.push(`complete -c ${PROGRAM}${when} -a ${s}`);
     for (const f of e.flags) lines.push(`complete -c ${PROGRAM}${when} -l ${f.slice(2)}`);

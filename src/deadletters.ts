@@ -3,7 +3,7 @@ import type { DeadLetter, Direction } from "./backends/types.ts";
 import type { Sql } from "./db.ts";
 import type { Message } from "./message.ts";
 import { toEnvelope } from "./message.ts";
-import { exceedsJsonDepth } from "./inbound.ts";
+import { nestedTooDeep } from "./inbound.ts";
 import { redact } from "./redact.ts";
 
 /**
@@ -40,7 +40,7 @@ export async function writeDeadLetters(sql: Sql, pipeline: string, direction: Di
  */
 function storable(message: unknown): unknown {
   const json = JSON.stringify(message) ?? "null";
-  const refusedByJsonb = json.includes("\\u0000") || /\\ud[89a-f][0-9a-f]{2}/i.test(json) || exceedsJsonDepth(message);
+  const refusedByJsonb = json.includes("\\u0000") || /\\ud[89a-f][0-9a-f]{2}/i.test(json) || nestedTooDeep(json, message);
   return refusedByJsonb ? { encoding: "base64-json", data: Buffer.from(json).toString("base64") } : message;
 }
 

@@ -106,10 +106,16 @@ export function parseJson(text: string): { ok: true; value: unknown } | { ok: fa
     if (err instanceof RangeError) return { ok: false, error: TOO_DEEP, tooDeep: true };
     return { ok: false, error: err instanceof Error ? err.message : String(err) };
   }
-  // Nesting deeper than MAX_JSON_DEPTH takes more than twice as many brackets: shorter text
-  // cannot have it, and the common small message skips the walk.
-  const couldBeTooDeep = text.length > 2 * MAX_JSON_DEPTH;
-  return couldBeTooDeep && exceedsJsonDepth(value) ? { ok: false, error: TOO_DEEP, tooDeep: true } : { ok: true, value };
+  return nestedTooDeep(text, value) ? { ok: false, error: TOO_DEEP, tooDeep: true } : { ok: true, value };
+}
+
+/**
+ * Whether `value`, parsed from (or serialized as) `text`, nests deeper than MAX_JSON_DEPTH.
+ * That takes more than twice as many brackets: shorter text cannot, and the common small message
+ * skips the walk.
+ */
+export function nestedTooDeep(text: string, value: unknown): boolean {
+  return text.length > 2 * MAX_JSON_DEPTH && exceedsJsonDepth(value);
 }
 
 const nonEmptyString = (x: unknown): x is string => typeof x === "string" && x !== "";

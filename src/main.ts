@@ -114,7 +114,7 @@ async function dispatch(argv: string[]): Promise<void> {
   if (argv[0] === "help") return printHelp(argv.slice(1));
   await loadCommandPath(main, argv);
   const parsed = parseCommandLine(main, argv);
-  if (parsed.help || parsed.path[0] === "version") return printHelp(parsed.path);
+  if (parsed.help) return printHelp(parsed.path);
   const cmd = parsed.cmd as AnyCommand;
   await cmd.run!({ args: parsed.args as never, rawArgs: argv, cmd, data: undefined });
 }

@@ -1,6 +1,6 @@
 import type { ConsolaInstance } from "consola";
 import { sinkBackend, sourceBackend } from "./backends/index.ts";
-import { LAG_TIMEOUT_MS, type Batch, type DeadLetter, type Direction, type Rejection, type Sink, type Source } from "./backends/types.ts";
+import { LAG_TIMEOUT_MS, type Batch, type Lag, type DeadLetter, type Direction, type Rejection, type Sink, type Source } from "./backends/types.ts";
 import type { Sql } from "./db.ts";
 import { markReplayed, markReplayFailed, messageFromStored, replayRequests, storedMessage, writeDeadLetters } from "./deadletters.ts";
 import { errorKind, errorMessage, RelayError, transientError } from "./errors.ts";
@@ -240,6 +240,12 @@ export class Pipeline {
     return state;
   }
 
+  /** The source's lag, or null when it has none or cannot say within LAG_TIMEOUT_MS (a lag query that hangs must not hang its caller). */
+  async lag(): Promise<Lag | null> {
+    if (!this.source.lag) return null;
+    return withTimeout(this.source.lag(), LAG_TIMEOUT_MS, "lag").catch(() => null);
+  }
+
   /** The state `status` and /health show: `stalled` overrides `running`, which claims all is well. */
   get reportedState(): string {
     return this.stalledSince && this.state === "running" ? "stalled" : this.state;
@@ -358,10 +364,7 @@ export class Pipeline {
     this.checkingProgress = true;
     let pending = this.batchInHand;
     try {
-      if (!pending && this.source.lag) {
-        const lag = await withTimeout(this.source.lag(), LAG_TIMEOUT_MS, "lag").catch(() => null);
-        pending = (lag?.rows ?? 0) > 0;
-      }
+      if (!pending) pending = ((await this.lag())?.rows ?? 0) > 0;
     } finally {
       this.checkingProgress = false;
     }

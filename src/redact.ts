@@ -10,10 +10,18 @@
  */
 
 const secretValues = new Set<string>();
+/**
+ * The registered values longest first (a secret that contains another must be replaced whole),
+ * sorted when the set changes rather than on every call: redact runs on every log line.
+ */
+let longestFirst: string[] = [];
 /** Shorter values would blank out ordinary words; a secret that short protects nothing anyway. */
 const MIN_SECRET_LENGTH = 3;
 
+const byLengthDescending = (a: string, b: string) => b.length - a.length;
+
 export function registerSecrets(values: Iterable<string>): void {
+  const before = secretValues.size;
   for (const v of values) {
     if (typeof v !== "string") continue;
     if (v.length >= MIN_SECRET_LENGTH) secretValues.add(v);
@@ -21,6 +29,7 @@ export function registerSecrets(values: Iterable<string>): void {
     const enc = encodeURIComponent(v);
     if (enc !== v && enc.length >= MIN_SECRET_LENGTH) secretValues.add(enc);
   }
+  if (secretValues.size !== before) longestFirst = [...secretValues].sort(byLengthDescending);
 }
 
 /** `scheme://user:password@` and `scheme://:password@`: the password part. */
@@ -29,12 +38,14 @@ const URL_PASSWORD = /(\b[a-zA-Z][\w+.-]*:\/\/[^\s:/@?#]*:)([^\s@/?#]+)@/g;
 const NATS_TOKEN = /(\bnats:\/\/)([^\s:/@?#]+)@/gi;
 /** Query parameters that carry credentials (HTTP sinks' `?token=`, presigned URLs, …). */
 const QUERY_SECRET = /([?&;](?:[\w.-]*(?:token|password|passwd|pwd|secret|api[_-]?key|apikey|key|signature|sig|auth|credential)[\w.-]*)=)([^&#;\s"']+)/gi;
+/** The same test for one parameter, without the global flag's lastIndex state. */
+const QUERY_SECRET_ONCE = new RegExp(QUERY_SECRET.source, "i");
 
 /** `text` with every known secret, URL password and credential query value replaced by `***`. */
 export function redact(text: string, extra: readonly string[] = []): string {
   let out = text.replace(URL_PASSWORD, "$1***@").replace(NATS_TOKEN, "$1***@").replace(QUERY_SECRET, "$1***");
-  // Longest first: a secret that contains another must be replaced whole.
-  const values = [...secretValues, ...extra.filter((s) => s.length > 0)].sort((a, b) => b.length - a.length);
+  const more = extra.filter((s) => s.length > 0);
+  const values = more.length === 0 ? longestFirst : [...longestFirst, ...more].sort(byLengthDescending);
   for (const v of values) if (out.includes(v)) out = out.split(v).join("***");
   return out;
 }
@@ -45,7 +56,7 @@ export function urlSecrets(url: string): string[] {
     const u = new URL(url);
     const out = u.password ? [u.password, decodeURIComponent(u.password)] : [];
     if (u.protocol === "nats:" && u.username && !u.password) out.push(u.username, decodeURIComponent(u.username));
-    for (const [k, v] of u.searchParams) if (new RegExp(QUERY_SECRET.source, "i").test(`?${k}=x`) && v) out.push(v);
+    for (const [k, v] of u.searchParams) if (QUERY_SECRET_ONCE.test(`?${k}=x`) && v) out.push(v);
     return out;
   } catch {
     return [];
@@ -64,13 +75,14 @@ export const isSecretKey = (key: string) => SECRET_KEY.test(key) || /(^|\.)heade
  * wherever a config is read, so whatever prints that config or an error about it is masked.
  */
 export function registerConfigSecrets(value: unknown, key = ""): void {
+  const secret = SECRET_KEY.test(key) || key === "headers";
   if (typeof value === "string") {
-    if (SECRET_KEY.test(key) || key === "headers") registerSecrets([value]);
+    if (secret) registerSecrets([value]);
     if (value.includes("://")) registerSecrets(urlSecrets(value));
     return;
   }
   if (Array.isArray(value)) for (const v of value) registerConfigSecrets(v, key);
   else if (value && typeof value === "object") {
-    for (const [k, v] of Object.entries(value)) registerConfigSecrets(v, SECRET_KEY.test(key) || key === "headers" ? key : k);
+    for (const [k, v] of Object.entries(value)) registerConfigSecrets(v, secret ? key : k);
   }
 }

@@ -7,11 +7,11 @@
 import { open, stat, type FileHandle } from "node:fs/promises";
 import { resolve as resolvePath } from "node:path";
 import * as v from "valibot";
-import type { Sql } from "../db.ts";
 import { configError, decodeError, errorMessage } from "../errors.ts";
 import { bodyDedupKey, inboundMessage, parseJson, reverseSourceKeys, sha256Hex, utf8OrNull } from "../inbound.ts";
 import type { Message } from "../message.ts";
 import { Sleeper } from "../sleep.ts";
+import { loadSourcePosition, saveSourcePosition } from "../source-positions.ts";
 import { sourceSpec, type BackendContext, type Batch, type DeadLetter, type Lag, type Source } from "./types.ts";
 
 /** Options of the stdin/file source (docs/interface.md §5.4). */
@@ -221,37 +221,6 @@ async function headHash(path: string, length: number): Promise<string | null> {
   } finally {
     await f.close();
   }
-}
-
-/** The stored position of a source (text the source defines), or null. */
-export async function loadSourcePosition(sql: Sql, ctx: BackendContext): Promise<string | null> {
-  try {
-    const [row] = await sql<{ position: string }[]>`
-      SELECT position FROM pgtrickle.relay_source_positions
-       WHERE relay_group_id = ${ctx.relayGroupId} AND pipeline = ${ctx.pipeline} AND direction = ${ctx.direction}`;
-    return row?.position ?? null;
-  } catch (err) {
-    throw positionError(err);
-  }
-}
-
-/** Upserts the position; called from a batch's ack(), after the sink committed. */
-export async function saveSourcePosition(sql: Sql, ctx: BackendContext, position: string): Promise<void> {
-  try {
-    await sql`
-      INSERT INTO pgtrickle.relay_source_positions (relay_group_id, pipeline, direction, position, updated_at)
-      VALUES (${ctx.relayGroupId}, ${ctx.pipeline}, ${ctx.direction}, ${position}, now())
-      ON CONFLICT (relay_group_id, pipeline, direction) DO UPDATE SET position = EXCLUDED.position, updated_at = now()`;
-  } catch (err) {
-    throw positionError(err);
-  }
-}
-
-function positionError(err: unknown) {
-  if ((err as { code?: string })?.code === "42P01") {
-    return configError("pgtrickle.relay_source_positions is missing: run `pgtrickle-relay catalog install`", err);
-  }
-  return err;
 }
 
 /** lag() reads at most this much of a file's unread tail; past it, the record count is an estimate. */

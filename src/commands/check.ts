@@ -80,6 +80,18 @@ const HTTP_TYPES = new Set(["http", "webhook"]);
 /** The pipeline's logger without warnings: check reports a config's problems once, in its verdict. */
 const quietLog = (name: string) => log.create({ level: 0 }).withTag(name);
 
+/**
+ * Validates both sides of a pipeline against the backend schemas without connecting anything;
+ * throws a config error listing what is wrong. `run` only warns about an unknown key (it may be
+ * newer than this binary); this refuses it. Used by `check` and before `pipeline set` writes.
+ */
+export async function validatePipelineRow(settings: Settings, sql: Sql, row: CatalogRow): Promise<void> {
+  const spec = normalizePipeline(row);
+  await loadBackends([spec.sourceType, spec.sinkType]);
+  new Pipeline(spec, { sql, postgresUrl: settings.postgresUrl, relayGroupId: settings.relayGroupId, metrics: new Metrics(), log: quietLog(row.name), drain: true });
+  if (spec.unknownKeys.length > 0) throw configError(`pipeline '${row.name}': ${spec.unknownKeys.join("; ")}`);
+}
+
 /** Opens (and closes) a TCP connection to the host and port of an http(s) URL. */
 async function reachable(url: unknown): Promise<void> {
   const u = new URL(resolveSecrets(String(url), "sink.url"));
@@ -121,12 +133,7 @@ export async function checkPipeline(sql: Sql, settings: Settings, row: CatalogRo
     return failWith("secret", err);
   }
   try {
-    // Validates both sides against the backend schemas without connecting anything.
-    const spec = normalizePipeline(row);
-    await loadBackends([spec.sourceType, spec.sinkType]);
-    new Pipeline(spec, { sql, postgresUrl: settings.postgresUrl, relayGroupId: settings.relayGroupId, metrics: new Metrics(), log: quietLog(row.name), drain: true });
-    // `run` only warns about an unknown key (it may be newer than this binary); check refuses it.
-    if (spec.unknownKeys.length > 0) throw configError(`pipeline '${row.name}': ${spec.unknownKeys.join("; ")}`);
+    await validatePipelineRow(settings, sql, row);
   } catch (err) {
     return failWith("config", err);
   }

@@ -11,12 +11,10 @@ import { connectionArgs, EXIT, fail, loadSettings, printOut, withDatabase } from
 import type { Sql } from "../db.ts";
 import { configError, errorMessage } from "../errors.ts";
 import { log } from "../observe/log.ts";
-import { Metrics } from "../observe/metrics.ts";
-import { loadBackends } from "../backends/index.ts";
-import { Pipeline } from "../pipeline.ts";
 import { normalizePipeline, pipelineNameProblem, type CatalogRow } from "../pipeline-config.ts";
 import { registerConfigSecrets } from "../redact.ts";
 import type { Settings } from "../settings.ts";
+import { validatePipelineRow } from "./check.ts";
 import { describeSide } from "./status.ts";
 
 const nameArg = { name: { type: "positional" as const, description: "pipeline name", required: true } };
@@ -135,10 +133,7 @@ async function validate(settings: Settings, sql: Sql, row: CatalogRow): Promise<
   if (typeof (row.direction === "forward" ? (row.config as { sink_type?: unknown }).sink_type : (row.config as { source_type?: unknown }).source_type) !== "string") {
     throw configError(`pipeline '${row.name}': the ${row.direction === "forward" ? "sink" : "source"} needs a type (--type, or "type" in --config)`);
   }
-  const spec = normalizePipeline(row);
-  await loadBackends([spec.sourceType, spec.sinkType]);
-  new Pipeline(spec, { sql, postgresUrl: settings.postgresUrl, relayGroupId: settings.relayGroupId, metrics: new Metrics(), log: log.create({ level: 0 }), drain: true });
-  if (spec.unknownKeys.length > 0) throw configError(`pipeline '${row.name}': ${spec.unknownKeys.join("; ")}`);
+  await validatePipelineRow(settings, sql, row);
 }
 
 const set = defineCommand({

@@ -6,8 +6,6 @@ import { log } from "./log.ts";
 import type { Metrics } from "./metrics.ts";
 
 const started = Date.now();
-/** A lag query that hangs (database gone) must not hang the endpoint that reports it. */
-const LAG_TIMEOUT_MS = 2000;
 
 export function parseAddr(addr: string): { hostname: string; port: number } {
   const i = addr.lastIndexOf(":");
@@ -16,23 +14,12 @@ export function parseAddr(addr: string): { hostname: string; port: number } {
   return { hostname, port };
 }
 
-async function lagOf(p: Pipeline): Promise<Lag | null> {
-  if (!p.source.lag) return null;
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const timeout = new Promise<null>((r) => (timer = setTimeout(() => r(null), LAG_TIMEOUT_MS)));
-  try {
-    return await Promise.race([p.source.lag().catch(() => null), timeout]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
-
 /** Refreshes the lag gauges of every owned pipeline (on each scrape: Prometheus pulls). */
 export async function refreshLag(coordinator: Coordinator, metrics: Metrics): Promise<Map<string, Lag | null>> {
   const out = new Map<string, Lag | null>();
   await Promise.all(
     coordinator.pipelines.map(async (p) => {
-      const lag = await lagOf(p);
+      const lag = await p.lag();
       out.set(`${p.direction}:${p.name}`, lag);
       if (lag) {
         metrics.lagRows.set({ pipeline: p.name }, lag.rows);

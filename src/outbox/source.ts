@@ -6,7 +6,7 @@ import { DEFAULT_SUBJECT_TEMPLATE, forwardDedupKey, renderTemplate, type Message
 import { cleanRow, planFor, safeOutboxId, summaryPayload, type HeaderRow, type Plan } from "./decode.ts";
 import { enableOutbox, findOutbox, type OutboxTarget } from "./resolve.ts";
 import { Sleeper } from "../sleep.ts";
-import { loadSourcePosition, saveSourcePosition } from "../backends/stdin.ts";
+import { loadSourcePosition, saveSourcePosition } from "../source-positions.ts";
 
 const positiveInt = (fallback: number) => v.optional(v.pipe(v.number(), v.integer(), v.minValue(1)), fallback);
 
