@@ -66,7 +66,7 @@ async function pipeline(name: string, topic: string, options: Record<string, unk
   return `${name}_inbox`;
 }
 
-const drain = (name: string, timeoutSecs = 90) => drainPipeline(db, name, ["--timeout", String(timeoutSecs)]);
+const drain = (name: string, timeoutSecs = 90, extra: string[] = []) => drainPipeline(db, name, ["--timeout", String(timeoutSecs), ...extra]);
 
 /** partition → [committed offset of the group, high watermark]. */
 async function offsets(group: string, topic: string): Promise<Map<number, [string, string]>> {
@@ -197,7 +197,7 @@ describe("kafka source: mapping, acknowledgement, redelivery", () => {
         ...Array.from({ length: 2 }, (_, i) => ({ value: JSON.stringify({ good: 6 + i }) })),
       ],
     });
-    const result = await drain("kpoison");
+    const result = await drain("kpoison", 90, ["--allow-dead-letters"]);
     expect(result.exitCode).toBe(0);
     expect(await inboxCount(db, inbox)).toBe(8);
     const letters = await deadLetters(db, "kpoison");
@@ -214,7 +214,7 @@ describe("kafka source: mapping, acknowledgement, redelivery", () => {
     const inbox = await pipeline("kpoison_any", topic, { batch_size: 50 });
     const { bodies, valid } = poisonedStream();
     await producer.send({ topic, messages: bodies.map((value) => ({ value })) });
-    const result = await drain("kpoison_any");
+    const result = await drain("kpoison_any", 90, ["--allow-dead-letters"]);
     expect(result.exitCode).toBe(0);
     await expectPoisonIsolated(db, "kpoison_any", inbox, valid);
     await expectAllCommitted(groupOf("kpoison_any"), topic);
@@ -264,7 +264,7 @@ describe("kafka source: crashes and rebalances", () => {
       await locker`ROLLBACK`;
       locker.release();
     }
-    const result = await drain("kcrash");
+    const result = await drain("kcrash", 90, ["--allow-dead-letters"]);
     expect(result.exitCode).toBe(0);
     expect(await inboxCount(db, inbox)).toBe(20);
     const letters = await deadLetters(db, "kcrash");

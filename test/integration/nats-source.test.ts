@@ -188,7 +188,7 @@ describe("nats source → inbox (set_relay_inbox, drain)", () => {
     const { bodies, valid } = poisonedStream();
     for (const body of bodies) await publish(`${prefix}.e`, body);
     await pipeline("nats_poison_any", "nats_poison_any_inbox", { subject: `${prefix}.>`, batch_size: 100 });
-    const r = await drain("nats_poison_any");
+    const r = await drain("nats_poison_any", ["--allow-dead-letters"]);
     expect(r.exitCode).toBe(0);
     await expectPoisonIsolated(db, "nats_poison_any", "nats_poison_any_inbox", valid);
     expect(await consumerState(name, "pgtrickle-relay-nats_poison_any")).toMatchObject({ pending: 0, unacked: 0 });
@@ -202,7 +202,7 @@ describe("nats source → inbox (set_relay_inbox, drain)", () => {
     const seqs: number[] = [];
     for (let i = 0; i < 10; i++) seqs.push(await publish(`${prefix}.e`, JSON.stringify({ i, amount: i === 4 ? -1 : i })));
     await pipeline("nats_poison", "nats_poison_inbox", { subject: `${prefix}.>`, batch_size: 100 });
-    const r = await drain("nats_poison");
+    const r = await drain("nats_poison", ["--allow-dead-letters"]);
     expect(r.stderr).toContain("drained, 9 delivered, 1 dead-lettered");
     expect(r.exitCode).toBe(0);
     expect(await inboxCount(db, "nats_poison_inbox")).toBe(9);

@@ -64,7 +64,7 @@ async function pipeline(pname: string, queue: string, options: Record<string, un
   return `${pname}_inbox`;
 }
 
-const drain = (pname: string, timeoutSecs = 60) => drainPipeline(db, pname, ["--timeout", String(timeoutSecs)]);
+const drain = (pname: string, timeoutSecs = 60, extra: string[] = []) => drainPipeline(db, pname, ["--timeout", String(timeoutSecs), ...extra]);
 
 /** Nothing ready and nobody consuming: with no consumer left, an unacknowledged delivery would be ready again. */
 async function expectEmptyQueue(queue: string): Promise<void> {
@@ -173,7 +173,7 @@ describe("rabbitmq source: mapping, acknowledgement, redelivery", () => {
     const inbox = await pipeline("rpoison_any", queue, { batch_size: 50 });
     const { bodies, valid } = poisonedStream();
     bodies.forEach((body, i) => ch.sendToQueue(queue, Buffer.from(body), { messageId: `pa-${i}` }));
-    const result = await drain("rpoison_any");
+    const result = await drain("rpoison_any", 60, ["--allow-dead-letters"]);
     expect(result.exitCode).toBe(0);
     await expectPoisonIsolated(db, "rpoison_any", inbox, valid);
     await expectEmptyQueue(queue);
@@ -184,7 +184,7 @@ describe("rabbitmq source: mapping, acknowledgement, redelivery", () => {
     const inbox = await pipeline("rpoison", queue, { batch_size: 50 });
     await pickyInbox(db, inbox);
     for (let i = 0; i < 9; i++) ch.sendToQueue(queue, Buffer.from(JSON.stringify(i === 4 ? { bad: true } : { good: i })), { messageId: `p-${i}` });
-    const result = await drain("rpoison");
+    const result = await drain("rpoison", 60, ["--allow-dead-letters"]);
     expect(result.exitCode).toBe(0);
     expect(await inboxCount(db, inbox)).toBe(8);
     expect((await deadLetters(db, "rpoison")).map((d) => [d.dedup_key, d.error_kind])).toEqual([["p-4", "inbox_permanent"]]);
@@ -224,7 +224,7 @@ describe("rabbitmq source: crashes", () => {
       locker.release();
     }
     await eventually(async () => (await ch.checkQueue(queue)).messageCount === 21, 10_000, "RabbitMQ to requeue the unacknowledged deliveries");
-    const result = await drain("rcrash");
+    const result = await drain("rcrash", 60, ["--allow-dead-letters"]);
     expect(result.exitCode).toBe(0);
     expect(await inboxCount(db, inbox)).toBe(20);
     expect((await deadLetters(db, "rcrash")).map((d) => [d.dedup_key, d.error_kind, d.attempts])).toEqual([["c-20", "inbox_permanent", 1]]);

@@ -172,7 +172,7 @@ describe("redis source → inbox (set_relay_inbox, drain)", () => {
     const { bodies, valid } = poisonedStream();
     for (const body of bodies) await xadd(key, { payload: body });
     await pipeline("redis_poison_any", "redis_poison_any_inbox", { stream_key: key });
-    const res = await drain("redis_poison_any");
+    const res = await drain("redis_poison_any", ["--allow-dead-letters"]);
     expect(res.exitCode).toBe(0);
     await expectPoisonIsolated(db, "redis_poison_any", "redis_poison_any_inbox", valid);
     expect(await pending(key)).toEqual({ total: 0, byConsumer: {} });
@@ -186,7 +186,7 @@ describe("redis source → inbox (set_relay_inbox, drain)", () => {
     const ids: string[] = [];
     for (let i = 0; i < 10; i++) ids.push(await xadd(key, { payload: JSON.stringify({ i, amount: i === 4 ? -1 : i }) }));
     await pipeline("redis_poison", "redis_poison_inbox", { stream_key: key });
-    const res = await drain("redis_poison");
+    const res = await drain("redis_poison", ["--allow-dead-letters"]);
     expect(res.stderr).toContain("drained, 9 delivered, 1 dead-lettered");
     expect(res.exitCode).toBe(0);
     expect(await inboxCount(db, "redis_poison_inbox")).toBe(9);
