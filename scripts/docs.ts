@@ -9,7 +9,7 @@
  */
 import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { allBackends } from "../src/backends/index.ts";
+import { allSinks, allSources } from "../src/backends/index.ts";
 import { schemaEntries } from "../src/pipeline-config.ts";
 import { reverseSourceKeys } from "../src/inbound.ts";
 
@@ -53,7 +53,12 @@ function comments(file: string): Map<string, string> {
   return out;
 }
 
-const FILES: Record<string, string> = { outbox: "src/outbox/source.ts", "stdout:source": "src/backends/stdin.ts" };
+/** Where each side's options are documented until they move into v.description(). */
+function fileOf(side: "sink" | "source", type: string): string {
+  if (type === "outbox") return "src/backends/outbox/source.ts";
+  if (type === "file" || type === "stdout") return `src/backends/file/${side}.ts`;
+  return `src/backends/${type}/backend.ts`;
+}
 
 /** Doc comments of the keys every reverse source spreads in (`reverseSourceKeys`). */
 function sharedReverseDocs(): Map<string, string> {
@@ -82,14 +87,14 @@ export async function generate(): Promise<string> {
     "String values may hold `${env:NAME}` or `${file:/path}` secrets.",
     "",
   ];
-  for (const b of await allBackends()) {
-    const file = FILES[b.type] ?? `src/backends/${b.type}.ts`;
-    const docs = comments(join(root, file));
-    // A source may live in a file of its own; keys every reverse source shares are documented in src/inbound.ts.
-    const sourceDocs = new Map([...sharedReverseDocs(), ...comments(join(root, FILES[`${b.type}:source`] ?? file))]);
-    const alias = b.aliases?.length ? ` (alias ${b.aliases.map((a) => `\`${a}\``).join(", ")})` : "";
-    if (b.source) parts.push(`## \`${b.type}\` source${alias}`, "", table(b.source.config as AnySchema, sourceDocs), "");
-    if (b.sink) parts.push(`## \`${b.type}\` sink${alias}`, "", table(b.sink.config as AnySchema, docs), "");
+  const alias = (aliases?: string[]) => (aliases?.length ? ` (alias ${aliases.map((a) => `\`${a}\``).join(", ")})` : "");
+  for (const s of await allSources()) {
+    // Keys every reverse source shares are documented in src/inbound.ts.
+    const docs = new Map([...sharedReverseDocs(), ...comments(join(root, fileOf("source", s.type)))]);
+    parts.push(`## \`${s.type}\` source${alias(s.aliases)}`, "", table(s.config as AnySchema, docs), "");
+  }
+  for (const s of await allSinks()) {
+    parts.push(`## \`${s.type}\` sink${alias(s.aliases)}`, "", table(s.config as AnySchema, comments(join(root, fileOf("sink", s.type)))), "");
   }
   return parts.join("\n");
 }

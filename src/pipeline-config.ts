@@ -1,5 +1,5 @@
 import * as v from "valibot";
-import type { Backend, Direction } from "./backends/types.ts";
+import type { Direction } from "./backends/types.ts";
 import { configError } from "./errors.ts";
 import { nearest } from "./cli.ts";
 import { isSecretKey, redact, registerConfigSecrets } from "./redact.ts";
@@ -170,10 +170,10 @@ function unknownKeys(raw: Record<string, unknown>, allowed: Set<string>, side: s
 export function parseBackendConfig<S extends v.GenericSchema>(
   spec: PipelineSpec,
   side: "source" | "sink",
-  backend: Backend,
-  schema: S,
+  backend: { type: string; config: S },
   extraKnownKeys: string[] = [],
 ): v.InferOutput<S> {
+  const schema = backend.config;
   const where = `pipeline '${spec.name}'`;
   const raw = resolveSecrets(spec[side], `${where}: ${side}`);
   const result = v.safeParse(schema, raw);

@@ -87,7 +87,7 @@ const quietLog = (name: string) => log.create({ level: 0 }).withTag(name);
  */
 export async function validatePipelineRow(settings: Settings, sql: Sql, row: CatalogRow): Promise<void> {
   const spec = normalizePipeline(row);
-  await loadBackends([spec.sourceType, spec.sinkType]);
+  await loadBackends([spec]);
   new Pipeline(spec, { sql, postgresUrl: settings.postgresUrl, relayGroupId: settings.relayGroupId, metrics: new Metrics(), log: quietLog(row.name), drain: true });
   if (spec.unknownKeys.length > 0) throw configError(`pipeline '${row.name}': ${spec.unknownKeys.join("; ")}`);
 }

@@ -29,13 +29,13 @@ import {
   type StreamInfo,
 } from "nats";
 import * as v from "valibot";
-import { writeDeadLetters, storedMessage } from "../deadletters.ts";
-import { configError, errorMessage, RelayError, transientError } from "../errors.ts";
-import { headerValue, inboundMessage, reverseSourceKeys } from "../inbound.ts";
-import { DEFAULT_SUBJECT_TEMPLATE, envelopeJson, renderTemplate, type Message } from "../message.ts";
-import { abortableDelay, withTimeout } from "../sleep.ts";
-import { redact as scrub } from "../redact.ts";
-import { defineBackend, LAG_TIMEOUT_MS, sinkSpec, sourceSpec, type Batch, type BackendContext, type DeadLetter, type Lag, type Rejection, type Sink, type Source } from "./types.ts";
+import { writeDeadLetters, storedMessage } from "../../deadletters.ts";
+import { configError, errorMessage, RelayError, transientError } from "../../errors.ts";
+import { headerValue, inboundMessage, reverseSourceKeys } from "../../inbound.ts";
+import { DEFAULT_SUBJECT_TEMPLATE, envelopeJson, renderTemplate, type Message } from "../../message.ts";
+import { abortableDelay, withTimeout } from "../../sleep.ts";
+import { redact as scrub } from "../../redact.ts";
+import { LAG_TIMEOUT_MS, sinkSpec, sourceSpec, type Batch, type BackendContext, type DeadLetter, type Lag, type Rejection, type Sink, type Source } from "../types.ts";
 
 const positiveInt = (max = Number.MAX_SAFE_INTEGER) => v.pipe(v.number(), v.integer(), v.minValue(1), v.maxValue(max));
 const nonEmpty = () => v.pipe(v.string(), v.nonEmpty());
@@ -1139,14 +1139,14 @@ class NatsSource implements Source {
   }
 }
 
-export default defineBackend({
+export const sink = sinkSpec({
   type: "nats",
-  sink: sinkSpec({
-    config: NatsSinkConfig,
-    create: (cfg, ctx) => new NatsSink(cfg, ctx),
-  }),
-  source: sourceSpec({
-    config: NatsSourceConfig,
-    create: (cfg, ctx) => new NatsSource(cfg, ctx),
-  }),
+  config: NatsSinkConfig,
+  create: (cfg, ctx) => new NatsSink(cfg, ctx),
+});
+
+export const source = sourceSpec({
+  type: "nats",
+  config: NatsSourceConfig,
+  create: (cfg, ctx) => new NatsSource(cfg, ctx),
 });

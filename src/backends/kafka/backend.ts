@@ -30,14 +30,14 @@ import {
 } from "kafkajs";
 import type { ConsolaInstance } from "consola";
 import * as v from "valibot";
-import { configError, decodeError, errorMessage, permanentError, RelayError, transientError } from "../errors.ts";
-import { headerValue, inboundMessage, reverseSourceKeys, utf8OrNull } from "../inbound.ts";
-import { envelopeJson, renderTemplate, type Message } from "../message.ts";
-import { Sleeper, withTimeout } from "../sleep.ts";
-import { redact } from "../redact.ts";
-import { readSettingFile } from "./redact.ts";
-import { COMPRESSION_TYPES, compressSync, registerKafkaCodecs, type KafkaCompression } from "./kafka-codecs.ts";
-import { defineBackend, LAG_TIMEOUT_MS, sinkSpec, sourceSpec, type BackendContext, type Batch, type DeadLetter, type Lag, type Rejection, type Sink, type Source } from "./types.ts";
+import { configError, decodeError, errorMessage, permanentError, RelayError, transientError } from "../../errors.ts";
+import { headerValue, inboundMessage, reverseSourceKeys, utf8OrNull } from "../../inbound.ts";
+import { envelopeJson, renderTemplate, type Message } from "../../message.ts";
+import { Sleeper, withTimeout } from "../../sleep.ts";
+import { redact } from "../../redact.ts";
+import { readSettingFile } from "../redact.ts";
+import { COMPRESSION_TYPES, compressSync, registerKafkaCodecs, type KafkaCompression } from "./codecs.ts";
+import { LAG_TIMEOUT_MS, sinkSpec, sourceSpec, type BackendContext, type Batch, type DeadLetter, type Lag, type Rejection, type Sink, type Source } from "../types.ts";
 
 /**
  * kafkajs 2.2.4 arms `setTimeout(check, throttledUntil - Date.now())` with no throttle in force
@@ -1338,14 +1338,14 @@ export class KafkaSource implements Source {
   }
 }
 
-export default defineBackend({
+export const sink = sinkSpec({
   type: "kafka",
-  sink: sinkSpec({
-    config: KafkaSinkConfig,
-    create: (cfg, ctx) => new KafkaSink(cfg, ctx),
-  }),
-  source: sourceSpec({
-    config: KafkaSourceConfig,
-    create: (cfg, ctx) => new KafkaSource(cfg, ctx),
-  }),
+  config: KafkaSinkConfig,
+  create: (cfg, ctx) => new KafkaSink(cfg, ctx),
+});
+
+export const source = sourceSpec({
+  type: "kafka",
+  config: KafkaSourceConfig,
+  create: (cfg, ctx) => new KafkaSource(cfg, ctx),
 });
