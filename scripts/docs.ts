@@ -13,7 +13,7 @@ import { allSinks, allSources } from "../src/backends/index.ts";
 import { schemaEntries } from "../src/pipeline-config.ts";
 import { reverseSourceKeys } from "../src/inbound.ts";
 
-type AnySchema = { type: string; kind?: string; entries?: Record<string, AnySchema>; wrapped?: AnySchema; default?: unknown; pipe?: AnySchema[]; options?: unknown[]; item?: AnySchema; options_?: unknown };
+type AnySchema = { type: string; kind?: string; entries?: Record<string, AnySchema>; wrapped?: AnySchema; default?: unknown; pipe?: AnySchema[]; options?: unknown[]; item?: AnySchema; description?: string };
 
 const root = join(import.meta.dir, "..");
 
@@ -30,6 +30,15 @@ function unwrap(s: AnySchema): { inner: AnySchema; optional: boolean; dflt: unkn
       cur = cur.wrapped!;
     } else return { inner: cur, optional, dflt };
   }
+}
+
+/** The `v.description()` text of a key's schema, outside or inside its optional/nullable wrappers. */
+function descriptionOf(s: AnySchema | undefined): string | undefined {
+  for (let cur = s; cur; cur = cur.wrapped) {
+    const found = cur.pipe?.find((item) => item.kind === "metadata" && item.type === "description");
+    if (found) return found.description;
+  }
+  return undefined;
 }
 
 function typeName(s: AnySchema): string {
@@ -73,7 +82,7 @@ function table(schema: AnySchema, docs: Map<string, string>): string {
     .map(([key, s]) => {
       const { optional, dflt } = unwrap(s);
       const d = dflt === undefined ? (optional ? "" : "**required**") : `\`${JSON.stringify(dflt)}\``;
-      return `| \`${key}\` | ${typeName(s)} | ${d} | ${(docs.get(key) ?? "").replace(/\|/g, "\\|")} |`;
+      return `| \`${key}\` | ${typeName(s)} | ${d} | ${(descriptionOf(s) ?? docs.get(key) ?? "").replace(/\|/g, "\\|")} |`;
     });
   return ["| key | type | default | meaning |", "|---|---|---|---|", ...rows].join("\n");
 }
