@@ -10,10 +10,10 @@
 import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { allSinks, allSources } from "../src/backends/index.ts";
-import { schemaEntries } from "../src/pipeline-config.ts";
+import { PipelineKeys, schemaEntries } from "../src/pipeline-config.ts";
 import { reverseSourceKeys } from "../src/inbound.ts";
 
-type AnySchema = { type: string; kind?: string; entries?: Record<string, AnySchema>; wrapped?: AnySchema; default?: unknown; pipe?: AnySchema[]; options?: unknown[]; item?: AnySchema; description?: string };
+type AnySchema = { type: string; kind?: string; entries?: Record<string, AnySchema>; wrapped?: AnySchema; default?: unknown; pipe?: readonly AnySchema[]; options?: unknown[]; item?: AnySchema; description?: string };
 
 const root = join(import.meta.dir, "..");
 
@@ -96,6 +96,7 @@ export async function generate(): Promise<string> {
     "String values may hold `${env:NAME}` or `${file:/path}` secrets.",
     "",
   ];
+  parts.push("## Pipeline keys", "", "At top level, in `source` or in `sink` (`source` winning), for every backend.", "", table(PipelineKeys as AnySchema, new Map()), "");
   const alias = (aliases?: string[]) => (aliases?.length ? ` (alias ${aliases.map((a) => `\`${a}\``).join(", ")})` : "");
   for (const s of await allSources()) {
     // Keys every reverse source shares are documented in src/inbound.ts.
