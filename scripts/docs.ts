@@ -7,7 +7,7 @@
  *   node_modules/.bin/bun scripts/docs.ts          # rewrite docs/OPTIONS.md
  *   node_modules/.bin/bun scripts/docs.ts --check  # exit 1 if it is out of date
  */
-import { readFileSync, writeFileSync } from "node:fs";
+import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { allSinks, allSources } from "../src/backends/index.ts";
 import { schemaEntries } from "../src/pipeline-config.ts";
@@ -66,7 +66,8 @@ function comments(file: string): Map<string, string> {
 function fileOf(side: "sink" | "source", type: string): string {
   if (type === "outbox") return "src/backends/outbox/source.ts";
   if (type === "file" || type === "stdout") return `src/backends/file/${side}.ts`;
-  return `src/backends/${type}/backend.ts`;
+  const unsplit = `src/backends/${type}/backend.ts`;
+  return existsSync(join(root, unsplit)) ? unsplit : `src/backends/${type}/config.ts`;
 }
 
 /** Doc comments of the keys every reverse source spreads in (`reverseSourceKeys`). */
