@@ -3,7 +3,7 @@ import { describe, expect, test } from "bun:test";
 import * as v from "valibot";
 import { splitTlsParams, tlsOption } from "../../src/backends/pg-inbox/client.ts";
 import { splitQualifiedName } from "../../src/backends/pg-inbox/config.ts";
-import { RecordScanner, type RawRecord } from "../../src/backends/file/source.ts";
+import { RecordScanner, type RawRecord } from "../../src/backends/file/scanner.ts";
 import {
   aggregateIdOf,
   bodyDedupKey,
