@@ -7,7 +7,7 @@
  *   node_modules/.bin/bun scripts/docs.ts          # rewrite docs/OPTIONS.md
  *   node_modules/.bin/bun scripts/docs.ts --check  # exit 1 if it is out of date
  */
-import { readFileSync, writeFileSync } from "node:fs";
+import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { allSinks, allSources } from "../src/backends/index.ts";
 import { schemaEntries } from "../src/pipeline-config.ts";
@@ -53,6 +53,7 @@ function typeName(s: AnySchema): string {
 
 /** key → first doc comment directly above `key:` in a backend's source. */
 function comments(file: string): Map<string, string> {
+  if (!existsSync(file)) return new Map(); // a backend already split, its docs in v.description()
   const text = readFileSync(file, "utf8");
   const out = new Map<string, string>();
   for (const m of text.matchAll(/\/\*\*((?:(?!\*\/)[\s\S])*)\*\/\s*\n\s*([a-z_][a-z0-9_]*)\s*:/g)) {
