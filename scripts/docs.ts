@@ -53,9 +53,10 @@ function typeName(s: AnySchema): string {
 
 /** key → first doc comment directly above `key:` in a backend's source. */
 function comments(file: string): Map<string, string> {
-  if (!existsSync(file)) return new Map(); // a backend already split, its docs in v.description()
-  const text = readFileSync(file, "utf8");
   const out = new Map<string, string>();
+  // A system split into config/client/sink/source has no backend.ts: its schemas carry v.description().
+  if (!existsSync(file)) return out;
+  const text = readFileSync(file, "utf8");
   for (const m of text.matchAll(/\/\*\*((?:(?!\*\/)[\s\S])*)\*\/\s*\n\s*([a-z_][a-z0-9_]*)\s*:/g)) {
     const doc = m[1]!.split("\n").map((l) => l.replace(/^\s*\*\s?/, "").trim()).filter(Boolean).join(" ");
     if (!out.has(m[2]!)) out.set(m[2]!, doc);
