@@ -26,7 +26,7 @@ if (!file) throw new Error("usage: bench/cpuprofile.ts <file.cpuprofile> [top]")
 const profile = JSON.parse(readFileSync(file, "utf8")) as Profile;
 const top = Number(topArg ?? 25);
 
-const shortUrl = (url: string) => url.replace(/^.*node_modules\//, "").replace(/^.*?\/(src|bench|test)\//, "$1/");
+const shortUrl = (url: string) => url.replace(/^.*node_modules\//, "").replace(/^.*\/(src|bench|test)\//, "$1/");
 const keyOf = new Map(
   profile.nodes.map((n) => {
     const f = n.callFrame;

@@ -5,7 +5,7 @@
  *
  * `pgtrickle-relay run` (the sources under Bun, or PGTRICKLE_RELAY_BIN) relays one outbox to the
  * broker; a writer commits one-message outbox rows at a steady `--rate` per second (each row its
- * own transaction, from a pool of 8 connections, so a slow commit does not delay the next); a
+ * own transaction, from a pool of 16 connections, so a slow commit does not delay the next); a
  * consumer in this process (a JetStream ordered consumer; a Kafka consumer, 1-partition topic)
  * notes when each message arrives. Latency = arrival − the moment the writer saw its COMMIT
  * succeed, both on this process's clock: it leaves out the commit's own way back to the writer,
@@ -83,7 +83,7 @@ const pct = (xs: number[], p: number) => xs[Math.min(xs.length - 1, Math.floor((
 async function measure(system: "nats" | "kafka") {
   await requireServer(system);
   const db = await testDatabase(`bench_latency_${system}`);
-  const writers = postgres(db.url, { max: 8, onnotice: () => {} });
+  const writers = postgres(db.url, { max: 16, onnotice: () => {} });
   let relay: RunningRelay | null = null;
   try {
     const streamTable = `lat_${run}_${system}`;
