@@ -4,8 +4,9 @@
  *   node_modules/.bin/bun bench/latency.ts [--rate 1000] [--seconds 15] [--only nats,kafka]
  *
  * `pgtrickle-relay run` (the sources under Bun, or PGTRICKLE_RELAY_BIN) relays one outbox to the
- * broker; a writer commits one-message outbox rows at a steady `--rate` per second (each row its
- * own transaction, from a pool of 16 connections, so a slow commit does not delay the next); a
+ * broker; a writer commits one-message outbox rows at a steady `--rate` per second (every
+ * millisecond the rows due by then, in one transaction: one row while the writer keeps up; from a
+ * pool of 16 connections, so a slow commit does not delay the next); a
  * consumer in this process (a JetStream ordered consumer; a Kafka consumer, 1-partition topic)
  * notes when each message arrives. Latency = arrival − the moment the writer saw its COMMIT
  * succeed, both on this process's clock: it leaves out the commit's own way back to the writer,
@@ -96,16 +97,19 @@ async function measure(system: "nats" | "kafka") {
     relay = new RunningRelay(["--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0", "--log-level", "warn"]);
     process.on("exit", () => relay?.proc.kill("SIGKILL"));
 
+    // Rows first..last (one normally; several when the writer fell behind its schedule) in one transaction.
     const insert = `INSERT INTO pgtrickle.${ident(outboxTable)} (inserted_count, payload)
-      VALUES (1, jsonb_build_object('v', 1, 'deleted', '[]'::jsonb, 'inserted', jsonb_build_array(jsonb_build_object('id', $1::int, 'customer', 'c1', 'amount', $1::int * 1.5))))
+      SELECT 1, jsonb_build_object('v', 1, 'deleted', '[]'::jsonb, 'inserted', jsonb_build_array(jsonb_build_object('id', g, 'customer', 'c1', 'amount', g * 1.5)))
+        FROM generate_series($1::int, $2::int) g
       RETURNING id::int AS id`;
-    const write = async (i: number) => {
-      const [row] = await writers.unsafe<{ id: number }[]>(insert, [i]);
-      return { id: row!.id, at: performance.now() };
+    const write = async (first: number, last: number) => {
+      const rows = await writers.unsafe<{ id: number }[]>(insert, [first, last]);
+      const at = performance.now();
+      return rows.map((r) => ({ id: r.id, at }));
     };
     // Warm up: the relay is running and publishing once one row has arrived.
-    const first = await write(0);
-    for (let t = 0; !arrivals.has(first.id); t++) {
+    const [first] = await write(0, 0);
+    for (let t = 0; !arrivals.has(first!.id); t++) {
       if (t > 600) throw new Error(`the relay did not publish within 30 s:\n${relay.stderr}`);
       await Bun.sleep(50);
     }
@@ -116,8 +120,11 @@ async function measure(system: "nats" | "kafka") {
     const total = RATE * SECONDS;
     const start = performance.now();
     for (let i = 1; i <= total; ) {
-      const due = Math.floor(((performance.now() - start) * RATE) / 1000);
-      for (; i <= Math.min(due, total); i++) pending.push(write(i).then((c) => void committed.set(c.id, c.at)));
+      const due = Math.min(total, Math.floor(((performance.now() - start) * RATE) / 1000));
+      if (due >= i) {
+        pending.push(write(i, due).then((rows) => rows.forEach((c) => committed.set(c.id, c.at))));
+        i = due + 1;
+      }
       await Bun.sleep(1);
     }
     await Promise.all(pending);
