@@ -3,7 +3,7 @@
  *
  *   node_modules/.bin/bun bench/e2e.ts [--messages 200000] [--source-messages 50000]
  *       [--only nats,kafka,redis,rabbitmq,sqs,http,pg-inbox,file] [--direction forward|reverse|both]
- *       [--sets 10,1]
+ *       [--sets 10,1] [--rounds 1]
  *
  * Forward, for every sink and for change sets of 10 rows and of 1 row (`--sets`): an outbox of
  * `--messages` messages (a row of ≈ 50 B, an envelope of ≈ 200 B) is written up front, then
@@ -20,7 +20,8 @@
  * receiver has no backlog: the relay under `run` and a hand-written receiver (bench/e2e-receiver.ts)
  * each get 8 senders posting arrays of 100 events, every request answered after the commit.
  *
- * Every destination is checked to hold every message afterwards. The ratio relay/raw is the figure
+ * With `--rounds n` each figure is the mean of n runs of each side, alternately relay first and
+ * raw first (the HTTP receiver: one run). Every destination is checked to hold every message afterwards. The ratio relay/raw is the figure
  * that counts: the machine is shared, absolute rates vary with its load (printed per table).
  */
 import { CreateQueueCommand, DeleteMessageBatchCommand, DeleteQueueCommand, GetQueueAttributesCommand, ReceiveMessageCommand, SendMessageBatchCommand, SQSClient } from "@aws-sdk/client-sqs";
@@ -48,12 +49,14 @@ const { values: opts } = parseArgs({
     only: { type: "string" },
     direction: { type: "string", default: "both" },
     sets: { type: "string", default: "10,1" },
+    rounds: { type: "string", default: "1" },
   },
 });
 const N = Number(opts.messages);
 const SRC_N = Number(opts["source-messages"]);
 const SETS = opts.sets!.split(",").map(Number);
 const ONLY = opts.only ? new Set(opts.only.split(",")) : null;
+const ROUNDS = Number(opts.rounds);
 const BATCH = 1000; // messages per read, relay and raw alike
 const run = Math.random().toString(36).slice(2, 8);
 const wanted = (system: string) => !ONLY || ONLY.has(system);
@@ -444,25 +447,52 @@ const SINKS: SinkCase[] = [
   },
 ];
 
+/** The relay's cold drain of `ob` into a new destination `tag`; milliseconds. */
+async function relaySinkRun(sink: SinkCase, ob: Outbox, tag: string, total: number): Promise<number> {
+  const dest = await sink.prepare(tag, ob);
+  const pipeline = tag.replace(/-/g, "_");
+  await db.sql`SELECT pgtrickle.set_relay_outbox(${pipeline}, ${`public.${ob.streamTable}`}, NULL, ${db.sql.json(dest.config as never)})`;
+  await db.sql`UPDATE pgtrickle.relay_outbox_config SET config = jsonb_set(config, '{source,batch_size}', ${BATCH / ob.rowsPerSet}::text::jsonb) WHERE name = ${pipeline}`;
+  const ms = await relayDrain(pipeline, sink.env);
+  await db.sql`SELECT pgtrickle.disable_relay(${pipeline})`;
+  expectCount(`${sink.name} relay`, await dest.count(), total);
+  await dest.cleanup();
+  return ms;
+}
+
+/** The raw loop over `ob` into a new destination `tag` (its name ends in "raw"); milliseconds. */
+async function rawSinkRun(sink: SinkCase, ob: Outbox, tag: string, total: number): Promise<number> {
+  const dest = await sink.prepare(tag, ob);
+  const publisher = await dest.publisher();
+  const ms = await rawForward(ob, tag, dest.subjectPrefix ?? "", publisher.publish);
+  await publisher.close();
+  expectCount(`${sink.name} raw`, await dest.count(), total);
+  await dest.cleanup();
+  return ms;
+}
+
+/**
+ * `--rounds` rounds of relay and raw, in the order relay-raw, raw-relay, … so that a load that
+ * rises or falls during the run weighs on both alike; the mean time of each side.
+ */
+async function alternate(relay: (round: number) => Promise<number>, raw: (round: number) => Promise<number>) {
+  const relayMs: number[] = [];
+  const rawMs: number[] = [];
+  for (let r = 0; r < ROUNDS; r++) {
+    if (r % 2 === 0) relayMs.push(await relay(r)), rawMs.push(await raw(r));
+    else rawMs.push(await raw(r)), relayMs.push(await relay(r));
+  }
+  const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
+  return { relayMs: mean(relayMs), rawMs: mean(rawMs) };
+}
+
 async function benchSink(sink: SinkCase, ob: Outbox): Promise<Row> {
   const base = `e2e-${run}-${sink.system}${sink.name.includes("per event") ? "-ev" : ""}-s${ob.rowsPerSet}`.replace(/[^A-Za-z0-9-]/g, "-");
   const total = Math.ceil(N / ob.rowsPerSet) * ob.rowsPerSet;
-  // relay
-  const relayDest = await sink.prepare(`${base}-relay`, ob);
-  const pipeline = `${base}-relay`.replace(/-/g, "_");
-  await db.sql`SELECT pgtrickle.set_relay_outbox(${pipeline}, ${`public.${ob.streamTable}`}, NULL, ${db.sql.json(relayDest.config as never)})`;
-  await db.sql`UPDATE pgtrickle.relay_outbox_config SET config = jsonb_set(config, '{source,batch_size}', ${BATCH / ob.rowsPerSet}::text::jsonb) WHERE name = ${pipeline}`;
-  const relayMs = await relayDrain(pipeline, sink.env);
-  await db.sql`SELECT pgtrickle.disable_relay(${pipeline})`;
-  expectCount(`${sink.name} relay`, await relayDest.count(), total);
-  await relayDest.cleanup();
-  // raw
-  const rawDest = await sink.prepare(`${base}-raw`, ob);
-  const publisher = await rawDest.publisher();
-  const rawMs = await rawForward(ob, `${base}-raw`, rawDest.subjectPrefix ?? "", publisher.publish);
-  await publisher.close();
-  expectCount(`${sink.name} raw`, await rawDest.count(), total);
-  await rawDest.cleanup();
+  const { relayMs, rawMs } = await alternate(
+    (r) => relaySinkRun(sink, ob, `${base}-${r}-relay`, total),
+    (r) => rawSinkRun(sink, ob, `${base}-${r}-raw`, total),
+  );
   const row = { name: `${sink.name}, ${ob.rowsPerSet}-row sets`, relay: rate(total, relayMs), raw: rate(total, rawMs) };
   console.log(`  ${row.name}: relay ${row.relay} msg/s (${(relayMs / 1000).toFixed(1)} s), raw ${row.raw} msg/s (${(rawMs / 1000).toFixed(1)} s), ratio ${(row.relay / row.raw).toFixed(2)}`);
   return row;
@@ -759,21 +789,30 @@ async function postEvents(url: string): Promise<number> {
 const inboxCount = async (inbox: string) => (await db.sql<{ n: number }[]>`SELECT count(*)::int AS n FROM pgtrickle.${db.sql(inbox)}`)[0]!.n;
 
 async function benchSource(src: SourceCase): Promise<Row> {
-  const tag = `e2e-${run}-src-${src.system}`;
-  const pipeline = tag.replace(/-/g, "_");
-  const relayInbox = `${pipeline}_relay_inbox`;
-  const rawInbox = `${pipeline}_raw_inbox`;
-  const prepared = await src.prepare(tag);
-  await db.sql`SELECT pgtrickle.set_relay_inbox(${pipeline}, ${relayInbox}, ${db.sql.json({ ...prepared.config, batch_size: BATCH } as never)})`;
-  const relayMs = await relayDrain(pipeline, src.env);
-  await db.sql`SELECT pgtrickle.disable_relay(${pipeline})`;
-  expectCount(`${src.name} relay`, await inboxCount(relayInbox), SRC_N);
-  await db.sql`SELECT pgtrickle.create_inbox(${rawInbox})`;
-  const t0 = performance.now();
-  await prepared.raw(rawInbox);
-  const rawMs = performance.now() - t0;
-  expectCount(`${src.name} raw`, await inboxCount(rawInbox), SRC_N);
-  await prepared.cleanup();
+  const prepared: Awaited<ReturnType<SourceCase["prepare"]>>[] = [];
+  const round = async (r: number) => (prepared[r] ??= await src.prepare(`e2e-${run}-src-${src.system}-${r}`));
+  const { relayMs, rawMs } = await alternate(
+    async (r) => {
+      const { config } = await round(r);
+      const pipeline = `e2e_${run}_src_${src.system}_${r}`;
+      await db.sql`SELECT pgtrickle.set_relay_inbox(${pipeline}, ${`${pipeline}_relay_inbox`}, ${db.sql.json({ ...config, batch_size: BATCH } as never)})`;
+      const ms = await relayDrain(pipeline, src.env);
+      await db.sql`SELECT pgtrickle.disable_relay(${pipeline})`;
+      expectCount(`${src.name} relay`, await inboxCount(`${pipeline}_relay_inbox`), SRC_N);
+      return ms;
+    },
+    async (r) => {
+      const { raw } = await round(r);
+      const inbox = `e2e_${run}_src_${src.system}_${r}_raw_inbox`;
+      await db.sql`SELECT pgtrickle.create_inbox(${inbox})`;
+      const t0 = performance.now();
+      await raw(inbox);
+      const ms = performance.now() - t0;
+      expectCount(`${src.name} raw`, await inboxCount(inbox), SRC_N);
+      return ms;
+    },
+  );
+  for (const p of prepared) await p.cleanup();
   const row = { name: src.name, relay: rate(SRC_N, relayMs), raw: rate(SRC_N, rawMs) };
   console.log(`  ${row.name}: relay ${row.relay} rows/s (${(relayMs / 1000).toFixed(1)} s), raw ${row.raw} rows/s (${(rawMs / 1000).toFixed(1)} s), ratio ${(row.relay / row.raw).toFixed(2)}`);
   return row;
