@@ -82,16 +82,32 @@ interface Row {
   name: string;
   relay: number;
   raw: number;
-  note?: string;
+  failed?: string;
 }
-const table: Row[] = [];
 const rate = (n: number, ms: number) => Math.round((n * 1000) / ms);
 
 function printTable(title: string, rows: Row[], unit: string) {
   console.log(`\n${title} (load average now ${load()})`);
   console.log(`| path | relay ${unit} | raw client ${unit}, same run | ratio |`);
   console.log("|---|---|---|---|");
-  for (const r of rows) console.log(`| ${r.name} | ${r.relay.toLocaleString("en")} | ${r.raw.toLocaleString("en")}${r.note ? ` (${r.note})` : ""} | ${(r.relay / r.raw).toFixed(2)} |`);
+  for (const r of rows) {
+    if (r.failed) console.log(`| ${r.name} | failed: ${r.failed.split("\n")[0]} | | |`);
+    else console.log(`| ${r.name} | ${r.relay.toLocaleString("en")} | ${r.raw.toLocaleString("en")} | ${(r.relay / r.raw).toFixed(2)} |`);
+  }
+}
+
+/**
+ * One case's row, or a failed row: a case that fails (a server restarted under it, a relay
+ * error) is reported in the table and the run goes on with the next; the exit code is then 1.
+ */
+async function attempt(name: string, bench: () => Promise<Row>): Promise<Row> {
+  try {
+    return await bench();
+  } catch (err) {
+    console.error(`  ${name} FAILED: ${(err as Error).stack ?? err}`);
+    process.exitCode = 1;
+    return { name, relay: 0, raw: 0, failed: (err as Error).message };
+  }
 }
 
 /** The relay's `drain` of one pipeline as a cold process; milliseconds, or throws with its output. */
@@ -827,16 +843,24 @@ async function benchHttpSource(): Promise<Row> {
   await db.sql`UPDATE pgtrickle.relay_inbox_config SET enabled = (name = ${pipeline})`;
   const relay = new RunningRelay(["--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0", "--log-level", "warn"]);
   children.push(relay.proc);
-  await waitForPost(`http://127.0.0.1:${port}/in`);
-  const relayMs = await postEvents(`http://127.0.0.1:${port}/in`);
-  await relay.stop("SIGTERM");
+  let relayMs: number;
+  try {
+    await waitForPost(`http://127.0.0.1:${port}/in`);
+    relayMs = await postEvents(`http://127.0.0.1:${port}/in`);
+  } finally {
+    await relay.stop("SIGTERM");
+  }
   expectCount("HTTP relay", await inboxCount(`${pipeline}_relay_inbox`), SRC_N);
 
   const rawInbox = `${pipeline}_raw_inbox`;
   await db.sql`SELECT pgtrickle.create_inbox(${rawInbox})`;
   const receiver = await startReceiver(["inbox", db.url, rawInbox]);
-  const rawMs = await postEvents(`http://127.0.0.1:${receiver.port}/`);
-  receiver.proc.kill("SIGTERM");
+  let rawMs: number;
+  try {
+    rawMs = await postEvents(`http://127.0.0.1:${receiver.port}/`);
+  } finally {
+    receiver.proc.kill("SIGTERM");
+  }
   expectCount("HTTP raw", await inboxCount(rawInbox), SRC_N);
   const row = { name: "HTTP receiver → inbox (8 senders × arrays of 100)", relay: rate(SRC_N, relayMs), raw: rate(SRC_N, rawMs) };
   console.log(`  ${row.name}: relay ${row.relay} rows/s, raw ${row.raw} rows/s, ratio ${(row.relay / row.raw).toFixed(2)}`);
@@ -883,14 +907,13 @@ try {
     const ob = await makeOutbox(rowsPerSet);
     console.log(`outbox of ${N} messages in ${rowsPerSet}-row change sets written in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
     const rows: Row[] = [];
-    for (const sink of sinks) rows.push(await benchSink(sink, ob));
+    for (const sink of sinks) rows.push(await attempt(`${sink.name}, ${rowsPerSet}-row sets`, () => benchSink(sink, ob)));
     printTable(`Forward, ${rowsPerSet}-row change sets, ${N} messages`, rows, "msg/s");
-    table.push(...rows);
   }
   if (sources.length) {
     const rows: Row[] = [];
-    for (const src of sources) rows.push(await benchSource(src));
-    if (wanted("http")) rows.push(await benchHttpSource());
+    for (const src of sources) rows.push(await attempt(src.name, () => benchSource(src)));
+    if (wanted("http")) rows.push(await attempt("HTTP receiver → inbox", benchHttpSource));
     printTable(`Reverse, ${SRC_N} events`, rows, "rows/s");
   }
 } finally {
