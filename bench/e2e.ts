@@ -126,10 +126,12 @@ function expectCount(what: string, actual: number, expected: number) {
 
 // ---------------------------------------------------------------- forward
 
+/** A message of the raw loop: its envelope JSON (`body`) and the parts some sinks send apart. */
 interface RawMessage {
   dedupKey: string;
   subject: string;
-  streamTable: string;
+  payload: unknown;
+  outboxId: number;
   body: string;
 }
 
@@ -173,7 +175,7 @@ async function rawForward(ob: Outbox, tag: string, subjectPrefix: string, publis
       row.payload.inserted.forEach((payload, i) => {
         const dedupKey = `${ob.outboxTable}:${row.id}:${i}`;
         const body = JSON.stringify({ dedup_key: dedupKey, subject, payload, op: "insert", is_full_refresh: false, outbox_id: outboxId, refresh_id: null });
-        msgs.push({ dedupKey, subject, streamTable: ob.streamTable, body });
+        msgs.push({ dedupKey, subject, payload, outboxId, body });
       });
     }
     await publish(msgs);
@@ -277,8 +279,7 @@ const SINKS: SinkCase[] = [
             async publish(msgs) {
               const p = client.pipeline();
               for (const m of msgs) {
-                const env = JSON.parse(m.body) as { payload: unknown; outbox_id: number };
-                p.xadd(tag, "*", "dedup_key", m.dedupKey, "pgt_dedup_key", m.dedupKey, "subject", m.subject, "op", "insert", "payload", JSON.stringify(env.payload), "full_refresh", "false", "outbox_id", String(env.outbox_id));
+                p.xadd(tag, "*", "dedup_key", m.dedupKey, "pgt_dedup_key", m.dedupKey, "subject", m.subject, "op", "insert", "payload", JSON.stringify(m.payload), "full_refresh", "false", "outbox_id", String(m.outboxId));
               }
               for (const [err] of (await p.exec())!) if (err) throw err;
             },
@@ -423,11 +424,10 @@ const SINKS: SinkCase[] = [
         async publisher() {
           return {
             async publish(msgs) {
-              const bodies = msgs.map((m) => JSON.parse(m.body) as { payload: unknown });
               await remote.sql`INSERT INTO pgtrickle.${remote.sql(tag)} (event_id, event_type, source, payload)
                 SELECT x.id, x.type, 'pgtrickle-relay', x.body::jsonb
                   FROM unnest(${msgs.map((m) => m.dedupKey)}::text[], ${msgs.map((m) => m.subject)}::text[],
-                              ${bodies.map((b) => JSON.stringify(b.payload))}::text[]) AS x(id, type, body)
+                              ${msgs.map((m) => JSON.stringify(m.payload))}::text[]) AS x(id, type, body)
                 ON CONFLICT (event_id) DO NOTHING`;
             },
             close: async () => {},
