@@ -495,8 +495,13 @@ async function alternate(relay: (round: number) => Promise<number>, raw: (round:
   const relayMs: number[] = [];
   const rawMs: number[] = [];
   for (let r = 0; r < ROUNDS; r++) {
-    if (r % 2 === 0) relayMs.push(await relay(r)), rawMs.push(await raw(r));
-    else rawMs.push(await raw(r)), relayMs.push(await relay(r));
+    if (r % 2 === 0) {
+      relayMs.push(await relay(r));
+      rawMs.push(await raw(r));
+    } else {
+      rawMs.push(await raw(r));
+      relayMs.push(await relay(r));
+    }
   }
   const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
   return { relayMs: mean(relayMs), rawMs: mean(rawMs) };
