@@ -37,6 +37,7 @@ import { join } from "node:path";
 import { parseArgs } from "node:util";
 import type { Sql } from "../src/db.ts";
 import { createStreamTable, enableOutbox, ident } from "../test/fixtures/outbox.ts";
+import { fillOutbox } from "./lib.ts";
 import { testDatabase, type TestDatabase } from "../test/helpers/pg.ts";
 import { freePort } from "../test/helpers/proxy.ts";
 import { relayCommand, relayOnce, RunningRelay } from "../test/helpers/relay.ts";
@@ -74,6 +75,15 @@ async function windowed<T>(items: T[], limit: number, fn: (item: T) => Promise<u
       while (next < items.length) await fn(items[next++]!);
     }),
   );
+}
+
+/** A Kafka client, its admin connected, and a new topic of 3 partitions. */
+async function kafkaWithTopic(topic: string) {
+  const kafka = new Kafka({ brokers: KAFKA_BROKERS, logLevel: logLevel.NOTHING });
+  const admin = kafka.admin();
+  await admin.connect();
+  await admin.createTopics({ topics: [{ topic, numPartitions: 3 }], waitForLeaders: true });
+  return { kafka, admin };
 }
 
 const chunks = <T>(xs: T[], size: number): T[][] => Array.from({ length: Math.ceil(xs.length / size) }, (_, i) => xs.slice(i * size, (i + 1) * size));
@@ -146,11 +156,7 @@ async function makeOutbox(rowsPerSet: number): Promise<Outbox> {
   const streamTable = `e2e_${run}_set${rowsPerSet}`;
   await createStreamTable(db.sql, `public.${streamTable}`, "id int primary key");
   const { outboxTable } = await enableOutbox(db.sql, `public.${streamTable}`);
-  await db.sql.unsafe(`INSERT INTO pgtrickle.${ident(outboxTable)} (inserted_count, payload)
-    SELECT ${rowsPerSet}, jsonb_build_object('v', 1, 'deleted', '[]'::jsonb, 'inserted',
-      (SELECT jsonb_agg(jsonb_build_object('id', g * ${rowsPerSet} + k, 'customer', 'c' || (g % 97), 'amount', (g * ${rowsPerSet} + k) * 1.5) ORDER BY k)
-         FROM generate_series(0, ${rowsPerSet - 1}) k))
-    FROM generate_series(0, ${Math.ceil(N / rowsPerSet) - 1}) g`);
+  await fillOutbox(db.sql, outboxTable, rowsPerSet, N);
   return { rowsPerSet, streamTable, outboxTable };
 }
 
@@ -241,10 +247,7 @@ const SINKS: SinkCase[] = [
     name: "Kafka (idempotent, acks=all)",
     servers: ["kafka"],
     async prepare(tag) {
-      const kafka = new Kafka({ brokers: KAFKA_BROKERS, logLevel: logLevel.NOTHING });
-      const admin = kafka.admin();
-      await admin.connect();
-      await admin.createTopics({ topics: [{ topic: tag, numPartitions: 3 }], waitForLeaders: true });
+      const { kafka, admin } = await kafkaWithTopic(tag);
       return {
         config: { type: "kafka", brokers: KAFKA_BROKERS.join(","), topic: tag },
         async publisher() {
@@ -587,10 +590,7 @@ const SOURCES: SourceCase[] = [
     name: "Kafka (3 partitions) → inbox",
     servers: ["kafka"],
     async prepare(tag) {
-      const kafka = new Kafka({ brokers: KAFKA_BROKERS, logLevel: logLevel.NOTHING });
-      const admin = kafka.admin();
-      await admin.connect();
-      await admin.createTopics({ topics: [{ topic: tag, numPartitions: 3 }], waitForLeaders: true });
+      const { kafka, admin } = await kafkaWithTopic(tag);
       const producer = kafka.producer({ createPartitioner: Partitioners.DefaultPartitioner });
       await producer.connect();
       for (const part of chunks(Array.from({ length: SRC_N }, (_, i) => i), 1000)) {

@@ -18,9 +18,10 @@ import { connect as natsConnect } from "nats";
 import { mkdtempSync, readdirSync } from "node:fs";
 import { loadavg, tmpdir } from "node:os";
 import { join } from "node:path";
-import { createStreamTable, enableOutbox, ident } from "../test/fixtures/outbox.ts";
+import { createStreamTable, enableOutbox } from "../test/fixtures/outbox.ts";
 import { testDatabase } from "../test/helpers/pg.ts";
 import { NATS_URL, REDIS_URL } from "../test/helpers/servers.ts";
+import { fillOutbox } from "./lib.ts";
 
 const [system = "redis", setArg = "10", nArg = "200000", runsArg = "1"] = process.argv.slice(2);
 const rowsPerSet = Number(setArg);
@@ -37,11 +38,7 @@ try {
   const streamTable = `prof_${run}`;
   await createStreamTable(db.sql, `public.${streamTable}`, "id int primary key");
   const { outboxTable } = await enableOutbox(db.sql, `public.${streamTable}`);
-  await db.sql.unsafe(`INSERT INTO pgtrickle.${ident(outboxTable)} (inserted_count, payload)
-    SELECT ${rowsPerSet}, jsonb_build_object('v', 1, 'deleted', '[]'::jsonb, 'inserted',
-      (SELECT jsonb_agg(jsonb_build_object('id', g * ${rowsPerSet} + k, 'customer', 'c' || (g % 97), 'amount', (g * ${rowsPerSet} + k) * 1.5) ORDER BY k)
-         FROM generate_series(0, ${rowsPerSet - 1}) k))
-    FROM generate_series(0, ${Math.ceil(N / rowsPerSet) - 1}) g`);
+  await fillOutbox(db.sql, outboxTable, rowsPerSet, N);
   const events = `prof_${run}_events`;
   if (system === "redis-in") {
     for (let at = 0; at < N; at += 1000) {
