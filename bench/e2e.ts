@@ -30,7 +30,7 @@ import { Redis } from "ioredis";
 import { Kafka, logLevel, Partitioners } from "kafkajs";
 import { AckPolicy, connect as natsConnect, headers as natsHeaders, type JsMsg } from "nats";
 import { createHash } from "node:crypto";
-import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { open } from "node:fs/promises";
 import { loadavg, tmpdir } from "node:os";
 import { join } from "node:path";
@@ -925,4 +925,5 @@ try {
   children.forEach((c) => c.kill("SIGKILL"));
   await db.drop();
   await remoteDb?.drop();
+  rmSync(workDir, { recursive: true, force: true });
 }
