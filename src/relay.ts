@@ -1,6 +1,6 @@
 import { Coordinator, processIdentity, type Outcome } from "./coordinator.ts";
 import { connect, describeUrl, explainConnectError, type Sql } from "./db.ts";
-import { requireCatalog } from "./catalog/index.ts";
+import { requireCatalog } from "./catalog/status.ts";
 import { errorKind, errorMessage } from "./errors.ts";
 import { log } from "./observe/log.ts";
 import { Metrics } from "./observe/metrics.ts";

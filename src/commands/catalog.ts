@@ -1,5 +1,6 @@
 import { defineCommand } from "citty";
-import { catalogStatus, formatCatalogStatus, installCatalog } from "../catalog/index.ts";
+import { installCatalog } from "../catalog/install.ts";
+import { catalogStatus, formatCatalogStatus } from "../catalog/status.ts";
 import { connectionArgs, loadSettings, printOut, withDatabase } from "../cli-common.ts";
 import { describeUrl } from "../db.ts";
 import { log } from "../observe/log.ts";

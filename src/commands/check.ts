@@ -1,5 +1,5 @@
 import { defineCommand } from "citty";
-import { catalogStatus, requireCatalog } from "../catalog/index.ts";
+import { catalogStatus, requireCatalog } from "../catalog/status.ts";
 import { listFlag } from "../cli.ts";
 import { connectionArgs, EXIT, fail, loadSettings, printOut, withDatabase } from "../cli-common.ts";
 import type { Sql } from "../db.ts";

@@ -4,7 +4,7 @@
  * them); list, show and purge read and delete rows of that catalog table, as one would in SQL.
  */
 import { defineCommand } from "citty";
-import { requireCatalog } from "../catalog/index.ts";
+import { requireCatalog } from "../catalog/status.ts";
 import { connectionArgs, EXIT, fail, loadSettings, printOut, withDatabase } from "../cli-common.ts";
 import { log } from "../observe/log.ts";
 

@@ -1,5 +1,5 @@
 import { defineCommand } from "citty";
-import { installCatalog } from "../catalog/index.ts";
+import { installCatalog } from "../catalog/install.ts";
 import { EXIT, fail, loadSettings, withDatabase } from "../cli-common.ts";
 import { connect, type Sql } from "../db.ts";
 import { log } from "../observe/log.ts";

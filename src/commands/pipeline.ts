@@ -6,7 +6,7 @@
  */
 import { readFileSync } from "node:fs";
 import { defineCommand } from "citty";
-import { requireCatalog } from "../catalog/index.ts";
+import { requireCatalog } from "../catalog/status.ts";
 import { connectionArgs, EXIT, fail, loadSettings, printOut, withDatabase } from "../cli-common.ts";
 import type { Sql } from "../db.ts";
 import { configError, errorMessage } from "../errors.ts";

@@ -1,5 +1,5 @@
 import { defineCommand } from "citty";
-import { requireCatalog } from "../catalog/index.ts";
+import { requireCatalog } from "../catalog/status.ts";
 import { listFlag, nearest } from "../cli.ts";
 import { EXIT, fail, loadSettings, withDatabase } from "../cli-common.ts";
 import type { Sql } from "../db.ts";

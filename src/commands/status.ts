@@ -1,5 +1,5 @@
 import { defineCommand } from "citty";
-import { requireCatalog } from "../catalog/index.ts";
+import { requireCatalog } from "../catalog/status.ts";
 import { listFlag } from "../cli.ts";
 import { connectionArgs, EXIT, fail, loadSettings, printOut, withDatabase } from "../cli-common.ts";
 import { COORDINATOR_APP, MEMBER_KEY_SQL, PIPELINE_LOCK_SQL } from "../coordinator.ts";

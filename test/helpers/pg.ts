@@ -47,7 +47,7 @@ export async function testDatabase(
   if (options.fixture ?? true) await sql.file(FIXTURE).simple();
   await options.setup?.(sql);
   if (options.catalog ?? true) {
-    const { installCatalog } = await import("../../src/catalog/index.ts");
+    const { installCatalog } = await import("../../src/catalog/install.ts");
     await installCatalog(sql);
   }
   return {

@@ -3,16 +3,9 @@
 import { afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:test";
 import { connect, type Sql } from "../../src/db.ts";
 import { RelayError } from "../../src/errors.ts";
-import {
-  CATALOG_SQL,
-  CATALOG_VERSION,
-  catalogSections,
-  catalogStatus,
-  formatCatalogStatus,
-  formatInstallResult,
-  installCatalog,
-  requireCatalog,
-} from "../../src/catalog/index.ts";
+import { formatInstallResult, installCatalog } from "../../src/catalog/install.ts";
+import { CATALOG_SQL, CATALOG_VERSION, catalogSections } from "../../src/catalog/objects.ts";
+import { catalogStatus, formatCatalogStatus, requireCatalog } from "../../src/catalog/status.ts";
 import { PG_ADMIN_URL, testDatabase, type TestDatabase } from "../helpers/pg.ts";
 
 const NOT_FOUND = (name: string) => `relay: pipeline "${name}" not found in relay_outbox_config or relay_inbox_config`;

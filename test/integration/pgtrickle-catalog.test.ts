@@ -5,7 +5,8 @@
  * `demo` on a real stream table. What the extension was seen to do: docs/pg_trickle.md.
  */
 import { describe, expect, test } from "bun:test";
-import { catalogStatus, formatCatalogStatus, installCatalog, requireCatalog } from "../../src/catalog/index.ts";
+import { installCatalog } from "../../src/catalog/install.ts";
+import { catalogStatus, formatCatalogStatus, requireCatalog } from "../../src/catalog/status.ts";
 import { connect } from "../../src/db.ts";
 import type { RelayError } from "../../src/errors.ts";
 import type { TestDatabase } from "../helpers/pg.ts";
