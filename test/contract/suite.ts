@@ -43,6 +43,14 @@ async function reach(serverPort: number | null, startProxy?: () => Promise<Reach
   return { port: proxy.port, proxy };
 }
 
+/**
+ * Ends the sessions a killed relay left waiting for a lock on `relation`: PostgreSQL would
+ * otherwise run their statement once the lock is free, as if the relay had lived on.
+ */
+async function terminateWaiters(db: TestDatabase, relation: string): Promise<void> {
+  await db.sql`SELECT pg_terminate_backend(pid) FROM pg_locks WHERE relation = ${relation}::regclass AND NOT granted`;
+}
+
 // ---- sinks ------------------------------------------------------------------------------------
 
 /** One message as the destination holds it: its dedup key and the row it carries. */
@@ -223,6 +231,7 @@ export function sinkContract(def: SinkContract): void {
         const [still] = await db.sql`SELECT last_change_id::text AS last FROM pgtrickle.relay_consumer_offsets WHERE pipeline_id = ${name}`;
         expect(still!.last).toBe(held!.last);
         await stopRelay("SIGKILL");
+        await terminateWaiters(db, "pgtrickle.relay_consumer_offsets");
       } finally {
         await lock`ROLLBACK`.catch(() => {});
         lock.release();
@@ -402,26 +411,35 @@ export function sourceContract(def: SourceContract): void {
       }, 120_000);
     }
 
-    test("kill -9 while the inbox commit hangs (inbox locked), restart → every event once", async () => {
+    test("kill -9 between the inbox commit and the acknowledgement, restart → every event once", async () => {
+      // The pipeline commits the inbox rows, writes the batch's dead letters, then acknowledges:
+      // with the dead-letter table locked, a batch holding a poison stops in between.
       const lock: ReservedSql = await db.sql.reserve();
       const batch = events(20);
+      const poison = { key: `contract-${RUN}-kill-poison`, body: POISONS[0]!.body };
+      const letters = async () => (await deadLetters(db, name)).filter((d) => d.dedup_key === poison.key);
       let publishing: Promise<void> = Promise.resolve();
       try {
         await lock`BEGIN`;
-        await lock.unsafe(`LOCK TABLE pgtrickle."${inbox}" IN SHARE MODE`);
-        publishing = target.publish(batch);
+        await lock`LOCK TABLE pgtrickle.relay_dead_letters IN EXCLUSIVE MODE`;
+        publishing = target.publish([...batch, poison]);
+        await waitLanded(batch, "the batch committed to the inbox");
         await eventually(async () => {
-          const [w] = await db.sql`SELECT count(*)::int AS n FROM pg_locks WHERE relation = ${`pgtrickle."${inbox}"`}::regclass AND NOT granted`;
+          const [w] = await db.sql`SELECT count(*)::int AS n FROM pg_locks WHERE relation = 'pgtrickle.relay_dead_letters'::regclass AND NOT granted`;
           return w!.n > 0;
-        }, 60_000, "the relay's inbox write to wait for the lock");
+        }, 60_000, "the relay to wait for the dead-letter table");
+        expect(await letters()).toEqual([]);
         await relay.stop("SIGKILL");
+        await terminateWaiters(db, "pgtrickle.relay_dead_letters");
       } finally {
         await lock`ROLLBACK`.catch(() => {});
         lock.release();
       }
       relay = startRelay();
       await publishing;
-      await waitLanded(batch, "every event after the restart", 120_000);
+      await eventually(async () => (await letters()).length > 0, 120_000, "the poison dead-lettered after the restart");
+      // Dead-lettered once: by the restarted relay, which got the unacknowledged batch again.
+      expect((await letters()).map((d) => d.attempts)).toEqual([1]);
       expect((await landed()).size).toBe(sent.length);
       if (def.hasSecret) expect(relay.stderr + relay.stdout).not.toContain(SECRET);
       await relay.stop("SIGTERM");
