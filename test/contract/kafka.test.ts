@@ -67,11 +67,27 @@ sourceContract({
     await createTopic(kafka, topic);
     const producer = kafka.producer();
     await producer.connect();
+    const group = `contract-${RUN}`;
     return {
       // A short session: the group gives a killed relay's partitions away soon.
-      config: { type: "kafka", brokers: `127.0.0.1:${reach.port}`, topic, group_id: `contract-${RUN}`, session_timeout_ms: 6000, heartbeat_interval_ms: 1000, rebalance_timeout_ms: 8000 },
+      config: { type: "kafka", brokers: `127.0.0.1:${reach.port}`, topic, group_id: group, session_timeout_ms: 6000, heartbeat_interval_ms: 1000, rebalance_timeout_ms: 8000 },
       async publish(events) {
         await producer.send({ topic, messages: events.map((e) => ({ value: e.body, headers: { pgt_dedup_key: e.key } })) });
+      },
+      // Records past the group's committed offsets, over every partition.
+      async pending() {
+        const admin = kafka.admin();
+        await admin.connect();
+        try {
+          const high = await admin.fetchTopicOffsets(topic);
+          const [committed] = await admin.fetchOffsets({ groupId: group, topics: [topic] });
+          return high.reduce((n, p) => {
+            const at = Number(committed!.partitions.find((c) => c.partition === p.partition)?.offset ?? "-1");
+            return n + Number(p.high) - Math.max(at, Number(p.low));
+          }, 0);
+        } finally {
+          await admin.disconnect();
+        }
       },
       async cleanup() {
         await producer.disconnect();

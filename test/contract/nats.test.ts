@@ -67,6 +67,10 @@ sourceContract({
           await js.publish(subject, new TextEncoder().encode(e.body), { headers: h });
         }
       },
+      async pending() {
+        const info = await (await nc.jetstreamManager()).consumers.info(stream, "pgtrickle-relay-contract_nats_in");
+        return info.num_pending + info.num_ack_pending;
+      },
       async cleanup() {
         await (await nc.jetstreamManager()).streams.delete(stream).catch(() => {});
         await nc.close();

@@ -66,6 +66,8 @@ sourceContract({
         for (const e of events) ch.sendToQueue(queue, Buffer.from(e.body), { persistent: true, messageId: e.key, contentType: "application/json" });
         await ch.waitForConfirms();
       },
+      // With no relay connected, unacknowledged deliveries are back in the queue and counted.
+      pending: async () => (await ch.checkQueue(queue)).messageCount,
       async cleanup() {
         await ch.deleteQueue(queue).catch(() => {});
         await conn.close().catch(() => {});

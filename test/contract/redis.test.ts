@@ -49,6 +49,12 @@ sourceContract({
       async publish(events) {
         for (const e of events) await redis.xadd(key, "*", "payload", e.body, "pgt_dedup_key", e.key);
       },
+      // The group's undelivered entries (XINFO GROUPS lag) plus its pending ones (XPENDING).
+      async pending() {
+        const groups = (await redis.xinfo("GROUPS", key)) as unknown[][];
+        const group = groups.map((g) => Object.fromEntries(g.flatMap((v, i) => (i % 2 === 0 ? [[v, g[i + 1]]] : [])))).find((g) => g.name === "pgtrickle-relay")!;
+        return Number(group.lag ?? 0) + Number(group.pending);
+      },
       async cleanup() {
         await redis.del(key);
         redis.disconnect();

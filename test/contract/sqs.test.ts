@@ -4,7 +4,7 @@
  * replay adds nothing. A standard queue keeps every copy (sqs-sink.test.ts). The emulator takes
  * any credentials, so the secret access key is the contract's password.
  */
-import { CreateQueueCommand, DeleteMessageBatchCommand, DeleteQueueCommand, ReceiveMessageCommand, SendMessageBatchCommand, SQSClient } from "@aws-sdk/client-sqs";
+import { CreateQueueCommand, DeleteMessageBatchCommand, DeleteQueueCommand, GetQueueAttributesCommand, ReceiveMessageCommand, SendMessageBatchCommand, SQSClient } from "@aws-sdk/client-sqs";
 import { AWS_ENV, portOf, SQS_CLIENT_CONFIG, SQS_ENDPOINT } from "../helpers/servers.ts";
 import { RUN, sinkContract, sourceContract, type Arrived } from "./suite.ts";
 
@@ -67,6 +67,12 @@ sourceContract({
           }));
           await sqs.send(new SendMessageBatchCommand({ QueueUrl: queueUrl, Entries: entries }));
         }
+      },
+      // Visible plus in-flight messages: 0 once every one was deleted.
+      async pending() {
+        const names = ["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"] as const;
+        const out = await sqs.send(new GetQueueAttributesCommand({ QueueUrl: queueUrl, AttributeNames: [...names] }));
+        return names.reduce((n, a) => n + Number(out.Attributes![a]), 0);
       },
       async cleanup() {
         await sqs.send(new DeleteQueueCommand({ QueueUrl: queueUrl })).catch(() => {});

@@ -275,6 +275,12 @@ export interface SourceTarget {
    * keeps retrying until the relay answered.
    */
   publish(events: Event[]): Promise<void>;
+  /**
+   * What the system still holds for the relay once no relay runs: undelivered or unacknowledged
+   * messages (0 when every one, poison included, was acknowledged). Absent where the relay
+   * keeps the position itself (files) or answers the sender (HTTP).
+   */
+  pending?(): Promise<number>;
   cleanup(): Promise<void>;
 }
 
@@ -451,6 +457,8 @@ export function sourceContract(def: SourceContract): void {
       expect((await landed()).size).toBe(sent.length);
       if (def.hasSecret) expect(relay.stderr + relay.stdout).not.toContain(SECRET);
       await relay.stop("SIGTERM");
+      // Everything this suite published, poison included, was acknowledged to the system.
+      if (target.pending) await eventually(async () => (await target.pending!()) === 0, 60_000, "nothing left unacknowledged");
     }, 240_000);
   });
 }
