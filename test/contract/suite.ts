@@ -32,7 +32,7 @@ export const RUN = `${process.pid}${Math.floor(Math.random() * 1e6)}`;
 export interface Reach {
   /** The loopback port the relay must use (the proxy's, when the backend has a server port). */
   port: number;
-  /** Starts the proxy again on the same port after `cut()` (the Kafka proxy has its fixed port). */
+  /** The proxy the unreachable case stops and resumes (on the same port); null without a server. */
   proxy: { stop(): Promise<void>; resume(): Promise<void> } | null;
 }
 
@@ -49,6 +49,35 @@ async function reach(serverPort: number | null, startProxy?: () => Promise<Reach
  */
 async function terminateWaiters(db: TestDatabase, relation: string): Promise<void> {
   await db.sql`SELECT pg_terminate_backend(pid) FROM pg_locks WHERE relation = ${relation}::regclass AND NOT granted`;
+}
+
+/**
+ * The config holds SECRET, and neither the running relay's output (which by now tells of the
+ * unreachable case's errors) nor `check` (which connects) nor `status --wide` shows it.
+ */
+async function expectSecretHidden(db: TestDatabase, name: string, config: Record<string, unknown>, relay: RunningRelay, env?: Record<string, string>): Promise<void> {
+  expect(JSON.stringify(config)).toContain(SECRET);
+  const check = await relayOnce(["check", "--postgres-url", db.url], env);
+  const status = await relayOnce(["status", "--wide", "--postgres-url", db.url]);
+  for (const out of [relay.stdout, relay.stderr, check.stdout, check.stderr, status.stdout, status.stderr]) expect(out).not.toContain(SECRET);
+  expect(check.stdout + check.stderr).toContain(name);
+}
+
+/** What every backend's file supplies, sink or source. */
+interface Contract<Target> {
+  system: string;
+  /** The servers besides PostgreSQL that must run. */
+  servers: ServerName[];
+  /** The server port a proxy stands in front of; null without a server to lose (files, HTTP receiver). */
+  serverPort: number | null;
+  /** Starts the proxy another way than a tcpProxy to `serverPort` (Kafka: its advertised port). */
+  startProxy?: () => Promise<NonNullable<Reach["proxy"]> & { port: number }>;
+  /** Creates the destination or source; `secret` goes where the system takes a password. */
+  target(reach: Reach, secret: string): Promise<Target>;
+  /** Whether `SECRET` is in the config the target builds. */
+  hasSecret: boolean;
+  /** Environment of the relay processes (AWS credentials for the SDK's chain). */
+  env?: Record<string, string>;
 }
 
 // ---- sinks ------------------------------------------------------------------------------------
@@ -68,23 +97,13 @@ export interface SinkTarget {
   cleanup(): Promise<void>;
 }
 
-export interface SinkContract {
-  system: string;
-  servers: ServerName[];
-  /** The server port a proxy stands in front of; null when the sink has no server (files). */
-  serverPort: number | null;
-  startProxy?: () => Promise<NonNullable<Reach["proxy"]> & { port: number }>;
-  /** Creates the destination; `secret` goes where the system takes a password (ignored otherwise). */
-  target(reach: Reach, secret: string): Promise<SinkTarget>;
+export interface SinkContract extends Contract<SinkTarget> {
   /** Whether the system itself drops a replayed message (else each copy arrives with its key). */
   dedups: boolean;
   /** Whether `arrived()` is in arrival order (per-key order is then checked). */
   ordered: boolean;
-  /** Whether `SECRET` is in the config the target builds. */
-  hasSecret: boolean;
   /** A row the system refuses for good (besides the decode poison every forward run gets). */
   poisonRow?: Record<string, unknown>;
-  env?: Record<string, string>;
 }
 
 const N_HEADERS = 3;
@@ -210,13 +229,7 @@ export function sinkContract(def: SinkContract): void {
     }
 
     if (def.hasSecret) {
-      test("the password in the config is in no output (relay log, check, status)", async () => {
-        expect(JSON.stringify(target.config)).toContain(SECRET);
-        const check = await relayOnce(["check", "--postgres-url", db.url], def.env);
-        const status = await relayOnce(["status", "--wide", "--postgres-url", db.url]);
-        for (const out of [relay.stdout, relay.stderr, check.stdout, check.stderr, status.stdout, status.stderr]) expect(out).not.toContain(SECRET);
-        expect(check.stdout + check.stderr).toContain(name);
-      }, 120_000);
+      test("the password in the config is in no output (relay log, check, status)", () => expectSecretHidden(db, name, target.config, relay, def.env), 120_000);
     }
 
     test("kill -9 between the write and the offset commit → nothing lost", async () => {
@@ -241,6 +254,10 @@ export function sinkContract(def: SinkContract): void {
       const got = await waitArrived(written, "every row after the restart");
       if (def.dedups) expect(got.length).toBe(new Set(got.map((a) => a.key)).size);
       await stopRelay("SIGTERM");
+      // The restarted relay committed everything it sent.
+      const [end] = await db.sql.unsafe(`SELECT max(id)::text AS id FROM pgtrickle."${outboxTable}"`);
+      const [offset] = await db.sql`SELECT last_change_id::text AS last FROM pgtrickle.relay_consumer_offsets WHERE pipeline_id = ${name}`;
+      expect(offset!.last).toBe(end!.id);
     }, 180_000);
 
     test(`replay from an old offset → ${def.dedups ? "no duplicate downstream" : "each copy arrives under its original key"}`, async () => {
@@ -284,19 +301,11 @@ export interface SourceTarget {
   cleanup(): Promise<void>;
 }
 
-export interface SourceContract {
-  system: string;
-  servers: ServerName[];
-  /** The server port a proxy stands in front of; null when the relay itself is the server. */
-  serverPort: number | null;
-  startProxy?: () => Promise<NonNullable<Reach["proxy"]> & { port: number }>;
-  target(reach: Reach, secret: string): Promise<SourceTarget>;
-  hasSecret: boolean;
+export interface SourceContract extends Contract<SourceTarget> {
   /** The poisons this source dead-letters, when not all of POISONS (the rest it refuses otherwise). */
   poisons?: typeof POISONS;
   /** The dead letter's kind by poison label, where not `inbox_permanent`. */
   poisonKinds?: Record<string, string>;
-  env?: Record<string, string>;
 }
 
 /** An event as a producer sends it: its dedup key (the inbox `event_id`) and its JSON body. */
@@ -415,13 +424,7 @@ export function sourceContract(def: SourceContract): void {
     }
 
     if (def.hasSecret) {
-      test("the password in the config is in no output (relay log, check, status)", async () => {
-        expect(JSON.stringify(target.config)).toContain(SECRET);
-        const check = await relayOnce(["check", "--postgres-url", db.url], def.env);
-        const status = await relayOnce(["status", "--wide", "--postgres-url", db.url]);
-        for (const out of [relay.stdout, relay.stderr, check.stdout, check.stderr, status.stdout, status.stderr]) expect(out).not.toContain(SECRET);
-        expect(check.stdout + check.stderr).toContain(name);
-      }, 120_000);
+      test("the password in the config is in no output (relay log, check, status)", () => expectSecretHidden(db, name, target.config, relay, def.env), 120_000);
     }
 
     test("kill -9 between the inbox commit and the acknowledgement, restart → every event once", async () => {
