@@ -43,12 +43,17 @@ async function reach(serverPort: number | null, startProxy?: () => Promise<Reach
   return { port: proxy.port, proxy };
 }
 
+/** The sessions of this database waiting for a lock on `relation` (pg_locks spans all databases). */
+const waitersOn = (db: TestDatabase, relation: string) => db.sql<{ pid: number }[]>`
+  SELECT pid FROM pg_locks WHERE relation = ${relation}::regclass AND NOT granted
+     AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`;
+
 /**
  * Ends the sessions a killed relay left waiting for a lock on `relation`: PostgreSQL would
  * otherwise run their statement once the lock is free, as if the relay had lived on.
  */
 async function terminateWaiters(db: TestDatabase, relation: string): Promise<void> {
-  await db.sql`SELECT pg_terminate_backend(pid) FROM pg_locks WHERE relation = ${relation}::regclass AND NOT granted`;
+  for (const { pid } of await waitersOn(db, relation)) await db.sql`SELECT pg_terminate_backend(${pid})`;
 }
 
 /**
@@ -441,10 +446,7 @@ export function sourceContract(def: SourceContract): void {
         await lock`LOCK TABLE pgtrickle.relay_dead_letters IN EXCLUSIVE MODE`;
         publishing = target.publish([...batch, poison]);
         await waitLanded(batch, "the batch committed to the inbox");
-        await eventually(async () => {
-          const [w] = await db.sql`SELECT count(*)::int AS n FROM pg_locks WHERE relation = 'pgtrickle.relay_dead_letters'::regclass AND NOT granted`;
-          return w!.n > 0;
-        }, 60_000, "the relay to wait for the dead-letter table");
+        await eventually(async () => (await waitersOn(db, "pgtrickle.relay_dead_letters")).length > 0, 60_000, "the relay to wait for the dead-letter table");
         expect(await letters()).toEqual([]);
         await relay.stop("SIGKILL");
         await terminateWaiters(db, "pgtrickle.relay_dead_letters");
