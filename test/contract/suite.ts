@@ -68,6 +68,21 @@ async function expectSecretHidden(db: TestDatabase, name: string, config: Record
   expect(check.stdout + check.stderr).toContain(name);
 }
 
+/** Waits until `relay` runs pipeline `name`; gives the base URL of its /health. */
+async function pipelineStarted(relay: RunningRelay, name: string): Promise<string> {
+  const base = await httpBase(relay);
+  await relay.waitForLog(new RegExp(`\\[${name}\\] started`), 60_000);
+  return base;
+}
+
+/** After a backend's cases: the relay killed, the proxy stopped, the target and database removed. */
+async function tearDown(relay: RunningRelay | undefined, via: Reach | undefined, target: { cleanup(): Promise<void> } | undefined, db: TestDatabase | undefined) {
+  if (relay && relay.proc.exitCode === null) await relay.stop("SIGKILL");
+  await via?.proxy?.stop();
+  await target?.cleanup();
+  await db?.drop();
+}
+
 /** What every backend's file supplies, sink or source. */
 interface Contract<Target> {
   system: string;
@@ -179,16 +194,10 @@ export function sinkContract(def: SinkContract): void {
       target = await def.target(via, SECRET);
       await db.sql`SELECT pgtrickle.set_relay_outbox(${name}, ${table}, NULL, ${db.sql.json(target.config as never)})`;
       relay = startRelay();
-      base = await httpBase(relay);
-      await relay.waitForLog(new RegExp(`\\[${name}\\] started`), 60_000);
+      base = await pipelineStarted(relay, name);
     });
 
-    afterAll(async () => {
-      if (relay && relay.proc.exitCode === null) await relay.stop("SIGKILL");
-      await via?.proxy?.stop();
-      await target?.cleanup();
-      await db?.drop();
-    });
+    afterAll(() => tearDown(relay, via, target, db));
 
     test("N in → N out: every row once, its content intact, in order per key", async () => {
       const keys = await writeRows(N_HEADERS);
@@ -374,16 +383,10 @@ export function sourceContract(def: SourceContract): void {
       target = await def.target(via, SECRET);
       await setRelayInbox(db, name, inbox, target.config);
       relay = startRelay();
-      base = await httpBase(relay);
-      await relay.waitForLog(new RegExp(`\\[${name}\\] started`), 60_000);
+      base = await pipelineStarted(relay, name);
     });
 
-    afterAll(async () => {
-      if (relay && relay.proc.exitCode === null) await relay.stop("SIGKILL");
-      await via?.proxy?.stop();
-      await target?.cleanup();
-      await db?.drop();
-    });
+    afterAll(() => tearDown(relay, via, target, db));
 
     test("N in → N out: every event once in the inbox, its body intact", async () => {
       const batch = events(60);
