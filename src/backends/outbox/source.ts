@@ -92,6 +92,11 @@ export class OutboxSource implements Source {
   readonly reportsPolls = true;
   private target!: OutboxTarget;
   private committed = 0n;
+  /**
+   * The last header id this pass has read (yielded or being expanded): the next poll continues
+   * after it while earlier batches still await their acknowledgement (read-ahead).
+   */
+  private readPos = 0n;
   private consumerId: string;
   private readonly sleeper = new Sleeper();
   /** Gaps in the id sequence seen earlier, with the writers that could still fill them. */
@@ -167,8 +172,20 @@ export class OutboxSource implements Source {
     this.sleeper.wake();
   }
 
+  /**
+   * Simple mode reads ahead any number of batches: polls continue from `readPos`, and acks commit
+   * each batch's own position, in order. Group mode does not: poll_outbox returns the rows after
+   * the COMMITTED offset, so a poll before the previous batch's commit would return it again
+   * (docs/interface.md §2.7).
+   */
+  get readAhead(): number {
+    return this.groupMode ? 1 : Number.POSITIVE_INFINITY;
+  }
+
   async *batches(signal: AbortSignal): AsyncIterable<Batch> {
     signal.addEventListener("abort", () => this.sleeper.wake(), { once: true });
+    // A new pass (after a failure) starts again after the last commit; nothing else is in flight.
+    this.readPos = this.committed;
     let idlePolls = 0;
     while (!signal.aborted) {
       const started = performance.now();
@@ -431,8 +448,10 @@ export class OutboxSource implements Source {
     const check = await this.checkWriters();
     const rows = await this.sql<HeaderRow[]>`
       SELECT ${this.sql.unsafe(HEADER_COLUMNS)} FROM ${this.headerTable()} AS h
-      WHERE h.id > ${this.committed.toString()}::bigint ORDER BY h.id LIMIT ${this.cfg.batch_size}`;
-    return this.deliverablePrefix(rows, check);
+      WHERE h.id > ${this.readPos.toString()}::bigint ORDER BY h.id LIMIT ${this.cfg.batch_size}`;
+    const deliverable = this.deliverablePrefix(rows, check);
+    if (deliverable.length > 0) this.readPos = BigInt(deliverable[deliverable.length - 1]!.id);
+    return deliverable;
   }
 
   /**
@@ -460,7 +479,7 @@ export class OutboxSource implements Source {
    */
   deliverablePrefix(rows: HeaderRow[], check: WriterCheck): HeaderRow[] {
     this.blockedOnGap = false;
-    let expected = this.committed + 1n;
+    let expected = this.readPos + 1n;
     const out: HeaderRow[] = [];
     for (const row of rows) {
       const id = BigInt(row.id);
