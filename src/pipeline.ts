@@ -84,7 +84,8 @@ const sourceUnresponsive = (err: unknown) => err instanceof Unresponsive && err.
 const REPLAY_CHECK_MS = 5000;
 
 /**
- * One pipeline: `for await (batch of source) { write to sink; ack }`, with the error kinds of
+ * One pipeline: `for await (batch of source) { write to sink; ack }` — pipelined, in batch order
+ * (runOnce, docs/PIPELINE.md) — with the error kinds of
  * docs/interface.md §7.8 around it. Nothing is acknowledged before the sink accepted it (or it sits
  * in the dead-letter table); transient failures pause the pipeline and retry, never skip.
  */
@@ -188,7 +189,7 @@ export class Pipeline {
     return { pipeline: this.name, direction: this.direction };
   }
 
-  /** Runs until `stop` aborts (finishing the batch in hand), the source is drained, or a config error. */
+  /** Runs until `stop` aborts (finishing the batches in flight), the source is drained, or a config error. */
   async run(stop: AbortSignal): Promise<PipelineState> {
     const log = this.deps.log;
     const progress = setInterval(() => void this.checkProgress(), Math.min(5000, Math.max(250, this.stallTimeoutMs / 4)));
@@ -362,7 +363,7 @@ export class Pipeline {
   }
 
   /**
-   * Stall detection (docs/WATCHDOG.md): pending work — a batch in hand, or rows the source's lag
+   * Stall detection (docs/WATCHDOG.md): pending work — a batch in flight, or rows the source's lag
    * reports — with no commit for longer than the stall time, whatever the state says.
    */
   private async checkProgress(): Promise<void> {

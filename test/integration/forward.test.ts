@@ -125,6 +125,20 @@ describe("decoding every payload shape", () => {
     expect(await offsetOf("shapes")).toBe(id7);
   });
 
+  test("subjects: rendered per row field, per outbox row, or once for every row, as the template needs", async () => {
+    const templates = { s_fields: "t.{op}.{id}", s_row: "t.{stream_table}.{op}.{outbox_id}", s_fixed: "t.{stream_table}.{op}" };
+    for (const [name, subject_template] of Object.entries(templates)) {
+      const { tables, output } = await setup(name, { subject_template });
+      const first = await writeV1Inline(db.sql, tables.outboxTable, { inserted: [{ id: 1, amount: 1 }, { id: 2, amount: 2 }], deleted: [{ id: 3, amount: 3 }] });
+      const second = await writeV1Inline(db.sql, tables.outboxTable, { inserted: [{ id: 4, amount: 4 }], deleted: [] });
+      expect((await drain(name)).exitCode).toBe(0);
+      const subjects = readLines(output).map((l) => l.subject);
+      if (name === "s_fields") expect(subjects).toEqual(["t.delete.3", "t.insert.1", "t.insert.2", "t.insert.4"]);
+      if (name === "s_row") expect(subjects).toEqual([`t.${name}.delete.${first}`, `t.${name}.insert.${first}`, `t.${name}.insert.${first}`, `t.${name}.insert.${second}`]);
+      if (name === "s_fixed") expect(subjects).toEqual([`t.${name}.delete`, `t.${name}.insert`, `t.${name}.insert`, `t.${name}.insert`]);
+    }
+  });
+
   test("claim-check rows that are missing: a v1 header is dead-lettered, a 0.37–0.45 snapshot of an emptied table is a summary", async () => {
     const { tables, output } = await setup("cc_missing");
     const v1 = await writeClaimCheck(db.sql, tables.outboxTable, tables.deltaTable, [{ op: "INSERT", data: { id: 1 } }], { v1Header: true });

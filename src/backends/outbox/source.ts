@@ -2,7 +2,7 @@ import * as v from "valibot";
 import { sourceSpec, type BackendContext, type Batch, type DeadLetter, type Lag, type Source } from "../types.ts";
 import { ident, qualifiedIdent, type Sql } from "../../db.ts";
 import { configError, decodeError, errorKind, errorMessage, RelayError } from "../../errors.ts";
-import { DEFAULT_SUBJECT_TEMPLATE, forwardDedupKey, renderTemplate, type Message, type Op } from "../../message.ts";
+import { DEFAULT_SUBJECT_TEMPLATE, forwardDedupKey, renderTemplate, templateUsesRowFields, type Message, type MessageContext, type Op } from "../../message.ts";
 import { cleanRow, planFor, safeOutboxId, summaryPayload, type HeaderRow, type Plan } from "./decode.ts";
 import { enableOutbox, findOutbox, type OutboxTarget } from "./resolve.ts";
 import { Sleeper } from "../../sleep.ts";
@@ -31,7 +31,8 @@ export const OutboxSourceConfig = v.looseObject({
   /**
    * Most messages handed to the sink at once. A header row that does not fit in the batch being
    * filled starts the next one, and a larger one is split every this many messages, so a
-   * change set is cut at the same places on every replay.
+   * change set is cut at the same places on every replay. Clipped to a third of
+   * `--sink-max-inflight` (docs/PIPELINE.md).
    */
   max_batch_messages: positiveInt(1000),
   /** Idle poll interval; doubles while idle up to max(this, 5 s). A NOTIFY cuts the sleep short. */
@@ -79,6 +80,13 @@ interface WithinRow {
   delivered: number;
 }
 
+interface RowFacts {
+  header: HeaderRow;
+  outboxId: number;
+  /** The subject of each op, when the template does not depend on the row; null when it does. */
+  subjects: Map<Op, string> | null;
+}
+
 /** Bigints as text (exact); ORDER BY must then name `h.id`, or it would sort the text alias. */
 const HEADER_COLUMNS =
   "h.id::text AS id, h.refresh_id::text AS refresh_id, h.created_at, h.inserted_count::text AS inserted_count, h.deleted_count::text AS deleted_count, h.is_claim_check, h.payload";
@@ -104,6 +112,13 @@ export class OutboxSource implements Source {
   /** True when the last poll stopped at a gap that may still be filled. */
   private blockedOnGap = false;
   private heartbeat: ReturnType<typeof setInterval> | undefined;
+  /** The shared facts of the header row whose messages are being made (see factsOf). */
+  private facts: RowFacts | null = null;
+  /** How widely one rendered subject can be shared (see factsOf). */
+  private readonly subjectScope: "source" | "row" | "message";
+  private readonly sourceSubjects = new Map<Op, string>();
+  /** Every message's context: the same for all of them, so one object (messages never change it). */
+  private messageContext!: MessageContext;
   /** The stored position within an outbox row, if the last acknowledged batch ended inside one. */
   private withinRow: WithinRow | null = null;
 
@@ -112,6 +127,7 @@ export class OutboxSource implements Source {
     private readonly ctx: BackendContext,
   ) {
     this.consumerId = cfg.consumer_id ?? `${ctx.relayGroupId}:${ctx.pipeline}`;
+    this.subjectScope = templateUsesRowFields(cfg.subject_template) ? "message" : /\{(outbox_id|refresh_id)\}/.test(cfg.subject_template) ? "row" : "source";
     this.describe = `outbox ${cfg.outbox}${cfg.group ? ` (group ${cfg.group}, consumer ${this.consumerId})` : ""}`;
   }
 
@@ -149,6 +165,8 @@ export class OutboxSource implements Source {
       );
     }
     this.target = target;
+    this.messageContext = { pipeline: this.ctx.pipeline, stream_table: target.streamTable, schema: target.schema, outbox: target.outboxTable };
+    this.sourceSubjects.clear();
     if (this.groupMode) await this.ensureGroup();
     else this.committed = await this.readSimpleOffset();
     this.withinRow = await this.readWithinRow();
@@ -406,18 +424,38 @@ export class OutboxSource implements Source {
   }
 
   private message(header: HeaderRow, op: Op, index: number, row: unknown, fullRefresh: boolean, refreshId: string | null): Message {
+    const facts = this.factsOf(header);
     const m: Message = {
       dedup_key: forwardDedupKey(this.target.outboxTable, header.id, index),
       subject: "",
       payload: op === "summary" ? row : cleanRow(row, this.cfg.keep_internal_columns),
       op,
       is_full_refresh: fullRefresh,
-      outbox_id: safeOutboxId(header.id),
+      outbox_id: facts.outboxId,
       refresh_id: refreshId,
-      context: { pipeline: this.ctx.pipeline, stream_table: this.target.streamTable, schema: this.target.schema, outbox: this.target.outboxTable },
+      context: this.messageContext,
     };
-    m.subject = renderTemplate(this.cfg.subject_template, m);
+    if (facts.subjects) {
+      let subject = facts.subjects.get(op);
+      if (subject === undefined) facts.subjects.set(op, (subject = renderTemplate(this.cfg.subject_template, m)));
+      m.subject = subject;
+    } else m.subject = renderTemplate(this.cfg.subject_template, m);
     return m;
+  }
+
+  /**
+   * What every message of one header row shares, worked out once per row rather than per message
+   * (the profile of a drain showed the per-message template rendering): its outbox id, and the
+   * subject of each op — shared by every row when the template names neither row fields nor
+   * `{outbox_id}`/`{refresh_id}`, by the row's messages when it names only those two, and
+   * rendered per message (subjects null) when it names row fields.
+   */
+  private factsOf(header: HeaderRow): RowFacts {
+    if (this.facts?.header !== header) {
+      const subjects = this.subjectScope === "message" ? null : this.subjectScope === "source" ? this.sourceSubjects : new Map<Op, string>();
+      this.facts = { header, outboxId: safeOutboxId(header.id), subjects };
+    }
+    return this.facts;
   }
 
   async decodeStored(stored: unknown): Promise<Message[]> {
