@@ -93,13 +93,14 @@ export async function runStages<B, W>(stages: Stages<B, W>, depth: number, abort
   const writer = async () => {
     try {
       while (!failure) {
-        const batch = toWrite.shift();
+        const batch = toWrite[0];
         if (batch === undefined) {
           if (readerDone) return;
           await writerWake.wait();
           continue;
         }
         const written = await stages.write(batch);
+        toWrite.shift(); // only now: a batch whose write failed stays, to be abandoned
         toCommit.push({ batch, written });
         committerWake.notify();
       }
@@ -121,7 +122,7 @@ export async function runStages<B, W>(stages: Stages<B, W>, depth: number, abort
           continue;
         }
         await stages.commit(next.batch, next.written);
-        toCommit.shift();
+        toCommit.shift(); // only now, as in the writer
         inFlight--;
         readerWake.notify();
       }
