@@ -55,8 +55,8 @@ export class LockLost extends Error {
 const DEFAULT_MAX_BATCH_MESSAGES = 1000;
 /**
  * Most batches read and not yet committed, for a source that can read ahead (docs/PIPELINE.md):
- * one being committed, one being written, one read ahead — the writer never waits for the
- * database. Measured in bench/RESULTS.md ("Pipeline depth").
+ * one being committed, one being written, one read ahead, so the writer need not wait for the
+ * database (bench/RESULTS.md, "Pipeline depth").
  */
 export const PIPELINE_DEPTH = 3;
 const DEFAULT_IO_TIMEOUT_MS = 60_000;
