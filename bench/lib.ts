@@ -1,7 +1,9 @@
 /** What the bench scripts share: the backend context, the batches and the timed write loop. */
 import { createConsola } from "consola";
 import type { BackendContext, Sink } from "../src/backends/types.ts";
+import type { Sql } from "../src/db.ts";
 import type { Message } from "../src/message.ts";
+import { ident } from "../test/fixtures/outbox.ts";
 import { forwardMessages } from "../test/helpers/messages.ts";
 
 /** The context a benched sink (or, with `overrides`, source) gets: no database, warnings only. */
@@ -37,3 +39,15 @@ export async function timedWrites(sink: Sink, batches: Message[][]): Promise<num
 
 /** The middle value (the upper one of an even count). */
 export const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+
+/**
+ * Fills outbox `outboxTable` (schema pgtrickle) with `messages` messages in v1 inline change sets
+ * of `rowsPerSet` inserted rows ({id, customer, amount}: ≈ 50 B of JSON each), in one statement.
+ */
+export async function fillOutbox(sql: Sql, outboxTable: string, rowsPerSet: number, messages: number): Promise<void> {
+  await sql.unsafe(`INSERT INTO pgtrickle.${ident(outboxTable)} (inserted_count, payload)
+    SELECT ${rowsPerSet}, jsonb_build_object('v', 1, 'deleted', '[]'::jsonb, 'inserted',
+      (SELECT jsonb_agg(jsonb_build_object('id', g * ${rowsPerSet} + k, 'customer', 'c' || (g % 97), 'amount', (g * ${rowsPerSet} + k) * 1.5) ORDER BY k)
+         FROM generate_series(0, ${rowsPerSet - 1}) k))
+    FROM generate_series(0, ${Math.ceil(messages / rowsPerSet) - 1}) g`);
+}

@@ -9,7 +9,7 @@
 import { connect } from "nats";
 import * as v from "valibot";
 import natsSink from "../src/backends/nats/sink.ts";
-import { NatsSinkConfig } from "../src/backends/nats/backend.ts";
+import { NatsSinkConfig } from "../src/backends/nats/config.ts";
 import { envelopeJson } from "../src/message.ts";
 import { benchContext, benchBatches, timedWrites, median } from "./lib.ts";
 import { forwardMessages } from "../test/helpers/messages.ts";

@@ -10,7 +10,7 @@
 import { AckPolicy, connect } from "nats";
 import * as v from "valibot";
 import natsSource from "../src/backends/nats/source.ts";
-import { NatsSourceConfig } from "../src/backends/nats/backend.ts";
+import { NatsSourceConfig } from "../src/backends/nats/config.ts";
 import { benchContext, median } from "./lib.ts";
 import { NATS_URL, requireServer } from "../test/helpers/servers.ts";
 

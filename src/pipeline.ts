@@ -180,8 +180,7 @@ export class Pipeline {
     this.sink = this.makeSink();
     this.ioTimeoutMs = deps.ioTimeoutMs ?? DEFAULT_IO_TIMEOUT_MS;
     this.stallTimeoutMs = deps.stallTimeoutMs ?? DEFAULT_STALL_TIMEOUT_MS;
-    const mode = spec.source.on_permanent_error ?? spec.sink.on_permanent_error;
-    this.onPermanentError = mode === "halt" ? "halt" : "dead_letter";
+    this.onPermanentError = spec.onPermanentError;
     for (const w of spec.warnings) deps.log.warn(w);
   }
 

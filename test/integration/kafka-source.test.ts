@@ -8,7 +8,7 @@ import { AssignerProtocol, Kafka, logLevel, type Admin, type Producer } from "ka
 import * as v from "valibot";
 import kafkaSink from "../../src/backends/kafka/sink.ts";
 import kafkaSource from "../../src/backends/kafka/source.ts";
-import { convertKafkaRecord } from "../../src/backends/kafka/backend.ts";
+import { convertKafkaRecord } from "../../src/backends/kafka/records.ts";
 import type { BackendContext } from "../../src/backends/types.ts";
 import { log } from "../../src/observe/log.ts";
 import { backendContext } from "../helpers/backend.ts";

@@ -3,7 +3,7 @@ import { createConsola } from "consola";
 import { connect, type JetStreamManager, type NatsConnection, type StoredMsg } from "nats";
 import * as v from "valibot";
 import natsSink from "../../src/backends/nats/sink.ts";
-import { defaultStreamSubjects, filterCovers, invalidSubject, NatsSinkConfig, subjectsOverlap, templatePattern } from "../../src/backends/nats/backend.ts";
+import { defaultStreamSubjects, filterCovers, invalidSubject, NatsSinkConfig, subjectsOverlap, templatePattern } from "../../src/backends/nats/config.ts";
 import type { Sink } from "../../src/backends/types.ts";
 import { RelayError } from "../../src/errors.ts";
 import { envelopeJson, type Message } from "../../src/message.ts";

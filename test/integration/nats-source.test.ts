@@ -5,7 +5,7 @@ import { AckPolicy, connect, headers as natsHeaders, nanos, type JetStreamClient
 import * as v from "valibot";
 import natsSink from "../../src/backends/nats/sink.ts";
 import natsSource from "../../src/backends/nats/source.ts";
-import { NatsSinkConfig, NatsSourceConfig } from "../../src/backends/nats/backend.ts";
+import { NatsSinkConfig, NatsSourceConfig } from "../../src/backends/nats/config.ts";
 import type { Batch, BackendContext, Source } from "../../src/backends/types.ts";
 import { envelopeJson } from "../../src/message.ts";
 import { backendContext, errorOf } from "../helpers/backend.ts";

@@ -80,6 +80,17 @@ describe("templates and envelope (docs/interface.md §6)", () => {
     const row = JSON.parse('{"constructor":"c1","__proto__":"p1","toString":"t1"}');
     expect(renderTemplate("{constructor}.{__proto__}.{toString}", { ...m, payload: row })).toBe("c1.p1.t1");
   });
+  test("a template is cut once and rendered the same for every message: text around, between and without placeholders", () => {
+    expect(renderTemplate("", m)).toBe("");
+    expect(renderTemplate("orders-stream", m)).toBe("orders-stream");
+    expect(renderTemplate("{op}", m)).toBe("insert");
+    expect(renderTemplate("{op}{outbox_id}", m)).toBe("insert7");
+    expect(renderTemplate("{{op}}", m)).toBe("{insert}");
+    expect(renderTemplate("{a-b}.{}.{op", m)).toBe("{a-b}.{}.{op");
+    // The second render reuses the cut template with another message's values.
+    expect(renderTemplate("k:{id}:{op}", { ...m, op: "delete", payload: { id: 9 } })).toBe("k:9:delete");
+    expect(renderTemplate("k:{id}:{op}", m)).toBe("k:3:insert");
+  });
   test("envelope has exactly the contract's keys in order, without the context", () => {
     expect(Object.keys(toEnvelope(m))).toEqual(["dedup_key", "subject", "payload", "op", "is_full_refresh", "outbox_id", "refresh_id"]);
   });

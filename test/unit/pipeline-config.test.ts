@@ -67,6 +67,14 @@ describe("normalizePipeline (docs/interface.md §5.1)", () => {
     }
     expect(normalizePipeline({ name: "orders.eu-1:v2_x", direction: "forward", enabled: true, config: { sink: { type: "stdout" } } }).name).toBe("orders.eu-1:v2_x");
   });
+  test("on_permanent_error: validated once for every backend, from source, sink or top level", () => {
+    const row = (config: Record<string, unknown>) => ({ name: "pe", direction: "forward" as const, enabled: true, config: { sink: { type: "stdout" }, ...config } });
+    expect(normalizePipeline(row({})).onPermanentError).toBe("dead_letter");
+    expect(normalizePipeline(row({ on_permanent_error: "halt" })).onPermanentError).toBe("halt");
+    expect(normalizePipeline(row({ sink: { type: "stdout", on_permanent_error: "halt" } })).onPermanentError).toBe("halt");
+    // Any value but "halt" used to mean dead-letter in silence.
+    expect(() => normalizePipeline(row({ source: { on_permanent_error: "stop" } }))).toThrow(/pipeline 'pe': 'pipeline.on_permanent_error' must be one of "dead_letter", "halt", got "stop"/);
+  });
   test("unknown sink types list the known ones", () => {
     expect(() => sinkOf("carrier-pigeon", "p")).toThrow(/unknown sink type 'carrier-pigeon' \(known: .*stdout/);
   });
