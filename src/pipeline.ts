@@ -7,6 +7,7 @@ import { errorKind, errorMessage, RelayError, transientError } from "./errors.ts
 import type { Message } from "./message.ts";
 import type { Metrics } from "./observe/metrics.ts";
 import { parseBackendConfig, type PipelineSpec } from "./pipeline-config.ts";
+import { runStages } from "./pipeline-loop.ts";
 import { abortableDelay, backoffMs, withTimeout } from "./sleep.ts";
 
 export type PipelineState = "starting" | "running" | "degraded" | "failed" | "stopped" | "drained";
@@ -52,6 +53,12 @@ export class LockLost extends Error {
 }
 
 const DEFAULT_MAX_BATCH_MESSAGES = 1000;
+/**
+ * Most batches read and not yet committed, for a source that can read ahead (docs/PIPELINE.md):
+ * one being committed, one being written, one read ahead, so the writer need not wait for the
+ * database (bench/RESULTS.md, "Pipeline depth").
+ */
+export const PIPELINE_DEPTH = 3;
 const DEFAULT_IO_TIMEOUT_MS = 60_000;
 const DEFAULT_STALL_TIMEOUT_MS = 300_000;
 /** A client being torn down may hang on its dead socket too: it gets this long, then is dropped. */
@@ -77,7 +84,8 @@ const sourceUnresponsive = (err: unknown) => err instanceof Unresponsive && err.
 const REPLAY_CHECK_MS = 5000;
 
 /**
- * One pipeline: `for await (batch of source) { write to sink; ack }`, with the error kinds of
+ * One pipeline: `for await (batch of source) { write to sink; ack }` — pipelined, in batch order
+ * (runOnce, docs/PIPELINE.md) — with the error kinds of
  * docs/interface.md §7.8 around it. Nothing is acknowledged before the sink accepted it (or it sits
  * in the dead-letter table); transient failures pause the pipeline and retry, never skip.
  */
@@ -107,7 +115,12 @@ export class Pipeline {
   private sourceAnsweredAt = Date.now();
   /** When pending work was first seen since the last moment there was none (stall detection). */
   private pendingSince: number | null = null;
-  private batchInHand = false;
+  /** Batches read and not yet committed (stall detection: pending work). */
+  private inFlight = 0;
+  /** Stages retrying a transient failure right now (see `retrying`). */
+  private readonly failingStages = new Set<string>();
+  /** Consecutive failed passes over the source (backoff). */
+  private sourceAttempt = 0;
   private checkingProgress = false;
   private readonly onPermanentError: "dead_letter" | "halt";
   private lastReplayCheck = 0;
@@ -145,18 +158,18 @@ export class Pipeline {
     const sourceB = sourceOf(spec.sourceType, spec.name);
     const sinkB = sinkOf(spec.sinkType, spec.name);
     const window = deps.sinkMaxInflight ?? 0;
-    // Backpressure (docs/interface.md §7.9): the loop holds one batch at a time, so a batch never
-    // larger than the window keeps polled-but-unacknowledged messages within it. batch_size
-    // (outbox header rows or broker messages per poll) is clipped too, so a poll never reads more
-    // than the window.
+    // Backpressure (docs/interface.md §7.9, docs/PIPELINE.md): a source without read-ahead has one
+    // batch in hand at a time, and its batch_size (broker messages per poll) is clipped to the
+    // window. A source with read-ahead (the outbox) has up to PIPELINE_DEPTH batches in hand,
+    // each of at most max_batch_messages, clipped to a PIPELINE_DEPTH-th of the window.
     const sourceOptions = { ...spec.source };
     if (window > 0) {
-      const clip = (key: string, fallback: number) => {
+      const clip = (key: string, fallback: number, limit: number) => {
         const configured = typeof sourceOptions[key] === "number" ? (sourceOptions[key] as number) : fallback;
-        if (configured > window) sourceOptions[key] = window;
+        if (configured > limit) sourceOptions[key] = limit;
       };
-      clip("max_batch_messages", DEFAULT_MAX_BATCH_MESSAGES);
-      if (typeof sourceOptions.batch_size === "number") clip("batch_size", window);
+      clip("max_batch_messages", DEFAULT_MAX_BATCH_MESSAGES, Math.max(1, Math.floor(window / PIPELINE_DEPTH)));
+      if (typeof sourceOptions.batch_size === "number") clip("batch_size", window, window);
     }
     const sourceSpec = { ...spec, source: sourceOptions };
     const sourceConfig = parseBackendConfig(sourceSpec, "source", sourceB);
@@ -175,7 +188,7 @@ export class Pipeline {
     return { pipeline: this.name, direction: this.direction };
   }
 
-  /** Runs until `stop` aborts (finishing the batch in hand), the source is drained, or a config error. */
+  /** Runs until `stop` aborts (finishing the batches in flight), the source is drained, or a config error. */
   async run(stop: AbortSignal): Promise<PipelineState> {
     const log = this.deps.log;
     const progress = setInterval(() => void this.checkProgress(), Math.min(5000, Math.max(250, this.stallTimeoutMs / 4)));
@@ -189,16 +202,10 @@ export class Pipeline {
       this.deps.metrics.sinkConnected.set({ pipeline: this.name }, 1);
       this.setState("running");
       log.info(`started: ${this.source.describe} → ${this.sink.describe}`);
-      let attempt = 0;
       while (!stop.aborted) {
         try {
           await this.startSource();
-          for await (const batch of this.watchedBatches(stop)) {
-            attempt = 0;
-            await this.deliver(batch, stop);
-            await this.replayRequested(stop);
-            if (stop.aborted) break;
-          }
+          await this.runOnce(stop);
           if (!stop.aborted && this.deps.drain) return this.finish("drained");
           if (!stop.aborted && this.source.exhausted) {
             // End of input (stdin EOF, a file without follow). Outside drain mode the pipeline
@@ -214,7 +221,7 @@ export class Pipeline {
           this.deps.metrics.sourceErrors.inc(this.labels);
           this.transient(err, "source");
           if (sourceUnresponsive(err)) this.rebuildSource();
-          await abortableDelay(backoffMs(attempt++), stop);
+          await abortableDelay(backoffMs(this.sourceAttempt++), stop);
         }
       }
       return this.finish("stopped");
@@ -355,13 +362,13 @@ export class Pipeline {
   }
 
   /**
-   * Stall detection (docs/WATCHDOG.md): pending work — a batch in hand, or rows the source's lag
+   * Stall detection (docs/WATCHDOG.md): pending work — a batch in flight, or rows the source's lag
    * reports — with no commit for longer than the stall time, whatever the state says.
    */
   private async checkProgress(): Promise<void> {
     if (this.checkingProgress) return;
     this.checkingProgress = true;
-    let pending = this.batchInHand;
+    let pending = this.inFlight > 0;
     try {
       if (!pending) pending = ((await this.lag())?.rows ?? 0) > 0;
     } finally {
@@ -421,65 +428,125 @@ export class Pipeline {
     if (guard.lost.aborted || (confirm && !(await guard.confirm()))) throw new LockLost(this.name, when);
   }
 
-  /** Retries transient failures with jittered backoff until success, a config error, or stop. */
+  /**
+   * Retries transient failures with jittered backoff until success, a config error, or stop.
+   * Success ends `degraded` unless another stage is still failing (the writer and the committer
+   * retry concurrently: a commit that succeeds says nothing about a sink that is down).
+   */
   private async retrying(stop: AbortSignal, what: string, work: () => Promise<void>): Promise<void> {
-    for (let attempt = 0; ; attempt++) {
-      try {
-        await work();
-        if (this.state === "degraded") this.recovered(what);
-        return;
-      } catch (err) {
-        if (errorKind(err) === "config" || err instanceof LockLost || sourceUnresponsive(err)) throw err;
-        this.transient(err, what);
-        if (stop.aborted) throw err;
-        await abortableDelay(backoffMs(attempt), stop);
-        if (stop.aborted) throw err;
+    try {
+      for (let attempt = 0; ; attempt++) {
+        try {
+          await work();
+          this.failingStages.delete(what);
+          if (this.state === "degraded" && this.failingStages.size === 0) this.recovered(what);
+          return;
+        } catch (err) {
+          if (errorKind(err) === "config" || err instanceof LockLost || sourceUnresponsive(err)) throw err;
+          this.failingStages.add(what);
+          this.transient(err, what);
+          if (stop.aborted) throw err;
+          await abortableDelay(backoffMs(attempt), stop);
+          if (stop.aborted) throw err;
+        }
       }
+    } finally {
+      this.failingStages.delete(what);
     }
   }
 
-  /** Write → dead letters → ack, retried as a whole on transient errors. */
-  private async deliver(batch: Batch, stop: AbortSignal): Promise<void> {
+  /**
+   * One pass over the source's batches (until its end, stop, or a failure), in three concurrent
+   * stages (src/pipeline-loop.ts, docs/PIPELINE.md). Batches read ahead and not committed when
+   * it ends are released and read again by the next pass.
+   */
+  private async runOnce(stop: AbortSignal): Promise<void> {
+    const epoch = new AbortController();
+    const onStop = () => epoch.abort();
+    stop.addEventListener("abort", onStop, { once: true });
+    const it = this.watchedBatches(epoch.signal)[Symbol.asyncIterator]();
+    const depth = Math.max(1, Math.min(this.source.readAhead ?? 1, PIPELINE_DEPTH));
+    try {
+      await runStages<Batch, Rejection[]>(
+        {
+          read: async () => {
+            const r = await it.next();
+            if (r.done) return null;
+            this.batchRead(r.value, depth);
+            return r.value;
+          },
+          write: (batch) => this.write(batch, stop),
+          commit: (batch, rejections) => this.commit(batch, rejections, stop),
+          abandon: (batch) => this.abandon(batch),
+        },
+        depth,
+        () => epoch.abort(),
+      );
+    } finally {
+      stop.removeEventListener("abort", onStop);
+      this.inFlight = 0;
+      await it.return?.(undefined).catch(() => {});
+    }
+  }
+
+  private batchRead(batch: Batch, depth: number): void {
     const m = this.deps.metrics;
+    this.sourceAttempt = 0;
     if (!this.source.reportsPolls) {
       m.polls.inc(this.labels);
       this.lastPollAt = new Date();
     }
     m.consumed.inc(this.labels, batch.messages.length);
     if (batch.messages.some((x) => x.is_full_refresh)) m.fullRefreshBatches.inc({ pipeline: this.name });
-    this.batchInHand = true;
-    try {
-      await this.retrying(stop, "sink", async () => {
-        await this.ensureOwned("before publishing", false);
-        const timer = m.publishDuration.startTimer(this.labels);
-        let rejections: Rejection[];
-        try {
-          rejections = batch.messages.length > 0 ? await this.onSink("write", (sink) => sink.write(batch.messages)) : [];
-        } catch (err) {
-          m.publishErrors.inc(this.labels);
-          if (errorKind(err) !== "permanent") throw err;
-          // The system refused the batch as a whole: every message of it is undeliverable.
-          rejections = batch.messages.map((message) => ({ message, error: errorMessage(err) }));
-        } finally {
-          timer();
-        }
-        // The commit is the step a stale owner must not take: ask the lock's session first.
-        await this.ensureOwned("before committing", true);
-        await this.deadLetter([...batch.deadLetters, ...rejections.map(rejectionLetter)], rejections.length);
-        await this.onSource("acknowledgement", () => batch.ack());
-        m.published.inc(this.labels, batch.messages.length - rejections.length);
-        m.batchesCommitted.inc(this.labels);
-        const offset = (this.source as { committedOffset?: string }).committedOffset;
-        if (offset !== undefined) m.lastOffset.set({ pipeline: this.name }, Number(offset));
-        this.delivered += batch.messages.length - rejections.length;
-        this.lastCommitAt = new Date();
-      });
-    } catch (err) {
-      if (batch.release) await withTimeout(batch.release(), this.ioTimeoutMs, "release").catch(() => {});
-      throw err;
-    } finally {
-      this.batchInHand = false;
-    }
+    this.inFlight++;
+    // The proof that batches overlap (the pipelined kill test reads it at trace level).
+    if (depth > 1) this.deps.log.trace(`read ahead: ${this.inFlight} batch(es) in flight`);
+  }
+
+  /** The sink write of one batch, retried as a whole on transient errors; then any requested replays. */
+  private async write(batch: Batch, stop: AbortSignal): Promise<Rejection[]> {
+    const m = this.deps.metrics;
+    let rejections: Rejection[] = [];
+    await this.retrying(stop, "sink", async () => {
+      await this.ensureOwned("before publishing", false);
+      const timer = m.publishDuration.startTimer(this.labels);
+      try {
+        rejections = batch.messages.length > 0 ? await this.onSink("write", (sink) => sink.write(batch.messages)) : [];
+      } catch (err) {
+        m.publishErrors.inc(this.labels);
+        if (errorKind(err) !== "permanent") throw err;
+        // The system refused the batch as a whole: every message of it is undeliverable.
+        rejections = batch.messages.map((message) => ({ message, error: errorMessage(err) }));
+      } finally {
+        timer();
+      }
+    });
+    await this.replayRequested(stop);
+    return rejections;
+  }
+
+  /** Proof of ownership → dead letters → acknowledgement, after the batch's own write resolved. */
+  private async commit(batch: Batch, rejections: Rejection[], stop: AbortSignal): Promise<void> {
+    const m = this.deps.metrics;
+    const letters = [...batch.deadLetters, ...rejections.map(rejectionLetter)];
+    await this.retrying(stop, "commit", async () => {
+      // The commit is the step a stale owner must not take: ask the lock's session first.
+      await this.ensureOwned("before committing", true);
+      await this.deadLetter(letters, rejections.length);
+      await this.onSource("acknowledgement", () => batch.ack());
+    });
+    this.inFlight--;
+    m.published.inc(this.labels, batch.messages.length - rejections.length);
+    m.batchesCommitted.inc(this.labels);
+    const offset = (this.source as { committedOffset?: string }).committedOffset;
+    if (offset !== undefined) m.lastOffset.set({ pipeline: this.name }, Number(offset));
+    this.delivered += batch.messages.length - rejections.length;
+    this.lastCommitAt = new Date();
+  }
+
+  /** A batch read but never committed (the pass ended early): handed back where the source can. */
+  private async abandon(batch: Batch): Promise<void> {
+    if (batch.release) await withTimeout(batch.release(), this.ioTimeoutMs, "release").catch(() => {});
   }
 
   private async deadLetter(letters: DeadLetter[], rejected: number): Promise<void> {

@@ -92,6 +92,14 @@ export interface Source {
   /** Rebuilds messages from a `decode` dead letter (after an operator fixed it) for replay. */
   decodeStored?(stored: unknown): Promise<Message[]>;
   /**
+   * How many yielded batches may await their acknowledgement at once (docs/PIPELINE.md). Absent =
+   * 1: the generator is not resumed before the previous batch was acknowledged. A source above 1
+   * continues from the last batch it yielded, its `ack()` commits the position of its own batch
+   * (acks come in yield order), and every batch holds at most the source's `max_batch_messages`
+   * messages (the pipeline clips it so that the batches in hand fit `--sink-max-inflight`).
+   */
+  readonly readAhead?: number;
+  /**
    * True once the source can never yield again (stdin at EOF, a file read to its end without
    * `follow`): the pipeline then ends `drained` even outside drain mode.
    */

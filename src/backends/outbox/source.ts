@@ -1,7 +1,7 @@
 import { sourceSpec, type BackendContext, type Batch, type DeadLetter, type Lag, type Source } from "../types.ts";
 import { ident, qualifiedIdent, type Sql } from "../../db.ts";
 import { configError, decodeError, errorKind, errorMessage, RelayError } from "../../errors.ts";
-import { forwardDedupKey, renderTemplate, type Message, type Op } from "../../message.ts";
+import { DEFAULT_SUBJECT_TEMPLATE, forwardDedupKey, renderTemplate, templateUsesRowFields, type Message, type MessageContext, type Op } from "../../message.ts";
 import { cleanRow, planFor, safeOutboxId, summaryPayload, type HeaderRow, type Plan } from "./decode.ts";
 import { enableOutbox, findOutbox, type OutboxTarget } from "./resolve.ts";
 import { Sleeper } from "../../sleep.ts";
@@ -29,6 +29,13 @@ interface WithinRow {
   delivered: number;
 }
 
+interface RowFacts {
+  header: HeaderRow;
+  outboxId: number;
+  /** The subject of each op, when the template does not depend on the row; null when it does. */
+  subjects: Map<Op, string> | null;
+}
+
 /** Bigints as text (exact); ORDER BY must then name `h.id`, or it would sort the text alias. */
 const HEADER_COLUMNS =
   "h.id::text AS id, h.refresh_id::text AS refresh_id, h.created_at, h.inserted_count::text AS inserted_count, h.deleted_count::text AS deleted_count, h.is_claim_check, h.payload";
@@ -42,6 +49,11 @@ export class OutboxSource implements Source {
   readonly reportsPolls = true;
   private target!: OutboxTarget;
   private committed = 0n;
+  /**
+   * The last header id this pass has read (yielded or being expanded): the next poll continues
+   * after it while earlier batches still await their acknowledgement (read-ahead).
+   */
+  private readPos = 0n;
   private consumerId: string;
   private readonly sleeper = new Sleeper();
   /** Gaps in the id sequence seen earlier, with the writers that could still fill them. */
@@ -49,6 +61,13 @@ export class OutboxSource implements Source {
   /** True when the last poll stopped at a gap that may still be filled. */
   private blockedOnGap = false;
   private heartbeat: ReturnType<typeof setInterval> | undefined;
+  /** The shared facts of the header row whose messages are being made (see factsOf). */
+  private facts: RowFacts | null = null;
+  /** How widely one rendered subject can be shared (see factsOf). */
+  private readonly subjectScope: "source" | "row" | "message";
+  private readonly sourceSubjects = new Map<Op, string>();
+  /** Every message's context: the same for all of them, so one object (messages never change it). */
+  private messageContext!: MessageContext;
   /** The stored position within an outbox row, if the last acknowledged batch ended inside one. */
   private withinRow: WithinRow | null = null;
 
@@ -57,6 +76,7 @@ export class OutboxSource implements Source {
     private readonly ctx: BackendContext,
   ) {
     this.consumerId = cfg.consumer_id ?? `${ctx.relayGroupId}:${ctx.pipeline}`;
+    this.subjectScope = templateUsesRowFields(cfg.subject_template) ? "message" : /\{(outbox_id|refresh_id)\}/.test(cfg.subject_template) ? "row" : "source";
     this.describe = `outbox ${cfg.outbox}${cfg.group ? ` (group ${cfg.group}, consumer ${this.consumerId})` : ""}`;
   }
 
@@ -94,6 +114,8 @@ export class OutboxSource implements Source {
       );
     }
     this.target = target;
+    this.messageContext = { pipeline: this.ctx.pipeline, stream_table: target.streamTable, schema: target.schema, outbox: target.outboxTable };
+    this.sourceSubjects.clear();
     if (this.groupMode) await this.ensureGroup();
     else this.committed = await this.readSimpleOffset();
     this.withinRow = await this.readWithinRow();
@@ -117,8 +139,20 @@ export class OutboxSource implements Source {
     this.sleeper.wake();
   }
 
+  /**
+   * Simple mode reads ahead any number of batches: polls continue from `readPos`, and acks commit
+   * each batch's own position, in order. Group mode does not: poll_outbox returns the rows after
+   * the COMMITTED offset, so a poll before the previous batch's commit would return it again
+   * (docs/interface.md §2.7).
+   */
+  get readAhead(): number {
+    return this.groupMode ? 1 : Number.POSITIVE_INFINITY;
+  }
+
   async *batches(signal: AbortSignal): AsyncIterable<Batch> {
     signal.addEventListener("abort", () => this.sleeper.wake(), { once: true });
+    // A new pass (after a failure) starts again after the last commit; nothing else is in flight.
+    this.readPos = this.committed;
     let idlePolls = 0;
     while (!signal.aborted) {
       const started = performance.now();
@@ -339,18 +373,38 @@ export class OutboxSource implements Source {
   }
 
   private message(header: HeaderRow, op: Op, index: number, row: unknown, fullRefresh: boolean, refreshId: string | null): Message {
+    const facts = this.factsOf(header);
     const m: Message = {
       dedup_key: forwardDedupKey(this.target.outboxTable, header.id, index),
       subject: "",
       payload: op === "summary" ? row : cleanRow(row, this.cfg.keep_internal_columns),
       op,
       is_full_refresh: fullRefresh,
-      outbox_id: safeOutboxId(header.id),
+      outbox_id: facts.outboxId,
       refresh_id: refreshId,
-      context: { pipeline: this.ctx.pipeline, stream_table: this.target.streamTable, schema: this.target.schema, outbox: this.target.outboxTable },
+      context: this.messageContext,
     };
-    m.subject = renderTemplate(this.cfg.subject_template, m);
+    if (facts.subjects) {
+      let subject = facts.subjects.get(op);
+      if (subject === undefined) facts.subjects.set(op, (subject = renderTemplate(this.cfg.subject_template, m)));
+      m.subject = subject;
+    } else m.subject = renderTemplate(this.cfg.subject_template, m);
     return m;
+  }
+
+  /**
+   * What every message of one header row shares, worked out once per row rather than per message
+   * (the profile of a drain showed the per-message template rendering): its outbox id, and the
+   * subject of each op — shared by every row when the template names neither row fields nor
+   * `{outbox_id}`/`{refresh_id}`, by the row's messages when it names only those two, and
+   * rendered per message (subjects null) when it names row fields.
+   */
+  private factsOf(header: HeaderRow): RowFacts {
+    if (this.facts?.header !== header) {
+      const subjects = this.subjectScope === "message" ? null : this.subjectScope === "source" ? this.sourceSubjects : new Map<Op, string>();
+      this.facts = { header, outboxId: safeOutboxId(header.id), subjects };
+    }
+    return this.facts;
   }
 
   async decodeStored(stored: unknown): Promise<Message[]> {
@@ -381,8 +435,10 @@ export class OutboxSource implements Source {
     const check = await this.checkWriters();
     const rows = await this.sql<HeaderRow[]>`
       SELECT ${this.sql.unsafe(HEADER_COLUMNS)} FROM ${this.headerTable()} AS h
-      WHERE h.id > ${this.committed.toString()}::bigint ORDER BY h.id LIMIT ${this.cfg.batch_size}`;
-    return this.deliverablePrefix(rows, check);
+      WHERE h.id > ${this.readPos.toString()}::bigint ORDER BY h.id LIMIT ${this.cfg.batch_size}`;
+    const deliverable = this.deliverablePrefix(rows, check);
+    if (deliverable.length > 0) this.readPos = BigInt(deliverable[deliverable.length - 1]!.id);
+    return deliverable;
   }
 
   /**
@@ -410,7 +466,7 @@ export class OutboxSource implements Source {
    */
   deliverablePrefix(rows: HeaderRow[], check: WriterCheck): HeaderRow[] {
     this.blockedOnGap = false;
-    let expected = this.committed + 1n;
+    let expected = this.readPos + 1n;
     const out: HeaderRow[] = [];
     for (const row of rows) {
       const id = BigInt(row.id);

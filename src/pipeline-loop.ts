@@ -1,0 +1,139 @@
+/**
+ * The three stages of a pipeline run, concurrent and in order (docs/PIPELINE.md): the reader
+ * takes the next batches from the source while the writer hands one batch at a time to the sink
+ * and the committer acknowledges written batches, oldest first. At most `depth` batches are read
+ * and not yet committed.
+ */
+export interface Stages<B, W> {
+  /** The next batch, or null at the source's end (drain mode, or the epoch was aborted). */
+  read(): Promise<B | null>;
+  /** Writes one batch; retries transient failures itself and throws only when it gives up. */
+  write(batch: B): Promise<W>;
+  /** Dead letters, proof of ownership, acknowledgement; retries like `write`. */
+  commit(batch: B, written: W): Promise<void>;
+  /** Called once for every batch that was read but will not be committed (the run ended early). */
+  abandon(batch: B): Promise<void>;
+}
+
+/** A one-shot wake-up: `wait()` resolves at the next `notify()` (or at once if one is pending). */
+class Signal {
+  private pending = false;
+  private waiter: (() => void) | null = null;
+
+  notify(): void {
+    if (this.waiter) {
+      const w = this.waiter;
+      this.waiter = null;
+      w();
+    } else this.pending = true;
+  }
+
+  wait(): Promise<void> {
+    if (this.pending) {
+      this.pending = false;
+      return Promise.resolve();
+    }
+    return new Promise((resolve) => (this.waiter = resolve));
+  }
+}
+
+/**
+ * Runs the stages until the source ends or a stage fails, then returns (or throws the failure)
+ * once every stage has stopped. `abort` is called at the first write or commit failure, so that a
+ * read waiting on an idle source returns at once.
+ *
+ * Ordering: the writer takes batches in the order they were read and starts the next write only
+ * after the previous one resolved; the committer takes written batches in that same order, so a
+ * batch is committed only after its own write and every earlier commit. A failed read lets the
+ * writer and committer finish the batches read before it (they are valid). A failed write or
+ * commit stops everything: the batches written ahead of a failed write are still committed
+ * (their writes resolved); whatever is behind the failure is abandoned, and read again by the
+ * next run from the last committed position.
+ */
+export async function runStages<B, W>(stages: Stages<B, W>, depth: number, abort: () => void): Promise<void> {
+  const toWrite: B[] = [];
+  const toCommit: { batch: B; written: W }[] = [];
+  let inFlight = 0; // read and not yet committed
+  let readerDone = false;
+  let writerDone = false;
+  let readFailure: { error: unknown } | null = null;
+  let failure: { error: unknown } | null = null;
+  const readerWake = new Signal();
+  const writerWake = new Signal();
+  const committerWake = new Signal();
+
+  const fail = (error: unknown) => {
+    failure ??= { error };
+    abort();
+    readerWake.notify();
+    writerWake.notify();
+  };
+
+  const reader = async () => {
+    try {
+      while (!failure) {
+        if (inFlight >= depth) {
+          await readerWake.wait();
+          continue;
+        }
+        const batch = await stages.read();
+        if (batch === null) return;
+        inFlight++;
+        toWrite.push(batch);
+        writerWake.notify();
+      }
+    } catch (err) {
+      readFailure = { error: err };
+    } finally {
+      readerDone = true;
+      writerWake.notify();
+    }
+  };
+
+  const writer = async () => {
+    try {
+      while (!failure) {
+        const batch = toWrite[0];
+        if (batch === undefined) {
+          if (readerDone) return;
+          await writerWake.wait();
+          continue;
+        }
+        const written = await stages.write(batch);
+        toWrite.shift(); // only now: a batch whose write failed stays, to be abandoned
+        toCommit.push({ batch, written });
+        committerWake.notify();
+      }
+    } catch (err) {
+      fail(err);
+    } finally {
+      writerDone = true;
+      committerWake.notify();
+    }
+  };
+
+  const committer = async () => {
+    try {
+      for (;;) {
+        const next = toCommit[0];
+        if (next === undefined) {
+          if (writerDone) return;
+          await committerWake.wait();
+          continue;
+        }
+        await stages.commit(next.batch, next.written);
+        toCommit.shift(); // only now, as in the writer
+        inFlight--;
+        readerWake.notify();
+      }
+    } catch (err) {
+      fail(err);
+    }
+  };
+
+  await Promise.all([reader(), writer(), committer()]);
+  for (const { batch } of toCommit.splice(0)) await stages.abandon(batch);
+  for (const batch of toWrite.splice(0)) await stages.abandon(batch);
+  const first = failure ?? readFailure;
+  if (first) throw (first as { error: unknown }).error;
+}

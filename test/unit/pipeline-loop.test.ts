@@ -1,0 +1,91 @@
+import { describe, expect, test } from "bun:test";
+import { runStages, type Stages } from "../../src/pipeline-loop.ts";
+
+/** Stages over batches 1…n whose writes take a moment; records what happened, in order. */
+function recorder(n: number, fail: { read?: number; write?: number; commit?: number } = {}) {
+  const events: string[] = [];
+  let next = 1;
+  let inFlight = 0;
+  let maxInFlight = 0;
+  const tick = () => new Promise((r) => setTimeout(r, 1));
+  const stages: Stages<number, string> = {
+    read: async () => {
+      await tick();
+      if (next === fail.read) throw new Error(`read ${next} failed`);
+      if (next > n) return null;
+      inFlight++;
+      maxInFlight = Math.max(maxInFlight, inFlight);
+      events.push(`read ${next}`);
+      return next++;
+    },
+    write: async (b) => {
+      events.push(`write ${b} start`);
+      await tick();
+      await tick();
+      if (b === fail.write) throw new Error(`write ${b} failed`);
+      events.push(`write ${b} done`);
+      return `w${b}`;
+    },
+    commit: async (b, w) => {
+      await tick();
+      if (b === fail.commit) throw new Error(`commit ${b} failed`);
+      expect(w).toBe(`w${b}`);
+      inFlight--;
+      events.push(`commit ${b}`);
+    },
+    abandon: async (b) => {
+      inFlight--;
+      events.push(`abandon ${b}`);
+    },
+  };
+  const of = (kind: string) => events.filter((e) => e.startsWith(kind)).map((e) => Number(e.split(" ")[1]));
+  return { stages, events, of, maxInFlight: () => maxInFlight };
+}
+
+describe("runStages", () => {
+  test("every batch is written and committed in read order, each commit after its own write, never more than depth in flight", async () => {
+    const r = recorder(20);
+    await runStages(r.stages, 3, () => {});
+    const all = Array.from({ length: 20 }, (_, i) => i + 1);
+    expect(r.of("commit")).toEqual(all);
+    expect(r.events.filter((e) => e.endsWith("done")).map((e) => Number(e.split(" ")[1]))).toEqual(all);
+    for (const b of all) expect(r.events.indexOf(`commit ${b}`)).toBeGreaterThan(r.events.indexOf(`write ${b} done`));
+    // One write at a time: every write starts after the previous one finished.
+    for (const b of all.slice(1)) expect(r.events.indexOf(`write ${b} start`)).toBeGreaterThan(r.events.indexOf(`write ${b - 1} done`));
+    expect(r.maxInFlight()).toBe(3); // and read-ahead did happen
+  });
+
+  test("depth 1: the next batch is read only after the previous one was committed", async () => {
+    const r = recorder(5);
+    await runStages(r.stages, 1, () => {});
+    for (let b = 2; b <= 5; b++) expect(r.events.indexOf(`read ${b}`)).toBeGreaterThan(r.events.indexOf(`commit ${b - 1}`));
+    expect(r.maxInFlight()).toBe(1);
+  });
+
+  test("a failed write: the batches before it are committed, it and those behind it abandoned, nothing after it written", async () => {
+    const r = recorder(20, { write: 5 });
+    let aborted = false;
+    await expect(runStages(r.stages, 3, () => (aborted = true))).rejects.toThrow("write 5 failed");
+    expect(aborted).toBe(true);
+    expect(r.of("commit")).toEqual([1, 2, 3, 4]);
+    expect(r.of("abandon")[0]).toBe(5);
+    expect(r.of("abandon")).toEqual(r.of("read").filter((b) => b >= 5));
+    expect(r.events).not.toContain("write 6 start");
+  });
+
+  test("a failed commit: nothing after it is committed; every batch read and not committed is abandoned, oldest first", async () => {
+    const r = recorder(20, { commit: 4 });
+    await expect(runStages(r.stages, 3, () => {})).rejects.toThrow("commit 4 failed");
+    expect(r.of("commit")).toEqual([1, 2, 3]);
+    const abandoned = r.of("abandon");
+    expect(abandoned).toEqual(r.of("read").filter((b) => b >= 4));
+    expect(abandoned).toEqual([...abandoned].sort((a, b) => a - b));
+  });
+
+  test("a failed read: the batches read before it are still written and committed, then the error", async () => {
+    const r = recorder(20, { read: 6 });
+    await expect(runStages(r.stages, 3, () => {})).rejects.toThrow("read 6 failed");
+    expect(r.of("commit")).toEqual([1, 2, 3, 4, 5]);
+    expect(r.of("abandon")).toEqual([]);
+  });
+});
