@@ -229,10 +229,12 @@ export interface FailedPipeline {
  *
  * Ownership and its one window: losing the lock session aborts every worker at once (the
  * socket's close event, a changed backend pid, or a query that goes unanswered), and each worker
- * asks the lock session whether it still holds its lock right before every commit. What remains
- * is one round trip: a session that dies after answering "held" and before the commit lands on
- * the worker connection. If another replica wins the lock in that instant, it replays that batch
- * with identical dedup keys, and the offset upsert never moves backwards — duplicates, never loss.
+ * asks the lock session whether it still holds its lock right before every commit — the outbox
+ * source asks inside its commit statement instead (pg_locks by the session's backend pid,
+ * docs/PIPELINE.md). What remains is one round trip (for the outbox: the statement itself): a
+ * session that dies after answering "held" and before the commit lands on the worker
+ * connection. If another replica wins the lock in that instant, it replays that batch with
+ * identical dedup keys, and the offset upsert never moves backwards — duplicates, never loss.
  */
 export class Coordinator {
   readonly workers = new Map<string, Worker>();
@@ -596,6 +598,7 @@ export class Coordinator {
     };
     const guard: LockGuard = {
       lost: lost.signal,
+      holder: () => (session.lost || lost.signal.aborted ? null : { pid: session.pid, groupId: this.settings.relayGroupId, pipeline: row.name }),
       confirm: async () => {
         if (session.lost) return false;
         const held = await session.holds(this.settings.relayGroupId, row.name).catch(() => false);

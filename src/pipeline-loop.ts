@@ -9,7 +9,7 @@ export interface Stages<B, W> {
   read(): Promise<B | null>;
   /** Writes one batch; retries transient failures itself and throws only when it gives up. */
   write(batch: B): Promise<W>;
-  /** Dead letters, proof of ownership, acknowledgement; retries like `write`. */
+  /** Proof of ownership, dead letters, acknowledgement; retries like `write`. */
   commit(batch: B, written: W): Promise<void>;
   /** Called once for every batch that was read but will not be committed (the run ended early). */
   abandon(batch: B): Promise<void>;

@@ -1,6 +1,6 @@
 import type { ConsolaInstance } from "consola";
 import { sinkOf, sourceOf } from "./backends/index.ts";
-import { LAG_TIMEOUT_MS, type Batch, type Lag, type DeadLetter, type Direction, type Rejection, type Sink, type Source } from "./backends/types.ts";
+import { LAG_TIMEOUT_MS, type LockHolder, type Batch, type Lag, type DeadLetter, type Direction, type Rejection, type Sink, type Source } from "./backends/types.ts";
 import type { Sql } from "./db.ts";
 import { markReplayed, markReplayFailed, messageFromStored, replayRequests, storedMessage, writeDeadLetters } from "./deadletters.ts";
 import { errorKind, errorMessage, RelayError, transientError } from "./errors.ts";
@@ -42,6 +42,8 @@ export interface PipelineDeps {
 export interface LockGuard {
   readonly lost: AbortSignal;
   confirm(): Promise<boolean>;
+  /** The backend holding the lock, for a source that folds the proof into its commit; null once lost. */
+  holder(): LockHolder | null;
 }
 
 /** The lock is gone: stop at once, publish and commit nothing more; the batch in hand is replayed by the next owner. */
@@ -530,10 +532,16 @@ export class Pipeline {
     const m = this.deps.metrics;
     const letters = [...batch.deadLetters, ...rejections.map(rejectionLetter)];
     await this.retrying(stop, "commit", async () => {
-      // The commit is the step a stale owner must not take: ask the lock's session first.
-      await this.ensureOwned("before committing", true);
+      // The commit is the step a stale owner must not take: ask the lock's session first — or,
+      // when the source proves it in its commit statement and no dead letter comes first, there.
+      const holder = this.source.foldsOwnership && letters.length === 0 ? this.deps.guard?.holder() : undefined;
+      await this.ensureOwned("before committing", !holder);
       await this.deadLetter(letters, rejections.length);
-      await this.onSource("acknowledgement", () => batch.ack());
+      const acked = await this.onSource("acknowledgement", () => batch.ack(holder ?? undefined));
+      if (acked === false) {
+        await this.deps.guard?.confirm(); // lets the coordinator stop the worker as it does for a failed confirmation
+        throw new LockLost(this.name, "at the commit");
+      }
     });
     this.inFlight--;
     m.published.inc(this.labels, batch.messages.length - rejections.length);

@@ -63,10 +63,24 @@ export interface Batch {
   messages: Message[];
   /** Source data that could not be decoded; written to the dead-letter table before ack. */
   deadLetters: DeadLetter[];
-  /** Commits the source position; called only after the sink accepted the batch. */
-  ack(): Promise<void>;
+  /**
+   * Commits the source position; called only after the sink accepted the batch. With `owner`
+   * (sources that set `foldsOwnership`) the commit is conditioned on that backend holding the
+   * pipeline's lock, in the same statement: false = it did not, nothing was committed.
+   */
+  ack(owner?: LockHolder): Promise<boolean | void>;
   /** Hands the messages back after a failed write (e.g. AMQP nack with requeue). */
   release?(): Promise<void>;
+}
+
+/**
+ * The backend holding a pipeline's advisory lock `pg_try_advisory_lock(hashtext(groupId),
+ * hashtext(pipeline))` (docs/interface.md §7.3), for a proof of ownership folded into a commit.
+ */
+export interface LockHolder {
+  pid: number;
+  groupId: string;
+  pipeline: string;
 }
 
 export interface Lag {
@@ -99,6 +113,12 @@ export interface Source {
    * messages (the pipeline clips it so that the batches in hand fit `--sink-max-inflight`).
    */
   readonly readAhead?: number;
+  /**
+   * True when `ack(owner)` proves ownership itself, in its commit statement (the outbox source
+   * in the relay's own database): the pipeline then skips the separate round trip to the lock's
+   * session before that commit (docs/PIPELINE.md).
+   */
+  readonly foldsOwnership?: boolean;
   /**
    * True once the source can never yield again (stdin at EOF, a file read to its end without
    * `follow`): the pipeline then ends `drained` even outside drain mode.

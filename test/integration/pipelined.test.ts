@@ -2,10 +2,17 @@
  * The pipelined data path (docs/PIPELINE.md) under failure, outbox → Redis Streams at full speed
  * with read-ahead active: a SIGKILL while several batches are in flight, and the sink's
  * connection cut in the middle of a run. Every row must arrive, in order per key, nothing
- * skipped; the committed offset never passes what Redis holds.
+ * skipped; the committed offset never passes what Redis holds. And the proof of ownership folded
+ * into the outbox's commit statement.
  */
 import { afterAll, beforeAll, expect, test } from "bun:test";
 import Redis from "ioredis";
+import postgres from "postgres";
+import * as v from "valibot";
+import outboxSource from "../../src/backends/outbox/source.ts";
+import { OutboxSourceConfig } from "../../src/backends/outbox/config.ts";
+import type { Batch } from "../../src/backends/types.ts";
+import { backendContext } from "../helpers/backend.ts";
 import { createStreamTable, enableOutbox } from "../fixtures/outbox.ts";
 import { testDatabase, type TestDatabase } from "../helpers/pg.ts";
 import { tcpProxy } from "../helpers/proxy.ts";
@@ -169,3 +176,33 @@ test("the sink's connection frozen mid-run: the offset never passes what Redis h
   expect(list.length - unique).toBeLessThanOrEqual(BATCH * PIPELINE_DEPTH);
   expectInOrderPerKey(list, changeSets);
 }, 180_000);
+
+test("the outbox commit carries the proof of ownership: refused (nothing written) unless the named backend holds the pipeline's lock", async () => {
+  const name = "p_owner";
+  await createStreamTable(db.sql, `public.${name}`, "k int primary key, seq int");
+  const { outboxTable } = await enableOutbox(db.sql, `public.${name}`);
+  await db.sql.unsafe(`INSERT INTO pgtrickle."${outboxTable}" (inserted_count, payload) VALUES (1, '{"v":1,"inserted":[{"k":1,"seq":1}],"deleted":[]}')`);
+  const source = outboxSource.create(v.parse(OutboxSourceConfig, { outbox: `public.${name}` }), backendContext(name, { sql: db.sql, drain: true }));
+  // The lock's own session: a separate connection, as the coordinator's is.
+  const lockSession = postgres(db.url, { max: 1, onnotice: () => {} });
+  try {
+    await source.start();
+    const batches: Batch[] = [];
+    for await (const b of source.batches(new AbortController().signal)) batches.push(b);
+    expect(batches.map((b) => b.messages.length)).toEqual([1]);
+    const [session] = await lockSession<{ pid: number }[]>`SELECT pg_backend_pid() AS pid`;
+    const owner = { pid: session!.pid, groupId: "test", pipeline: name };
+    const offset = async () => (await db.sql<{ last: string }[]>`SELECT last_change_id::text AS last FROM pgtrickle.relay_consumer_offsets WHERE relay_group_id = 'test' AND pipeline_id = ${name}`)[0]?.last ?? null;
+
+    expect(await batches[0]!.ack(owner)).toBe(false); // the session does not hold the lock (yet)
+    expect(await offset()).toBeNull();
+    await lockSession`SELECT pg_advisory_lock(hashtext('test'), hashtext(${name}))`;
+    expect(await batches[0]!.ack({ ...owner, pipeline: "another" })).toBe(false); // another pipeline's lock proves nothing
+    expect(await batches[0]!.ack(owner)).toBe(true);
+    const [top] = await db.sql.unsafe<{ max: string }[]>(`SELECT max(id)::text AS max FROM pgtrickle."${outboxTable}"`);
+    expect(await offset()).toBe(top!.max);
+  } finally {
+    await source.close();
+    await lockSession.end();
+  }
+});

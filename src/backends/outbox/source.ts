@@ -1,4 +1,4 @@
-import { sourceSpec, type BackendContext, type Batch, type DeadLetter, type Lag, type Source } from "../types.ts";
+import { sourceSpec, type BackendContext, type Batch, type DeadLetter, type Lag, type LockHolder, type Source } from "../types.ts";
 import { ident, qualifiedIdent, type Sql } from "../../db.ts";
 import { configError, decodeError, errorKind, errorMessage, RelayError } from "../../errors.ts";
 import { DEFAULT_SUBJECT_TEMPLATE, forwardDedupKey, renderTemplate, templateUsesRowFields, type Message, type MessageContext, type Op } from "../../message.ts";
@@ -145,6 +145,9 @@ export class OutboxSource implements Source {
    * the COMMITTED offset, so a poll before the previous batch's commit would return it again
    * (docs/interface.md §2.7).
    */
+  /** ack(owner) proves ownership in its commit statement (see commit). */
+  readonly foldsOwnership = true;
+
   get readAhead(): number {
     return this.groupMode ? 1 : Number.POSITIVE_INFINITY;
   }
@@ -248,12 +251,15 @@ export class OutboxSource implements Source {
     return {
       messages,
       deadLetters,
-      ack: async () => {
+      ack: async (owner) => {
         const advance = completed !== null && BigInt(completed) > this.committed ? completed : null;
-        if (within || this.withinRow) await this.commitWithin(advance, within);
-        else if (advance) await this.commit(this.sql, advance);
+        let owned = true;
+        if (within || this.withinRow) owned = await this.commitWithin(advance, within, owner);
+        else if (advance) owned = await this.commit(this.sql, advance, owner);
+        if (!owned) return false;
         if (advance) this.committedTo(advance);
         if (claimChecks.length > 0 && this.cfg.release_claim_check) await this.releaseClaimChecks(claimChecks);
+        return true;
       },
     };
   }
@@ -263,13 +269,21 @@ export class OutboxSource implements Source {
    * Once batches no longer end inside a row the position becomes `null` (an UPDATE: the relay's
    * role may insert and update relay_source_positions, not delete).
    */
-  private async commitWithin(advance: string | null, within: WithinRow | null): Promise<void> {
-    await this.sql.begin(async (transaction) => {
-      const tx = transaction as unknown as Sql; // the same tagged queries, on the transaction's connection
-      if (advance) await this.commit(tx, advance);
-      await saveSourcePosition(tx, this.ctx, JSON.stringify(within));
-    });
+  private async commitWithin(advance: string | null, within: WithinRow | null, owner?: LockHolder): Promise<boolean> {
+    const notOwned = new Error("not owned");
+    try {
+      await this.sql.begin(async (transaction) => {
+        const tx = transaction as unknown as Sql; // the same tagged queries, on the transaction's connection
+        const owned = advance ? await this.commit(tx, advance, owner) : !owner || (await tx`SELECT ${ownedBy(tx, owner)} AS ok`)[0]?.ok === true;
+        if (!owned) throw notOwned; // rolls the transaction back
+        await saveSourcePosition(tx, this.ctx, JSON.stringify(within));
+      });
+    } catch (err) {
+      if (err === notOwned) return false;
+      throw err;
+    }
     this.withinRow = within;
+    return true;
   }
 
   /** The stored position within a row; one that cannot be read only costs a replay of that row. */
@@ -496,20 +510,27 @@ export class OutboxSource implements Source {
     return false;
   }
 
-  /** Writes the offset (on `sql`, which may be a transaction); committedTo() follows once it landed. */
-  private async commit(sql: Sql, id: string): Promise<void> {
+  /**
+   * Writes the offset (on `sql`, which may be a transaction); committedTo() follows once it
+   * landed. With `owner`, the statement writes only while that backend holds the pipeline's lock
+   * (the proof of ownership and the commit in one round trip, docs/PIPELINE.md): false when it
+   * wrote nothing — the lock is gone, or another owner already moved the offset further.
+   */
+  private async commit(sql: Sql, id: string, owner?: LockHolder): Promise<boolean> {
+    const owned = owner ? ownedBy(sql, owner) : sql`true`;
     if (this.groupMode) {
-      await sql`SELECT pgtrickle.commit_offset(${this.cfg.group!}, ${this.consumerId}, ${id}::bigint)`;
-    } else {
-      // Never moves the offset backwards: a stale process cannot rewind a newer owner
-      // (docs/interface.md §3.1).
-      await sql`
-        INSERT INTO pgtrickle.relay_consumer_offsets (relay_group_id, pipeline_id, last_change_id, worker_id, updated_at)
-        VALUES (${this.ctx.relayGroupId}, ${this.ctx.pipeline}, ${id}::bigint, ${workerId()}, now())
-        ON CONFLICT (relay_group_id, pipeline_id) DO UPDATE
-          SET last_change_id = EXCLUDED.last_change_id, worker_id = EXCLUDED.worker_id, updated_at = now()
-          WHERE relay_consumer_offsets.last_change_id <= EXCLUDED.last_change_id`;
+      const rows = await sql`SELECT pgtrickle.commit_offset(${this.cfg.group!}, ${this.consumerId}, ${id}::bigint) WHERE ${owned}`;
+      return rows.length > 0;
     }
+    // Never moves the offset backwards: a stale process cannot rewind a newer owner
+    // (docs/interface.md §3.1).
+    const result = await sql`
+      INSERT INTO pgtrickle.relay_consumer_offsets (relay_group_id, pipeline_id, last_change_id, worker_id, updated_at)
+      SELECT ${this.ctx.relayGroupId}, ${this.ctx.pipeline}, ${id}::bigint, ${workerId()}, now() WHERE ${owned}
+      ON CONFLICT (relay_group_id, pipeline_id) DO UPDATE
+        SET last_change_id = EXCLUDED.last_change_id, worker_id = EXCLUDED.worker_id, updated_at = now()
+        WHERE relay_consumer_offsets.last_change_id <= EXCLUDED.last_change_id`;
+    return !owner || result.count > 0;
   }
 
   /** After the commit landed (not before: a failed transaction must leave the offset to retry). */
@@ -588,6 +609,17 @@ export class OutboxSource implements Source {
   get committedOffset(): string {
     return this.committed.toString();
   }
+}
+
+/**
+ * True while backend `owner.pid` holds the pipeline's advisory lock (docs/interface.md §7.3): the
+ * same pg_locks test the lock's own session makes in Coordinator's LockSession.holds, asked from
+ * the commit's connection.
+ */
+function ownedBy(sql: Sql, owner: LockHolder) {
+  return sql`EXISTS (SELECT 1 FROM pg_catalog.pg_locks l
+    WHERE l.pid = ${owner.pid}::int AND l.locktype = 'advisory' AND l.objsubid = 2 AND l.granted
+      AND l.classid = hashtext(${owner.groupId})::oid AND l.objid = hashtext(${owner.pipeline})::oid)`;
 }
 
 function workerId(): string {
