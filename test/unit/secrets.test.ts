@@ -96,4 +96,12 @@ describe("the shapes redact masks without being told", () => {
     registerConfigSecrets({ sink: { sasl_password: `sp-${tag}`, headers: { "X-Custom": `hv-${tag}` }, url: `amqp://u:up-${tag}@h`, topic: `t-${tag}` } });
     expect(redact(`sp-${tag} hv-${tag} up-${tag} t-${tag}`)).toBe(`*** *** *** t-${tag}`);
   });
+
+  test("registerConfigSecrets: a private key given as PEM text, under any key, raw and inside printed JSON; a key file path stays", () => {
+    const tag = crypto.randomUUID().slice(0, 8);
+    const key = `-----BEGIN PRIVATE KEY-----\nMIIE${tag}\n-----END PRIVATE KEY-----\n`;
+    registerConfigSecrets({ tls_key: key, tls: { key }, tls_cert: `/etc/relay/${tag}.crt` });
+    expect(redact(`inline ${key} path /etc/relay/${tag}.crt`)).toBe(`inline *** path /etc/relay/${tag}.crt`);
+    expect(redact(JSON.stringify({ tls_key: key }))).toBe('{"tls_key":"***"}');
+  });
 });
