@@ -10,7 +10,7 @@
  *   node_modules/.bin/bun bench/http-sink.ts [total=20000] [batch=500]
  */
 import * as v from "valibot";
-import http from "../src/backends/http.ts";
+import httpSink from "../src/backends/http/sink.ts";
 import { benchContext, benchBatches, timedWrites } from "./lib.ts";
 import type { Message } from "../src/message.ts";
 import { forwardMessages } from "../test/helpers/messages.ts";
@@ -51,7 +51,7 @@ function oneMessageChangeSets(count: number): Message[][] {
 }
 
 async function measure(label: string, options: Record<string, unknown>, count: number, batches = benchBatches(count, batchSize)): Promise<void> {
-  const sink = http.sink.create(v.parse(http.sink.config, { url, ...options }), ctx);
+  const sink = httpSink.create(v.parse(httpSink.config, { url, ...options }), ctx);
   await sink.start();
   await sink.write(forwardMessages(100, { outboxId: 1_000_000 })); // warm-up
   const before = await received();

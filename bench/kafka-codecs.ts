@@ -6,7 +6,7 @@
  *   node_modules/.bin/bun bench/kafka-codecs.ts [rounds=200]
  */
 import { gunzipSync, gzipSync } from "node:zlib";
-import { lz4Compress, lz4Decompress, snappyCompress, snappyDecompress, zstdCompress, zstdDecompress } from "../src/backends/kafka-codecs.ts";
+import { lz4Compress, lz4Decompress, snappyCompress, snappyDecompress, zstdCompress, zstdDecompress } from "../src/backends/kafka/codecs.ts";
 import { envelopeJson } from "../src/message.ts";
 import { forwardMessages } from "../test/helpers/messages.ts";
 

@@ -8,8 +8,8 @@
  */
 import { Kafka, logLevel, Partitioners } from "kafkajs";
 import * as v from "valibot";
-import kafka from "../src/backends/kafka.ts";
-import { COMPRESSION_TYPES, type KafkaCompression } from "../src/backends/kafka-codecs.ts";
+import kafkaSink from "../src/backends/kafka/sink.ts";
+import { COMPRESSION_TYPES, type KafkaCompression } from "../src/backends/kafka/codecs.ts";
 import { envelopeJson } from "../src/message.ts";
 import { benchContext, benchBatches, timedWrites } from "./lib.ts";
 import { forwardMessages } from "../test/helpers/messages.ts";
@@ -29,7 +29,7 @@ const admin = client.admin();
 await admin.connect();
 await admin.createTopics({ topics: [{ topic, numPartitions: 3 }, { topic: rawTopic, numPartitions: 3 }] });
 
-const sink = kafka.sink.create(v.parse(kafka.sink.config, { brokers: KAFKA_BROKERS, topic, compression }), ctx);
+const sink = kafkaSink.create(v.parse(kafkaSink.config, { brokers: KAFKA_BROKERS, topic, compression }), ctx);
 await sink.start();
 const batches = benchBatches(total, batchSize);
 const producer = client.producer({ idempotent: true, maxInFlightRequests: 5, createPartitioner: Partitioners.DefaultPartitioner });

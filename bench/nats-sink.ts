@@ -8,7 +8,8 @@
  */
 import { connect } from "nats";
 import * as v from "valibot";
-import nats, { NatsSinkConfig } from "../src/backends/nats.ts";
+import natsSink from "../src/backends/nats/sink.ts";
+import { NatsSinkConfig } from "../src/backends/nats/config.ts";
 import { envelopeJson } from "../src/message.ts";
 import { benchContext, benchBatches, timedWrites, median } from "./lib.ts";
 import { forwardMessages } from "../test/helpers/messages.ts";
@@ -29,7 +30,7 @@ const encoder = new TextEncoder();
 
 async function viaSink(round: number): Promise<number> {
   const stream = `BENCH_${run}_${round}`;
-  const sink = nats.sink.create(
+  const sink = natsSink.create(
     v.parse(NatsSinkConfig, { url: NATS_URL, subject_template: `bench${run}_${round}.{stream_table}.{op}`, stream, create_stream: true, max_in_flight: maxInFlight }),
     ctx,
   );

@@ -9,7 +9,8 @@
  */
 import { AckPolicy, connect } from "nats";
 import * as v from "valibot";
-import nats, { NatsSourceConfig } from "../src/backends/nats.ts";
+import natsSource from "../src/backends/nats/source.ts";
+import { NatsSourceConfig } from "../src/backends/nats/config.ts";
 import { benchContext, median } from "./lib.ts";
 import { NATS_URL, requireServer } from "../test/helpers/servers.ts";
 
@@ -40,7 +41,7 @@ async function filled(round: number): Promise<{ stream: string; subject: string 
 
 async function viaSource(round: number): Promise<number> {
   const { stream, subject } = await filled(round);
-  const source = nats.source.create(v.parse(NatsSourceConfig, { url: NATS_URL, subject, stream, durable_name: "bench", batch_size: batchSize }), ctx);
+  const source = natsSource.create(v.parse(NatsSourceConfig, { url: NATS_URL, subject, stream, durable_name: "bench", batch_size: batchSize }), ctx);
   await source.start();
   let got = 0;
   let secs = 0;

@@ -9,7 +9,7 @@
  */
 import amqp from "amqplib";
 import * as v from "valibot";
-import rabbitmq from "../src/backends/rabbitmq.ts";
+import rabbitmqSink from "../src/backends/rabbitmq/sink.ts";
 import { envelopeJson } from "../src/message.ts";
 import { benchContext, benchBatches, timedWrites } from "./lib.ts";
 import { forwardMessages } from "../test/helpers/messages.ts";
@@ -31,7 +31,7 @@ await admin.assertExchange(exchange, "topic", { durable: true });
 await admin.assertQueue(queue, { durable: true });
 await admin.bindQueue(queue, exchange, "#");
 
-const sink = rabbitmq.sink.create(v.parse(rabbitmq.sink.config, { url: AMQP_URL, exchange, max_in_flight: maxInFlight }), ctx);
+const sink = rabbitmqSink.create(v.parse(rabbitmqSink.config, { url: AMQP_URL, exchange, max_in_flight: maxInFlight }), ctx);
 await sink.start();
 const batches = benchBatches(total, batchSize);
 

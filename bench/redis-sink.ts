@@ -8,7 +8,8 @@
  */
 import { Redis } from "ioredis";
 import * as v from "valibot";
-import redis, { RedisSinkConfig } from "../src/backends/redis.ts";
+import redisSink from "../src/backends/redis/sink.ts";
+import { RedisSinkConfig } from "../src/backends/redis/backend.ts";
 import { benchBatches, benchContext, median, timedWrites } from "./lib.ts";
 import { forwardMessages } from "../test/helpers/messages.ts";
 import { REDIS_URL, requireServer } from "../test/helpers/servers.ts";
@@ -24,7 +25,7 @@ const admin = new Redis(REDIS_URL);
 
 async function viaSink(label: string, options: Record<string, unknown>): Promise<number> {
   const key = `bench:${run}:${label}`;
-  const sink = redis.sink.create(v.parse(RedisSinkConfig, { url: REDIS_URL, stream_key: key, ...options }), ctx);
+  const sink = redisSink.create(v.parse(RedisSinkConfig, { url: REDIS_URL, stream_key: key, ...options }), ctx);
   await sink.start();
   await sink.write(forwardMessages(200, { outboxId: 1_000_000 })); // warm-up
   const secs = await timedWrites(sink, batches);
@@ -54,7 +55,7 @@ async function raw(): Promise<number> {
 async function replayed(): Promise<number> {
   // A replay of everything within the window: every message is found and nothing is added.
   const key = `bench:${run}:replay`;
-  const sink = redis.sink.create(v.parse(RedisSinkConfig, { url: REDIS_URL, stream_key: key, dedup_window_seconds: 120 }), ctx);
+  const sink = redisSink.create(v.parse(RedisSinkConfig, { url: REDIS_URL, stream_key: key, dedup_window_seconds: 120 }), ctx);
   await sink.start();
   for (const batch of batches) await sink.write(batch);
   const t0 = performance.now();

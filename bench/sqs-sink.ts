@@ -10,7 +10,7 @@
  */
 import { CreateQueueCommand, DeleteQueueCommand, GetQueueAttributesCommand, SendMessageBatchCommand, SQSClient } from "@aws-sdk/client-sqs";
 import * as v from "valibot";
-import sqs from "../src/backends/sqs.ts";
+import sqsSink from "../src/backends/sqs/sink.ts";
 import { envelopeJson } from "../src/message.ts";
 import { benchContext, benchBatches, timedWrites } from "./lib.ts";
 import { forwardMessages } from "../test/helpers/messages.ts";
@@ -47,8 +47,8 @@ function cpuPerMessage(since: NodeJS.CpuUsage): string {
 
 async function measure(label: string, fifo: boolean, options: Record<string, unknown>): Promise<number> {
   const url = await queue(label.replace(/\W+/g, "").slice(0, 20), fifo);
-  const sink = sqs.sink.create(
-    v.parse(sqs.sink.config, {
+  const sink = sqsSink.create(
+    v.parse(sqsSink.config, {
       queue_url: url,
       endpoint: SQS_ENDPOINT,
       region: "us-east-1",

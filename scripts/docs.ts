@@ -7,13 +7,13 @@
  *   node_modules/.bin/bun scripts/docs.ts          # rewrite docs/OPTIONS.md
  *   node_modules/.bin/bun scripts/docs.ts --check  # exit 1 if it is out of date
  */
-import { readFileSync, writeFileSync } from "node:fs";
+import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { allBackends } from "../src/backends/index.ts";
-import { schemaEntries } from "../src/pipeline-config.ts";
+import { allSinks, allSources } from "../src/backends/index.ts";
+import { PipelineKeys, schemaEntries } from "../src/pipeline-config.ts";
 import { reverseSourceKeys } from "../src/inbound.ts";
 
-type AnySchema = { type: string; kind?: string; entries?: Record<string, AnySchema>; wrapped?: AnySchema; default?: unknown; pipe?: AnySchema[]; options?: unknown[]; item?: AnySchema; options_?: unknown };
+type AnySchema = { type: string; kind?: string; entries?: Record<string, AnySchema>; wrapped?: AnySchema; default?: unknown; pipe?: readonly AnySchema[]; options?: unknown[]; item?: AnySchema; description?: string };
 
 const root = join(import.meta.dir, "..");
 
@@ -32,6 +32,15 @@ function unwrap(s: AnySchema): { inner: AnySchema; optional: boolean; dflt: unkn
   }
 }
 
+/** The `v.description()` text of a key's schema, outside or inside its optional/nullable wrappers. */
+function descriptionOf(s: AnySchema | undefined): string | undefined {
+  for (let cur = s; cur; cur = cur.wrapped) {
+    const found = cur.pipe?.find((item) => item.kind === "metadata" && item.type === "description");
+    if (found) return found.description;
+  }
+  return undefined;
+}
+
 function typeName(s: AnySchema): string {
   const { inner } = unwrap(s);
   if (inner.type === "picklist") return (inner.options as unknown[]).map((o) => `\`${o}\``).join(" \\| ");
@@ -44,8 +53,10 @@ function typeName(s: AnySchema): string {
 
 /** key → first doc comment directly above `key:` in a backend's source. */
 function comments(file: string): Map<string, string> {
-  const text = readFileSync(file, "utf8");
   const out = new Map<string, string>();
+  // A system split into config/client/sink/source has no backend.ts: its schemas carry v.description().
+  if (!existsSync(file)) return out;
+  const text = readFileSync(file, "utf8");
   for (const m of text.matchAll(/\/\*\*((?:(?!\*\/)[\s\S])*)\*\/\s*\n\s*([a-z_][a-z0-9_]*)\s*:/g)) {
     const doc = m[1]!.split("\n").map((l) => l.replace(/^\s*\*\s?/, "").trim()).filter(Boolean).join(" ");
     if (!out.has(m[2]!)) out.set(m[2]!, doc);
@@ -53,7 +64,12 @@ function comments(file: string): Map<string, string> {
   return out;
 }
 
-const FILES: Record<string, string> = { outbox: "src/outbox/source.ts", "stdout:source": "src/backends/stdin.ts" };
+/** Where each side's options are documented until they move into v.description(). */
+function fileOf(side: "sink" | "source", type: string): string {
+  if (type === "outbox") return "src/backends/outbox/source.ts";
+  if (type === "file" || type === "stdout") return `src/backends/file/${side}.ts`;
+  return `src/backends/${type}/backend.ts`;
+}
 
 /** Doc comments of the keys every reverse source spreads in (`reverseSourceKeys`). */
 function sharedReverseDocs(): Map<string, string> {
@@ -68,7 +84,7 @@ function table(schema: AnySchema, docs: Map<string, string>): string {
     .map(([key, s]) => {
       const { optional, dflt } = unwrap(s);
       const d = dflt === undefined ? (optional ? "" : "**required**") : `\`${JSON.stringify(dflt)}\``;
-      return `| \`${key}\` | ${typeName(s)} | ${d} | ${(docs.get(key) ?? "").replace(/\|/g, "\\|")} |`;
+      return `| \`${key}\` | ${typeName(s)} | ${d} | ${(descriptionOf(s) ?? docs.get(key) ?? "").replace(/\|/g, "\\|")} |`;
     });
   return ["| key | type | default | meaning |", "|---|---|---|---|", ...rows].join("\n");
 }
@@ -82,14 +98,15 @@ export async function generate(): Promise<string> {
     "String values may hold `${env:NAME}` or `${file:/path}` secrets.",
     "",
   ];
-  for (const b of await allBackends()) {
-    const file = FILES[b.type] ?? `src/backends/${b.type}.ts`;
-    const docs = comments(join(root, file));
-    // A source may live in a file of its own; keys every reverse source shares are documented in src/inbound.ts.
-    const sourceDocs = new Map([...sharedReverseDocs(), ...comments(join(root, FILES[`${b.type}:source`] ?? file))]);
-    const alias = b.aliases?.length ? ` (alias ${b.aliases.map((a) => `\`${a}\``).join(", ")})` : "";
-    if (b.source) parts.push(`## \`${b.type}\` source${alias}`, "", table(b.source.config as AnySchema, sourceDocs), "");
-    if (b.sink) parts.push(`## \`${b.type}\` sink${alias}`, "", table(b.sink.config as AnySchema, docs), "");
+  parts.push("## Pipeline keys", "", "At top level, in `source` or in `sink` (`source` winning), for every backend.", "", table(PipelineKeys as AnySchema, new Map()), "");
+  const alias = (aliases?: string[]) => (aliases?.length ? ` (alias ${aliases.map((a) => `\`${a}\``).join(", ")})` : "");
+  for (const s of await allSources()) {
+    // Keys every reverse source shares are documented in src/inbound.ts.
+    const docs = new Map([...sharedReverseDocs(), ...comments(join(root, fileOf("source", s.type)))]);
+    parts.push(`## \`${s.type}\` source${alias(s.aliases)}`, "", table(s.config as AnySchema, docs), "");
+  }
+  for (const s of await allSinks()) {
+    parts.push(`## \`${s.type}\` sink${alias(s.aliases)}`, "", table(s.config as AnySchema, comments(join(root, fileOf("sink", s.type)))), "");
   }
   return parts.join("\n");
 }

@@ -6,11 +6,11 @@ import { explainConnectError } from "./db.ts";
 import { errorKind, errorMessage } from "./errors.ts";
 import { log, pipelineLog } from "./observe/log.ts";
 import type { Metrics } from "./observe/metrics.ts";
-import { forwardProgress } from "./outbox/progress.ts";
-import { OutboxSource } from "./outbox/source.ts";
+import { forwardProgress } from "./backends/outbox/progress.ts";
+import { OutboxSource } from "./backends/outbox/source.ts";
 import { Pipeline, type LockGuard, type PipelineState } from "./pipeline.ts";
 import { loadBackends } from "./backends/index.ts";
-import { normalizePipeline, type CatalogRow } from "./pipeline-config.ts";
+import { normalizePipeline, type CatalogRow, type PipelineSpec } from "./pipeline-config.ts";
 import { redact } from "./redact.ts";
 import { resolveSecrets } from "./secrets.ts";
 import type { Settings } from "./settings.ts";
@@ -42,11 +42,10 @@ export const MEMBER_KEY_SQL = `('x' || left(md5('pgtrickle-relay members:' || $1
 
 const keyOf = (r: { name: string; direction: string }) => `${r.direction}:${r.name}`;
 
-/** The backend types a catalog row names; none when the row is invalid (startWorker reports that). */
-function backendTypes(row: CatalogRow): string[] {
+/** The pipeline a catalog row names; none when the row is invalid (startWorker reports that). */
+function validSpecs(row: CatalogRow): PipelineSpec[] {
   try {
-    const spec = normalizePipeline(row);
-    return [spec.sourceType, spec.sinkType];
+    return [normalizePipeline(row)];
   } catch {
     return [];
   }
@@ -395,7 +394,7 @@ export class Coordinator {
   private async reconcile(): Promise<void> {
     const rows = await this.loadCatalog();
     // startWorker builds pipelines synchronously: their backends (client libraries) load here.
-    await loadBackends(rows.flatMap(backendTypes));
+    await loadBackends(rows.flatMap(validSpecs));
     const desired = new Map(rows.map((r) => [keyOf(r), this.desire(r)]));
     for (const [key, d] of desired) {
       // An unresolved secret may resolve at the next reload (a file appears): try again each time.

@@ -92,9 +92,3 @@ export function renderTemplate(template: string, m: Message): string {
     return whole;
   });
 }
-
-/** True when the template uses row fields (anything but the fixed variables). */
-export function templateUsesRowFields(template: string): boolean {
-  const fixed = new Set(["stream_table", "schema", "outbox", "pipeline", "op", "outbox_id", "refresh_id"]);
-  return [...template.matchAll(/\{([A-Za-z0-9_]+)\}/g)].some((m) => !fixed.has(m[1]!));
-}

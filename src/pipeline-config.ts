@@ -1,5 +1,5 @@
 import * as v from "valibot";
-import type { Backend, Direction } from "./backends/types.ts";
+import type { Direction } from "./backends/types.ts";
 import { configError } from "./errors.ts";
 import { nearest } from "./cli.ts";
 import { isSecretKey, redact, registerConfigSecrets } from "./redact.ts";
@@ -26,7 +26,25 @@ export interface PipelineSpec {
   warnings: string[];
   /** Unknown keys of either side, with a suggestion when one is near (`check` fails on them). */
   unknownKeys: string[];
+  /** What a message the sink will never accept does to the pipeline (PIPELINE_KEYS). */
+  onPermanentError: "dead_letter" | "halt";
 }
+
+/**
+ * Keys about the pipeline as a whole rather than one system: accepted at top level, in `source`
+ * or in `sink` (`source` winning), validated here once for every backend.
+ */
+export const PipelineKeys = v.object({
+  on_permanent_error: v.optional(
+    v.pipe(
+      v.picklist(["dead_letter", "halt"]),
+      v.description(
+        "A message the destination will never accept (too large, invalid name, HTTP 4xx…): `dead_letter` writes it to pgtrickle.relay_dead_letters and moves on; `halt` fails the pipeline instead.",
+      ),
+    ),
+    "dead_letter",
+  ),
+});
 
 /** Pipeline tuning keys: allowed at top level or inside `source`, `source` winning (§5.1). */
 const TUNING_KEYS = [
@@ -103,7 +121,14 @@ export function normalizePipeline(row: CatalogRow): PipelineSpec {
   const sinkType = pickType(where, "sink", config.sink_type, sink.type, row.direction === "reverse" ? "pg-inbox" : undefined);
   delete source.type;
   delete sink.type;
-  return { name: row.name, direction: row.direction, enabled: row.enabled, sourceType, source, sinkType, sink, warnings, unknownKeys: [] };
+  const onPermanentError = pipelineKeys(where, { on_permanent_error: source.on_permanent_error ?? sink.on_permanent_error }).on_permanent_error;
+  return { name: row.name, direction: row.direction, enabled: row.enabled, sourceType, source, sinkType, sink, warnings, unknownKeys: [], onPermanentError };
+}
+
+function pipelineKeys(where: string, raw: Record<string, unknown>): v.InferOutput<typeof PipelineKeys> {
+  const result = v.safeParse(PipelineKeys, raw);
+  if (result.success) return result.output;
+  throw configError(`${where}: ${result.issues.map((i) => describeIssue(i, "pipeline")).join("; ")}`);
 }
 
 function pickType(where: string, side: string, outer: unknown, inner: unknown, fallback: string | undefined): string {
@@ -170,10 +195,10 @@ function unknownKeys(raw: Record<string, unknown>, allowed: Set<string>, side: s
 export function parseBackendConfig<S extends v.GenericSchema>(
   spec: PipelineSpec,
   side: "source" | "sink",
-  backend: Backend,
-  schema: S,
+  backend: { type: string; config: S },
   extraKnownKeys: string[] = [],
 ): v.InferOutput<S> {
+  const schema = backend.config;
   const where = `pipeline '${spec.name}'`;
   const raw = resolveSecrets(spec[side], `${where}: ${side}`);
   const result = v.safeParse(schema, raw);

@@ -1,5 +1,5 @@
 import type { ConsolaInstance } from "consola";
-import { sinkBackend, sourceBackend } from "./backends/index.ts";
+import { sinkOf, sourceOf } from "./backends/index.ts";
 import { LAG_TIMEOUT_MS, type Batch, type Lag, type DeadLetter, type Direction, type Rejection, type Sink, type Source } from "./backends/types.ts";
 import type { Sql } from "./db.ts";
 import { markReplayed, markReplayFailed, messageFromStored, replayRequests, storedMessage, writeDeadLetters } from "./deadletters.ts";
@@ -142,8 +142,8 @@ export class Pipeline {
         if (this.state === "degraded" && this.lastError?.startsWith("source")) this.recovered("source");
       },
     };
-    const sourceB = sourceBackend(spec.sourceType, spec.name);
-    const sinkB = sinkBackend(spec.sinkType, spec.name);
+    const sourceB = sourceOf(spec.sourceType, spec.name);
+    const sinkB = sinkOf(spec.sinkType, spec.name);
     const window = deps.sinkMaxInflight ?? 0;
     // Backpressure (docs/interface.md §7.9): the loop holds one batch at a time, so a batch never
     // larger than the window keeps polled-but-unacknowledged messages within it. batch_size
@@ -159,16 +159,15 @@ export class Pipeline {
       if (typeof sourceOptions.batch_size === "number") clip("batch_size", window);
     }
     const sourceSpec = { ...spec, source: sourceOptions };
-    const sourceConfig = parseBackendConfig(sourceSpec, "source", sourceB, sourceB.source!.config);
-    const sinkConfig = parseBackendConfig(spec, "sink", sinkB, sinkB.sink!.config, ["on_permanent_error"]);
-    this.makeSource = () => sourceB.source!.create(sourceConfig, ctx);
-    this.makeSink = () => sinkB.sink!.create(sinkConfig, ctx);
+    const sourceConfig = parseBackendConfig(sourceSpec, "source", sourceB);
+    const sinkConfig = parseBackendConfig(spec, "sink", sinkB, ["on_permanent_error"]);
+    this.makeSource = () => sourceB.create(sourceConfig, ctx);
+    this.makeSink = () => sinkB.create(sinkConfig, ctx);
     this.source = this.makeSource();
     this.sink = this.makeSink();
     this.ioTimeoutMs = deps.ioTimeoutMs ?? DEFAULT_IO_TIMEOUT_MS;
     this.stallTimeoutMs = deps.stallTimeoutMs ?? DEFAULT_STALL_TIMEOUT_MS;
-    const mode = spec.source.on_permanent_error ?? spec.sink.on_permanent_error;
-    this.onPermanentError = mode === "halt" ? "halt" : "dead_letter";
+    this.onPermanentError = spec.onPermanentError;
     for (const w of spec.warnings) deps.log.warn(w);
   }
 

@@ -98,32 +98,31 @@ export interface Source {
   readonly exhausted?: boolean;
 }
 
+/**
+ * One side of a backend, as src/backends/index.ts loads it: each `<system>/sink.ts` and
+ * `<system>/source.ts` default-exports one. `type` and `aliases` are the names a pipeline's
+ * `sink.type` / `source.type` may use.
+ */
 export interface SinkSpec<S extends v.GenericSchema = v.GenericSchema> {
+  type: string;
+  aliases?: string[];
   config: S;
   create(config: v.InferOutput<S>, ctx: BackendContext): Sink;
 }
 
 export interface SourceSpec<S extends v.GenericSchema = v.GenericSchema> {
+  type: string;
+  aliases?: string[];
   config: S;
   create(config: v.InferOutput<S>, ctx: BackendContext): Source;
 }
 
-export interface Backend {
-  type: string;
-  aliases?: string[];
-  sink?: SinkSpec<any>;
-  source?: SourceSpec<any>;
-}
-
-/** Keeps each backend file's shape checked by the compiler. */
-export function defineBackend<B extends Backend>(backend: B): B {
-  return backend;
-}
-
+/** Keeps each sink's shape checked by the compiler. */
 export function sinkSpec<S extends v.GenericSchema>(spec: SinkSpec<S>): SinkSpec<S> {
   return spec;
 }
 
+/** Keeps each source's shape checked by the compiler. */
 export function sourceSpec<S extends v.GenericSchema>(spec: SourceSpec<S>): SourceSpec<S> {
   return spec;
 }

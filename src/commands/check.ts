@@ -12,6 +12,7 @@ import { normalizePipeline, type CatalogRow } from "../pipeline-config.ts";
 import { redact } from "../redact.ts";
 import { resolveSecrets } from "../secrets.ts";
 import { settingArgs, type Settings } from "../settings.ts";
+import { withTimeout as withDeadline } from "../sleep.ts";
 import { describeSide } from "./status.ts";
 
 export interface CheckResult {
@@ -31,11 +32,8 @@ export interface CheckResult {
 /** Thrown to roll back the probe transaction: a check leaves nothing behind in the database. */
 const ROLLBACK = Symbol("rollback");
 
-function withTimeout<T>(work: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const timeout = new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`${what}: no answer within ${ms / 1000} s`)), ms)));
-  return Promise.race([work, timeout]).finally(() => clearTimeout(timer));
-}
+const withTimeout = <T>(work: Promise<T>, ms: number, what: string): Promise<T> =>
+  withDeadline(work, ms, what, () => new Error(`${what}: no answer within ${ms / 1000} s`));
 
 /**
  * Starts one side of a pipeline (connect + destination checks) and closes it again. Backends in
@@ -87,7 +85,7 @@ const quietLog = (name: string) => log.create({ level: 0 }).withTag(name);
  */
 export async function validatePipelineRow(settings: Settings, sql: Sql, row: CatalogRow): Promise<void> {
   const spec = normalizePipeline(row);
-  await loadBackends([spec.sourceType, spec.sinkType]);
+  await loadBackends([spec]);
   new Pipeline(spec, { sql, postgresUrl: settings.postgresUrl, relayGroupId: settings.relayGroupId, metrics: new Metrics(), log: quietLog(row.name), drain: true });
   if (spec.unknownKeys.length > 0) throw configError(`pipeline '${row.name}': ${spec.unknownKeys.join("; ")}`);
 }

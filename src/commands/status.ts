@@ -6,7 +6,7 @@ import { COORDINATOR_APP, MEMBER_KEY_SQL, PIPELINE_LOCK_SQL } from "../coordinat
 import type { Sql } from "../db.ts";
 import { redact } from "../redact.ts";
 import { errorMessage } from "../errors.ts";
-import { forwardProgress } from "../outbox/progress.ts";
+import { forwardProgress } from "../backends/outbox/progress.ts";
 import { normalizePipeline, type CatalogRow, type PipelineSpec } from "../pipeline-config.ts";
 import { settingArgs } from "../settings.ts";
 

@@ -6,7 +6,7 @@
 import { defineCommand } from "citty";
 import { connectionArgs, EXIT, fail, loadSettings, withDatabase } from "../cli-common.ts";
 import { qualifiedIdent } from "../db.ts";
-import { findOutbox } from "../outbox/resolve.ts";
+import { findOutbox } from "../backends/outbox/resolve.ts";
 import { redact } from "../redact.ts";
 
 interface HeaderRow {

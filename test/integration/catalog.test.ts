@@ -650,7 +650,7 @@ describe("grants", () => {
     expect((await asMember`SELECT pgtrickle.replay_relay_dead_letters('g1') AS n`)[0]?.n).toBe(1);
     await asMember`UPDATE pgtrickle.relay_dead_letters SET resolved_at = now() WHERE id = ${dl[0]!.id}`;
 
-    // The file source's position commit (src/backends/stdin.ts).
+    // The file source's position commit (src/backends/file/source.ts).
     for (const position of ['{"offset":10}', '{"offset":20}']) {
       await asMember`
         INSERT INTO pgtrickle.relay_source_positions (relay_group_id, pipeline, direction, position, updated_at)

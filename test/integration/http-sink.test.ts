@@ -8,7 +8,8 @@ import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import * as v from "valibot";
-import http, { headerValue, signPayload, verifySignature } from "../../src/backends/http.ts";
+import httpSink from "../../src/backends/http/sink.ts";
+import { headerValue, signPayload, verifySignature } from "../../src/backends/http/backend.ts";
 import type { Sink } from "../../src/backends/types.ts";
 import { log } from "../../src/observe/log.ts";
 import { backendContext, errorOf } from "../helpers/backend.ts";
@@ -75,7 +76,7 @@ const ctx = () => backendContext("orders_hook");
 
 const sinks: Sink[] = [];
 async function makeSink(options: Record<string, unknown>): Promise<Sink> {
-  const spec = http.sink;
+  const spec = httpSink;
   const cfg = v.parse(spec.config, { type: "webhook", ...options });
   const sink = spec.create(cfg, ctx());
   await sink.start();
@@ -448,19 +449,19 @@ describe("http sink, secrets and configuration", () => {
   });
 
   test("configuration errors name the key and never echo a header value", async () => {
-    expect(() => v.parse(http.sink.config, { url: "ftp://example.com/x" })).toThrow(/url must be an absolute http/);
+    expect(() => v.parse(httpSink.config, { url: "ftp://example.com/x" })).toThrow(/url must be an absolute http/);
     let message = "";
     try {
-      v.parse(http.sink.config, { url: "http://127.0.0.1/x", headers: { Authorization: "Bearer top\nsecret" } });
+      v.parse(httpSink.config, { url: "http://127.0.0.1/x", headers: { Authorization: "Bearer top\nsecret" } });
     } catch (err) {
       message = (err as Error).message;
     }
     expect(message).toContain("line break");
     expect(message).not.toContain("secret");
-    expect(() => http.sink.create(v.parse(http.sink.config, { url: server.url, headers: { "Idempotency-Key": "x" } }), ctx())).toThrow(
+    expect(() => httpSink.create(v.parse(httpSink.config, { url: server.url, headers: { "Idempotency-Key": "x" } }), ctx())).toThrow(
       /Idempotency-Key is set by the relay/,
     );
-    const sink = http.sink.create(v.parse(http.sink.config, { url: "https://127.0.0.1:1/x", tls_ca: "/nonexistent/ca.pem" }), ctx());
+    const sink = httpSink.create(v.parse(httpSink.config, { url: "https://127.0.0.1:1/x", tls_ca: "/nonexistent/ca.pem" }), ctx());
     const err = await errorOf(sink.start());
     expect(err.kind).toBe("config");
     expect(err.message).toContain("tls_ca");

@@ -6,7 +6,9 @@
 import { afterAll, afterEach, beforeAll, describe, expect, test } from "bun:test";
 import { createHash } from "node:crypto";
 import * as v from "valibot";
-import http, { signPayload } from "../../src/backends/http.ts";
+import httpSink from "../../src/backends/http/sink.ts";
+import httpSource from "../../src/backends/http/source.ts";
+import { signPayload } from "../../src/backends/http/backend.ts";
 import type { Batch } from "../../src/backends/types.ts";
 import { log } from "../../src/observe/log.ts";
 import { backendContext } from "../helpers/backend.ts";
@@ -430,8 +432,8 @@ describe("round trip with the http sink", () => {
       await started(r, p.name);
       const messages = forwardMessages(12, { stream_table: `rt_${run}` });
       const send = async (batchMode: boolean, extra: Record<string, unknown> = {}) => {
-        const cfg = v.parse(http.sink.config, { url: p.url, signing_secret: secret, headers: { Authorization: "Bearer rt" }, batch_mode: batchMode, ...extra });
-        const sink = http.sink.create(cfg, ctx);
+        const cfg = v.parse(httpSink.config, { url: p.url, signing_secret: secret, headers: { Authorization: "Bearer rt" }, batch_mode: batchMode, ...extra });
+        const sink = httpSink.create(cfg, ctx);
         await sink.start();
         expect(await sink.write(messages)).toEqual([]);
         await sink.close();
@@ -455,7 +457,7 @@ describe("the source on its own", () => {
 
   test("release() answers the batch's requests 503; ack() answers 200 only for requests whose every event was acked", async () => {
     const port = await freePort();
-    const source = http.source.create(v.parse(http.source.config, { listen_addr: `127.0.0.1:${port}`, batch_size: 2, linger_ms: 50 }), ctx());
+    const source = httpSource.create(v.parse(httpSource.config, { listen_addr: `127.0.0.1:${port}`, batch_size: 2, linger_ms: 50 }), ctx());
     await source.start();
     const stop = new AbortController();
     const it = source.batches(stop.signal)[Symbol.asyncIterator]();
@@ -486,7 +488,7 @@ describe("the source on its own", () => {
   });
 
   test("option errors: half an auth pair, a bad listen_addr or path", () => {
-    const parse = (o: Record<string, unknown>) => v.safeParse(http.source.config, o);
+    const parse = (o: Record<string, unknown>) => v.safeParse(httpSource.config, o);
     expect(parse({ auth_header: "Authorization" }).success).toBe(false);
     expect(parse({ auth_value: "x" }).success).toBe(false);
     expect(parse({ listen_addr: "8080" }).success).toBe(false);

@@ -11,7 +11,7 @@
 import { afterAll, beforeAll, expect, test } from "bun:test";
 import { Kafka, logLevel, type Admin } from "kafkajs";
 import * as v from "valibot";
-import kafka from "../../src/backends/kafka.ts";
+import kafkaSink from "../../src/backends/kafka/sink.ts";
 import type { Rejection } from "../../src/backends/types.ts";
 import type { Message } from "../../src/message.ts";
 import { log } from "../../src/observe/log.ts";
@@ -55,7 +55,7 @@ const topicOf = (direction: string, codec: string) => `relaycomp.${RUN}.${direct
 
 /** A Kafka sink with `options` started, given `messages` and closed; its rejections. */
 async function writeThroughSink(name: string, options: Record<string, unknown>, messages: Message[]): Promise<Rejection[]> {
-  const spec = kafka.sink!;
+  const spec = kafkaSink;
   const config = v.parse(spec.config, { type: "kafka", brokers: KAFKA_BROKERS.join(","), ...options });
   const sink = spec.create(config, backendContext(name, { log: log.withTag("kafka-compression-test") }));
   try {

@@ -7,7 +7,7 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { Kafka, logLevel, type Admin, type SASLOptions } from "kafkajs";
 import * as v from "valibot";
-import kafka from "../../src/backends/kafka.ts";
+import kafkaSink from "../../src/backends/kafka/sink.ts";
 import type { Sink } from "../../src/backends/types.ts";
 import { log } from "../../src/observe/log.ts";
 import { backendContext, expectRelayError } from "../helpers/backend.ts";
@@ -38,7 +38,7 @@ const clientFor = (mechanism: Mechanism) =>
     sasl: { mechanism, username: KAFKA_SASL_USER, password: KAFKA_SASL_PASSWORD } as SASLOptions,
   });
 
-const spec = kafka.sink!;
+const spec = kafkaSink;
 const sinks: Sink[] = [];
 function makeSink(options: Record<string, unknown>): Sink {
   const parsed = v.safeParse(spec.config, { type: "kafka", ...options });

@@ -5,7 +5,7 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { Kafka, logLevel, type Admin, type IHeaders } from "kafkajs";
 import * as v from "valibot";
-import kafka from "../../src/backends/kafka.ts";
+import kafkaSink from "../../src/backends/kafka/sink.ts";
 import type { Sink } from "../../src/backends/types.ts";
 import { envelopeJson } from "../../src/message.ts";
 import { log } from "../../src/observe/log.ts";
@@ -18,7 +18,7 @@ const topicName = (label: string) => `relaytest.${RUN}.${label}`;
 
 const ctx = () => backendContext("kafka_test", { log: log.withTag("kafka-test") });
 
-const spec = kafka.sink!;
+const spec = kafkaSink;
 function makeSink(options: Record<string, unknown>): Sink {
   const parsed = v.safeParse(spec.config, { type: "kafka", brokers: KAFKA_BROKERS.join(","), ...options });
   if (!parsed.success) throw new Error(`bad test config: ${parsed.issues[0].message}`);

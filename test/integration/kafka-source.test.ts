@@ -6,7 +6,9 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { AssignerProtocol, Kafka, logLevel, type Admin, type Producer } from "kafkajs";
 import * as v from "valibot";
-import kafka, { convertKafkaRecord } from "../../src/backends/kafka.ts";
+import kafkaSink from "../../src/backends/kafka/sink.ts";
+import kafkaSource from "../../src/backends/kafka/source.ts";
+import { convertKafkaRecord } from "../../src/backends/kafka/records.ts";
 import type { BackendContext } from "../../src/backends/types.ts";
 import { log } from "../../src/observe/log.ts";
 import { backendContext } from "../helpers/backend.ts";
@@ -162,7 +164,7 @@ describe("kafka source: mapping, acknowledgement, redelivery", () => {
 
   test("round trip: records written by this relay's Kafka sink keep their original dedup keys", async () => {
     const topic = `relaysrc.${RUN}.roundtrip`;
-    const sink = kafka.sink!.create(v.parse(kafka.sink!.config, { brokers: KAFKA_BROKERS, topic, create_topic: true, num_partitions: 2, key_field: "customer" }), ctx("forward"));
+    const sink = kafkaSink.create(v.parse(kafkaSink.config, { brokers: KAFKA_BROKERS, topic, create_topic: true, num_partitions: 2, key_field: "customer" }), ctx("forward"));
     const sent = forwardMessages(40);
     try {
       await sink.start();
@@ -383,8 +385,8 @@ describe("kafka source: lag", () => {
     async () => {
       const topic = await newTopic("lag", 3);
       await producer.send({ topic, messages: Array.from({ length: 30 }, (_, i) => ({ key: `k${i}`, value: JSON.stringify({ i }) })) });
-      const cfg = v.parse(kafka.source!.config, { brokers: KAFKA_BROKERS, topic, group_id: groupOf("lag_p") });
-      const source = kafka.source!.create(cfg, { ...ctx("reverse"), pipeline: "lag_p" });
+      const cfg = v.parse(kafkaSource.config, { brokers: KAFKA_BROKERS, topic, group_id: groupOf("lag_p") });
+      const source = kafkaSource.create(cfg, { ...ctx("reverse"), pipeline: "lag_p" });
       try {
         await source.start();
         // No offset committed yet: counted from where auto_offset_reset (earliest) starts.
@@ -435,7 +437,7 @@ describe("kafka source: failures and configuration", () => {
 
   test("options are validated with messages naming the key", () => {
     const issue = (options: Record<string, unknown>) => {
-      const parsed = v.safeParse(kafka.source!.config, { brokers: KAFKA_BROKERS, topic: "t", ...options });
+      const parsed = v.safeParse(kafkaSource.config, { brokers: KAFKA_BROKERS, topic: "t", ...options });
       return parsed.success ? undefined : parsed.issues.map((i) => i.message).join("; ");
     };
     expect(issue({})).toBeUndefined();
@@ -445,18 +447,18 @@ describe("kafka source: failures and configuration", () => {
     expect(issue({ heartbeat_interval_ms: 30000, session_timeout_ms: 10000 })).toContain("heartbeat_interval_ms must be below session_timeout_ms");
     expect(issue({ security_protocol: "SASL_SSL" })).toContain("needs sasl_mechanism");
     expect(issue({ ssl_ca_file: "/ca.pem" })).toContain("need security_protocol SSL");
-    const parsed = v.parse(kafka.source!.config, { brokers: "a:1, b:2", topic: ["x", "y", "x"], auto_offset_reset: "LATEST" });
+    const parsed = v.parse(kafkaSource.config, { brokers: "a:1, b:2", topic: ["x", "y", "x"], auto_offset_reset: "LATEST" });
     expect(parsed.brokers).toEqual(["a:1", "b:2"]);
     expect(parsed.topic).toEqual(["x", "y"]);
     expect(parsed.auto_offset_reset).toBe("latest");
     expect(parsed.batch_size).toBe(100);
     // One consumer group per pipeline unless group_id says otherwise.
-    const source = kafka.source!.create(parsed, { ...ctx("reverse"), pipeline: "orders_in" });
+    const source = kafkaSource.create(parsed, { ...ctx("reverse"), pipeline: "orders_in" });
     expect(source.describe).toBe("kafka a:1,b:2 ← x,y (group pgtrickle-relay-orders_in)");
   });
 
   test("dedup key precedence: dedup header, then the record key only with dedup_from_key, then coordinates", () => {
-    const cfg = v.parse(kafka.source!.config, { brokers: KAFKA_BROKERS, topic: "t" });
+    const cfg = v.parse(kafkaSource.config, { brokers: KAFKA_BROKERS, topic: "t" });
     const record = (headers: Record<string, string>, key: string | null) => ({ topic: "t", partition: 2, offset: "17", key: key === null ? null : Buffer.from(key), value: Buffer.from("{}"), headers });
     const keyOf = (r: ReturnType<typeof record>, fromKey = false) => {
       const c = convertKafkaRecord(r, { ...cfg, dedup_from_key: fromKey }, "p");

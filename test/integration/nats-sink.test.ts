@@ -2,7 +2,8 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { createConsola } from "consola";
 import { connect, type JetStreamManager, type NatsConnection, type StoredMsg } from "nats";
 import * as v from "valibot";
-import nats, { defaultStreamSubjects, filterCovers, invalidSubject, NatsSinkConfig, subjectsOverlap, templatePattern } from "../../src/backends/nats.ts";
+import natsSink from "../../src/backends/nats/sink.ts";
+import { defaultStreamSubjects, filterCovers, invalidSubject, NatsSinkConfig, subjectsOverlap, templatePattern } from "../../src/backends/nats/config.ts";
 import type { Sink } from "../../src/backends/types.ts";
 import { RelayError } from "../../src/errors.ts";
 import { envelopeJson, type Message } from "../../src/message.ts";
@@ -21,7 +22,7 @@ const sinks: Sink[] = [];
 
 function sinkFor(options: Record<string, unknown>): Sink {
   const cfg = v.parse(NatsSinkConfig, { type: "nats", url: NATS_URL, ...options });
-  const sink = nats.sink.create(cfg, ctx);
+  const sink = natsSink.create(cfg, ctx);
   sinks.push(sink);
   return sink;
 }

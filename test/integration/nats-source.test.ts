@@ -3,7 +3,9 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { createConsola } from "consola";
 import { AckPolicy, connect, headers as natsHeaders, nanos, type JetStreamClient, type JetStreamManager, type NatsConnection } from "nats";
 import * as v from "valibot";
-import nats, { NatsSinkConfig, NatsSourceConfig } from "../../src/backends/nats.ts";
+import natsSink from "../../src/backends/nats/sink.ts";
+import natsSource from "../../src/backends/nats/source.ts";
+import { NatsSinkConfig, NatsSourceConfig } from "../../src/backends/nats/config.ts";
 import type { Batch, BackendContext, Source } from "../../src/backends/types.ts";
 import { envelopeJson } from "../../src/message.ts";
 import { backendContext, errorOf } from "../helpers/backend.ts";
@@ -76,7 +78,7 @@ function ctxFor(pipelineName: string, drainMode: boolean): BackendContext {
 
 function sourceFor(options: Record<string, unknown>, drainMode = true, name = `direct_${RUN}`): Source {
   const cfg = v.parse(NatsSourceConfig, { type: "nats", url: NATS_URL, ...options });
-  const source = nats.source.create(cfg, ctxFor(name, drainMode));
+  const source = natsSource.create(cfg, ctxFor(name, drainMode));
   sources.push(source);
   return source;
 }
@@ -162,7 +164,7 @@ describe("nats source → inbox (set_relay_inbox, drain)", () => {
 
   test("what this relay's nats sink published comes back with its original dedup keys", async () => {
     const { name, prefix } = await stream("roundtrip");
-    const sink = nats.sink.create(v.parse(NatsSinkConfig, { type: "nats", url: NATS_URL, subject_template: `${prefix}.{stream_table}.{op}`, stream: name }), {
+    const sink = natsSink.create(v.parse(NatsSinkConfig, { type: "nats", url: NATS_URL, subject_template: `${prefix}.{stream_table}.{op}`, stream: name }), {
       ...ctxFor("forward_leg", false),
       direction: "forward",
     });

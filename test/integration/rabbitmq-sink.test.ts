@@ -5,7 +5,7 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import amqp, { type Channel, type ChannelModel, type GetMessage } from "amqplib";
 import * as v from "valibot";
-import rabbitmq from "../../src/backends/rabbitmq.ts";
+import rabbitmqSink from "../../src/backends/rabbitmq/sink.ts";
 import type { Sink } from "../../src/backends/types.ts";
 import { envelopeJson } from "../../src/message.ts";
 import { log } from "../../src/observe/log.ts";
@@ -18,7 +18,7 @@ const name = (label: string) => `relaytest.${RUN}.${label}`;
 
 const ctx = () => backendContext("rabbit_test", { log: log.withTag("rabbitmq-test") });
 
-const spec = rabbitmq.sink!;
+const spec = rabbitmqSink;
 const sinks: Sink[] = [];
 function makeSink(options: Record<string, unknown>): Sink {
   const parsed = v.safeParse(spec.config, { type: "rabbitmq", url: AMQP_URL, ...options });

@@ -7,7 +7,9 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import amqp, { type Channel, type ChannelModel, type Options } from "amqplib";
 import * as v from "valibot";
-import rabbitmq, { convertAmqpDelivery } from "../../src/backends/rabbitmq.ts";
+import rabbitmqSink from "../../src/backends/rabbitmq/sink.ts";
+import rabbitmqSource from "../../src/backends/rabbitmq/source.ts";
+import { convertAmqpDelivery } from "../../src/backends/rabbitmq/backend.ts";
 import type { BackendContext, Batch } from "../../src/backends/types.ts";
 import { sha256Hex } from "../../src/inbound.ts";
 import { log } from "../../src/observe/log.ts";
@@ -146,7 +148,7 @@ describe("rabbitmq source: mapping, acknowledgement, redelivery", () => {
     const queue = name("roundtrip");
     queues.push(queue);
     // The source declares the queue and binds it to the exchange the sink declares.
-    const sink = rabbitmq.sink!.create(v.parse(rabbitmq.sink!.config, { url: AMQP_URL, exchange }), ctx("forward"));
+    const sink = rabbitmqSink.create(v.parse(rabbitmqSink.config, { url: AMQP_URL, exchange }), ctx("forward"));
     const inbox = await pipeline("rround", queue, { bind_exchange: exchange, bind_routing_key: "orders.*", batch_size: 12 });
     try {
       await sink.start();
@@ -306,7 +308,7 @@ describe("rabbitmq source: failures and configuration", () => {
     "lag(): ready messages (checkQueue on a channel of its own) plus the deliveries held unacknowledged; 0 once drained",
     async () => {
       const queue = await newQueue("lag");
-      const source = rabbitmq.source!.create(v.parse(rabbitmq.source!.config, { url: AMQP_URL, queue, batch_size: 10, batch_wait_ms: 50 }), { ...ctx("reverse"), pipeline: "lag_p" });
+      const source = rabbitmqSource.create(v.parse(rabbitmqSource.config, { url: AMQP_URL, queue, batch_size: 10, batch_wait_ms: 50 }), { ...ctx("reverse"), pipeline: "lag_p" });
       try {
         await source.start();
         expect(await source.lag!()).toEqual({ rows: 0, seconds: 0 });
@@ -325,7 +327,7 @@ describe("rabbitmq source: failures and configuration", () => {
         for (let r = await it.next(); !r.done; r = await it.next()) await r.value.ack();
         expect(await source.lag!()).toEqual({ rows: 0, seconds: 0 });
         // A queue that vanished: lag() fails, the consuming side is untouched.
-        const gone = rabbitmq.source!.create(v.parse(rabbitmq.source!.config, { url: AMQP_URL, queue: name("lag_missing"), declare_queue: false }), ctx("reverse"));
+        const gone = rabbitmqSource.create(v.parse(rabbitmqSource.config, { url: AMQP_URL, queue: name("lag_missing"), declare_queue: false }), ctx("reverse"));
         await expect(gone.lag!()).rejects.toThrow("404");
         await gone.close();
       } finally {
@@ -338,7 +340,7 @@ describe("rabbitmq source: failures and configuration", () => {
 
   test("options are validated with messages naming the key", () => {
     const issue = (options: Record<string, unknown>) => {
-      const parsed = v.safeParse(rabbitmq.source!.config, { url: AMQP_URL, queue: "q", ...options });
+      const parsed = v.safeParse(rabbitmqSource.config, { url: AMQP_URL, queue: "q", ...options });
       return parsed.success ? undefined : parsed.issues.map((i) => i.message).join("; ");
     };
     expect(issue({})).toBeUndefined();
@@ -348,12 +350,12 @@ describe("rabbitmq source: failures and configuration", () => {
     expect(issue({ prefetch_count: 70000 })).toContain("65535");
     expect(issue({ bind_exchange: "" })).toContain("default exchange cannot be bound");
     expect(issue({ tls_cert: "/c.pem" })).toContain("go together");
-    const parsed = v.parse(rabbitmq.source!.config, { url: AMQP_URL, queue: "q" });
+    const parsed = v.parse(rabbitmqSource.config, { url: AMQP_URL, queue: "q" });
     expect(parsed).toMatchObject({ prefetch_count: 100, declare_queue: true, bind_routing_key: "#", auto_ack: false, batch_size: 100 });
   });
 
   test("dedup key precedence: message_id, then header pgt_dedup_key, then the content hash", () => {
-    const cfg = v.parse(rabbitmq.source!.config, { url: AMQP_URL, queue: "q" });
+    const cfg = v.parse(rabbitmqSource.config, { url: AMQP_URL, queue: "q" });
     const delivery = (messageId: unknown, headers: Record<string, unknown>) => ({ fields: { exchange: "ex", routingKey: "rk" }, properties: { messageId, headers }, content: Buffer.from("body") });
     expect(convertAmqpDelivery(delivery("m1", { pgt_dedup_key: "h1" }), "q", cfg, "p").dedup_key).toBe("m1");
     expect(convertAmqpDelivery(delivery(undefined, { pgt_dedup_key: "h1" }), "q", cfg, "p").dedup_key).toBe("h1");

@@ -2,7 +2,8 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { createConsola } from "consola";
 import { Redis } from "ioredis";
 import * as v from "valibot";
-import redis, { RedisSinkConfig } from "../../src/backends/redis.ts";
+import redisSink from "../../src/backends/redis/sink.ts";
+import { RedisSinkConfig } from "../../src/backends/redis/backend.ts";
 import type { Sink } from "../../src/backends/types.ts";
 import { RelayError } from "../../src/errors.ts";
 import type { Message } from "../../src/message.ts";
@@ -21,7 +22,7 @@ const aclUsers: string[] = [];
 
 function sinkFor(options: Record<string, unknown>): Sink {
   const cfg = v.parse(RedisSinkConfig, { type: "redis", url: REDIS_URL, ...options });
-  const sink = redis.sink.create(cfg, ctx);
+  const sink = redisSink.create(cfg, ctx);
   sinks.push(sink);
   return sink;
 }

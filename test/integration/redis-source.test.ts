@@ -3,7 +3,9 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { createConsola } from "consola";
 import { Redis } from "ioredis";
 import * as v from "valibot";
-import redis, { RedisSinkConfig, RedisSourceConfig } from "../../src/backends/redis.ts";
+import redisSink from "../../src/backends/redis/sink.ts";
+import redisSource from "../../src/backends/redis/source.ts";
+import { RedisSinkConfig, RedisSourceConfig } from "../../src/backends/redis/backend.ts";
 import type { Batch, BackendContext, Source } from "../../src/backends/types.ts";
 import { backendContext, errorOf } from "../helpers/backend.ts";
 import { forwardMessages } from "../helpers/messages.ts";
@@ -67,7 +69,7 @@ function ctxFor(pipelineName: string, drainMode: boolean): BackendContext {
 
 function sourceFor(options: Record<string, unknown>, drainMode = true, name = `direct_${RUN}`): Source {
   const cfg = v.parse(RedisSourceConfig, { type: "redis", url: REDIS_URL, ...options });
-  const source = redis.source.create(cfg, ctxFor(name, drainMode));
+  const source = redisSource.create(cfg, ctxFor(name, drainMode));
   sources.push(source);
   return source;
 }
@@ -150,7 +152,7 @@ describe("redis source → inbox (set_relay_inbox, drain)", () => {
 
   test("what this relay's redis sink wrote comes back with its original dedup keys and row payloads", async () => {
     const key = `${PREFIX}:roundtrip`;
-    const sink = redis.sink.create(v.parse(RedisSinkConfig, { type: "redis", url: REDIS_URL, stream_key: key }), { ...ctxFor("forward_leg", false), direction: "forward" });
+    const sink = redisSink.create(v.parse(RedisSinkConfig, { type: "redis", url: REDIS_URL, stream_key: key }), { ...ctxFor("forward_leg", false), direction: "forward" });
     await sink.start();
     const sent = forwardMessages(30, { outboxId: 9 });
     expect(await sink.write(sent)).toEqual([]);

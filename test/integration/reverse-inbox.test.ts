@@ -7,7 +7,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { consola } from "consola";
 import * as v from "valibot";
-import { PgInboxSink, PgInboxSinkConfig } from "../../src/backends/pg-inbox.ts";
+import { PgInboxSink, PgInboxSinkConfig } from "../../src/backends/pg-inbox/backend.ts";
 import type { BackendContext } from "../../src/backends/types.ts";
 import { RelayError } from "../../src/errors.ts";
 import { inboundMessage } from "../../src/inbound.ts";

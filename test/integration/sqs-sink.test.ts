@@ -10,7 +10,7 @@ import {
 import { afterAll, afterEach, beforeAll, describe, expect, test } from "bun:test";
 import { createHash } from "node:crypto";
 import * as v from "valibot";
-import sqs from "../../src/backends/sqs.ts";
+import sqsSink from "../../src/backends/sqs/sink.ts";
 import type { Sink } from "../../src/backends/types.ts";
 import { envelopeJson, type Message } from "../../src/message.ts";
 import { log } from "../../src/observe/log.ts";
@@ -35,7 +35,7 @@ async function createQueue(name: string, attributes: Record<string, string> = {}
 }
 
 async function makeSink(options: Record<string, unknown>, start = true): Promise<Sink> {
-  const cfg = v.parse(sqs.sink.config, {
+  const cfg = v.parse(sqsSink.config, {
     type: "sqs",
     endpoint: SQS_ENDPOINT,
     region: "us-east-1",
@@ -43,7 +43,7 @@ async function makeSink(options: Record<string, unknown>, start = true): Promise
     secret_access_key: AWS_CREDENTIALS.secretAccessKey,
     ...options,
   });
-  const sink = sqs.sink.create(cfg, ctx());
+  const sink = sqsSink.create(cfg, ctx());
   sinks.push(sink);
   if (start) await sink.start();
   return sink;
@@ -261,11 +261,11 @@ describe("sqs sink, configuration and failures", () => {
   });
 
   test("option errors: half a credential pair, bad queue_url", () => {
-    expect(() => sqs.sink.create(v.parse(sqs.sink.config, { queue_url: "http://x/1/q", access_key_id: "AKIA" }), ctx())).toThrow(
+    expect(() => sqsSink.create(v.parse(sqsSink.config, { queue_url: "http://x/1/q", access_key_id: "AKIA" }), ctx())).toThrow(
       /access_key_id and secret_access_key/,
     );
-    expect(() => v.parse(sqs.sink.config, { queue_url: "not a url" })).toThrow(/queue_url/);
-    expect(() => v.parse(sqs.sink.config, {})).toThrow(/queue_url/);
-    expect(v.parse(sqs.sink.config, { queue_url: "https://sqs.eu-west-1.amazonaws.com/1/a.fifo" }).fifo).toBe(true);
+    expect(() => v.parse(sqsSink.config, { queue_url: "not a url" })).toThrow(/queue_url/);
+    expect(() => v.parse(sqsSink.config, {})).toThrow(/queue_url/);
+    expect(v.parse(sqsSink.config, { queue_url: "https://sqs.eu-west-1.amazonaws.com/1/a.fifo" }).fifo).toBe(true);
   });
 });

@@ -17,7 +17,8 @@ import {
 } from "@aws-sdk/client-sqs";
 import { afterAll, afterEach, beforeAll, describe, expect, test } from "bun:test";
 import * as v from "valibot";
-import sqs from "../../src/backends/sqs.ts";
+import sqsSink from "../../src/backends/sqs/sink.ts";
+import sqsSource from "../../src/backends/sqs/source.ts";
 import type { Batch } from "../../src/backends/types.ts";
 import { RelayError } from "../../src/errors.ts";
 import { log } from "../../src/observe/log.ts";
@@ -193,7 +194,7 @@ describe("messages → inbox rows", () => {
     const ctx = backendContext("fwd");
     const messages = forwardMessages(30, { stream_table: `rt_${tag}` });
     const forward = async () => {
-      const sink = sqs.sink.create(v.parse(sqs.sink.config, { queue_url: p.queueUrl, ...connection }), ctx);
+      const sink = sqsSink.create(v.parse(sqsSink.config, { queue_url: p.queueUrl, ...connection }), ctx);
       await sink.start();
       expect(await sink.write(messages)).toEqual([]);
       await sink.close();
@@ -323,7 +324,7 @@ describe("visibility and crashes", () => {
 describe("the source on its own", () => {
   const ctx = (drain = false) => backendContext(`direct_${tag}`, { direction: "reverse", drain });
   const make = (queueUrl: string, options: Record<string, unknown> = {}, drain = false) =>
-    sqs.source.create(v.parse(sqs.source.config, { queue_url: queueUrl, ...connection, ...options }), ctx(drain));
+    sqsSource.create(v.parse(sqsSource.config, { queue_url: queueUrl, ...connection, ...options }), ctx(drain));
 
   test("lag(): visible plus in-flight messages (GetQueueAttributes), received by nobody; 0 once drained", async () => {
     const queueUrl = await createQueue("lag");
@@ -448,8 +449,8 @@ describe("the source on its own", () => {
   test("unreachable endpoint: transient error naming host:port, never the secret; missing queue: config error", async () => {
     const port = await freePort();
     const secret = `sqs-secret-${run}`;
-    const source = sqs.source.create(
-      v.parse(sqs.source.config, { queue_url: `http://127.0.0.1:${port}/000000000000/q`, endpoint: `http://127.0.0.1:${port}`, region: "us-east-1", access_key_id: "AKIA", secret_access_key: secret }),
+    const source = sqsSource.create(
+      v.parse(sqsSource.config, { queue_url: `http://127.0.0.1:${port}/000000000000/q`, endpoint: `http://127.0.0.1:${port}`, region: "us-east-1", access_key_id: "AKIA", secret_access_key: secret }),
       ctx(),
     );
     const err = await source.start().then(
@@ -473,12 +474,12 @@ describe("the source on its own", () => {
   });
 
   test("option errors: max_messages above 10, visibility_timeout 0, half a credential pair", () => {
-    expect(v.safeParse(sqs.source.config, { queue_url: "http://h/1/q", max_messages: 11 }).success).toBe(false);
-    expect(v.safeParse(sqs.source.config, { queue_url: "http://h/1/q", visibility_timeout: 0 }).success).toBe(false);
-    expect(v.safeParse(sqs.source.config, { queue_url: "http://h/1/q", wait_time_seconds: 21 }).success).toBe(false);
-    const ok = v.parse(sqs.source.config, { queue_url: "http://h/1/q" });
+    expect(v.safeParse(sqsSource.config, { queue_url: "http://h/1/q", max_messages: 11 }).success).toBe(false);
+    expect(v.safeParse(sqsSource.config, { queue_url: "http://h/1/q", visibility_timeout: 0 }).success).toBe(false);
+    expect(v.safeParse(sqsSource.config, { queue_url: "http://h/1/q", wait_time_seconds: 21 }).success).toBe(false);
+    const ok = v.parse(sqsSource.config, { queue_url: "http://h/1/q" });
     expect(ok).toMatchObject({ max_messages: 10, wait_time_seconds: 20, visibility_timeout: 30, batch_size: 100 });
-    expect(() => sqs.source.create(v.parse(sqs.source.config, { queue_url: "http://h/1/q", access_key_id: "x" }), ctx())).toThrow("set together");
+    expect(() => sqsSource.create(v.parse(sqsSource.config, { queue_url: "http://h/1/q", access_key_id: "x" }), ctx())).toThrow("set together");
   });
 });
 

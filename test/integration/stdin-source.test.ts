@@ -8,7 +8,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createConsola } from "consola";
 import * as v from "valibot";
-import stdout from "../../src/backends/stdout.ts";
+import fileSource from "../../src/backends/file/source.ts";
 import type { Source } from "../../src/backends/types.ts";
 import { backendContext } from "../helpers/backend.ts";
 import { testDatabase, type TestDatabase } from "../helpers/pg.ts";
@@ -31,9 +31,9 @@ afterAll(async () => {
 });
 
 function sourceFor(options: Record<string, unknown>, name: string): Source {
-  const cfg = v.parse(stdout.source!.config, { type: "file", ...options });
+  const cfg = v.parse(fileSource.config, { type: "file", ...options });
   const ctx = backendContext(name, { direction: "reverse", log: createConsola({ level: 0 }), sql: db.sql, postgresUrl: db.url, drain: true });
-  const source = stdout.source!.create(cfg, ctx);
+  const source = fileSource.create(cfg, ctx);
   sources.push(source);
   return source;
 }

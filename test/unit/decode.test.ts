@@ -1,5 +1,5 @@
 import { describe, expect, test } from "bun:test";
-import { cleanRow, planFor, safeOutboxId, type HeaderRow } from "../../src/outbox/decode.ts";
+import { cleanRow, planFor, safeOutboxId, type HeaderRow } from "../../src/backends/outbox/decode.ts";
 import { renderTemplate, toEnvelope, type Message } from "../../src/message.ts";
 import { errorKind } from "../../src/errors.ts";
 

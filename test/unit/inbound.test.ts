@@ -1,8 +1,8 @@
 // Section numbers (§…) in test names refer to docs/interface.md.
 import { describe, expect, test } from "bun:test";
 import * as v from "valibot";
-import { splitQualifiedName, splitTlsParams, tlsOption } from "../../src/backends/pg-inbox.ts";
-import { RecordScanner, type RawRecord } from "../../src/backends/stdin.ts";
+import { splitQualifiedName, splitTlsParams, tlsOption } from "../../src/backends/pg-inbox/backend.ts";
+import { RecordScanner, type RawRecord } from "../../src/backends/file/source.ts";
 import {
   aggregateIdOf,
   bodyDedupKey,

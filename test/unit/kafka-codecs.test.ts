@@ -3,7 +3,7 @@
 // test/integration/kafka-compression.test.ts.
 import { describe, expect, test } from "bun:test";
 import { randomBytes } from "node:crypto";
-import { lz4Compress, lz4Decompress, snappyCompress, snappyDecompress, zstdCompress, zstdDecompress } from "../../src/backends/kafka-codecs.ts";
+import { lz4Compress, lz4Decompress, snappyCompress, snappyDecompress, zstdCompress, zstdDecompress } from "../../src/backends/kafka/codecs.ts";
 import snappy from "snappyjs";
 
 /** Inputs: empty, shorter than LZ4's minimum block, repetitive across several blocks, incompressible. */

@@ -1,9 +1,9 @@
 import { beforeAll, describe, expect, test } from "bun:test";
 import { normalizePipeline, parseBackendConfig } from "../../src/pipeline-config.ts";
-import { loadBackends, sinkBackend } from "../../src/backends/index.ts";
+import { loadBackends, sinkOf } from "../../src/backends/index.ts";
 
 describe("normalizePipeline (docs/interface.md §5.1)", () => {
-  beforeAll(() => loadBackends(["stdout", "kafka"]));
+  beforeAll(() => loadBackends([{ sourceType: "outbox", sinkType: "stdout" }, { sourceType: "kafka", sinkType: "kafka" }]));
   test("the nested shape written by set_relay_outbox", () => {
     const spec = normalizePipeline({
       name: "p", direction: "forward", enabled: true,
@@ -23,10 +23,10 @@ describe("normalizePipeline (docs/interface.md §5.1)", () => {
   });
   test("validation errors name the pipeline, the key and the value received", () => {
     const spec = normalizePipeline({ name: "p", direction: "forward", enabled: true, config: { source: { outbox: "o" }, sink: { type: "file", format: "s3cr3t-xml" } } });
-    const b = sinkBackend(spec.sinkType, "p");
+    const b = sinkOf(spec.sinkType, "p");
     let message = "";
     try {
-      parseBackendConfig(spec, "sink", b, b.sink!.config);
+      parseBackendConfig(spec, "sink", b);
     } catch (err) {
       message = (err as Error).message;
     }
@@ -42,10 +42,10 @@ describe("normalizePipeline (docs/interface.md §5.1)", () => {
       enabled: true,
       config: { source: { outbox: "o" }, sink: { type: "kafka", "brokers ": "x", acks: "some", sasl_password: 42, ack_timout_ms: 5 } },
     });
-    const b = sinkBackend(spec.sinkType, "k");
+    const b = sinkOf(spec.sinkType, "k");
     let message = "";
     try {
-      parseBackendConfig(spec, "sink", b, b.sink!.config);
+      parseBackendConfig(spec, "sink", b);
     } catch (err) {
       message = (err as Error).message;
     }
@@ -56,8 +56,8 @@ describe("normalizePipeline (docs/interface.md §5.1)", () => {
     expect(message).not.toContain("42");
 
     const ok = normalizePipeline({ name: "h", direction: "forward", enabled: true, config: { source: { outbox: "o" }, sink: { type: "file", formt: "csv" } } });
-    const file = sinkBackend(ok.sinkType, "h");
-    parseBackendConfig(ok, "sink", file, file.sink!.config);
+    const file = sinkOf(ok.sinkType, "h");
+    parseBackendConfig(ok, "sink", file);
     expect(ok.unknownKeys).toEqual(["unknown stdout sink key 'sink.formt' (did you mean 'sink.format'?)"]);
   });
 
@@ -67,7 +67,15 @@ describe("normalizePipeline (docs/interface.md §5.1)", () => {
     }
     expect(normalizePipeline({ name: "orders.eu-1:v2_x", direction: "forward", enabled: true, config: { sink: { type: "stdout" } } }).name).toBe("orders.eu-1:v2_x");
   });
+  test("on_permanent_error: validated once for every backend, from source, sink or top level", () => {
+    const row = (config: Record<string, unknown>) => ({ name: "pe", direction: "forward" as const, enabled: true, config: { sink: { type: "stdout" }, ...config } });
+    expect(normalizePipeline(row({})).onPermanentError).toBe("dead_letter");
+    expect(normalizePipeline(row({ on_permanent_error: "halt" })).onPermanentError).toBe("halt");
+    expect(normalizePipeline(row({ sink: { type: "stdout", on_permanent_error: "halt" } })).onPermanentError).toBe("halt");
+    // Any value but "halt" used to mean dead-letter in silence.
+    expect(() => normalizePipeline(row({ source: { on_permanent_error: "stop" } }))).toThrow(/pipeline 'pe': 'pipeline.on_permanent_error' must be one of "dead_letter", "halt", got "stop"/);
+  });
   test("unknown sink types list the known ones", () => {
-    expect(() => sinkBackend("carrier-pigeon", "p")).toThrow(/unknown sink type 'carrier-pigeon' \(known: .*stdout/);
+    expect(() => sinkOf("carrier-pigeon", "p")).toThrow(/unknown sink type 'carrier-pigeon' \(known: .*stdout/);
   });
 });

@@ -1,5 +1,5 @@
-import type { Sql } from "../db.ts";
-import type { PipelineSpec } from "../pipeline-config.ts";
+import type { Sql } from "../../db.ts";
+import type { PipelineSpec } from "../../pipeline-config.ts";
 import { findOutbox } from "./resolve.ts";
 
 /** Where a forward pipeline stands, read from the catalog alone (no running pipeline needed). */

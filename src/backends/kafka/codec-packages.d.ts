@@ -1,4 +1,4 @@
-// Types of the pure-JavaScript codec packages used by kafka-codecs.ts (they ship none).
+// Types of the pure-JavaScript codec packages used by codecs.ts (they ship none).
 declare module "snappyjs" {
   const snappy: { compress(data: Buffer): Buffer; uncompress(data: Buffer): Buffer };
   export default snappy;

@@ -1,4 +1,4 @@
-import { decodeError } from "../errors.ts";
+import { decodeError } from "../../errors.ts";
 
 /** One header row of `pgtrickle."outbox_<st>"` (docs/interface.md §2.3); bigints stay strings. */
 export interface HeaderRow {

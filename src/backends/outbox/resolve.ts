@@ -1,5 +1,5 @@
-import type { Sql } from "../db.ts";
-import { configError } from "../errors.ts";
+import type { Sql } from "../../db.ts";
+import { configError } from "../../errors.ts";
 
 /** Where a stream table's outbox lives, read from pgt_outbox_config — never derived (docs/interface.md §2.3). */
 export interface OutboxTarget {

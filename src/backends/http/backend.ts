@@ -30,14 +30,14 @@
 import { createHash, createHmac, timingSafeEqual } from "node:crypto";
 import { readFileSync } from "node:fs";
 import * as v from "valibot";
-import { configError, errorMessage, RelayError, transientError } from "../errors.ts";
-import { bodyDedupKey, decodeBody, inboundMessage, reverseSourceKeys, sha256Hex, TOO_DEEP, type DecodedBody } from "../inbound.ts";
-import { envelopeJson, renderTemplate, type Message } from "../message.ts";
-import { abortableDelay, backoffMs, Sleeper } from "../sleep.ts";
-import { VERSION } from "../version.ts";
-import { runKeyed } from "./concurrency.ts";
-import { redact } from "../redact.ts";
-import { defineBackend, sinkSpec, sourceSpec, type BackendContext, type Batch, type Rejection, type Sink, type Source } from "./types.ts";
+import { configError, errorMessage, RelayError, transientError } from "../../errors.ts";
+import { bodyDedupKey, decodeBody, inboundMessage, reverseSourceKeys, sha256Hex, TOO_DEEP, type DecodedBody } from "../../inbound.ts";
+import { envelopeJson, renderTemplate, type Message } from "../../message.ts";
+import { abortableDelay, backoffMs, Sleeper } from "../../sleep.ts";
+import { VERSION } from "../../version.ts";
+import { runKeyed } from "../concurrency.ts";
+import { redact } from "../../redact.ts";
+import { sinkSpec, sourceSpec, type BackendContext, type Batch, type Rejection, type Sink, type Source } from "../types.ts";
 
 const HEADER_NAME = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
 /** `application/json` or a `+json` type (`application/cloudevents+json`), parameters ignored. */
@@ -911,15 +911,16 @@ export class HttpSource implements Source {
   }
 }
 
-export default defineBackend({
+export const sink = sinkSpec({
   type: "http",
   aliases: ["webhook"],
-  sink: sinkSpec({
-    config: HttpSinkConfig,
-    create: (cfg, ctx) => new HttpSink(cfg, ctx),
-  }),
-  source: sourceSpec({
-    config: HttpSourceConfig,
-    create: (cfg, ctx) => new HttpSource(cfg, ctx),
-  }),
+  config: HttpSinkConfig,
+  create: (cfg, ctx) => new HttpSink(cfg, ctx),
+});
+
+export const source = sourceSpec({
+  type: "http",
+  aliases: ["webhook"],
+  config: HttpSourceConfig,
+  create: (cfg, ctx) => new HttpSource(cfg, ctx),
 });

@@ -1,18 +1,16 @@
 /**
  * The reverse stdin/file source (docs/interface.md §5.4, §6.5): a bad line is a dead letter of
- * its own, a file's position survives restarts, and keys are never random. It is registered as
- * the `source` of the stdout backend (src/backends/stdout.ts), because the registry finds a
- * backend by type or alias and `file` names both the forward file sink and this source.
+ * its own, a file's position survives restarts, and keys are never random.
  */
 import { open, stat, type FileHandle } from "node:fs/promises";
 import { resolve as resolvePath } from "node:path";
 import * as v from "valibot";
-import { configError, decodeError, errorMessage } from "../errors.ts";
-import { bodyDedupKey, inboundMessage, parseJson, reverseSourceKeys, sha256Hex, utf8OrNull } from "../inbound.ts";
-import type { Message } from "../message.ts";
-import { Sleeper } from "../sleep.ts";
-import { loadSourcePosition, saveSourcePosition } from "../source-positions.ts";
-import { sourceSpec, type BackendContext, type Batch, type DeadLetter, type Lag, type Source } from "./types.ts";
+import { configError, decodeError, errorMessage } from "../../errors.ts";
+import { bodyDedupKey, inboundMessage, parseJson, reverseSourceKeys, sha256Hex, utf8OrNull } from "../../inbound.ts";
+import type { Message } from "../../message.ts";
+import { Sleeper } from "../../sleep.ts";
+import { loadSourcePosition, saveSourcePosition } from "../../source-positions.ts";
+import { sourceSpec, type BackendContext, type Batch, type DeadLetter, type Lag, type Source } from "../types.ts";
 
 /** Options of the stdin/file source (docs/interface.md §5.4). */
 const StdinSourceConfig = v.looseObject({
@@ -563,7 +561,13 @@ export class StdinSource implements Source {
   }
 }
 
-export const stdinSource = sourceSpec({
+/**
+ * `file` names both this source and the stdout sink's alias; `stdin` reads standard input and
+ * `stdout` is accepted as before (the source was once registered under the stdout sink's name).
+ */
+export default sourceSpec({
+  type: "file",
+  aliases: ["stdin", "stdout"],
   config: StdinSourceConfig,
   create: (cfg, ctx) => new StdinSource(cfg, ctx),
 });

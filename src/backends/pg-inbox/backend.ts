@@ -20,11 +20,11 @@
 import { readFileSync } from "node:fs";
 import postgres from "postgres";
 import * as v from "valibot";
-import { describeUrl, explainConnectError, type Sql } from "../db.ts";
-import { redact, urlSecrets } from "../redact.ts";
-import { configError, errorMessage, isRowSqlstate, pgErrorKind, RelayError, transientError } from "../errors.ts";
-import type { Message } from "../message.ts";
-import { defineBackend, sinkSpec, type BackendContext, type Rejection, type Sink } from "./types.ts";
+import { describeUrl, explainConnectError, type Sql } from "../../db.ts";
+import { redact, urlSecrets } from "../../redact.ts";
+import { configError, errorMessage, isRowSqlstate, pgErrorKind, RelayError, transientError } from "../../errors.ts";
+import type { Message } from "../../message.ts";
+import { sinkSpec, type BackendContext, type Rejection, type Sink } from "../types.ts";
 
 const nonEmpty = v.pipe(v.string(), v.minLength(1));
 
@@ -592,11 +592,9 @@ export class PgInboxSink implements Sink {
   }
 }
 
-export default defineBackend({
+export const sink = sinkSpec({
   type: "pg-inbox",
   aliases: ["inbox"],
-  sink: sinkSpec({
-    config: PgInboxSinkConfig,
-    create: (cfg, ctx) => new PgInboxSink(cfg, ctx),
-  }),
+  config: PgInboxSinkConfig,
+  create: (cfg, ctx) => new PgInboxSink(cfg, ctx),
 });

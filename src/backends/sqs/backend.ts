@@ -30,13 +30,13 @@ import {
 } from "@aws-sdk/client-sqs";
 import { createHash } from "node:crypto";
 import * as v from "valibot";
-import { configError, errorMessage, RelayError, transientError } from "../errors.ts";
-import { inboundMessage, reverseSourceKeys } from "../inbound.ts";
-import { envelopeJson, renderTemplate, type Message } from "../message.ts";
-import { Sleeper } from "../sleep.ts";
-import { runKeyed } from "./concurrency.ts";
-import { redact } from "../redact.ts";
-import { defineBackend, LAG_TIMEOUT_MS, sinkSpec, sourceSpec, type BackendContext, type Batch, type Lag, type Rejection, type Sink, type Source } from "./types.ts";
+import { configError, errorMessage, RelayError, transientError } from "../../errors.ts";
+import { inboundMessage, reverseSourceKeys } from "../../inbound.ts";
+import { envelopeJson, renderTemplate, type Message } from "../../message.ts";
+import { Sleeper } from "../../sleep.ts";
+import { runKeyed } from "../concurrency.ts";
+import { redact } from "../../redact.ts";
+import { LAG_TIMEOUT_MS, sinkSpec, sourceSpec, type BackendContext, type Batch, type Lag, type Rejection, type Sink, type Source } from "../types.ts";
 
 /** Where the queue is and how to reach it: shared by the sink and the source. */
 const sqsConnectionKeys = {
@@ -863,14 +863,14 @@ class SqsSource implements Source {
   }
 }
 
-export default defineBackend({
+export const sink = sinkSpec({
   type: "sqs",
-  sink: sinkSpec({
-    config: SqsSinkConfig,
-    create: (cfg, ctx) => new SqsSink(cfg, ctx),
-  }),
-  source: sourceSpec({
-    config: SqsSourceConfig,
-    create: (cfg, ctx) => new SqsSource(cfg, ctx),
-  }),
+  config: SqsSinkConfig,
+  create: (cfg, ctx) => new SqsSink(cfg, ctx),
+});
+
+export const source = sourceSpec({
+  type: "sqs",
+  config: SqsSourceConfig,
+  create: (cfg, ctx) => new SqsSource(cfg, ctx),
 });

@@ -21,13 +21,13 @@
  */
 import amqp, { type Channel, type ChannelModel, type ConfirmChannel, type ConsumeMessage, type Options } from "amqplib";
 import * as v from "valibot";
-import { configError, errorMessage, RelayError, transientError } from "../errors.ts";
-import { headerValue, inboundMessage, reverseSourceKeys, sha256Hex, utf8OrNull } from "../inbound.ts";
-import { envelopeJson, renderTemplate, type Message } from "../message.ts";
-import { Sleeper, withTimeout } from "../sleep.ts";
-import { redact, urlSecrets } from "../redact.ts";
-import { readSettingFile } from "./redact.ts";
-import { defineBackend, LAG_TIMEOUT_MS, sinkSpec, sourceSpec, type BackendContext, type Batch, type Lag, type Rejection, type Sink, type Source } from "./types.ts";
+import { configError, errorMessage, RelayError, transientError } from "../../errors.ts";
+import { headerValue, inboundMessage, reverseSourceKeys, sha256Hex, utf8OrNull } from "../../inbound.ts";
+import { envelopeJson, renderTemplate, type Message } from "../../message.ts";
+import { Sleeper, withTimeout } from "../../sleep.ts";
+import { redact, urlSecrets } from "../../redact.ts";
+import { readSettingFile } from "../redact.ts";
+import { LAG_TIMEOUT_MS, sinkSpec, sourceSpec, type BackendContext, type Batch, type Lag, type Rejection, type Sink, type Source } from "../types.ts";
 
 export const DEFAULT_ROUTING_KEY_TEMPLATE = "{stream_table}.{op}";
 /** RabbitMQ 4's default `max_message_size` (3.x allowed 128 MiB). */
@@ -874,14 +874,14 @@ export class RabbitSource implements Source {
   }
 }
 
-export default defineBackend({
+export const sink = sinkSpec({
   type: "rabbitmq",
-  sink: sinkSpec({
-    config: RabbitSinkConfig,
-    create: (cfg, ctx) => new RabbitSink(cfg, ctx),
-  }),
-  source: sourceSpec({
-    config: RabbitSourceConfig,
-    create: (cfg, ctx) => new RabbitSource(cfg, ctx),
-  }),
+  config: RabbitSinkConfig,
+  create: (cfg, ctx) => new RabbitSink(cfg, ctx),
+});
+
+export const source = sourceSpec({
+  type: "rabbitmq",
+  config: RabbitSourceConfig,
+  create: (cfg, ctx) => new RabbitSource(cfg, ctx),
 });

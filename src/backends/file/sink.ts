@@ -2,10 +2,9 @@ import { constants } from "node:fs";
 import { access, open, rename, stat, type FileHandle } from "node:fs/promises";
 import { dirname } from "node:path";
 import * as v from "valibot";
-import { configError, errorMessage, transientError } from "../errors.ts";
-import { toEnvelope, type Message } from "../message.ts";
-import { stdinSource } from "./stdin.ts";
-import { defineBackend, sinkSpec, type BackendContext, type Sink } from "./types.ts";
+import { configError, errorMessage, transientError } from "../../errors.ts";
+import { toEnvelope, type Message } from "../../message.ts";
+import { sinkSpec, type BackendContext, type Sink } from "../types.ts";
 
 /** Options of the stdout/file sink (docs/interface.md §5.3). */
 const StdoutSinkConfig = v.looseObject({
@@ -143,17 +142,13 @@ async function exists(path: string): Promise<boolean> {
   );
 }
 
-export default defineBackend({
+export default sinkSpec({
   type: "stdout",
-  // `file` is the sink's alias (forward) and the source's (reverse); `stdin` only names the source.
+  // `stdin` as a sink name is kept from when one entry held both sides.
   aliases: ["file", "stdin"],
-  sink: sinkSpec({
-    config: StdoutSinkConfig,
-    create(cfg, ctx) {
-      const path = cfg.output ?? cfg.path;
-      return path && path !== "-" ? new FileSink(cfg, path, ctx.check) : new StdoutSink(cfg);
-    },
-  }),
-  // The reverse stdin/file source (src/backends/stdin.ts) shares this entry: `file` names both.
-  source: stdinSource,
+  config: StdoutSinkConfig,
+  create(cfg, ctx) {
+    const path = cfg.output ?? cfg.path;
+    return path && path !== "-" ? new FileSink(cfg, path, ctx.check) : new StdoutSink(cfg);
+  },
 });

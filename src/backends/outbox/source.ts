@@ -1,12 +1,12 @@
 import * as v from "valibot";
-import type { BackendContext, Batch, DeadLetter, Lag, Source } from "../backends/types.ts";
-import { ident, qualifiedIdent, type Sql } from "../db.ts";
-import { configError, decodeError, errorKind, errorMessage, RelayError } from "../errors.ts";
-import { DEFAULT_SUBJECT_TEMPLATE, forwardDedupKey, renderTemplate, type Message, type Op } from "../message.ts";
+import { sourceSpec, type BackendContext, type Batch, type DeadLetter, type Lag, type Source } from "../types.ts";
+import { ident, qualifiedIdent, type Sql } from "../../db.ts";
+import { configError, decodeError, errorKind, errorMessage, RelayError } from "../../errors.ts";
+import { DEFAULT_SUBJECT_TEMPLATE, forwardDedupKey, renderTemplate, type Message, type Op } from "../../message.ts";
 import { cleanRow, planFor, safeOutboxId, summaryPayload, type HeaderRow, type Plan } from "./decode.ts";
 import { enableOutbox, findOutbox, type OutboxTarget } from "./resolve.ts";
-import { Sleeper } from "../sleep.ts";
-import { loadSourcePosition, saveSourcePosition } from "../source-positions.ts";
+import { Sleeper } from "../../sleep.ts";
+import { loadSourcePosition, saveSourcePosition } from "../../source-positions.ts";
 
 const positiveInt = (fallback: number) => v.optional(v.pipe(v.number(), v.integer(), v.minValue(1)), fallback);
 
@@ -237,7 +237,7 @@ export class OutboxSource implements Source {
    * starts a batch of its own, so it is always cut into batches at the same places (every
    * max_batch_messages from its first message), whatever came before it in the poll: a replay
    * then hands the sink the same slices, and sinks that group a batch into requests (the HTTP
-   * sink's Idempotency-Key, docs in src/backends/http.ts) send the same requests again. A
+   * sink's Idempotency-Key, docs in src/backends/http/) send the same requests again. A
    * claim-check change set, whose size is only announced, always starts its own batch.
    */
   private fitsBatch(plan: Plan, held: number): boolean {
@@ -587,3 +587,5 @@ export class OutboxSource implements Source {
 function workerId(): string {
   return `${process.env.HOSTNAME ?? "relay"}:${process.pid}`;
 }
+
+export default sourceSpec({ type: "outbox", config: OutboxSourceConfig, create: (cfg, ctx) => new OutboxSource(cfg, ctx) });

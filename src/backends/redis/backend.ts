@@ -19,11 +19,11 @@ import { readFileSync } from "node:fs";
 import type { ConnectionOptions as TlsConnectionOptions } from "node:tls";
 import { Redis, type RedisOptions } from "ioredis";
 import * as v from "valibot";
-import { configError, errorMessage, RelayError, transientError } from "../errors.ts";
-import { decodeBody, inboundMessage, reverseSourceKeys, type DecodedBody } from "../inbound.ts";
-import { renderTemplate, type Message } from "../message.ts";
-import { redact as scrub } from "../redact.ts";
-import { defineBackend, LAG_TIMEOUT_MS, sinkSpec, sourceSpec, type Batch, type BackendContext, type DeadLetter, type Lag, type Rejection, type Sink, type Source } from "./types.ts";
+import { configError, errorMessage, RelayError, transientError } from "../../errors.ts";
+import { decodeBody, inboundMessage, reverseSourceKeys, type DecodedBody } from "../../inbound.ts";
+import { renderTemplate, type Message } from "../../message.ts";
+import { redact as scrub } from "../../redact.ts";
+import { LAG_TIMEOUT_MS, sinkSpec, sourceSpec, type Batch, type BackendContext, type DeadLetter, type Lag, type Rejection, type Sink, type Source } from "../types.ts";
 
 const positiveInt = (max = Number.MAX_SAFE_INTEGER) => v.pipe(v.number(), v.integer(), v.minValue(1), v.maxValue(max));
 const nonEmpty = () => v.pipe(v.string(), v.nonEmpty());
@@ -896,14 +896,14 @@ class RedisSource implements Source {
   }
 }
 
-export default defineBackend({
+export const sink = sinkSpec({
   type: "redis",
-  sink: sinkSpec({
-    config: RedisSinkConfig,
-    create: (cfg, ctx) => new RedisSink(cfg, ctx),
-  }),
-  source: sourceSpec({
-    config: RedisSourceConfig,
-    create: (cfg, ctx) => new RedisSource(cfg, ctx),
-  }),
+  config: RedisSinkConfig,
+  create: (cfg, ctx) => new RedisSink(cfg, ctx),
+});
+
+export const source = sourceSpec({
+  type: "redis",
+  config: RedisSourceConfig,
+  create: (cfg, ctx) => new RedisSource(cfg, ctx),
 });
