@@ -9,7 +9,7 @@
 import { Redis } from "ioredis";
 import * as v from "valibot";
 import redisSink from "../src/backends/redis/sink.ts";
-import { RedisSinkConfig } from "../src/backends/redis/backend.ts";
+import { RedisSinkConfig } from "../src/backends/redis/config.ts";
 import { benchBatches, benchContext, median, timedWrites } from "./lib.ts";
 import { forwardMessages } from "../test/helpers/messages.ts";
 import { REDIS_URL, requireServer } from "../test/helpers/servers.ts";

@@ -1,17 +1,16 @@
 /**
- * Generates docs/OPTIONS.md from the backends' valibot schemas: keys, types and defaults come
- * from the schema objects, descriptions from the doc comment above each key in the backend's
- * source file. The schemas stay the single source of truth; test/unit/docs.test.ts fails when
- * the committed file is stale.
+ * Generates docs/OPTIONS.md from the sinks' and sources' valibot schemas: keys, types and
+ * defaults from the schema objects, each key's meaning from its `v.description()`. The schemas
+ * are the single source of truth; test/unit/docs.test.ts fails when the committed file is stale
+ * or a key has no description.
  *
  *   node_modules/.bin/bun scripts/docs.ts          # rewrite docs/OPTIONS.md
  *   node_modules/.bin/bun scripts/docs.ts --check  # exit 1 if it is out of date
  */
-import { existsSync, readFileSync, writeFileSync } from "node:fs";
+import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { allSinks, allSources } from "../src/backends/index.ts";
 import { PipelineKeys, schemaEntries } from "../src/pipeline-config.ts";
-import { reverseSourceKeys } from "../src/inbound.ts";
 
 type AnySchema = { type: string; kind?: string; entries?: Record<string, AnySchema>; wrapped?: AnySchema; default?: unknown; pipe?: readonly AnySchema[]; options?: unknown[]; item?: AnySchema; description?: string };
 
@@ -51,40 +50,14 @@ function typeName(s: AnySchema): string {
 }
 
 
-/** key → first doc comment directly above `key:` in a backend's source. */
-function comments(file: string): Map<string, string> {
-  const out = new Map<string, string>();
-  // A system split into config/client/sink/source has no backend.ts: its schemas carry v.description().
-  if (!existsSync(file)) return out;
-  const text = readFileSync(file, "utf8");
-  for (const m of text.matchAll(/\/\*\*((?:(?!\*\/)[\s\S])*)\*\/\s*\n\s*([a-z_][a-z0-9_]*)\s*:/g)) {
-    const doc = m[1]!.split("\n").map((l) => l.replace(/^\s*\*\s?/, "").trim()).filter(Boolean).join(" ");
-    if (!out.has(m[2]!)) out.set(m[2]!, doc);
-  }
-  return out;
-}
-
-/** Where each side's options are documented until they move into v.description(). */
-function fileOf(side: "sink" | "source", type: string): string {
-  if (type === "outbox") return "src/backends/outbox/source.ts";
-  if (type === "file" || type === "stdout") return `src/backends/file/${side}.ts`;
-  return `src/backends/${type}/backend.ts`;
-}
-
-/** Doc comments of the keys every reverse source spreads in (`reverseSourceKeys`). */
-function sharedReverseDocs(): Map<string, string> {
-  const shared = new Set(Object.keys(reverseSourceKeys));
-  return new Map([...comments(join(root, "src/inbound.ts"))].filter(([key]) => shared.has(key)));
-}
-
-function table(schema: AnySchema, docs: Map<string, string>): string {
+function table(schema: AnySchema): string {
   const entries = (schemaEntries(schema as never) ?? {}) as Record<string, AnySchema>;
   const rows = Object.entries(entries)
     .filter(([key]) => key !== "type")
     .map(([key, s]) => {
       const { optional, dflt } = unwrap(s);
       const d = dflt === undefined ? (optional ? "" : "**required**") : `\`${JSON.stringify(dflt)}\``;
-      return `| \`${key}\` | ${typeName(s)} | ${d} | ${(descriptionOf(s) ?? docs.get(key) ?? "").replace(/\|/g, "\\|")} |`;
+      return `| \`${key}\` | ${typeName(s)} | ${d} | ${(descriptionOf(s) ?? "").replace(/\|/g, "\\|")} |`;
     });
   return ["| key | type | default | meaning |", "|---|---|---|---|", ...rows].join("\n");
 }
@@ -98,15 +71,13 @@ export async function generate(): Promise<string> {
     "String values may hold `${env:NAME}` or `${file:/path}` secrets.",
     "",
   ];
-  parts.push("## Pipeline keys", "", "At top level, in `source` or in `sink` (`source` winning), for every backend.", "", table(PipelineKeys as AnySchema, new Map()), "");
+  parts.push("## Pipeline keys", "", "At top level, in `source` or in `sink` (`source` winning), for every backend.", "", table(PipelineKeys as AnySchema), "");
   const alias = (aliases?: string[]) => (aliases?.length ? ` (alias ${aliases.map((a) => `\`${a}\``).join(", ")})` : "");
   for (const s of await allSources()) {
-    // Keys every reverse source shares are documented in src/inbound.ts.
-    const docs = new Map([...sharedReverseDocs(), ...comments(join(root, fileOf("source", s.type)))]);
-    parts.push(`## \`${s.type}\` source${alias(s.aliases)}`, "", table(s.config as AnySchema, docs), "");
+    parts.push(`## \`${s.type}\` source${alias(s.aliases)}`, "", table(s.config as AnySchema), "");
   }
   for (const s of await allSinks()) {
-    parts.push(`## \`${s.type}\` sink${alias(s.aliases)}`, "", table(s.config as AnySchema, comments(join(root, fileOf("sink", s.type)))), "");
+    parts.push(`## \`${s.type}\` sink${alias(s.aliases)}`, "", table(s.config as AnySchema), "");
   }
   return parts.join("\n");
 }

@@ -11,21 +11,24 @@ import { createHash } from "node:crypto";
 import * as v from "valibot";
 import type { Message } from "./message.ts";
 
-const positiveInt = (fallback: number) => v.optional(v.pipe(v.number(), v.integer(), v.minValue(1)), fallback);
+const positiveInt = (fallback: number, description: string) =>
+  v.pipe(v.optional(v.pipe(v.number(), v.integer(), v.minValue(1)), fallback), v.description(description));
 
 /**
  * Keys shared by every reverse source (docs/interface.md §5.4). Spread into a source's schema:
  * `v.looseObject({ ...reverseSourceKeys, url: …, … })`.
  */
 export const reverseSourceKeys = {
-  /** Event type when neither the body nor the transport names one; default: the source type. */
-  event_type: v.optional(v.pipe(v.string(), v.minLength(1))),
-  /** Body field holding the event type; a string there wins over everything else. */
-  event_type_field: v.optional(v.pipe(v.string(), v.minLength(1)), "event_type"),
-  /** Most messages handed to the inbox in one transaction. */
-  batch_size: positiveInt(100),
-  /** Idle poll interval, for sources that poll. */
-  poll_interval_ms: positiveInt(1000),
+  event_type: v.pipe(
+    v.optional(v.pipe(v.string(), v.minLength(1))),
+    v.description("Event type when neither the body nor the transport names one; default: the source type."),
+  ),
+  event_type_field: v.pipe(
+    v.optional(v.pipe(v.string(), v.minLength(1)), "event_type"),
+    v.description("Body field holding the event type; a string there wins over everything else."),
+  ),
+  batch_size: positiveInt(100, "Most messages handed to the inbox in one transaction."),
+  poll_interval_ms: positiveInt(1000, "Idle poll interval, for sources that poll."),
 };
 
 export type ReverseSourceKeys = v.InferOutput<v.ObjectSchema<typeof reverseSourceKeys, undefined>>;

@@ -8,7 +8,7 @@ import { createHash } from "node:crypto";
 import * as v from "valibot";
 import httpSink from "../../src/backends/http/sink.ts";
 import httpSource from "../../src/backends/http/source.ts";
-import { signPayload } from "../../src/backends/http/backend.ts";
+import { signPayload } from "../../src/backends/http/client.ts";
 import type { Batch } from "../../src/backends/types.ts";
 import { log } from "../../src/observe/log.ts";
 import { backendContext } from "../helpers/backend.ts";

@@ -9,7 +9,7 @@ import amqp, { type Channel, type ChannelModel, type Options } from "amqplib";
 import * as v from "valibot";
 import rabbitmqSink from "../../src/backends/rabbitmq/sink.ts";
 import rabbitmqSource from "../../src/backends/rabbitmq/source.ts";
-import { convertAmqpDelivery } from "../../src/backends/rabbitmq/backend.ts";
+import { convertAmqpDelivery } from "../../src/backends/rabbitmq/delivery.ts";
 import type { BackendContext, Batch } from "../../src/backends/types.ts";
 import { sha256Hex } from "../../src/inbound.ts";
 import { log } from "../../src/observe/log.ts";

@@ -3,7 +3,7 @@ import { createConsola } from "consola";
 import { Redis } from "ioredis";
 import * as v from "valibot";
 import redisSink from "../../src/backends/redis/sink.ts";
-import { RedisSinkConfig } from "../../src/backends/redis/backend.ts";
+import { RedisSinkConfig } from "../../src/backends/redis/config.ts";
 import type { Sink } from "../../src/backends/types.ts";
 import { RelayError } from "../../src/errors.ts";
 import type { Message } from "../../src/message.ts";

@@ -5,7 +5,7 @@ import { Redis } from "ioredis";
 import * as v from "valibot";
 import redisSink from "../../src/backends/redis/sink.ts";
 import redisSource from "../../src/backends/redis/source.ts";
-import { RedisSinkConfig, RedisSourceConfig } from "../../src/backends/redis/backend.ts";
+import { RedisSinkConfig, RedisSourceConfig } from "../../src/backends/redis/config.ts";
 import type { Batch, BackendContext, Source } from "../../src/backends/types.ts";
 import { backendContext, errorOf } from "../helpers/backend.ts";
 import { forwardMessages } from "../helpers/messages.ts";

@@ -1,8 +1,9 @@
 // Section numbers (§…) in test names refer to docs/interface.md.
 import { describe, expect, test } from "bun:test";
 import * as v from "valibot";
-import { splitQualifiedName, splitTlsParams, tlsOption } from "../../src/backends/pg-inbox/backend.ts";
-import { RecordScanner, type RawRecord } from "../../src/backends/file/source.ts";
+import { splitTlsParams, tlsOption } from "../../src/backends/pg-inbox/client.ts";
+import { splitQualifiedName } from "../../src/backends/pg-inbox/config.ts";
+import { RecordScanner, type RawRecord } from "../../src/backends/file/scanner.ts";
 import {
   aggregateIdOf,
   bodyDedupKey,

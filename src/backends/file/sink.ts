@@ -1,25 +1,11 @@
+/** The stdout/file sink (docs/interface.md §5.3): envelopes as jsonl, indented JSON or CSV. */
 import { constants } from "node:fs";
 import { access, open, rename, stat, type FileHandle } from "node:fs/promises";
 import { dirname } from "node:path";
-import * as v from "valibot";
 import { configError, errorMessage, transientError } from "../../errors.ts";
 import { toEnvelope, type Message } from "../../message.ts";
 import { sinkSpec, type BackendContext, type Sink } from "../types.ts";
-
-/** Options of the stdout/file sink (docs/interface.md §5.3). */
-const StdoutSinkConfig = v.looseObject({
-  /** `jsonl` (one envelope per line), `json_pretty` (indented), or `csv` (header once per file). */
-  format: v.optional(v.picklist(["jsonl", "json_pretty", "csv"]), "jsonl"),
-  /** File path, opened for append; absent = standard output. Alias `path`. */
-  output: v.optional(v.string()),
-  /** Alias of `output`. */
-  path: v.optional(v.string()),
-  /** Rotate the file once it reaches this many bytes: it is renamed to `<output>.<timestamp>`. */
-  rotate_bytes: v.optional(v.pipe(v.number(), v.integer(), v.minValue(1))),
-  /** fsync the file after every batch, before the batch is acknowledged. */
-  fsync: v.optional(v.boolean(), true),
-});
-type StdoutSinkConfig = v.InferOutput<typeof StdoutSinkConfig>;
+import { StdoutSinkConfig } from "./config.ts";
 
 /** Stable CSV columns: the envelope's keys, the row payload as JSON. */
 const CSV_COLUMNS = ["dedup_key", "subject", "op", "is_full_refresh", "outbox_id", "refresh_id", "payload"] as const;

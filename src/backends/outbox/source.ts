@@ -1,62 +1,12 @@
-import * as v from "valibot";
 import { sourceSpec, type BackendContext, type Batch, type DeadLetter, type Lag, type Source } from "../types.ts";
 import { ident, qualifiedIdent, type Sql } from "../../db.ts";
 import { configError, decodeError, errorKind, errorMessage, RelayError } from "../../errors.ts";
-import { DEFAULT_SUBJECT_TEMPLATE, forwardDedupKey, renderTemplate, type Message, type Op } from "../../message.ts";
+import { forwardDedupKey, renderTemplate, type Message, type Op } from "../../message.ts";
 import { cleanRow, planFor, safeOutboxId, summaryPayload, type HeaderRow, type Plan } from "./decode.ts";
 import { enableOutbox, findOutbox, type OutboxTarget } from "./resolve.ts";
 import { Sleeper } from "../../sleep.ts";
 import { loadSourcePosition, saveSourcePosition } from "../../source-positions.ts";
-
-const positiveInt = (fallback: number) => v.optional(v.pipe(v.number(), v.integer(), v.minValue(1)), fallback);
-
-/** Options of the outbox source (docs/interface.md §5.2). Pipeline tuning keys live here too. */
-export const OutboxSourceConfig = v.looseObject({
-  /** Stream table (`schema.table` or `table`) or outbox table name; resolved via pgt_outbox_config. */
-  outbox: v.pipe(v.string(), v.minLength(1)),
-  /** Consumer group: set ⇒ consumer-group mode (poll_outbox/commit_offset); null ⇒ simple mode. */
-  group: v.optional(v.nullable(v.string()), null),
-  /** Only used to enable the outbox when `auto_enable_outbox` is true. */
-  retention_hours: positiveInt(24),
-  /** Group mode: the consumer id; must stay the same across restarts. Default `<relay group>:<pipeline>`. */
-  consumer_id: v.optional(v.string()),
-  /** Group mode: lease length passed to poll_outbox, extended while a batch is slow. */
-  visibility_seconds: positiveInt(30),
-  /** Group mode: create the group when missing (checked first: create_consumer_group is not idempotent). */
-  create_group: v.optional(v.boolean(), true),
-  /** Group mode: start position of a group this pipeline creates. */
-  auto_offset_reset: v.optional(v.picklist(["earliest", "latest"]), "earliest"),
-  /** Outbox header rows per poll. One header row may expand to many messages. */
-  batch_size: positiveInt(100),
-  /**
-   * Most messages handed to the sink at once. A header row that does not fit in the batch being
-   * filled starts the next one, and a larger one is split every this many messages, so a
-   * change set is cut at the same places on every replay.
-   */
-  max_batch_messages: positiveInt(1000),
-  /** Idle poll interval; doubles while idle up to max(this, 5 s). A NOTIFY cuts the sleep short. */
-  poll_interval_ms: positiveInt(1000),
-  /** Subject of each message, e.g. `pgtrickle.{stream_table}.{op}`; sinks may have their own template. */
-  subject_template: v.optional(v.string(), DEFAULT_SUBJECT_TEMPLATE),
-  /** Delta-table rows read per query for claim-check rows. */
-  claim_check_fetch_size: positiveInt(1000),
-  /** Call outbox_rows_consumed after committing claim-check rows. It frees them for EVERY reader. */
-  release_claim_check: v.optional(v.boolean(), false),
-  /** An undecodable row: `dead_letter` (row to relay_dead_letters, offset advances) or `halt`. */
-  on_decode_error: v.optional(v.picklist(["dead_letter", "halt"]), "dead_letter"),
-  /** Emit one `summary` message for rows without data (NULL payload, pg_tide counts). */
-  summary_messages: v.optional(v.boolean(), true),
-  /** Keep the extension's internal `__pgt_*` columns in row payloads. */
-  keep_internal_columns: v.optional(v.boolean(), false),
-  /** Call enable_outbox(stream_table, retention_hours) when the stream table has no outbox. */
-  auto_enable_outbox: v.optional(v.boolean(), false),
-  /**
-   * Simple mode, a pipeline without a stored offset (new, or new to this relay group): `earliest`
-   * relays every row still in the outbox, `latest` only rows written after its first start.
-   */
-  start_position: v.optional(v.picklist(["earliest", "latest"]), "earliest"),
-});
-export type OutboxSourceConfig = v.InferOutput<typeof OutboxSourceConfig>;
+import { OutboxSourceConfig } from "./config.ts";
 
 /** How far the simple-mode reader may go: see `deliverablePrefix`. */
 interface WriterCheck {

@@ -1,0 +1,85 @@
+/**
+ * The connection to RabbitMQ through amqplib: the URL and socket options (heartbeat, TLS), the
+ * description of the server that reaches logs (never the password), and how amqplib's errors
+ * are classified (config or transient).
+ */
+import { configError, errorMessage, RelayError, transientError } from "../../errors.ts";
+import { redact, urlSecrets } from "../../redact.ts";
+import { readSettingFile } from "../redact.ts";
+
+/** `amqp://user@host:port/vhost` — never the password. */
+export function describeAmqpUrl(url: string, tls = false): string {
+  try {
+    const u = new URL(url);
+    const secure = tls || u.protocol === "amqps:";
+    const user = u.username ? `${decodeURIComponent(u.username)}@` : "";
+    const port = u.port || (secure ? "5671" : "5672");
+    const vhost = u.pathname.length > 1 ? decodeURIComponent(u.pathname.slice(1)) : "/";
+    return `${secure ? "amqps" : "amqp"}://${user}${u.hostname}:${port}/${vhost === "/" ? "" : encodeURIComponent(vhost)}`;
+  } catch {
+    return "(unparseable amqp URL)";
+  }
+}
+
+/** Connection settings the sink and the source share. */
+export interface AmqpConnectionOptions {
+  url: string;
+  tls: boolean;
+  tls_ca?: string;
+  tls_cert?: string;
+  tls_key?: string;
+  tls_key_password?: string;
+  heartbeat_seconds: number;
+  connection_timeout_ms: number;
+}
+
+/** The URL and socket options amqplib gets (heartbeat goes in the URL, TLS material in the socket). */
+export function amqpConnectArgs(cfg: AmqpConnectionOptions, connectionName = "pgtrickle-relay"): { url: string; socket: Record<string, unknown> } {
+  const u = new URL(cfg.url);
+  if (!u.searchParams.has("heartbeat")) u.searchParams.set("heartbeat", String(cfg.heartbeat_seconds));
+  const socket: Record<string, unknown> = { timeout: cfg.connection_timeout_ms, noDelay: true, clientProperties: { connection_name: connectionName } };
+  applyTls(cfg, u, socket);
+  return { url: u.toString(), socket };
+}
+
+/** TLS: `tls` turns an amqp:// URL into amqps://; the CA, client certificate and key go in the socket options. */
+function applyTls(cfg: AmqpConnectionOptions, u: URL, socket: Record<string, unknown>): void {
+  if (cfg.tls && u.protocol === "amqp:") {
+    u.protocol = "amqps:";
+  }
+  if (cfg.tls_ca) socket.ca = [pem(cfg.tls_ca, "tls_ca")];
+  if (cfg.tls_cert) socket.cert = pem(cfg.tls_cert, "tls_cert");
+  if (cfg.tls_key) socket.key = pem(cfg.tls_key, "tls_key");
+  if (cfg.tls_key_password) socket.passphrase = cfg.tls_key_password;
+}
+
+function pem(value: string, key: string): Buffer {
+  if (value.includes("-----BEGIN")) return Buffer.from(value);
+  return readSettingFile(value, `rabbitmq ${key}`);
+}
+
+/** Server close codes that an operator has to fix (AMQP reply codes). */
+const CONFIG_CODES = new Set([403 /* access refused */, 530 /* not allowed (vhost) */]);
+
+/** Removes the URL's password (and the TLS key passphrase) from any text amqplib hands us. */
+export function amqpScrubber(cfg: AmqpConnectionOptions): (text: string) => string {
+  const secrets = [...urlSecrets(cfg.url), cfg.tls_key_password ?? ""].filter((s) => s.length > 0);
+  return (text) => redact(text, secrets);
+}
+
+/** A RelayError naming host:port (`where`); access problems are config, everything else transient. */
+export function amqpFailure(err: unknown, doing: string, where: string, scrub: (t: string) => string): RelayError {
+  const code = (err as { code?: unknown }).code;
+  const text = scrub(errorMessage(err));
+  const msg = `rabbitmq ${doing} on ${where}: ${text}`;
+  if ((typeof code === "number" && CONFIG_CODES.has(code)) || /ACCESS[-_]REFUSED|NOT[-_]ALLOWED/.test(text)) {
+    return configError(`${msg} — check the user name, password, vhost and permissions in url`);
+  }
+  // amqplib reports a refused connection.open without its reason; RabbitMQ refuses it only
+  // for a virtual host that is missing or that the user may not access (530 NOT_ALLOWED).
+  if (/Expected ConnectionOpenOk; got <ConnectionClose/.test(text)) {
+    const vhost = where.replace(/^amqps?:\/\/[^/]*\//, "") || "/";
+    return configError(`rabbitmq ${doing} on ${where}: the server refused virtual host '${decodeURIComponent(vhost)}' (it does not exist, or the user has no permission on it)`);
+  }
+  return transientError(msg);
+}
