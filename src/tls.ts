@@ -157,6 +157,12 @@ function newVocabulary(cfg: TlsConfig, where: string): Vocabulary {
   return out;
 }
 
+/** True when `cfg` asks for TLS by a key (for descriptions; `loadTls` decides and checks). */
+export function tlsWanted(cfg: TlsConfig): boolean {
+  if (cfg.tls === false || cfg.ssl === false) return false;
+  return Object.entries(cfg).some(([key, value]) => value !== undefined && value !== false && (key.startsWith("tls") || key === "ssl" || key in FLAT_ALIASES));
+}
+
 /** Every PEM block of a text, for bundles of several certificates. */
 const PEM_BLOCK = /-----BEGIN ([A-Z0-9 ]+)-----[\s\S]*?-----END \1-----/g;
 
@@ -274,7 +280,7 @@ const HANDSHAKE_FAILURES: [RegExp, string][] = [
   [/CERT_NOT_YET_VALID|certificate is not yet valid/i, "the server's certificate is not valid yet (check both clocks)"],
   [
     /ERR_TLS_CERT_ALTNAME_INVALID|does not match certificate's altnames/i,
-    "the server's certificate does not name the host connected to; connect by a name it carries, or set tls_server_name to one",
+    "the server's certificate does not carry the host name connected to; connect by a name it carries, or set tls_server_name to one",
   ],
   [
     /CERTIFICATE_REQUIRED|ALERT_BAD_CERTIFICATE|ALERT_UNKNOWN_CA|ALERT_CERTIFICATE_EXPIRED|ALERT_CERTIFICATE_UNKNOWN|ALERT_CERTIFICATE_REVOKED|ALERT_ACCESS_DENIED|ALERT_HANDSHAKE_FAILURE|peer did not return a certificate|requires a valid client certificate/i,

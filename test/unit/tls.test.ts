@@ -255,7 +255,7 @@ describe("describeTlsError, against real handshakes", () => {
     const port = await tlsServer("server.crt", "server.key");
     const err = await handshakeError(port, { ca: text("ca.crt"), servername: "elsewhere.example" });
     expect(describeTlsError(err, "w")?.message).toBe(
-      "w: TLS: the server's certificate does not name the host connected to; connect by a name it carries, or set tls_server_name to one (ERR_TLS_CERT_ALTNAME_INVALID)",
+      "w: TLS: the server's certificate does not carry the host name connected to; connect by a name it carries, or set tls_server_name to one (ERR_TLS_CERT_ALTNAME_INVALID)",
     );
   });
 
