@@ -87,7 +87,7 @@ afterAll(async () => {
     await nc.close();
   }
   if (redis) {
-    await redis.del(`tls:${RUN}`, `tlssrc:${RUN}`).catch(() => {});
+    await redis.del(`tls:${RUN}`, `tls:${RUN}:old`, `tlssrc:${RUN}`).catch(() => {});
     redis.disconnect();
   }
   if (amqpConn) {
@@ -228,6 +228,24 @@ describe("sinks over TLS", () => {
     await sinkCase("tls_http", { type: "http", url: `https://127.0.0.1:${webhook.port}/hook` }, async () => webhookMessages, CA_ONLY);
   }, 240_000);
 
+  test("old spellings (Kafka ssl_*, Redis' tls object) still connect, with one warning naming the new key", async () => {
+    const topic = `tls-${RUN}-old`;
+    const key = `tls:${RUN}:old`;
+    const sinks = {
+      tls_old_kafka: { type: "kafka", brokers: KAFKA_MTLS_BROKERS.join(","), security_protocol: "SSL", topic, create_topic: true, ssl_ca_file: TLS_FILES.ca, ssl_cert_file: TLS_FILES.clientCert, ssl_key_file: TLS_FILES.clientKeyEncrypted, ssl_key_password: TLS_KEY_PASSPHRASE },
+      tls_old_redis: { type: "redis", url: REDIS_TLS_URL, stream_key: key, tls: { ca: TLS_FILES.ca } },
+    };
+    for (const [name, sink] of Object.entries(sinks)) await forward(name, sink);
+    const out = await relayOnce(["drain", "--postgres-url", db.url, "--pipeline", Object.keys(sinks).join(","), "--timeout", "60"], {}, 90_000);
+    expectNoSecrets(out);
+    expect(out.exitCode, out.stderr).toBe(0);
+    expect(await topicCount(topic)).toBe(N);
+    expect(await redis.xlen(key)).toBe(N);
+    for (const [oldKey, newKey] of [["ssl_ca_file", "tls_ca"], ["ssl_key_password", "tls_key_password"], ["tls.ca", "tls_ca"]]) {
+      expect(out.stderr.split(`${oldKey} is an old spelling; use ${newKey}`).length - 1).toBe(1);
+    }
+  }, 240_000);
+
   test("pg-inbox: verify-full, logging in by client certificate (pg_hba cert)", async () => {
     const url = new URL(POSTGRES_URL);
     url.username = TLS_CLIENT_ROLE;
@@ -235,6 +253,16 @@ describe("sinks over TLS", () => {
     const delivered = async () => (await remote.sql<{ n: number }[]>`SELECT count(*)::int AS n FROM pgtrickle.tls_inbox`)[0]!.n;
     await sinkCase("tls_pg", { type: "pg-inbox", url: url.toString(), inbox_table: "tls_inbox" }, delivered, MUTUAL);
   }, 240_000);
+  test("check names the TLS failure of a pipeline, without connecting past it", async () => {
+    await forward("tls_check", { type: "redis", url: REDIS_TLS_URL, stream_key: `tls:${RUN}:check`, ...WRONG_CA });
+    const out = await relayOnce(["check", "--postgres-url", db.url], {}, 120_000);
+    expectNoSecrets(out);
+    expect(out.exitCode, out.stdout + out.stderr).toBe(1);
+    const verdict = out.stdout.slice(out.stdout.indexOf("tls_check (forward)"));
+    expect(verdict.split("\n").slice(0, 3).join("\n")).toContain("TLS: the server's certificate is not signed by tls_ca");
+    expect(await redis.exists(`tls:${RUN}:check`)).toBe(0);
+    await db.sql`SELECT pgtrickle.disable_relay('tls_check')`;
+  }, 180_000);
 });
 
 describe("sources over TLS", () => {
