@@ -74,15 +74,20 @@ export const TLS_ALIAS_ENTRIES = {
   },
 };
 
-/** What `loadTls` reads: the new keys and any old spelling. */
-export interface TlsConfig {
-  tls?: boolean | TlsObject;
+/** The new keys: what every old spelling is mapped onto. */
+interface Vocabulary {
+  tls?: boolean;
   tls_ca?: string;
   tls_cert?: string;
   tls_key?: string;
   tls_key_password?: string;
   tls_server_name?: string;
   tls_insecure_skip_verify?: boolean;
+}
+
+/** What `loadTls` reads: the new keys and any old spelling. */
+export interface TlsConfig extends Omit<Vocabulary, "tls"> {
+  tls?: boolean | TlsObject;
   ssl?: boolean | TlsObject | string;
   ssl_ca_file?: string;
   ssl_cert_file?: string;
@@ -113,16 +118,6 @@ function warnOnce(where: string, text: string): void {
   if (warned.has(id)) return;
   warned.add(id);
   log.warn(`${where}: ${text}`);
-}
-
-interface Vocabulary {
-  tls?: boolean;
-  tls_ca?: string;
-  tls_cert?: string;
-  tls_key?: string;
-  tls_key_password?: string;
-  tls_server_name?: string;
-  tls_insecure_skip_verify?: boolean;
 }
 
 /** The new keys of `cfg`, each old spelling mapped onto its new key (a warning names it). */

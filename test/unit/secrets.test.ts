@@ -2,23 +2,13 @@ import { describe, expect, test } from "bun:test";
 import { mkdtempSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { RelayError } from "../../src/errors.ts";
+import { configErrorOf } from "../helpers/backend.ts";
 import { redact, registerConfigSecrets, registerSecrets } from "../../src/redact.ts";
 import { hasSecretToken, resolveSecrets, resolveSecretsIn } from "../../src/secrets.ts";
 
 const dir = mkdtempSync(join(tmpdir(), "relay-secrets-"));
 const env = { TOKEN: "t0ken-value", Other_1: "o", EMPTY: "" };
 
-function configErrorOf(fn: () => unknown): RelayError {
-  try {
-    fn();
-  } catch (err) {
-    expect(err).toBeInstanceOf(RelayError);
-    expect((err as RelayError).kind).toBe("config");
-    return err as RelayError;
-  }
-  throw new Error("expected a config error");
-}
 
 describe("resolveSecretsIn", () => {
   test("${env:…} and ${ENV:…} anywhere in a string, several per string", () => {

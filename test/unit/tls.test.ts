@@ -13,6 +13,7 @@ import * as v from "valibot";
 import { RelayError } from "../../src/errors.ts";
 import { redact } from "../../src/redact.ts";
 import { describeTlsError, loadTls, TLS_ALIAS_ENTRIES, TLS_ENTRIES } from "../../src/tls.ts";
+import { configErrorOf as configErrorOfCall } from "../helpers/backend.ts";
 
 const PASSPHRASE = "unit-key-passphrase";
 let dir = "";
@@ -56,19 +57,12 @@ afterAll(() => {
   if (dir) rmSync(dir, { recursive: true, force: true });
 });
 
-/** The config error `fn` throws (a test failure when it throws anything else or nothing). */
+/** The config error of `fn`, whose message holds neither key material nor the passphrase. */
 function configErrorOf(fn: () => unknown): RelayError {
-  try {
-    fn();
-  } catch (err) {
-    expect(err).toBeInstanceOf(RelayError);
-    expect((err as RelayError).kind).toBe("config");
-    const message = (err as Error).message;
-    expect(message).not.toContain("-----BEGIN");
-    expect(message).not.toContain(PASSPHRASE);
-    return err as RelayError;
-  }
-  throw new Error("expected a config error, got none");
+  const err = configErrorOfCall(fn);
+  expect(err.message).not.toContain("-----BEGIN");
+  expect(err.message).not.toContain(PASSPHRASE);
+  return err;
 }
 
 /** Everything the process logs while `fn` runs (logs go to stderr). */
