@@ -13,7 +13,7 @@ import { RelayError, configError } from "./errors.ts";
 import { log } from "./observe/log.ts";
 import { registerSecrets } from "./redact.ts";
 
-const pemText = (description: string) => v.optional(v.pipe(v.string(), v.minLength(1, "must not be empty"), v.description(description)));
+const nonEmptyText = (description: string) => v.optional(v.pipe(v.string(), v.minLength(1, "must not be empty"), v.description(description)));
 
 const TLS_DESCRIPTION =
   "Connect over TLS. Implied by any other `tls_*` key and by a TLS URL (`tls://`, `rediss://`, `amqps://`, `https://`, a PostgreSQL `sslmode`); `false` with another `tls_*` key is an error.";
@@ -21,13 +21,13 @@ const TLS_DESCRIPTION =
 /** The TLS keys, spread into every backend schema that connects over a network. */
 export const TLS_ENTRIES = {
   tls: v.optional(v.pipe(v.boolean(), v.description(TLS_DESCRIPTION))),
-  tls_ca: pemText("CA certificate(s) that signed the server's certificate: a PEM file path or the PEM text itself. Default: the system's CAs."),
-  tls_cert: pemText("Client certificate for mutual TLS (needs `tls_key`): a PEM file path or the PEM text itself."),
-  tls_key: pemText("Private key of `tls_cert`: a PEM file path or the PEM text itself."),
-  tls_key_password: pemText("Passphrase of an encrypted `tls_key`; a secret, shown as `***` everywhere (keep it out of the catalog with `${env:…}` or `${file:…}`)."),
-  tls_server_name: pemText("Host name the server's certificate must carry, and the TLS server name (SNI) sent, when it differs from the host connected to."),
+  tls_ca: nonEmptyText("CA certificate(s) that signed the server's certificate: a PEM file path or the PEM text itself. Default: the system's CAs."),
+  tls_cert: nonEmptyText("Client certificate for mutual TLS (needs `tls_key`): a PEM file path or the PEM text itself."),
+  tls_key: nonEmptyText("Private key of `tls_cert`: a PEM file path or the PEM text itself."),
+  tls_key_password: nonEmptyText("Passphrase of an encrypted `tls_key`; a secret, shown as `***` everywhere (keep it out of the catalog with `${env:…}` or `${file:…}`)."),
+  tls_server_name: nonEmptyText("Host name the server's certificate must carry, and the TLS server name (SNI) sent, when it differs from the host connected to."),
   tls_insecure_skip_verify: v.optional(
-    v.pipe(v.boolean(), v.description("Accept any server certificate: no CA and no host-name check. For tests only; logs a warning at every connection setup.")),
+    v.pipe(v.boolean(), v.description("Accept any server certificate: no CA and no host-name check. For tests only; logs a warning.")),
   ),
 };
 
