@@ -66,18 +66,23 @@ export function urlSecrets(url: string): string[] {
 /** Config keys whose value is a secret: passwords, tokens, keys, signing secrets, auth headers. */
 const SECRET_KEY = /pass(word|phrase)?|secret|token|api[_-]?key|credential|authorization|^auth$|cookie|signature/i;
 
+/** PEM text holding a private key. */
+const PRIVATE_KEY_PEM = /-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----/;
+
 /** True for a config key (or dotted path) whose value is a secret, header values included. */
 export const isSecretKey = (key: string) => SECRET_KEY.test(key) || /(^|\.)headers\./.test(key);
 
 /**
  * Registers every secret a pipeline config holds: values of secret-named keys (at any depth,
- * headers included) and the passwords and credential parameters of URLs in any string. Called
+ * headers included), private keys given as PEM text, and the passwords and credential parameters of URLs in any string. Called
  * wherever a config is read, so whatever prints that config or an error about it is masked.
  */
 export function registerConfigSecrets(value: unknown, key = ""): void {
   const secret = SECRET_KEY.test(key) || key === "headers";
   if (typeof value === "string") {
     if (secret) registerSecrets([value]);
+    // an inline private key (`tls_key`, docs/TLS.md) whatever its key; also as printed inside JSON
+    if (PRIVATE_KEY_PEM.test(value)) registerSecrets([value, JSON.stringify(value).slice(1, -1)]);
     if (value.includes("://")) registerSecrets(urlSecrets(value));
     return;
   }

@@ -38,3 +38,15 @@ export async function expectRelayError(p: Promise<unknown>, kind: RelayError["ki
   expect(err.kind).toBe(kind);
   return err;
 }
+
+/** The config error `fn` throws at once; fails the test when it throws anything else or nothing. */
+export function configErrorOf(fn: () => unknown): RelayError {
+  try {
+    fn();
+  } catch (err) {
+    expect(err).toBeInstanceOf(RelayError);
+    expect((err as RelayError).kind).toBe("config");
+    return err as RelayError;
+  }
+  throw new Error("expected a config error, got none");
+}

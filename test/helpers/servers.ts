@@ -37,6 +37,49 @@ export const KAFKA_PROXIED_PORT = 9095;
 export const KAFKA_PROXIED_ADVERTISED_PORT = 9096;
 
 /**
+ * TLS listeners beside the plaintext ones, all with the server certificate of TLS_FILES (signed
+ * by TLS_FILES.ca, valid for 127.0.0.1 and localhost). PostgreSQL speaks TLS on POSTGRES_URL's
+ * own port; its role TLS_CLIENT_ROLE logs in only with TLS_FILES.clientCert (pg_hba `cert`).
+ */
+export const TLS_CLIENT_ROLE = "relay_tls";
+/** A second nats-server, JetStream over TLS only, requiring a client certificate. */
+export const NATS_TLS_URL = "tls://127.0.0.1:4223";
+/** The same Redis over TLS; a client certificate is verified when given, not required. */
+export const REDIS_TLS_URL = "rediss://127.0.0.1:6380";
+/** The same RabbitMQ over TLS; a client certificate is verified when given, not required. */
+export const AMQPS_URL = "amqps://guest:guest@127.0.0.1:5671";
+/** The same Kafka broker: SSL; SSL requiring a client certificate; SASL_SSL (the SASL users above). */
+export const KAFKA_SSL_BROKERS = ["127.0.0.1:9097"];
+export const KAFKA_MTLS_BROKERS = ["127.0.0.1:9098"];
+export const KAFKA_SASL_SSL_BROKERS = ["127.0.0.1:9099"];
+
+/** Where scripts/services keeps the local CA and certificates (.services/tls of this clone). */
+export const TLS_DIR = new URL("../../.services/tls/", import.meta.url).pathname;
+/**
+ * The files of TLS_DIR: the CA, the server's and a client's certificate and key (the client's
+ * common name is TLS_CLIENT_ROLE; its key also encrypted with TLS_KEY_PASSPHRASE), certificates
+ * that expired in 2020, and certificates of an unrelated CA.
+ */
+export const TLS_FILES = {
+  ca: `${TLS_DIR}ca.crt`,
+  serverCert: `${TLS_DIR}server.crt`,
+  serverKey: `${TLS_DIR}server.key`,
+  clientCert: `${TLS_DIR}client.crt`,
+  clientKey: `${TLS_DIR}client.key`,
+  clientKeyEncrypted: `${TLS_DIR}client-encrypted.key`,
+  expiredServerCert: `${TLS_DIR}expired-server.crt`,
+  expiredServerKey: `${TLS_DIR}expired-server.key`,
+  expiredClientCert: `${TLS_DIR}expired-client.crt`,
+  expiredClientKey: `${TLS_DIR}expired-client.key`,
+  otherCa: `${TLS_DIR}other-ca.crt`,
+  otherServerCert: `${TLS_DIR}other-server.crt`,
+  otherServerKey: `${TLS_DIR}other-server.key`,
+  otherClientCert: `${TLS_DIR}other-client.crt`,
+  otherClientKey: `${TLS_DIR}other-client.key`,
+} as const;
+export const TLS_KEY_PASSPHRASE = "relay-key-passphrase";
+
+/**
  * fauxqs, an SQS emulator. Queue URLs it hands out look like
  * http://sqs.us-east-1.localhost:4566/000000000000/<name>; clients must set `endpoint` to
  * SQS_ENDPOINT (the AWS SDK then sends every call there, whatever the queue URL's host).

@@ -468,7 +468,7 @@ describe("http sink, secrets and configuration", () => {
     expect(err.message).toContain("tls_ca");
   });
 
-  test("https with a custom CA (tls_ca) is trusted; without it the certificate is refused (transient)", async () => {
+  test("https with a custom CA (tls_ca) is trusted; without it the certificate is refused (a config error: docs/TLS.md)", async () => {
     const dir = mkdtempSync(join(tmpdir(), "relay-http-tls-"));
     try {
       const run = (args: string[]) => {
@@ -487,8 +487,9 @@ describe("http sink, secrets and configuration", () => {
         expect(secure.requests).toHaveLength(1);
         const untrusted = await makeSink({ url });
         const err = await errorOf(untrusted.write(forwardMessages(2)));
-        expect(err.kind).toBe("transient");
+        expect(err.kind).toBe("config");
         expect(err.message).toContain(`127.0.0.1:${secure.server.port}`);
+        expect(err.message).toContain("TLS: the server's certificate is not signed by tls_ca");
         expect(secure.requests).toHaveLength(1);
       } finally {
         secure.server.stop(true);

@@ -397,7 +397,8 @@ describe("kafka source: failures and configuration", () => {
     expect(issue({ auto_offset_reset: "middle" })).toContain("earliest or latest");
     expect(issue({ heartbeat_interval_ms: 30000, session_timeout_ms: 10000 })).toContain("heartbeat_interval_ms must be below session_timeout_ms");
     expect(issue({ security_protocol: "SASL_SSL" })).toContain("needs sasl_mechanism");
-    expect(issue({ ssl_ca_file: "/ca.pem" })).toContain("need security_protocol SSL");
+    expect(issue({ security_protocol: "SSL", tls: false })).toContain("security_protocol SSL or SASL_SSL is TLS, but tls is false");
+    expect(issue({ tls_ca: "/ca.pem" })).toBeUndefined(); // a tls key turns TLS on (docs/TLS.md)
     const parsed = v.parse(kafkaSource.config, { brokers: "a:1, b:2", topic: ["x", "y", "x"], auto_offset_reset: "LATEST" });
     expect(parsed.brokers).toEqual(["a:1", "b:2"]);
     expect(parsed.topic).toEqual(["x", "y"]);

@@ -15,9 +15,21 @@ import {
   SendMessageCommand,
   SQSClient,
 } from "@aws-sdk/client-sqs";
+import { X509Certificate } from "node:crypto";
+import { readFileSync } from "node:fs";
 import {
   AMQP_URL,
+  AMQPS_URL,
   KAFKA_BROKERS,
+  KAFKA_MTLS_BROKERS,
+  KAFKA_SASL_PASSWORD,
+  KAFKA_SASL_SSL_BROKERS,
+  KAFKA_SASL_USER,
+  KAFKA_SSL_BROKERS,
+  NATS_TLS_URL,
+  REDIS_TLS_URL,
+  TLS_CLIENT_ROLE,
+  TLS_FILES,
   NATS_URL,
   PGTRICKLE_URLS,
   PGTRICKLE_VERSIONS,
@@ -172,6 +184,100 @@ describe("servers from scripts/services", () => {
       );
     } finally {
       Object.assign(SERVER_ADDRESSES.redis, saved);
+    }
+  });
+});
+
+/** Files of .services/tls, read once per test. */
+const pem = (path: string) => readFileSync(path, "utf8");
+
+describe("TLS listeners from scripts/services", () => {
+  test("the local CA signed the server and client certificates; the expired ones expired, the other CA is unrelated", () => {
+    const ca = new X509Certificate(pem(TLS_FILES.ca));
+    const server = new X509Certificate(pem(TLS_FILES.serverCert));
+    expect(server.verify(ca.publicKey)).toBe(true);
+    expect(server.checkIP("127.0.0.1")).toBe("127.0.0.1");
+    expect(server.checkHost("localhost")).toBe("localhost");
+    expect(new X509Certificate(pem(TLS_FILES.clientCert)).subject).toBe(`CN=${TLS_CLIENT_ROLE}`);
+    for (const expired of [TLS_FILES.expiredServerCert, TLS_FILES.expiredClientCert]) {
+      expect(new X509Certificate(pem(expired)).validToDate.getTime()).toBeLessThan(Date.now());
+    }
+    expect(new X509Certificate(pem(TLS_FILES.otherServerCert)).verify(ca.publicKey)).toBe(false);
+  });
+
+  test("postgres speaks TLS on its own port; role relay_tls gets in only with the client certificate", async () => {
+    await requireServer("postgres");
+    const ssl = { ca: pem(TLS_FILES.ca) };
+    const withTls = postgres(POSTGRES_URL, { max: 1, connect_timeout: 5, ssl, onnotice: () => {} });
+    const asRole = (extra: object) => {
+      const u = new URL(POSTGRES_URL);
+      u.username = TLS_CLIENT_ROLE;
+      return postgres(u.toString(), { max: 1, connect_timeout: 5, ssl: { ...ssl, ...extra }, onnotice: () => {} });
+    };
+    const withCert = asRole({ cert: pem(TLS_FILES.clientCert), key: pem(TLS_FILES.clientKey) });
+    const withoutCert = asRole({});
+    try {
+      const [row] = await withTls<{ ssl: boolean }[]>`select ssl from pg_stat_ssl where pid = pg_backend_pid()`;
+      expect(row?.ssl).toBe(true);
+      const [me] = await withCert<{ user: string }[]>`select current_user as user`;
+      expect(me?.user).toBe(TLS_CLIENT_ROLE);
+      await expect(withoutCert`select 1`).rejects.toThrow("connection requires a valid client certificate");
+    } finally {
+      await Promise.all([withTls, withCert, withoutCert].map((s) => s.end({ timeout: 1 })));
+    }
+  });
+
+  test("nats: the TLS server has JetStream and refuses a client without a certificate", async () => {
+    const tls = { ca: pem(TLS_FILES.ca), cert: pem(TLS_FILES.clientCert), key: pem(TLS_FILES.clientKey) };
+    const nc = await natsConnect({ servers: NATS_TLS_URL, timeout: 5000, tls });
+    try {
+      expect((await (await nc.jetstreamManager()).getAccountInfo()).limits).toBeDefined();
+    } finally {
+      await nc.close();
+    }
+    await expect(natsConnect({ servers: NATS_TLS_URL, timeout: 5000, reconnect: false, tls: { ca: tls.ca } })).rejects.toThrow();
+  });
+
+  test("redis answers PING over TLS", async () => {
+    const redis = new Redis(REDIS_TLS_URL, { lazyConnect: true, maxRetriesPerRequest: 1, retryStrategy: () => null, tls: { ca: pem(TLS_FILES.ca) } });
+    try {
+      await redis.connect();
+      expect(await redis.ping()).toBe("PONG");
+    } finally {
+      redis.disconnect();
+    }
+  });
+
+  test("rabbitmq accepts amqps", async () => {
+    const conn = await amqp.connect(AMQPS_URL, { ca: [pem(TLS_FILES.ca)] });
+    try {
+      const ch = await conn.createChannel();
+      await ch.close();
+    } finally {
+      await conn.close();
+    }
+  });
+
+  test("kafka lists topics over SSL, SSL with a client certificate, and SASL_SSL", async () => {
+    const ca = [pem(TLS_FILES.ca)];
+    const clients = [
+      new Kafka({ brokers: KAFKA_SSL_BROKERS, ssl: { ca }, logLevel: logLevel.NOTHING }),
+      new Kafka({ brokers: KAFKA_MTLS_BROKERS, ssl: { ca, cert: pem(TLS_FILES.clientCert), key: pem(TLS_FILES.clientKey) }, logLevel: logLevel.NOTHING }),
+      new Kafka({
+        brokers: KAFKA_SASL_SSL_BROKERS,
+        ssl: { ca },
+        sasl: { mechanism: "scram-sha-256", username: KAFKA_SASL_USER, password: KAFKA_SASL_PASSWORD },
+        logLevel: logLevel.NOTHING,
+      }),
+    ];
+    for (const kafka of clients) {
+      const admin = kafka.admin();
+      await admin.connect();
+      try {
+        expect(await admin.listTopics()).toBeArray();
+      } finally {
+        await admin.disconnect();
+      }
     }
   });
 });

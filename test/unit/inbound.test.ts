@@ -289,16 +289,21 @@ describe("pg-inbox helpers", () => {
     expect(r).toEqual({ url: "postgres://u:p@h:5433/db?application_name=x", sslmode: "verify-full", sslrootcert: "/ca.pem", sslcert: undefined, sslkey: undefined });
     expect(() => splitTlsParams("postgres://h/db?sslmode=maybe")).toThrow();
   });
-  test("tlsOption per sslmode", () => {
-    expect(tlsOption(undefined, {})).toBe(false);
-    expect(tlsOption("disable", {})).toBe(false);
-    expect(tlsOption("prefer", {})).toBe("prefer");
-    expect(tlsOption("require", {})).toBe("require");
-    expect(tlsOption("verify-full", {})).toEqual({ rejectUnauthorized: true });
-    expect(tlsOption(undefined, { systemCa: true })).toEqual({ rejectUnauthorized: true });
-    const verifyCa = tlsOption("verify-ca", {}) as { rejectUnauthorized: boolean; checkServerIdentity: () => unknown };
-    expect(verifyCa.rejectUnauthorized).toBe(true);
-    expect(verifyCa.checkServerIdentity()).toBeUndefined();
-    expect(() => tlsOption("verify-full", { ca: "/nonexistent/ca.pem" })).toThrow("/nonexistent/ca.pem");
+  test("tlsOption per sslmode, with the material loadTls read", () => {
+    expect(tlsOption(undefined, undefined)).toBe(false);
+    expect(tlsOption("disable", undefined)).toBe(false);
+    expect(() => tlsOption("disable", { ca: "PEM" })).toThrow("sslmode=disable, but tls keys are set");
+    expect(tlsOption("prefer", undefined)).toBe("prefer");
+    expect(tlsOption("require", undefined)).toBe("require");
+    expect(tlsOption("verify-full", undefined)).toEqual({ rejectUnauthorized: true });
+    expect(tlsOption(undefined, undefined, true)).toEqual({ rejectUnauthorized: true });
+    // tls keys alone mean verify-full; tls_insecure_skip_verify still turns the check off
+    expect(tlsOption(undefined, { ca: "PEM", rejectUnauthorized: true })).toEqual({ ca: "PEM", rejectUnauthorized: true });
+    expect(tlsOption("verify-full", { rejectUnauthorized: false })).toEqual({ rejectUnauthorized: false });
+    for (const [mode, tls] of [["verify-ca", undefined], ["require", { ca: "PEM", rejectUnauthorized: true }]] as const) {
+      const verifyCa = tlsOption(mode, tls) as { rejectUnauthorized: boolean; checkServerIdentity: () => unknown };
+      expect(verifyCa.rejectUnauthorized).toBe(true);
+      expect(verifyCa.checkServerIdentity()).toBeUndefined();
+    }
   });
 });

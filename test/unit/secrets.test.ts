@@ -2,23 +2,13 @@ import { describe, expect, test } from "bun:test";
 import { mkdtempSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { RelayError } from "../../src/errors.ts";
+import { configErrorOf } from "../helpers/backend.ts";
 import { redact, registerConfigSecrets, registerSecrets } from "../../src/redact.ts";
 import { hasSecretToken, resolveSecrets, resolveSecretsIn } from "../../src/secrets.ts";
 
 const dir = mkdtempSync(join(tmpdir(), "relay-secrets-"));
 const env = { TOKEN: "t0ken-value", Other_1: "o", EMPTY: "" };
 
-function configErrorOf(fn: () => unknown): RelayError {
-  try {
-    fn();
-  } catch (err) {
-    expect(err).toBeInstanceOf(RelayError);
-    expect((err as RelayError).kind).toBe("config");
-    return err as RelayError;
-  }
-  throw new Error("expected a config error");
-}
 
 describe("resolveSecretsIn", () => {
   test("${env:…} and ${ENV:…} anywhere in a string, several per string", () => {
@@ -95,5 +85,13 @@ describe("the shapes redact masks without being told", () => {
     const tag = crypto.randomUUID().slice(0, 8);
     registerConfigSecrets({ sink: { sasl_password: `sp-${tag}`, headers: { "X-Custom": `hv-${tag}` }, url: `amqp://u:up-${tag}@h`, topic: `t-${tag}` } });
     expect(redact(`sp-${tag} hv-${tag} up-${tag} t-${tag}`)).toBe(`*** *** *** t-${tag}`);
+  });
+
+  test("registerConfigSecrets: a private key given as PEM text, under any key, raw and inside printed JSON; a key file path stays", () => {
+    const tag = crypto.randomUUID().slice(0, 8);
+    const key = `-----BEGIN PRIVATE KEY-----\nMIIE${tag}\n-----END PRIVATE KEY-----\n`;
+    registerConfigSecrets({ tls_key: key, tls: { key }, tls_cert: `/etc/relay/${tag}.crt` });
+    expect(redact(`inline ${key} path /etc/relay/${tag}.crt`)).toBe(`inline *** path /etc/relay/${tag}.crt`);
+    expect(redact(JSON.stringify({ tls_key: key }))).toBe('{"tls_key":"***"}');
   });
 });

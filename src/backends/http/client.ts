@@ -1,6 +1,6 @@
 /**
  * What the HTTP sink and receiver share about reaching the other side: the URL as logs may show
- * it, TLS material for https, and request signing.
+ * it, and request signing (TLS material comes from src/tls.ts).
  *
  * Signing (`signing_secret`), Stripe style:
  *   X-Pgtrickle-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<raw body>")>
@@ -9,9 +9,6 @@
  * (5 minutes is usual) to block replays of captured requests. `verifySignature` below does that.
  */
 import { createHmac, timingSafeEqual } from "node:crypto";
-import { readFileSync } from "node:fs";
-import { configError, errorMessage } from "../../errors.ts";
-import type { HttpSinkOptions } from "./config.ts";
 
 /** `https://host:port/path` without credentials or query: what logs and errors may show. */
 export function describeHttpUrl(url: string): string {
@@ -22,24 +19,6 @@ export function describeHttpUrl(url: string): string {
   } catch {
     return "(unparseable URL)";
   }
-}
-
-function readPem(value: string, key: string): string {
-  if (value.includes("-----BEGIN")) return value;
-  try {
-    return readFileSync(value, "utf8");
-  } catch (err) {
-    throw configError(`${key}: cannot read ${value} (${(err as { code?: string }).code ?? errorMessage(err)})`);
-  }
-}
-
-/** TLS options of Bun's fetch for `tls_ca` / `tls_cert` / `tls_key`, or undefined when none is set. */
-export function loadTls(cfg: HttpSinkOptions): { ca?: string; cert?: string; key?: string } | undefined {
-  const tls: { ca?: string; cert?: string; key?: string } = {};
-  if (cfg.tls_ca) tls.ca = readPem(cfg.tls_ca, "tls_ca");
-  if (cfg.tls_cert) tls.cert = readPem(cfg.tls_cert, "tls_cert");
-  if (cfg.tls_key) tls.key = readPem(cfg.tls_key, "tls_key");
-  return Object.keys(tls).length ? tls : undefined;
 }
 
 // ---------------------------------------------------------------------------------------------

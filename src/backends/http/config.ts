@@ -3,6 +3,7 @@
  * §5.4 http), and the pure helpers that validate them.
  */
 import * as v from "valibot";
+import { TLS_ENTRIES } from "../../tls.ts";
 import { reverseSourceKeys } from "../../inbound.ts";
 
 export const HEADER_NAME = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
@@ -72,9 +73,7 @@ export const HttpSinkConfig = v.looseObject({
   cloudevents: v.pipe(v.optional(v.boolean(), false), v.description("Send CloudEvents 1.0 in structured JSON mode instead of relay envelopes.")),
   ce_source: v.pipe(v.optional(v.string()), v.description("CloudEvents `source` (template); default `pgtrickle-relay/<pipeline>`.")),
   ce_type: v.pipe(v.optional(v.string(), "pgtrickle.{op}"), v.description("CloudEvents `type` (template).")),
-  tls_ca: v.pipe(v.optional(v.string()), v.description("CA certificate(s) to trust for https: a PEM file path or inline PEM.")),
-  tls_cert: v.pipe(v.optional(v.string()), v.description("Client certificate for mutual TLS: PEM file path or inline PEM (needs `tls_key`).")),
-  tls_key: v.pipe(v.optional(v.string()), v.description("Client private key for mutual TLS: PEM file path or inline PEM.")),
+  ...TLS_ENTRIES,
 });
 
 export type HttpSinkOptions = v.InferOutput<typeof HttpSinkConfig>;

@@ -28,7 +28,8 @@ import { VERSION } from "../../version.ts";
 import { runKeyed } from "../concurrency.ts";
 import { redact } from "../../redact.ts";
 import { sinkSpec, type BackendContext, type Rejection, type Sink } from "../types.ts";
-import { describeHttpUrl, loadTls, signPayload } from "./client.ts";
+import { describeTlsError, loadTls } from "../../tls.ts";
+import { describeHttpUrl, signPayload } from "./client.ts";
 import { HttpSinkConfig, type HttpSinkOptions } from "./config.ts";
 
 const RESERVED_HEADERS = ["content-type", "idempotency-key", "x-pgtrickle-signature", "x-pgtrickle-full-refresh"];
@@ -103,13 +104,12 @@ class HttpSink implements Sink {
         throw configError(`headers: ${name} is set by the relay and cannot be configured`);
       }
     }
-    if (Boolean(cfg.tls_cert) !== Boolean(cfg.tls_key)) throw configError("tls_cert and tls_key must be set together");
   }
 
   async start(): Promise<void> {
     // A probe request could have side effects on the receiver, so start only checks what can be
     // checked locally; an unreachable receiver shows up as a transient error on the first write.
-    this.tls = loadTls(this.cfg);
+    this.tls = loadTls(this.cfg, `http sink ${this.target}`, { implied: /^https:/i.test(this.cfg.url) });
     this.closing = new AbortController();
   }
 
@@ -274,6 +274,8 @@ class HttpSink implements Sink {
       const name = (err as { name?: string }).name;
       if (name === "TimeoutError") throw transientError(`${what}: no response within ${this.cfg.timeout_ms} ms`);
       if (name === "AbortError") throw transientError(`${what}: aborted, the sink is closing`);
+      const tls = describeTlsError(err, what);
+      if (tls) throw tls;
       const code = (err as { code?: string }).code;
       throw transientError(`${what} failed: ${this.redact(errorMessage(err))}${code ? ` (${code})` : ""}`);
     }

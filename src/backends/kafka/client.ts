@@ -7,7 +7,7 @@ import { logLevel, type KafkaConfig, type LogEntry, type SASLOptions } from "kaf
 import type { ConsolaInstance } from "consola";
 import { configError, errorMessage, permanentError, transientError, type RelayError } from "../../errors.ts";
 import { redact } from "../../redact.ts";
-import { readSettingFile } from "../redact.ts";
+import { describeTlsError, loadTls } from "../../tls.ts";
 import { registerKafkaCodecs } from "./codecs.ts";
 import type { KafkaConnectionOptions } from "./config.ts";
 
@@ -27,11 +27,9 @@ globalThis.setTimeout = Object.assign(
 // kafkajs ships only gzip; snappy, lz4 and zstd are registered once, for sinks and sources.
 registerKafkaCodecs();
 
-const readPem = (path: string, key: string): Buffer => readSettingFile(path, `kafka ${key}`);
-
 /** Removes the SASL password (and TLS key passphrase) from any text kafkajs hands us. */
 export function scrubber(cfg: KafkaConnectionOptions): (text: string) => string {
-  const secrets = [cfg.sasl_password, cfg.ssl_key_password].filter((s): s is string => !!s && s.length >= 1);
+  const secrets = [cfg.sasl_password, cfg.tls_key_password, cfg.ssl_key_password].filter((s): s is string => !!s && s.length >= 1);
   return (text) => redact(text, secrets);
 }
 
@@ -59,16 +57,9 @@ export function kafkaLogCreator(log: ConsolaInstance, scrub: (t: string) => stri
     };
 }
 
-/** kafkajs's `ssl` option: off, on with the system CAs, or with the configured PEM files. */
+/** kafkajs's `ssl` option: TLS when security_protocol says so or a `tls*` key asks for it (docs/TLS.md). */
 function kafkaTls(cfg: KafkaConnectionOptions): KafkaConfig["ssl"] {
-  const tls = cfg.security_protocol === "SSL" || cfg.security_protocol === "SASL_SSL";
-  if (!tls || !(cfg.ssl_ca_file || cfg.ssl_cert_file)) return tls;
-  return {
-    ...(cfg.ssl_ca_file ? { ca: [readPem(cfg.ssl_ca_file, "ssl_ca_file")] } : {}),
-    ...(cfg.ssl_cert_file ? { cert: readPem(cfg.ssl_cert_file, "ssl_cert_file") } : {}),
-    ...(cfg.ssl_key_file ? { key: readPem(cfg.ssl_key_file, "ssl_key_file") } : {}),
-    ...(cfg.ssl_key_password ? { passphrase: cfg.ssl_key_password } : {}),
-  };
+  return loadTls(cfg, "kafka", { implied: cfg.security_protocol === "SSL" || cfg.security_protocol === "SASL_SSL" }) ?? false;
 }
 
 export function kafkaClientConfig(cfg: KafkaConnectionOptions, log: ConsolaInstance): KafkaConfig {
@@ -137,6 +128,8 @@ export function kafkaFailure(
   scrub: (t: string) => string,
   deniedHint: (types: Set<string>) => string,
 ): RelayError {
+  const tls = describeTlsError(err, where);
+  if (tls) return tls;
   const c = classifyKafkaError(err);
   const detail = scrub(c.detail);
   switch (c.kind) {

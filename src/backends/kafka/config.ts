@@ -4,6 +4,7 @@
  * together.
  */
 import * as v from "valibot";
+import { TLS_ALIAS_ENTRIES, TLS_ENTRIES, type TlsConfig } from "../../tls.ts";
 import { reverseSourceKeys } from "../../inbound.ts";
 import { COMPRESSION_TYPES, type KafkaCompression } from "./codecs.ts";
 
@@ -97,7 +98,7 @@ const KafkaSinkOptions = v.looseObject({
       v.string(),
       v.transform((s) => s.toUpperCase()),
       v.picklist(["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"], "security_protocol must be PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"),
-      v.description("`PLAINTEXT`, `SSL`, `SASL_PLAINTEXT` or `SASL_SSL`."),
+      v.description("`PLAINTEXT`, `SSL`, `SASL_PLAINTEXT` or `SASL_SSL`. A `tls*` key (docs/TLS.md) turns TLS on as well: `PLAINTEXT` then means `SSL`, `SASL_PLAINTEXT` means `SASL_SSL`."),
     ),
     "PLAINTEXT",
   ),
@@ -111,16 +112,18 @@ const KafkaSinkOptions = v.looseObject({
   ),
   sasl_username: v.optional(v.pipe(v.string(), v.description("SASL user name."))),
   sasl_password: v.optional(v.pipe(v.string(), v.description("SASL password; use `${env:NAME}` or `${file:/path}` rather than the literal value."))),
-  ssl_ca_file: v.optional(v.pipe(v.string(), v.description("PEM file with the CA certificate(s) that signed the brokers' certificates (SSL, SASL_SSL)."))),
-  ssl_cert_file: v.optional(v.pipe(v.string(), v.description("PEM client certificate for mutual TLS."))),
-  ssl_key_file: v.optional(v.pipe(v.string(), v.description("PEM private key of `ssl_cert_file`."))),
-  ssl_key_password: v.optional(v.pipe(v.string(), v.description("Passphrase of an encrypted `ssl_key_file`."))),
+  ...TLS_ENTRIES,
+  ...TLS_ALIAS_ENTRIES.kafka,
   create_topic: v.optional(v.pipe(v.boolean(), v.description("Create a missing topic (at start, and for new rendered topics) instead of failing.")), false),
   num_partitions: v.optional(v.pipe(positiveInt("num_partitions"), v.description("Partitions of a topic created by `create_topic`; default: the broker's `num.partitions`."))),
   replication_factor: v.optional(v.pipe(positiveInt("replication_factor"), v.description("Replication factor of a topic created by `create_topic`; default: the broker's."))),
   connection_timeout_ms: v.optional(v.pipe(positiveInt("connection_timeout_ms"), v.description("Milliseconds to establish a broker connection.")), 5000),
   request_timeout_ms: v.optional(v.pipe(positiveInt("request_timeout_ms"), v.description("Milliseconds a request (and the broker's wait for acks) may take.")), 30000),
 });
+
+const TLS_TURNED_OFF = "security_protocol SSL or SASL_SSL is TLS, but tls is false";
+/** `tls: false` (or the old `ssl: false`) beside a security_protocol with TLS. */
+const tlsTurnedOff = (c: KafkaConnectionOptions) => (c.tls === false || c.ssl === false) && (c.security_protocol === "SSL" || c.security_protocol === "SASL_SSL");
 
 export const KafkaSinkConfig = v.pipe(
   KafkaSinkOptions,
@@ -149,30 +152,19 @@ export const KafkaSinkConfig = v.pipe(
     (c) => !c.security_protocol.startsWith("SASL_") || (c.sasl_mechanism !== undefined && c.sasl_username !== undefined && c.sasl_password !== undefined),
     "security_protocol SASL_* needs sasl_mechanism, sasl_username and sasl_password",
   ),
-  v.check(
-    (c) =>
-      c.security_protocol === "SSL" ||
-      c.security_protocol === "SASL_SSL" ||
-      (c.ssl_ca_file === undefined && c.ssl_cert_file === undefined && c.ssl_key_file === undefined),
-    "ssl_ca_file/ssl_cert_file/ssl_key_file need security_protocol SSL or SASL_SSL",
-  ),
-  v.check((c) => (c.ssl_cert_file === undefined) === (c.ssl_key_file === undefined), "ssl_cert_file and ssl_key_file go together"),
+  v.check((c) => !tlsTurnedOff(c), TLS_TURNED_OFF),
 );
 
 export type KafkaSinkConfig = v.InferOutput<typeof KafkaSinkConfig>;
 
-/** Connection settings shared by the sink and the source. */
-export interface KafkaConnectionOptions {
+/** Connection settings shared by the sink and the source; TLS in the vocabulary of docs/TLS.md. */
+export interface KafkaConnectionOptions extends TlsConfig {
   brokers: string[];
   client_id: string;
   security_protocol: "PLAINTEXT" | "SSL" | "SASL_PLAINTEXT" | "SASL_SSL";
   sasl_mechanism?: "plain" | "scram-sha-256" | "scram-sha-512";
   sasl_username?: string;
   sasl_password?: string;
-  ssl_ca_file?: string;
-  ssl_cert_file?: string;
-  ssl_key_file?: string;
-  ssl_key_password?: string;
   connection_timeout_ms: number;
   request_timeout_ms: number;
 }
@@ -253,10 +245,8 @@ const KafkaSourceOptions = v.looseObject({
   sasl_mechanism: sinkKeys.sasl_mechanism,
   sasl_username: sinkKeys.sasl_username,
   sasl_password: sinkKeys.sasl_password,
-  ssl_ca_file: sinkKeys.ssl_ca_file,
-  ssl_cert_file: sinkKeys.ssl_cert_file,
-  ssl_key_file: sinkKeys.ssl_key_file,
-  ssl_key_password: sinkKeys.ssl_key_password,
+  ...TLS_ENTRIES,
+  ...TLS_ALIAS_ENTRIES.kafka,
   connection_timeout_ms: sinkKeys.connection_timeout_ms,
   request_timeout_ms: sinkKeys.request_timeout_ms,
 });
@@ -267,12 +257,7 @@ export function kafkaSecurityProblem(c: KafkaConnectionOptions): string | null {
   if (c.security_protocol.startsWith("SASL_") && (c.sasl_mechanism === undefined || c.sasl_username === undefined || c.sasl_password === undefined)) {
     return "security_protocol SASL_* needs sasl_mechanism, sasl_username and sasl_password";
   }
-  const tls = c.security_protocol === "SSL" || c.security_protocol === "SASL_SSL";
-  if (!tls && (c.ssl_ca_file !== undefined || c.ssl_cert_file !== undefined || c.ssl_key_file !== undefined)) {
-    return "ssl_ca_file/ssl_cert_file/ssl_key_file need security_protocol SSL or SASL_SSL";
-  }
-  if ((c.ssl_cert_file === undefined) !== (c.ssl_key_file === undefined)) return "ssl_cert_file and ssl_key_file go together";
-  return null;
+  return tlsTurnedOff(c) ? TLS_TURNED_OFF : null;
 }
 
 export const KafkaSourceConfig = v.pipe(

@@ -10,6 +10,7 @@ import { configError, errorMessage, RelayError, transientError } from "../../err
 import { redact as scrub } from "../../redact.ts";
 import type { ConnectionOptionsOf } from "./config.ts";
 import type { BackendContext } from "../types.ts";
+import { describeTlsError, loadTls } from "../../tls.ts";
 
 export type Side = "sink" | "source";
 
@@ -58,23 +59,10 @@ function secretsOf(cfg: ConnectionOptionsOf, target: Target): string[] {
   return [cfg.pass, cfg.token, target.pass, target.token].filter((s): s is string => !!s && s.length >= 3);
 }
 
-/** The client's `tls` option, or undefined without TLS: `tls://` or a `tls_*` key turns it on; PEM files read here. */
+/** The client's `tls` option (docs/TLS.md), or undefined without TLS: `tls://` or a `tls*` key turns it on. */
 function natsTls(cfg: ConnectionOptionsOf, target: Target, side: Side): ConnectionOptions["tls"] | undefined {
-  if (!(target.tls || cfg.tls_ca || cfg.tls_cert)) return undefined;
-  const tls: NonNullable<ConnectionOptions["tls"]> = {};
-  for (const [key, file] of [["tls_ca", cfg.tls_ca], ["tls_cert", cfg.tls_cert], ["tls_key", cfg.tls_key]] as const) {
-    if (file === undefined) continue;
-    let pem: string;
-    try {
-      pem = readFileSync(file, "utf8");
-    } catch (err) {
-      throw configError(`${side}.${key}: ${file} cannot be read (${(err as { code?: string }).code ?? "error"})`);
-    }
-    if (key === "tls_ca") tls.ca = pem;
-    else if (key === "tls_cert") tls.cert = pem;
-    else tls.key = pem;
-  }
-  return tls;
+  // nats.js hands these options to Node's tls.connect as they are
+  return loadTls(cfg, `nats ${side}`, { implied: target.tls }) as ConnectionOptions["tls"] | undefined;
 }
 
 function connectionOptions(cfg: ConnectionOptionsOf, target: Target, ctx: BackendContext, side: Side): ConnectionOptions {
@@ -208,9 +196,8 @@ export class NatsLink {
     // Node socket errors (ENOTFOUND, EHOSTUNREACH, TLS handshake…) arrive with their own codes.
     const sys = (err as { code?: string })?.code;
     if (sys === "ENOTFOUND" || sys === "EAI_AGAIN") return transientError(`cannot connect to NATS at ${this.where}: host not found (${sys})`, err);
-    if (/certificate|self[- ]signed|SSL|TLS/i.test(detail)) {
-      return configError(`TLS with NATS at ${this.where} failed: ${detail} (check ${side}.url and ${side}.tls_*)`, err);
-    }
+    const tls = describeTlsError(err, `NATS at ${this.where}`);
+    if (tls) return tls;
     return transientError(`cannot connect to NATS at ${this.where}: ${detail}`, err);
   }
 

@@ -7,6 +7,7 @@
 import * as v from "valibot";
 import { configError } from "../../errors.ts";
 import { reverseSourceKeys } from "../../inbound.ts";
+import { TLS_ENTRIES } from "../../tls.ts";
 
 const positiveInt = (max = Number.MAX_SAFE_INTEGER) => v.pipe(v.number(), v.integer(), v.minValue(1), v.maxValue(max));
 const nonEmpty = () => v.pipe(v.string(), v.nonEmpty());
@@ -23,9 +24,7 @@ const connectionKeys = {
   pass: v.optional(v.pipe(v.string(), v.description("Password for user/password authentication."))),
   token: v.optional(v.pipe(v.string(), v.description("Token authentication."))),
   credentials_file: v.optional(v.pipe(nonEmpty(), v.description("Path of a `.creds` file (JWT + NKey seed) for decentralised authentication."))),
-  tls_ca: v.optional(v.pipe(nonEmpty(), v.description("CA certificate file (PEM) to verify the server; setting it turns TLS on."))),
-  tls_cert: v.optional(v.pipe(nonEmpty(), v.description("Client certificate file (PEM) for mutual TLS; needs `tls_key`."))),
-  tls_key: v.optional(v.pipe(nonEmpty(), v.description("Client private key file (PEM) for mutual TLS."))),
+  ...TLS_ENTRIES,
   connect_timeout_ms: v.optional(v.pipe(positiveInt(600_000), v.description("Give up connecting after this long.")), 5000),
 };
 

@@ -2,10 +2,12 @@
  * The pg-inbox sink's connection to a remote PostgreSQL: libpq TLS parameters turned into
  * postgres.js options, the client, and which errors are the row's rather than the batch's.
  */
-import { readFileSync } from "node:fs";
+import type { ConnectionOptions } from "node:tls";
 import postgres from "postgres";
 import type { Sql } from "../../db.ts";
-import { configError, errorMessage, isRowSqlstate } from "../../errors.ts";
+import { configError, isRowSqlstate } from "../../errors.ts";
+import { log } from "../../observe/log.ts";
+import { loadTls } from "../../tls.ts";
 import { SSL_MODES, type PgInboxSinkOptions, type SslMode } from "./config.ts";
 
 /** This row, not the batch, is bad (classes 22, 23, 54: errors.ts isRowSqlstate). */
@@ -16,34 +18,27 @@ export const sqlstateOf = (err: unknown): string | undefined => {
   return typeof code === "string" && /^[0-9A-Z]{5}$/.test(code) ? code : undefined;
 };
 
-/** TLS options for postgres.js from a libpq sslmode and CA/cert files. */
-export function tlsOption(mode: SslMode | undefined, files: { ca?: string; cert?: string; key?: string; systemCa?: boolean }): false | "prefer" | "require" | Record<string, unknown> {
-  const read = (what: string, path: string) => {
-    try {
-      return readFileSync(path, "utf8");
-    } catch (err) {
-      throw configError(`pg-inbox sink: cannot read ${what} file ${path}: ${(err as { code?: string }).code ?? errorMessage(err)}`);
-    }
-  };
-  const effective: SslMode = mode ?? (files.ca || files.systemCa ? "verify-full" : "disable");
-  if (effective === "disable") return false;
-  const material: Record<string, unknown> = {};
-  if (files.ca) material.ca = read("CA certificate", files.ca);
-  if (files.cert) material.cert = read("client certificate", files.cert);
-  if (files.key) material.key = read("client key", files.key);
-  const hasMaterial = Object.keys(material).length > 0;
+/** postgres.js `ssl` for a libpq sslmode and the TLS material loaded by src/tls.ts (docs/TLS.md). */
+export function tlsOption(mode: SslMode | undefined, tls: ConnectionOptions | undefined, systemCa = false): false | "prefer" | "require" | ConnectionOptions {
+  const effective: SslMode = mode ?? (tls || systemCa ? "verify-full" : "disable");
+  if (effective === "disable") {
+    if (tls) throw configError("pg-inbox sink: sslmode=disable, but tls keys are set; drop one of them");
+    return false;
+  }
+  const verified = { ...tls, rejectUnauthorized: tls?.rejectUnauthorized ?? true };
+  const caOnly = { ...verified, checkServerIdentity: () => undefined };
   switch (effective) {
     case "allow":
     case "prefer":
-      return hasMaterial ? { ...material, rejectUnauthorized: false } : "prefer";
+      return tls ? { ...tls, rejectUnauthorized: false } : "prefer";
     case "require":
       // libpq: `require` with a root certificate behaves like verify-ca.
-      if (files.ca) return { ...material, rejectUnauthorized: true, checkServerIdentity: () => undefined };
-      return hasMaterial ? { ...material, rejectUnauthorized: false } : "require";
+      if (tls?.ca !== undefined) return caOnly;
+      return tls ? { ...tls, rejectUnauthorized: false } : "require";
     case "verify-ca":
-      return { ...material, rejectUnauthorized: true, checkServerIdentity: () => undefined };
+      return caOnly;
     case "verify-full":
-      return { ...material, rejectUnauthorized: true };
+      return verified;
   }
 }
 
@@ -73,15 +68,25 @@ export function splitTlsParams(url: string): { url: string; sslmode?: SslMode; s
  * postgres.js `ssl` option from them and the `ssl` / `tls_ca` keys (which win).
  */
 export function remoteTls(url: string, cfg: PgInboxSinkOptions): { url: string; ssl: ReturnType<typeof tlsOption> } {
-  const tls = splitTlsParams(url);
-  const systemCa = tls.sslrootcert === "system";
-  const ssl = tlsOption(cfg.ssl === true ? "require" : cfg.ssl === false ? "disable" : (cfg.ssl ?? tls.sslmode), {
-    ca: cfg.tls_ca ?? (systemCa ? undefined : tls.sslrootcert),
-    cert: tls.sslcert,
-    key: tls.sslkey,
-    systemCa,
-  });
-  return { url: tls.url, ssl };
+  const params = splitTlsParams(url);
+  const systemCa = params.sslrootcert === "system";
+  const { ssl: oldSsl, ...keys } = cfg;
+  const material = loadTls(
+    { ...keys, tls_ca: cfg.tls_ca ?? (systemCa ? undefined : params.sslrootcert), tls_cert: cfg.tls_cert ?? params.sslcert, tls_key: cfg.tls_key ?? params.sslkey },
+    WHERE,
+  );
+  return { url: params.url, ssl: tlsOption(sslmodeOf(oldSsl, params.sslmode, cfg.tls), material, systemCa) };
+}
+
+const WHERE = "pg-inbox sink";
+
+/** The sslmode: the old `ssl` key (with a warning), else the URL's, else `tls: false` as disable. */
+function sslmodeOf(ssl: PgInboxSinkOptions["ssl"], fromUrl: SslMode | undefined, tls: boolean | undefined): SslMode | undefined {
+  if (ssl !== undefined) {
+    log.warn(`${WHERE}: ssl is an old spelling; use the URL's sslmode (or tls, which means verify-full)`);
+    return ssl === true ? "require" : ssl === false ? "disable" : ssl;
+  }
+  return fromUrl ?? (tls === false ? "disable" : undefined);
 }
 
 /** A client of the remote inbox database at `url`. */

@@ -3,6 +3,7 @@
  * them: inbox field names, sslmodes, `schema.name` splitting.
  */
 import * as v from "valibot";
+import { TLS_ENTRIES } from "../../tls.ts";
 
 const nonEmpty = v.pipe(v.string(), v.minLength(1));
 
@@ -31,12 +32,9 @@ export const PgInboxSinkConfig = v.looseObject({
   postgres_url: v.pipe(v.optional(nonEmpty), v.description("Alias of `url`.")),
   ssl: v.pipe(
     v.optional(v.union([v.boolean(), v.picklist(SSL_MODES)])),
-    v.description("TLS to the remote server: a libpq sslmode (`require` encrypts, `verify-full` also checks the certificate and host name), or true for `require`. Default: the URL's `sslmode`."),
+    v.description("Old spelling of the URL's libpq `sslmode` (`true` meant `require`), accepted with a warning; it wins over the URL's."),
   ),
-  tls_ca: v.pipe(
-    v.optional(nonEmpty),
-    v.description("PEM file of the CA that signed the remote server's certificate (like the URL's `sslrootcert`); with no sslmode given it means `verify-full`."),
-  ),
+  ...TLS_ENTRIES,
   on_conflict: v.pipe(
     v.optional(
       v.pipe(

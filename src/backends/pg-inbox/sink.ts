@@ -23,6 +23,7 @@ import { redact, urlSecrets } from "../../redact.ts";
 import { configError, errorMessage, pgErrorKind, RelayError, transientError } from "../../errors.ts";
 import type { Message } from "../../message.ts";
 import { sinkSpec, type BackendContext, type Rejection, type Sink } from "../types.ts";
+import { describeTlsError } from "../../tls.ts";
 import { connectRemote, isRowError, sqlstateOf } from "./client.ts";
 import { PgInboxSinkConfig, splitQualifiedName, type InboxField, type PgInboxSinkOptions } from "./config.ts";
 import { configRow, findTable, hasCreateInbox, planFor, quoteIdent, type InboxPlan } from "./table.ts";
@@ -96,6 +97,8 @@ export class PgInboxSink implements Sink {
   /** Any failure → a RelayError with the right kind and a message naming the table, never a password. */
   private wrap(err: unknown, what: string): RelayError {
     if (err instanceof RelayError) return err;
+    const tls = describeTlsError(err, `pg-inbox ${what} ${this.label()}`);
+    if (tls) return tls;
     const state = sqlstateOf(err);
     if (!state) {
       // No SQLSTATE: the connection itself failed (refused, reset, timed out); postgres.js reconnects.

@@ -5,7 +5,7 @@
  */
 import { configError, errorMessage, RelayError, transientError } from "../../errors.ts";
 import { redact, urlSecrets } from "../../redact.ts";
-import { readSettingFile } from "../redact.ts";
+import { describeTlsError, loadTls, type TlsConfig } from "../../tls.ts";
 
 /** `amqp://user@host:port/vhost` — never the password. */
 export function describeAmqpUrl(url: string, tls = false): string {
@@ -21,14 +21,9 @@ export function describeAmqpUrl(url: string, tls = false): string {
   }
 }
 
-/** Connection settings the sink and the source share. */
-export interface AmqpConnectionOptions {
+/** Connection settings the sink and the source share; TLS in the vocabulary of docs/TLS.md. */
+export interface AmqpConnectionOptions extends TlsConfig {
   url: string;
-  tls: boolean;
-  tls_ca?: string;
-  tls_cert?: string;
-  tls_key?: string;
-  tls_key_password?: string;
   heartbeat_seconds: number;
   connection_timeout_ms: number;
 }
@@ -42,20 +37,12 @@ export function amqpConnectArgs(cfg: AmqpConnectionOptions, connectionName = "pg
   return { url: u.toString(), socket };
 }
 
-/** TLS: `tls` turns an amqp:// URL into amqps://; the CA, client certificate and key go in the socket options. */
+/** TLS: `amqps://` or a `tls*` key; an amqp:// URL then becomes amqps://, the material goes in the socket options. */
 function applyTls(cfg: AmqpConnectionOptions, u: URL, socket: Record<string, unknown>): void {
-  if (cfg.tls && u.protocol === "amqp:") {
-    u.protocol = "amqps:";
-  }
-  if (cfg.tls_ca) socket.ca = [pem(cfg.tls_ca, "tls_ca")];
-  if (cfg.tls_cert) socket.cert = pem(cfg.tls_cert, "tls_cert");
-  if (cfg.tls_key) socket.key = pem(cfg.tls_key, "tls_key");
-  if (cfg.tls_key_password) socket.passphrase = cfg.tls_key_password;
-}
-
-function pem(value: string, key: string): Buffer {
-  if (value.includes("-----BEGIN")) return Buffer.from(value);
-  return readSettingFile(value, `rabbitmq ${key}`);
+  const tls = loadTls(cfg, "rabbitmq", { implied: u.protocol === "amqps:" });
+  if (!tls) return;
+  if (u.protocol === "amqp:") u.protocol = "amqps:";
+  Object.assign(socket, tls);
 }
 
 /** Server close codes that an operator has to fix (AMQP reply codes). */
@@ -69,6 +56,8 @@ export function amqpScrubber(cfg: AmqpConnectionOptions): (text: string) => stri
 
 /** A RelayError naming host:port (`where`); access problems are config, everything else transient. */
 export function amqpFailure(err: unknown, doing: string, where: string, scrub: (t: string) => string): RelayError {
+  const tls = describeTlsError(err, `rabbitmq ${doing} on ${where}`);
+  if (tls) return tls;
   const code = (err as { code?: unknown }).code;
   const text = scrub(errorMessage(err));
   const msg = `rabbitmq ${doing} on ${where}: ${text}`;

@@ -3,6 +3,7 @@
  * with each key's documentation in its v.description().
  */
 import * as v from "valibot";
+import { TLS_ENTRIES } from "../../tls.ts";
 import { reverseSourceKeys } from "../../inbound.ts";
 
 export const DEFAULT_ROUTING_KEY_TEMPLATE = "{stream_table}.{op}";
@@ -45,14 +46,7 @@ const RabbitSinkOptions = v.looseObject({
     v.optional(v.picklist(["retry", "dead_letter"], "unroutable must be retry or dead_letter"), "retry"),
     v.description("What a returned (unroutable) message means: `retry` — transient failure of the batch, retried until a queue is bound; `dead_letter` — that message goes to the dead-letter table."),
   ),
-  tls: v.pipe(
-    v.optional(v.boolean(), false),
-    v.description("Connect with TLS even when the URL says `amqp://` (port 5671 unless the URL names one)."),
-  ),
-  tls_ca: v.pipe(v.optional(v.string()), v.description("CA certificate(s) for the server certificate: PEM file path or inline PEM.")),
-  tls_cert: v.pipe(v.optional(v.string()), v.description("Client certificate for mutual TLS: PEM file path or inline PEM (needs `tls_key`).")),
-  tls_key: v.pipe(v.optional(v.string()), v.description("Private key of `tls_cert`: PEM file path or inline PEM.")),
-  tls_key_password: v.pipe(v.optional(v.string()), v.description("Passphrase of an encrypted `tls_key`.")),
+  ...TLS_ENTRIES,
   heartbeat_seconds: v.pipe(
     v.optional(v.pipe(v.number(), v.integer(), v.minValue(0)), 30),
     v.description("AMQP heartbeat interval in seconds (0 disables heartbeats)."),
@@ -124,11 +118,7 @@ const RabbitSourceOptions = v.looseObject({
     v.optional(v.pipe(v.number(), v.integer(), v.minValue(0)), 20),
     v.description("After a batch's first delivery, how long (ms) to wait for more before handing out a batch smaller than batch_size."),
   ),
-  tls: sinkKeys.tls,
-  tls_ca: sinkKeys.tls_ca,
-  tls_cert: sinkKeys.tls_cert,
-  tls_key: sinkKeys.tls_key,
-  tls_key_password: sinkKeys.tls_key_password,
+  ...TLS_ENTRIES,
   heartbeat_seconds: sinkKeys.heartbeat_seconds,
   connection_timeout_ms: sinkKeys.connection_timeout_ms,
 });

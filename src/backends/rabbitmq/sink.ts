@@ -20,6 +20,7 @@ import { envelopeJson, renderTemplate, type Message } from "../../message.ts";
 import { sinkSpec, type BackendContext, type Rejection, type Sink } from "../types.ts";
 import { amqpConnectArgs, amqpFailure, amqpScrubber, describeAmqpUrl } from "./client.ts";
 import { RabbitSinkConfig } from "./config.ts";
+import { tlsWanted } from "../../tls.ts";
 
 interface Pending {
   message: Message;
@@ -41,7 +42,7 @@ class RabbitSink implements Sink {
     private readonly cfg: RabbitSinkConfig,
     private readonly ctx: BackendContext,
   ) {
-    this.where = describeAmqpUrl(cfg.url, cfg.tls);
+    this.where = describeAmqpUrl(cfg.url, tlsWanted(cfg));
     this.describe = `rabbitmq ${this.where} → exchange '${cfg.exchange}' ${cfg.routing_key_template}`;
     this.scrub = amqpScrubber(cfg);
   }

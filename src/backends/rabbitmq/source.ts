@@ -11,6 +11,7 @@ import { LAG_TIMEOUT_MS, sourceSpec, type BackendContext, type Batch, type Lag, 
 import { amqpConnectArgs, amqpFailure, amqpScrubber, describeAmqpUrl } from "./client.ts";
 import { RabbitSourceConfig } from "./config.ts";
 import { RabbitSession } from "./session.ts";
+import { tlsWanted } from "../../tls.ts";
 
 /**
  * Consumes a queue with manual acknowledgement (auto_ack is refused). Deliveries are collected
@@ -35,7 +36,7 @@ export class RabbitSource implements Source {
     private readonly cfg: RabbitSourceConfig,
     private readonly ctx: BackendContext,
   ) {
-    this.where = describeAmqpUrl(cfg.url, cfg.tls);
+    this.where = describeAmqpUrl(cfg.url, tlsWanted(cfg));
     this.scrub = amqpScrubber(cfg);
     this.consumerTag = cfg.consumer_tag ?? `pgtrickle-relay-${ctx.pipeline}`;
     this.prefetch = Math.min(65535, Math.max(cfg.prefetch_count, cfg.batch_size));

@@ -2,12 +2,12 @@
  * The connection to Redis through ioredis: the URL, authentication and TLS, one client opened on
  * demand, and how its errors are classified (config or transient).
  */
-import { readFileSync } from "node:fs";
 import type { ConnectionOptions as TlsConnectionOptions } from "node:tls";
 import { Redis, type RedisOptions } from "ioredis";
 import { configError, errorMessage, RelayError, transientError } from "../../errors.ts";
 import { redact as scrub } from "../../redact.ts";
 import type { BackendContext } from "../types.ts";
+import { describeTlsError, loadTls } from "../../tls.ts";
 import type { ConnectionOptionsOf, Side } from "./config.ts";
 
 export interface Target {
@@ -72,28 +72,9 @@ function redisOptions(cfg: ConnectionOptionsOf, target: Target, ctx: BackendCont
   return opts;
 }
 
-/** PEM text as given, or read from the file it names. */
-function pem(value: string, key: string, side: Side): string {
-  if (value.includes("-----BEGIN")) return value;
-  try {
-    return readFileSync(value, "utf8");
-  } catch (err) {
-    throw configError(`${side}.tls.${key}: ${value} cannot be read (${(err as { code?: string }).code ?? "error"})`);
-  }
-}
-
-/** The TLS options of the connection: the `tls` key's, `{}` for a plain `rediss://` URL, or none. */
+/** The TLS options of the connection (docs/TLS.md): `rediss://` or a `tls*` key turns TLS on. */
 function tlsOptions(cfg: ConnectionOptionsOf, target: Target, side: Side): TlsConnectionOptions | undefined {
-  if (cfg.tls !== undefined && cfg.tls !== false) {
-    const t = cfg.tls === true ? undefined : cfg.tls;
-    const tls: TlsConnectionOptions = { rejectUnauthorized: t?.reject_unauthorized ?? true };
-    if (t?.ca) tls.ca = pem(t.ca, "ca", side);
-    if (t?.cert) tls.cert = pem(t.cert, "cert", side);
-    if (t?.key) tls.key = pem(t.key, "key", side);
-    if (t?.servername) tls.servername = t.servername;
-    return tls;
-  }
-  return target.tls ? {} : undefined;
+  return loadTls(cfg, `redis ${side}`, { implied: target.tls });
 }
 
 /** The first word of a Redis error reply (`WRONGTYPE`, `OOM`, `NOPERM`…), if it is one. */
@@ -202,9 +183,8 @@ export class RedisLink {
     if (code === "WRONGPASS" || code === "NOAUTH" || code === "NOPERM" || /invalid password|AUTH.*without any password/i.test(detail)) {
       return configError(`Redis at ${this.target.where} refused the credentials: ${detail} (check ${side}.username/password/url)`, err);
     }
-    if (/certificate|self[- ]signed|SSL|TLS|EPROTO/i.test(detail)) {
-      return configError(`TLS with Redis at ${this.target.where} failed: ${detail} (check ${side}.url and ${side}.tls)`, err);
-    }
+    const tls = describeTlsError(err, `Redis at ${this.target.where}`);
+    if (tls) return tls;
     return transientError(`cannot connect to Redis at ${this.target.where}: ${this.describeSocketError(err)}`, err);
   }
 

@@ -3,6 +3,7 @@
  * valibot schemas, with each key's documentation in its v.description().
  */
 import * as v from "valibot";
+import { TLS_ALIAS_ENTRIES, TLS_ENTRIES } from "../../tls.ts";
 import { reverseSourceKeys } from "../../inbound.ts";
 
 const positiveInt = (max = Number.MAX_SAFE_INTEGER) => v.pipe(v.number(), v.integer(), v.minValue(1), v.maxValue(max));
@@ -10,14 +11,6 @@ const nonEmpty = () => v.pipe(v.string(), v.nonEmpty());
 
 export const DEFAULT_STREAM_KEY = "pgtrickle:{stream_table}";
 export const DEFAULT_GROUP = "pgtrickle-relay";
-
-const TlsObject = v.looseObject({
-  ca: v.pipe(v.optional(nonEmpty()), v.description("CA certificate: a PEM file path, or the PEM text itself.")),
-  cert: v.pipe(v.optional(nonEmpty()), v.description("Client certificate for mutual TLS: a PEM file path or PEM text.")),
-  key: v.pipe(v.optional(nonEmpty()), v.description("Client private key for mutual TLS: a PEM file path or PEM text.")),
-  servername: v.pipe(v.optional(nonEmpty()), v.description("Server name to verify the certificate against (default: the URL's host).")),
-  reject_unauthorized: v.pipe(v.optional(v.boolean(), true), v.description("Verify the server certificate. Turn off only for testing.")),
-});
 
 /** `stream_key` means the same on both sides and is documented once for both. */
 const STREAM_KEY_DOC =
@@ -31,10 +24,8 @@ const connectionKeys = {
   ),
   username: v.pipe(v.optional(nonEmpty()), v.description("ACL user name (Redis 6+); overrides the URL's.")),
   password: v.pipe(v.optional(v.string()), v.description("Password (`AUTH`); overrides the URL's.")),
-  tls: v.pipe(
-    v.optional(v.union([v.boolean(), TlsObject])),
-    v.description("TLS: `true`, or an object with `ca`, `cert`, `key`, `servername`, `reject_unauthorized`."),
-  ),
+  ...TLS_ENTRIES,
+  ...TLS_ALIAS_ENTRIES.redis,
   connect_timeout_ms: v.pipe(v.optional(positiveInt(600_000), 5000), v.description("Give up connecting after this long.")),
   command_timeout_ms: v.pipe(
     v.optional(positiveInt(600_000), 5000),
