@@ -12,6 +12,12 @@ import { abortableDelay, backoffMs, withTimeout } from "./sleep.ts";
 
 export type PipelineState = "starting" | "running" | "degraded" | "failed" | "stopped" | "drained";
 
+/** `both` while starting fails: the start connects the source and then the sink. */
+export type FailingSide = "source" | "sink" | "both";
+
+/** Which side a failing stage belongs to: a commit is the source's (outbox offset, broker ack). */
+const SIDE_OF_STAGE: Record<string, FailingSide> = { source: "source", commit: "source", sink: "sink" };
+
 export interface PipelineDeps {
   sql: Sql;
   postgresUrl: string;
@@ -54,7 +60,6 @@ export class LockLost extends Error {
   }
 }
 
-const DEFAULT_MAX_BATCH_MESSAGES = 1000;
 /**
  * Most batches read and not yet committed, for a source that can read ahead (docs/PIPELINE.md):
  * one being committed, one being written, one read ahead, so the writer need not wait for the
@@ -82,6 +87,24 @@ export class Unresponsive extends RelayError {
 
 const sourceUnresponsive = (err: unknown) => err instanceof Unresponsive && err.side === "source";
 
+/**
+ * Backpressure (docs/interface.md §7.9, docs/PIPELINE.md), applied to a source's validated
+ * options: a source without read-ahead has one batch in hand at a time, and its `batch_size`
+ * (broker messages per poll) is clipped to the window. A source with read-ahead (the outbox) has
+ * up to PIPELINE_DEPTH batches in hand, each of at most `max_batch_messages`, clipped to a
+ * PIPELINE_DEPTH-th of the window. 0 = no window.
+ */
+function clipBatchSizes<C>(config: C, window: number): C {
+  if (window <= 0) return config;
+  const options = config as Record<string, unknown>;
+  const limits: Record<string, number> = { batch_size: window, max_batch_messages: Math.max(1, Math.floor(window / PIPELINE_DEPTH)) };
+  for (const [key, limit] of Object.entries(limits)) {
+    const value = options[key];
+    if (typeof value === "number" && value > limit) options[key] = limit;
+  }
+  return config;
+}
+
 /** How often to look for dead letters an operator asked to replay. */
 const REPLAY_CHECK_MS = 5000;
 
@@ -96,6 +119,8 @@ export class Pipeline {
   readonly direction: Direction;
   state: PipelineState = "starting";
   lastError: string | null = null;
+  /** The side a degradation is about, null while not degraded (/health's source_healthy, sink_healthy). */
+  failingSide: FailingSide | null = null;
   lastPollAt: Date | null = null;
   lastCommitAt: Date | null = null;
   delivered = 0;
@@ -154,27 +179,12 @@ export class Pipeline {
         this.lastPollAt = new Date();
         this.sourceAnsweredAt = Date.now();
         // An idle source that answers again has recovered, even before a message comes.
-        if (this.state === "degraded" && this.lastError?.startsWith("source")) this.recovered("source");
+        if (this.state === "degraded" && this.failingSide === "source") this.recovered("source");
       },
     };
     const sourceB = sourceOf(spec.sourceType, spec.name);
     const sinkB = sinkOf(spec.sinkType, spec.name);
-    const window = deps.sinkMaxInflight ?? 0;
-    // Backpressure (docs/interface.md §7.9, docs/PIPELINE.md): a source without read-ahead has one
-    // batch in hand at a time, and its batch_size (broker messages per poll) is clipped to the
-    // window. A source with read-ahead (the outbox) has up to PIPELINE_DEPTH batches in hand,
-    // each of at most max_batch_messages, clipped to a PIPELINE_DEPTH-th of the window.
-    const sourceOptions = { ...spec.source };
-    if (window > 0) {
-      const clip = (key: string, fallback: number, limit: number) => {
-        const configured = typeof sourceOptions[key] === "number" ? (sourceOptions[key] as number) : fallback;
-        if (configured > limit) sourceOptions[key] = limit;
-      };
-      clip("max_batch_messages", DEFAULT_MAX_BATCH_MESSAGES, Math.max(1, Math.floor(window / PIPELINE_DEPTH)));
-      if (typeof sourceOptions.batch_size === "number") clip("batch_size", window, window);
-    }
-    const sourceSpec = { ...spec, source: sourceOptions };
-    const sourceConfig = parseBackendConfig(sourceSpec, "source", sourceB);
+    const sourceConfig = clipBatchSizes(parseBackendConfig(spec, "source", sourceB), deps.sinkMaxInflight ?? 0);
     const sinkConfig = parseBackendConfig(spec, "sink", sinkB, ["on_permanent_error"]);
     this.makeSource = () => sourceB.create(sourceConfig, ctx);
     this.makeSink = () => sinkB.create(sinkConfig, ctx);
@@ -405,6 +415,7 @@ export class Pipeline {
   private transient(err: unknown, where: string): void {
     const previous = this.lastError;
     this.lastError = `${where}: ${errorMessage(err)}`;
+    this.failingSide = SIDE_OF_STAGE[where] ?? "both";
     this.deps.metrics.errors.inc({ ...this.labels, kind: "transient" });
     if (where === "sink") this.deps.metrics.sinkConnected.set({ pipeline: this.name }, 0);
     else this.deps.metrics.sourceConnected.set({ pipeline: this.name }, 0);
@@ -420,6 +431,7 @@ export class Pipeline {
     this.deps.metrics.sourceConnected.set({ pipeline: this.name }, 1);
     this.deps.metrics.sinkConnected.set({ pipeline: this.name }, 1);
     this.lastError = null;
+    this.failingSide = null;
     this.setState("running");
   }
 
@@ -546,7 +558,7 @@ export class Pipeline {
     this.inFlight--;
     m.published.inc(this.labels, batch.messages.length - rejections.length);
     m.batchesCommitted.inc(this.labels);
-    const offset = (this.source as { committedOffset?: string }).committedOffset;
+    const offset = this.source.committedOffset;
     if (offset !== undefined) m.lastOffset.set({ pipeline: this.name }, Number(offset));
     this.delivered += batch.messages.length - rejections.length;
     this.lastCommitAt = new Date();

@@ -97,6 +97,8 @@ export interface Source {
   /** Yields batches until the signal aborts, or in drain mode until nothing is pending. */
   batches(signal: AbortSignal): AsyncIterable<Batch>;
   close(): Promise<void>;
+  /** The position the last acknowledgement committed, where it is a number (the outbox id): a metric. */
+  readonly committedOffset?: string;
   /** Rows and age of what is still to be relayed, where the source can know it. */
   lag?(): Promise<Lag | null>;
   /** Cuts an idle sleep short (LISTEN notification, push). */

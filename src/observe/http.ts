@@ -30,7 +30,7 @@ export async function refreshLag(coordinator: Coordinator, metrics: Metrics): Pr
   return out;
 }
 
-const failing = (p: Pipeline, ...prefixes: string[]) => p.state === "degraded" && prefixes.some((x) => p.lastError?.startsWith(x));
+const failing = (p: Pipeline, side: "source" | "sink") => p.state === "degraded" && (p.failingSide === side || p.failingSide === "both");
 
 /**
  * JSON of /health (docs/interface.md §7.12). `degraded` (503) when the database is unreachable, or a
@@ -48,8 +48,8 @@ export async function healthReport(coordinator: Coordinator, metrics: Metrics) {
       state: p.reportedState,
       source: p.source.describe,
       sink: p.sink.describe,
-      source_healthy: !failing(p, "source", "start"),
-      sink_healthy: !failing(p, "sink", "start"),
+      source_healthy: !failing(p, "source"),
+      sink_healthy: !failing(p, "sink"),
       last_poll_at: p.lastPollAt?.toISOString() ?? null,
       last_commit_at: p.lastCommitAt?.toISOString() ?? null,
       lag_rows: lag?.rows ?? null,

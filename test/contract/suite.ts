@@ -235,7 +235,7 @@ export function sinkContract(def: SinkContract): void {
       test("unreachable → degraded (/health 503), then recovered with every row", async () => {
         await via.proxy!.stop();
         const keys = await writeRows(1);
-        await expectAllDegraded(base, [name], relay);
+        await expectAllDegraded(base, [name], relay, 60_000, "sink");
         await via.proxy!.resume();
         await waitArrived(keys, "every row after the server came back", 120_000);
         await expectAllRecovered(db.sql, base, 1, 60_000);
@@ -422,7 +422,7 @@ export function sourceContract(def: SourceContract): void {
     if (def.serverPort !== null) {
       test("unreachable → degraded (/health 503), then recovered with every event", async () => {
         await via.proxy!.stop();
-        await expectAllDegraded(base, [name], relay);
+        await expectAllDegraded(base, [name], relay, 60_000, "source");
         const batch = events(10);
         await target.publish(batch);
         await via.proxy!.resume();

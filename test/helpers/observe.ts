@@ -75,12 +75,15 @@ export const payloadIds = (path: string) => readLines(path).map((l) => l.payload
 type HealthReport = { status: string; pipelines: { name: string; state: string; last_error: string | null }[] };
 
 /** Waits until /health answers 503 with every one of `names` degraded; fails with the last report and the relay's log. */
-export async function expectAllDegraded(base: string, names: readonly string[], relay: RunningRelay, timeoutMs = 60_000): Promise<void> {
+export async function expectAllDegraded(base: string, names: readonly string[], relay: RunningRelay, timeoutMs = 60_000, failingSide?: "source" | "sink"): Promise<void> {
   let last: { status: number; body: HealthReport } | null = null;
   const until = Date.now() + timeoutMs;
+  // With a side named, /health must also say which side is failing and that the other is not.
+  const blamed = (p: Record<string, unknown>) =>
+    !failingSide || (p[`${failingSide}_healthy`] === false && p[`${failingSide === "sink" ? "source" : "sink"}_healthy`] === true);
   for (;;) {
     last = await getJson<HealthReport>(`${base}/health`);
-    const degraded = last.body.pipelines.filter((p) => p.state === "degraded").map((p) => p.name);
+    const degraded = last.body.pipelines.filter((p) => p.state === "degraded" && blamed(p as unknown as Record<string, unknown>)).map((p) => p.name);
     if (last.status === 503 && names.every((n) => degraded.includes(n))) return;
     if (Date.now() > until) throw new Error(`timed out waiting for ${names.join(", ")} degraded, /health 503: ${JSON.stringify(last)}\n${relay.stderr.slice(-4000)}`);
     await Bun.sleep(500);
