@@ -61,13 +61,20 @@ export const forwardDedupKey = (outbox: string, outboxId: string, rowIndex: numb
 
 export const DEFAULT_SUBJECT_TEMPLATE = "pgtrickle.{stream_table}.{op}";
 
+/** A `{name}` placeholder of a subject, topic, key or stream-key template. */
+const PLACEHOLDER = /\{([A-Za-z0-9_]+)\}/;
+const EVERY_PLACEHOLDER = new RegExp(PLACEHOLDER, "g");
+
+/** Whether a template has a placeholder; without one it renders the same for every message. */
+export const hasPlaceholder = (template: string) => PLACEHOLDER.test(template);
+
 /**
  * Renders `{name}` placeholders once per message: {stream_table} {schema} {outbox} {pipeline}
  * {op} {outbox_id} {refresh_id} (empty when null), and any top-level field of the row payload.
  * Unknown placeholders stay as written, so a typo is visible downstream rather than silently empty.
  */
 export function renderTemplate(template: string, m: Message): string {
-  return template.replace(/\{([A-Za-z0-9_]+)\}/g, (whole, name: string) => {
+  return template.replace(EVERY_PLACEHOLDER, (whole, name: string) => {
     switch (name) {
       case "stream_table":
       case "schema":

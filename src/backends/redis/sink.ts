@@ -11,7 +11,7 @@
  */
 import type { Redis } from "ioredis";
 import { configError, RelayError, transientError } from "../../errors.ts";
-import { renderTemplate, type Message } from "../../message.ts";
+import { hasPlaceholder, renderTemplate, type Message } from "../../message.ts";
 import { sinkSpec, type BackendContext, type Rejection, type Sink } from "../types.ts";
 import { RedisLink, replyCode, type Target } from "./client.ts";
 import { RedisSinkConfig, type RedisSinkOptions } from "./config.ts";
@@ -71,8 +71,6 @@ const FIELD_ITEMS = 14;
 /** The error a failed batch reports: a config error wins, since retrying cannot cure it. */
 const worse = (a: RelayError | null, b: RelayError): RelayError => (a === null || (b.kind === "config" && a.kind !== "config") ? b : a);
 
-const HAS_PLACEHOLDER = /\{[A-Za-z0-9_]+\}/;
-
 class RedisSink implements Sink {
   readonly describe: string;
   private readonly link: RedisLink;
@@ -87,7 +85,7 @@ class RedisSink implements Sink {
       if (cfg.dedup_window_seconds > 0) client.defineCommand("pgtDedupXadd", { numberOfKeys: 2, lua: DEDUP_XADD });
     });
     this.target = this.link.target;
-    this.fixedKey = !HAS_PLACEHOLDER.test(cfg.stream_key);
+    this.fixedKey = !hasPlaceholder(cfg.stream_key);
     const extras = [cfg.maxlen ? `MAXLEN ~ ${cfg.maxlen}` : "", cfg.dedup_window_seconds ? `dedup ${cfg.dedup_window_seconds}s` : ""].filter(Boolean);
     this.describe = `redis ${this.target.tls || cfg.tls ? "rediss" : "redis"}://${this.target.where}/${this.target.db} → ${cfg.stream_key}${extras.length ? ` (${extras.join(", ")})` : ""}`;
   }
