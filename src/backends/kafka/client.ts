@@ -6,7 +6,7 @@
 import { logLevel, type KafkaConfig, type LogEntry, type SASLOptions } from "kafkajs";
 import type { ConsolaInstance } from "consola";
 import { configError, errorMessage, permanentError, transientError, type RelayError } from "../../errors.ts";
-import { redact } from "../../redact.ts";
+import { scrubberFor, type Scrub } from "../../redact.ts";
 import { readSettingFile } from "../redact.ts";
 import { registerKafkaCodecs } from "./codecs.ts";
 import type { KafkaConnectionOptions } from "./config.ts";
@@ -30,10 +30,7 @@ registerKafkaCodecs();
 const readPem = (path: string, key: string): Buffer => readSettingFile(path, `kafka ${key}`);
 
 /** Removes the SASL password (and TLS key passphrase) from any text kafkajs hands us. */
-export function scrubber(cfg: KafkaConnectionOptions): (text: string) => string {
-  const secrets = [cfg.sasl_password, cfg.ssl_key_password].filter((s): s is string => !!s && s.length >= 1);
-  return (text) => redact(text, secrets);
-}
+export const scrubber = (cfg: KafkaConnectionOptions): Scrub => scrubberFor([cfg.sasl_password, cfg.ssl_key_password]);
 
 /**
  * kafkajs logs every retry at ERROR; each failure it finally gives up on reaches the pipeline as
