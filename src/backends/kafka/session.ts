@@ -7,7 +7,7 @@ import type { Admin, Consumer, EachBatchPayload, KafkaMessage } from "kafkajs";
 import { errorMessage, RelayError, transientError } from "../../errors.ts";
 import type { Message } from "../../message.ts";
 import { Sleeper } from "../../sleep.ts";
-import { kafkaErrorTypes } from "./client.ts";
+import { groupPosition, kafkaErrorTypes } from "./client.ts";
 import type { KafkaSourceConfig } from "./config.ts";
 import { convertKafkaRecord } from "./records.ts";
 import type { KafkaSource } from "./source.ts";
@@ -356,14 +356,11 @@ export class KafkaSession {
       for (const p of partitions) {
         const h = highs.find((x) => x.partition === p);
         if (!h) return false;
-        const high = BigInt(h.high);
-        const low = BigInt(h.low);
-        const c = BigInt(committed.find((t) => t.topic === topic)?.partitions.find((x) => x.partition === p)?.offset ?? "-1");
-        let position = c >= 0n ? c : this.cfg.auto_offset_reset === "earliest" ? low : high;
-        if (position < low) position = low; // what retention deleted can never be delivered
+        const mine = committed.find((t) => t.topic === topic)?.partitions.find((x) => x.partition === p)?.offset ?? "-1";
+        let position = groupPosition(mine, h.low, h.high, this.cfg.auto_offset_reset);
         const known = this.position.get(tp(topic, p));
         if (known !== undefined && known > position) position = known;
-        if (position < high) return false;
+        if (position < BigInt(h.high)) return false;
       }
     }
     return this.parts.length === 0 && !this.rebalancing;

@@ -5,16 +5,12 @@
 import { readFileSync } from "node:fs";
 import postgres from "postgres";
 import type { Sql } from "../../db.ts";
-import { configError, errorMessage, isRowSqlstate } from "../../errors.ts";
+import { configError, errorMessage, isRowSqlstate, sqlstateOf } from "../../errors.ts";
 import { SSL_MODES, type PgInboxSinkOptions, type SslMode } from "./config.ts";
 
 /** This row, not the batch, is bad (classes 22, 23, 54: errors.ts isRowSqlstate). */
 export const isRowError = (err: unknown) => isRowSqlstate(sqlstateOf(err));
 
-export const sqlstateOf = (err: unknown): string | undefined => {
-  const code = (err as { code?: unknown })?.code;
-  return typeof code === "string" && /^[0-9A-Z]{5}$/.test(code) ? code : undefined;
-};
 
 /** TLS options for postgres.js from a libpq sslmode and CA/cert files. */
 export function tlsOption(mode: SslMode | undefined, files: { ca?: string; cert?: string; key?: string; systemCa?: boolean }): false | "prefer" | "require" | Record<string, unknown> {

@@ -15,6 +15,7 @@ import { errorMessage, transientError } from "../../errors.ts";
 import { inboundMessage, sha256Hex } from "../../inbound.ts";
 import type { Message } from "../../message.ts";
 import { Sleeper } from "../../sleep.ts";
+import { chunks } from "../concurrency.ts";
 import { isNonEmptyString } from "../schema.ts";
 import { LAG_TIMEOUT_MS, sourceSpec, type BackendContext, type Batch, type Lag, type Source } from "../types.ts";
 import { awsCode, MAX_ENTRIES, SqsConnection, TRANSIENT_CODES } from "./client.ts";
@@ -26,12 +27,6 @@ const DRAIN_WAIT_SECONDS = 1;
 /** Drain: empty receives in a row while the queue still reports visible messages before giving up on them. */
 const DRAIN_EMPTY_POLLS = 3;
 const DELETE_ATTEMPTS = 3;
-
-const chunks = <T>(items: T[], size: number): T[][] => {
-  const out: T[][] = [];
-  for (let i = 0; i < items.length; i += size) out.push(items.slice(i, i + size));
-  return out;
-};
 
 
 /**
