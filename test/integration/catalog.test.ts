@@ -9,7 +9,6 @@ import {
   catalogSections,
   catalogStatus,
   formatCatalogStatus,
-  formatInstallResult,
   installCatalog,
   requireCatalog,
 } from "../../src/catalog/index.ts";
@@ -144,7 +143,6 @@ describe("install and status on an empty database", () => {
     expect(r.granted).toContain("GRANT INSERT ON pgtrickle.relay_dead_letters TO pgtrickle_relay");
     expect(r.granted).toContain("GRANT USAGE ON SEQUENCE pgtrickle.relay_dead_letters_id_seq TO pgtrickle_relay");
     expect(r.summary).toContain(`relay catalog version 1 installed in database ${db.name}: created`);
-    expect(formatInstallResult(r)).toContain("created   table pgtrickle.relay_dead_letters");
   });
 
   test("a second install changes nothing and says so", async () => {
