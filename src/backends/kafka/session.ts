@@ -208,29 +208,27 @@ export class KafkaSession {
 
   /** The next batch, or null when the signal aborted or (drain) the group has caught up. */
   async next(signal: AbortSignal): Promise<Batch | null> {
-    const wake = () => this.sleeper.wake();
-    signal.addEventListener("abort", wake, { once: true });
-    try {
-      let idleSince = Date.now();
-      for (;;) {
-        if (this.crashed) throw this.crashed;
-        if (signal.aborted) return null;
-        if (this.rebalancing && this.parts.length === 0 && Date.now() - this.rebalancingSince > this.cfg.rebalance_timeout_ms + this.cfg.session_timeout_ms) {
-          // kafkajs rejoins as soon as nothing is held; if it has not, start over with a new consumer.
-          throw transientError(`kafka group '${this.src.groupId}' on ${this.src.brokerList}: not rejoined ${this.cfg.rebalance_timeout_ms + this.cfg.session_timeout_ms} ms after a rebalance began`);
-        }
-        if (!this.rebalancing && this.available() > 0) {
-          // The other partitions of the same fetch reach eachBatch within this turn of the event loop.
-          if (this.available() < this.cfg.batch_size) await new Promise<void>((r) => setImmediate(r));
-          if (this.crashed) throw this.crashed;
-          if (!this.rebalancing && this.available() > 0) return this.take();
-          idleSince = Date.now();
-        }
-        if (this.ctx.drain && Date.now() - idleSince >= this.cfg.max_wait_ms && (await this.caughtUp())) return null;
-        await this.sleeper.sleep(this.ctx.drain ? Math.min(this.cfg.poll_interval_ms, this.cfg.max_wait_ms) : this.cfg.poll_interval_ms);
+    return this.sleeper.wakingOn(signal, () => this.waitForBatch(signal));
+  }
+
+  private async waitForBatch(signal: AbortSignal): Promise<Batch | null> {
+    let idleSince = Date.now();
+    for (;;) {
+      if (this.crashed) throw this.crashed;
+      if (signal.aborted) return null;
+      if (this.rebalancing && this.parts.length === 0 && Date.now() - this.rebalancingSince > this.cfg.rebalance_timeout_ms + this.cfg.session_timeout_ms) {
+        // kafkajs rejoins as soon as nothing is held; if it has not, start over with a new consumer.
+        throw transientError(`kafka group '${this.src.groupId}' on ${this.src.brokerList}: not rejoined ${this.cfg.rebalance_timeout_ms + this.cfg.session_timeout_ms} ms after a rebalance began`);
       }
-    } finally {
-      signal.removeEventListener("abort", wake);
+      if (!this.rebalancing && this.available() > 0) {
+        // The other partitions of the same fetch reach eachBatch within this turn of the event loop.
+        if (this.available() < this.cfg.batch_size) await new Promise<void>((r) => setImmediate(r));
+        if (this.crashed) throw this.crashed;
+        if (!this.rebalancing && this.available() > 0) return this.take();
+        idleSince = Date.now();
+      }
+      if (this.ctx.drain && Date.now() - idleSince >= this.cfg.max_wait_ms && (await this.caughtUp())) return null;
+      await this.sleeper.sleep(this.ctx.drain ? Math.min(this.cfg.poll_interval_ms, this.cfg.max_wait_ms) : this.cfg.poll_interval_ms);
     }
   }
 
