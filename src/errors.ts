@@ -44,13 +44,21 @@ export function isRowSqlstate(code: string | undefined): boolean {
   return code !== undefined && /^(22|23|54)[0-9A-Z]{3}$/.test(code);
 }
 
+/** The SQLSTATE of a PostgreSQL error (a five-character `code`), else undefined. */
+export function sqlstateOf(err: unknown): string | undefined {
+  const code = (err as { code?: unknown })?.code;
+  return typeof code === "string" && /^[0-9A-Z]{5}$/.test(code) ? code : undefined;
+}
+
 /** The kind of any thrown value: RelayErrors say it, PostgreSQL errors by SQLSTATE, the rest are transient. */
 export function errorKind(err: unknown): ErrorKind {
   if (err instanceof RelayError) return err.kind;
-  const code = (err as { code?: unknown })?.code;
-  if (typeof code === "string" && /^[0-9A-Z]{5}$/.test(code)) return pgErrorKind(code);
-  return "transient";
+  const code = sqlstateOf(err);
+  return code ? pgErrorKind(code) : "transient";
 }
+
+/** Of two errors, the one a failed batch reports: a config error wins, since retrying cannot cure it. */
+export const worseError = (a: RelayError | null, b: RelayError): RelayError => (a === null || (b.kind === "config" && a.kind !== "config") ? b : a);
 
 export function errorMessage(err: unknown): string {
   return err instanceof Error ? err.message : String(err);

@@ -9,10 +9,8 @@
  */
 import { createHash } from "node:crypto";
 import * as v from "valibot";
+import { isNonEmptyString, nonEmptyString, positiveIntOption } from "./backends/schema.ts";
 import type { Message } from "./message.ts";
-
-const positiveInt = (fallback: number, description: string) =>
-  v.pipe(v.optional(v.pipe(v.number(), v.integer(), v.minValue(1)), fallback), v.description(description));
 
 /**
  * Keys shared by every reverse source (docs/interface.md §5.4). Spread into a source's schema:
@@ -20,18 +18,16 @@ const positiveInt = (fallback: number, description: string) =>
  */
 export const reverseSourceKeys = {
   event_type: v.pipe(
-    v.optional(v.pipe(v.string(), v.minLength(1))),
+    v.optional(nonEmptyString()),
     v.description("Event type when neither the body nor the transport names one; default: the source type."),
   ),
   event_type_field: v.pipe(
-    v.optional(v.pipe(v.string(), v.minLength(1)), "event_type"),
+    v.optional(nonEmptyString(), "event_type"),
     v.description("Body field holding the event type; a string there wins over everything else."),
   ),
-  batch_size: positiveInt(100, "Most messages handed to the inbox in one transaction."),
-  poll_interval_ms: positiveInt(1000, "Idle poll interval, for sources that poll."),
+  batch_size: positiveIntOption(100, "Most messages handed to the inbox in one transaction."),
+  poll_interval_ms: positiveIntOption(1000, "Idle poll interval, for sources that poll."),
 };
-
-export type ReverseSourceKeys = v.InferOutput<v.ObjectSchema<typeof reverseSourceKeys, undefined>>;
 
 type JsonObject = Record<string, unknown>;
 
@@ -121,13 +117,11 @@ export function nestedTooDeep(text: string, value: unknown): boolean {
   return text.length > 2 * MAX_JSON_DEPTH && exceedsJsonDepth(value);
 }
 
-const nonEmptyString = (x: unknown): x is string => typeof x === "string" && x !== "";
-
 /** A top-level field of an object body, when it is a non-empty string. */
 export function bodyString(payload: unknown, field: string): string | null {
   if (!isJsonObject(payload)) return null;
   const value = payload[field];
-  return nonEmptyString(value) ? value : null;
+  return isNonEmptyString(value) ? value : null;
 }
 
 export interface EventTypeRule {
@@ -143,22 +137,22 @@ export interface EventTypeRule {
 
 /** body[event_type_field] if a string, else the source's candidate, else `event_type`, else the source type. */
 export function eventTypeOf(payload: unknown, rule: EventTypeRule): string {
-  return bodyString(payload, rule.field) ?? (nonEmptyString(rule.candidate) ? rule.candidate : null) ?? (nonEmptyString(rule.configured) ? rule.configured : null) ?? rule.sourceType;
+  return bodyString(payload, rule.field) ?? (isNonEmptyString(rule.candidate) ? rule.candidate : null) ?? (isNonEmptyString(rule.configured) ? rule.configured : null) ?? rule.sourceType;
 }
 
 /** body `source` if a string, else `<source_type>:<topic/subject/stream/queue/path>` (just the type when there is no place). */
 export function inboundSourceOf(payload: unknown, sourceType: string, where?: string | null): string {
-  return bodyString(payload, "source") ?? (nonEmptyString(where) ? `${sourceType}:${where}` : sourceType);
+  return bodyString(payload, "source") ?? (isNonEmptyString(where) ? `${sourceType}:${where}` : sourceType);
 }
 
 /** body `aggregate_id` (string, or number as text), else the source's fallback (e.g. the Kafka record key), else null. */
 export function aggregateIdOf(payload: unknown, fallback?: string | null): string | null {
   if (isJsonObject(payload)) {
     const value = payload.aggregate_id;
-    if (nonEmptyString(value)) return value;
+    if (isNonEmptyString(value)) return value;
     if (typeof value === "number" && Number.isFinite(value)) return String(value);
   }
-  return nonEmptyString(fallback) ? fallback : null;
+  return isNonEmptyString(fallback) ? fallback : null;
 }
 
 // version "-" trace-id "-" parent-id "-" flags, lower-case hex; later versions may append fields.
@@ -218,9 +212,9 @@ export function sha256Hex(data: Uint8Array | string): string {
  * and carry a source prefix (`kafka:…`, `file:…`, `http:<sha256>`); never random (§6.5).
  */
 export function reverseDedupKey(producerKey: string | null | undefined, synthesized: string | (() => string)): string {
-  if (nonEmptyString(producerKey)) return producerKey;
+  if (isNonEmptyString(producerKey)) return producerKey;
   const key = typeof synthesized === "function" ? synthesized() : synthesized;
-  if (!nonEmptyString(key)) throw new Error("a synthesized dedup key must not be empty");
+  if (!isNonEmptyString(key)) throw new Error("a synthesized dedup key must not be empty");
   return key;
 }
 

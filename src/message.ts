@@ -61,6 +61,13 @@ export const forwardDedupKey = (outbox: string, outboxId: string, rowIndex: numb
 
 export const DEFAULT_SUBJECT_TEMPLATE = "pgtrickle.{stream_table}.{op}";
 
+/** A `{name}` placeholder of a subject, topic, key or stream-key template. */
+const PLACEHOLDER = /\{([A-Za-z0-9_]+)\}/;
+const EVERY_PLACEHOLDER = new RegExp(PLACEHOLDER, "g");
+
+/** Whether a template has a placeholder; without one it renders the same for every message. */
+export const hasPlaceholder = (template: string) => PLACEHOLDER.test(template);
+
 /** A template cut at its placeholders: literal text, then `{name}` placeholders by name. */
 type TemplatePart = string | { name: string };
 
@@ -76,7 +83,7 @@ const MAX_COMPILED_TEMPLATES = 1000;
 function compileTemplate(template: string): TemplatePart[] {
   const parts: TemplatePart[] = [];
   let at = 0;
-  for (const match of template.matchAll(/\{([A-Za-z0-9_]+)\}/g)) {
+  for (const match of template.matchAll(EVERY_PLACEHOLDER)) {
     if (match.index > at) parts.push(template.slice(at, match.index));
     parts.push({ name: match[1]! });
     at = match.index + match[0].length;
@@ -136,5 +143,5 @@ export function renderTemplate(template: string, m: Message): string {
 /** True when the template uses row fields (anything but the fixed variables). */
 export function templateUsesRowFields(template: string): boolean {
   const fixed = new Set(["stream_table", "schema", "outbox", "pipeline", "op", "outbox_id", "refresh_id"]);
-  return [...template.matchAll(/\{([A-Za-z0-9_]+)\}/g)].some((m) => !fixed.has(m[1]!));
+  return [...template.matchAll(EVERY_PLACEHOLDER)].some((m) => !fixed.has(m[1]!));
 }

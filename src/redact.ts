@@ -50,6 +50,19 @@ export function redact(text: string, extra: readonly string[] = []): string {
   return out;
 }
 
+/** Text → text with secrets masked. */
+export type Scrub = (text: string) => string;
+
+/**
+ * `redact` that also masks one connection's own secrets (a password, a token, a key passphrase),
+ * the values a backend knows even when nothing registered them. Values shorter than
+ * MIN_SECRET_LENGTH are left out, for the reason registerSecrets leaves them out.
+ */
+export function scrubberFor(secrets: Iterable<string | null | undefined>): Scrub {
+  const own = [...secrets].filter((s): s is string => typeof s === "string" && s.length >= MIN_SECRET_LENGTH);
+  return (text) => redact(text, own);
+}
+
 /** The password of a URL (raw and decoded), empty when there is none or `url` is not a URL. */
 export function urlSecrets(url: string): string[] {
   try {

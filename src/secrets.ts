@@ -48,5 +48,3 @@ export function resolveSecrets<T>(value: T, where: string, env: Env = process.en
   return value;
 }
 
-/** True when a string holds a secret token, so callers can avoid echoing its resolved form. */
-export const hasSecretToken = (text: string) => new RegExp(TOKEN.source).test(text);

@@ -25,6 +25,17 @@ export class Sleeper {
     if (this.wakeUp) this.wakeUp();
     else this.pendingWake = true;
   }
+
+  /** `work()`, with this sleeper woken when `signal` aborts, so a sleep inside it ends at once. */
+  async wakingOn<T>(signal: AbortSignal, work: () => Promise<T>): Promise<T> {
+    const wake = () => this.wake();
+    signal.addEventListener("abort", wake, { once: true });
+    try {
+      return await work();
+    } finally {
+      signal.removeEventListener("abort", wake);
+    }
+  }
 }
 
 /** Exponential backoff with ±20 % jitter: base·2^attempt, capped. */

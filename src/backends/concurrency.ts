@@ -1,7 +1,28 @@
 /**
- * Ordered, bounded concurrency shared by the sinks that send several requests per batch (HTTP
- * per-event mode, SQS batch calls).
+ * Ordered, bounded concurrency shared by the sinks that send several requests per batch: keyed
+ * tasks (HTTP per-event mode, SQS batch calls), lanes taking items in order (NATS publishes), and
+ * consecutive chunks (Redis pipelines, SQS delete calls).
  */
+
+/** `items` cut into consecutive slices of at most `size`. */
+export function chunks<T>(items: readonly T[], size: number): T[][] {
+  const out: T[][] = [];
+  for (let i = 0; i < items.length; i += size) out.push(items.slice(i, i + size));
+  return out;
+}
+
+/**
+ * Runs `work` on every item with at most `limit` running. Each of `limit` lanes takes the next
+ * item as soon as its last one finished, so items start in their order; once `stopped()` is true
+ * no lane takes another.
+ */
+export async function inOrderLanes<T>(items: readonly T[], limit: number, work: (item: T) => Promise<void>, stopped: () => boolean): Promise<void> {
+  let next = 0;
+  const lane = async () => {
+    while (!stopped() && next < items.length) await work(items[next++]!);
+  };
+  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, lane));
+}
 
 /**
  * Runs tasks with at most `limit` in flight; a task starts only after every earlier task sharing

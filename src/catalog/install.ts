@@ -170,21 +170,3 @@ function shortLabel(label: string): string {
     .replace(/^pgtrickle\./, "")
     .replace(/\(.*\)$/, "()");
 }
-
-export function formatInstallResult(r: InstallResult): string {
-  const lines: string[] = [];
-  const owner = r.ownerExtension ? ` (relay tables owned by extension ${r.ownerExtension}, left untouched)` : "";
-  if (r.nothingToDo) {
-    lines.push(`relay catalog version ${r.version} already installed in database ${r.database}: nothing to do${owner}`);
-  } else {
-    lines.push(`relay catalog version ${r.version} installed in database ${r.database}${owner}`);
-    for (const c of r.created) lines.push(`  created   ${c}`);
-    for (const u of r.updated) lines.push(`  updated   ${u}`);
-    for (const g of r.granted) lines.push(`  granted   ${g.replace(/^GRANT /, "")}`);
-    for (const f of r.revoked) lines.push(`  revoked   EXECUTE ON FUNCTION ${f} FROM PUBLIC`);
-    if (r.unchanged.length > 0) lines.push(`  unchanged ${r.unchanged.length} object(s) already present`);
-  }
-  for (const n of r.notes) lines.push(`  note: ${n}`);
-  for (const g of r.ownerStatements) lines.push(`  ${g}`);
-  return lines.join("\n");
-}

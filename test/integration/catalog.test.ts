@@ -3,7 +3,7 @@
 import { afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:test";
 import { connect, type Sql } from "../../src/db.ts";
 import { RelayError } from "../../src/errors.ts";
-import { formatInstallResult, installCatalog } from "../../src/catalog/install.ts";
+import { installCatalog } from "../../src/catalog/install.ts";
 import { CATALOG_SQL, CATALOG_VERSION, catalogSections } from "../../src/catalog/objects.ts";
 import { catalogStatus, formatCatalogStatus, requireCatalog } from "../../src/catalog/status.ts";
 import { PG_ADMIN_URL, testDatabase, type TestDatabase } from "../helpers/pg.ts";
@@ -137,7 +137,6 @@ describe("install and status on an empty database", () => {
     expect(r.granted).toContain("GRANT INSERT ON pgtrickle.relay_dead_letters TO pgtrickle_relay");
     expect(r.granted).toContain("GRANT USAGE ON SEQUENCE pgtrickle.relay_dead_letters_id_seq TO pgtrickle_relay");
     expect(r.summary).toContain(`relay catalog version 1 installed in database ${db.name}: created`);
-    expect(formatInstallResult(r)).toContain("created   table pgtrickle.relay_dead_letters");
   });
 
   test("a second install changes nothing and says so", async () => {

@@ -9,6 +9,7 @@ import rabbitmqSink from "../../src/backends/rabbitmq/sink.ts";
 import type { Sink } from "../../src/backends/types.ts";
 import { envelopeJson } from "../../src/message.ts";
 import { log } from "../../src/observe/log.ts";
+import { describeIssue } from "../../src/pipeline-config.ts";
 import { backendContext, expectRelayError } from "../helpers/backend.ts";
 import { forwardMessages } from "../helpers/messages.ts";
 import { AMQP_URL, requireServer } from "../helpers/servers.ts";
@@ -30,7 +31,7 @@ function makeSink(options: Record<string, unknown>): Sink {
 
 function configIssue(options: Record<string, unknown>): string | undefined {
   const parsed = v.safeParse(spec.config, { url: AMQP_URL, exchange: "x", ...options });
-  return parsed.success ? undefined : parsed.issues.map((i) => i.message).join("; ");
+  return parsed.success ? undefined : parsed.issues.map((i) => describeIssue(i, "sink")).join("; ");
 }
 
 let conn: ChannelModel;

@@ -1,5 +1,6 @@
 /** The file backend's options: the stdout/file sink's and the stdin/file source's schemas. */
 import * as v from "valibot";
+import { positiveInt } from "../schema.ts";
 import { reverseSourceKeys } from "../../inbound.ts";
 
 /** Options of the stdout/file sink (docs/interface.md §5.3). */
@@ -11,7 +12,7 @@ export const StdoutSinkConfig = v.looseObject({
   output: v.pipe(v.optional(v.string()), v.description("File path, opened for append; absent = standard output. Alias `path`.")),
   path: v.pipe(v.optional(v.string()), v.description("Alias of `output`.")),
   rotate_bytes: v.pipe(
-    v.optional(v.pipe(v.number(), v.integer(), v.minValue(1))),
+    v.optional(positiveInt()),
     v.description("Rotate the file once it reaches this many bytes: it is renamed to `<output>.<timestamp>`."),
   ),
   fsync: v.pipe(v.optional(v.boolean(), true), v.description("fsync the file after every batch, before the batch is acknowledged.")),

@@ -67,7 +67,7 @@ class FileSink implements Sink {
 
   async start(): Promise<void> {
     // `check` creates no file: a missing one only needs a directory it may write to.
-    if (this.check && !(await stat(this.path).then(() => true, () => false))) {
+    if (this.check && !(await exists(this.path))) {
       await access(dirname(this.path), constants.W_OK).catch((err) => {
         throw configError(`file sink: cannot open ${this.path} for append: ${(err as { code?: string }).code ?? errorMessage(err)}`);
       });
@@ -121,6 +121,7 @@ class FileSink implements Sink {
   }
 }
 
+/** Whether anything exists at `path` (stat succeeds). */
 async function exists(path: string): Promise<boolean> {
   return stat(path).then(
     () => true,

@@ -4,6 +4,7 @@
  */
 import * as v from "valibot";
 import { TLS_ENTRIES } from "../../tls.ts";
+import { intInRange, positiveInt } from "../schema.ts";
 import { reverseSourceKeys } from "../../inbound.ts";
 
 export const HEADER_NAME = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
@@ -37,7 +38,7 @@ export const HttpSinkConfig = v.looseObject({
     v.description("Extra request headers, e.g. `{\"Authorization\": \"Bearer ${env:HOOK_TOKEN}\"}`. Values may hold secrets and are never logged. Content-Type, Idempotency-Key and the X-Pgtrickle-* headers are set by the relay and cannot be overridden."),
   ),
   timeout_ms: v.pipe(
-    v.optional(v.pipe(v.number(), v.integer(), v.minValue(1)), 10000),
+    v.optional(positiveInt(), 10000),
     v.description("Per-request timeout in milliseconds; a timeout is a transient failure."),
   ),
   batch_mode: v.pipe(
@@ -45,15 +46,15 @@ export const HttpSinkConfig = v.looseObject({
     v.description("true: one request carries a JSON array of the envelopes of one change set (outbox row), with `Idempotency-Key` = `batch:` + hex SHA-256 of their newline-joined dedup keys, the same on every replay while the batch options are unchanged; false: one request per message, with `Idempotency-Key` = its dedup key (percent-encoded outside visible ASCII and for `%`)."),
   ),
   max_batch_messages: v.pipe(
-    v.optional(v.pipe(v.number(), v.integer(), v.minValue(1)), 500),
+    v.optional(positiveInt(), 500),
     v.description("Batch mode: at most this many messages per request (a larger change set is split)."),
   ),
   max_batch_bytes: v.pipe(
-    v.optional(v.pipe(v.number(), v.integer(), v.minValue(1024)), 1048576),
+    v.optional(intInRange(1024), 1048576),
     v.description("Batch mode: a request body stays under this many bytes where possible (a single larger message still goes alone in one request)."),
   ),
   max_in_flight: v.pipe(
-    v.optional(v.pipe(v.number(), v.integer(), v.minValue(1)), 16),
+    v.optional(positiveInt(), 16),
     v.description("Requests in flight at once (across ordering keys)."),
   ),
   ordering_key_template: v.pipe(
@@ -61,7 +62,7 @@ export const HttpSinkConfig = v.looseObject({
     v.description("Messages with the same rendered key are delivered one after another, in order; different keys go in parallel. Variables as in subject templates plus row fields and `{dedup_key}`; the default keeps a whole stream table in order, `{stream_table}:{id}` keeps order per row id."),
   ),
   retry_on_status: v.pipe(
-    v.optional(v.array(v.pipe(v.number(), v.integer(), v.minValue(100), v.maxValue(599))), [
+    v.optional(v.array(intInRange(100, 599)), [
       429, 500, 502, 503, 504,
     ]),
     v.description("Response statuses retried as transient failures: the request is tried again (4 tries in all, pauses from 200 ms to 2 s), then the batch is replayed without the requests already answered (a timeout or refused connection goes straight to the replay). 408 and 429 are always transient; any other non-2xx status rejects the request's messages to the dead-letter table (a batch request refused with a 4xx is first split, down to single messages, so only the refused ones go there)."),
@@ -124,10 +125,10 @@ export const HttpSourceConfig = v.pipe(
       v.description("Requests must carry a valid `X-Pgtrickle-Signature` made with this secret (as the http sink signs); others answer 401. Never logged."),
     ),
     signature_tolerance_seconds: v.pipe(
-      v.optional(v.pipe(v.number(), v.integer(), v.minValue(1)), 300),
+      v.optional(positiveInt(), 300),
       v.description("Oldest accepted `X-Pgtrickle-Signature` timestamp, in seconds from now (replay protection)."),
     ),
-    max_body_bytes: v.pipe(v.optional(v.pipe(v.number(), v.integer(), v.minValue(1)), 10485760), v.description("Larger request bodies answer 413.")),
+    max_body_bytes: v.pipe(v.optional(positiveInt(), 10485760), v.description("Larger request bodies answer 413.")),
     event_type_header: v.pipe(
       v.optional(
         v.pipe(v.string(), v.check((h) => HEADER_NAME.test(h), "event_type_header is not a valid HTTP header name")),
@@ -140,15 +141,15 @@ export const HttpSourceConfig = v.pipe(
       v.description("A top-level JSON array body is one event per element; false: the array is one event."),
     ),
     max_pending: v.pipe(
-      v.optional(v.pipe(v.number(), v.integer(), v.minValue(1)), 1000),
+      v.optional(positiveInt(), 1000),
       v.description("Messages accepted but not yet committed to the inbox, across requests; a request that does not fit answers 503 with Retry-After (backpressure). A single request with more events answers 413."),
     ),
     linger_ms: v.pipe(
-      v.optional(v.pipe(v.number(), v.integer(), v.minValue(0)), 5),
+      v.optional(intInRange(0), 5),
       v.description("How long an idle receiver waits for more requests to join a batch once one arrived."),
     ),
     request_timeout_ms: v.pipe(
-      v.optional(v.pipe(v.number(), v.integer(), v.minValue(100)), 30000),
+      v.optional(intInRange(100), 30000),
       v.description("A request not committed within this time answers 503 (its events may still land: a retry is deduplicated). While a batch has been in flight this long, new requests answer 503 at once."),
     ),
   }),

@@ -26,7 +26,7 @@ import { envelopeJson, renderTemplate, type Message } from "../../message.ts";
 import { abortableDelay, backoffMs } from "../../sleep.ts";
 import { VERSION } from "../../version.ts";
 import { runKeyed } from "../concurrency.ts";
-import { redact } from "../../redact.ts";
+import { scrubberFor, urlSecrets, type Scrub } from "../../redact.ts";
 import { sinkSpec, type BackendContext, type Rejection, type Sink } from "../types.ts";
 import { describeTlsError, loadTls } from "../../tls.ts";
 import { describeHttpUrl, signPayload } from "./client.ts";
@@ -71,7 +71,7 @@ const retryPauseMs = (retry: number) => backoffMs(retry, 200, 2000);
 class HttpSink implements Sink {
   readonly describe: string;
   private readonly target: string;
-  private readonly secrets: string[];
+  private readonly redact: Scrub;
   private readonly retryable: Set<number>;
   private tls: ReturnType<typeof loadTls>;
   private closing = new AbortController();
@@ -93,12 +93,9 @@ class HttpSink implements Sink {
     if (cfg.signing_secret) traits.push("signed");
     this.describe = `http ${cfg.method} ${this.target} (${traits.join(", ")})`;
     this.retryable = new Set([408, 429, ...cfg.retry_on_status]);
-    // Everything that must never surface in an error: header values, the secret, the raw URL
-    // (its query or userinfo may carry a token).
-    const u = new URL(cfg.url);
-    const urlSecrets = u.search || u.username || u.password ? [cfg.url, u.search, u.password, decodeURIComponent(u.password)] : [];
-    this.secrets = [...Object.values(cfg.headers), cfg.signing_secret ?? "", ...urlSecrets]
-      .filter((s) => s.length >= 4);
+    // Everything that must never surface in an error: header values, the secret, the URL's
+    // password and its whole query (a token may stand there under any name).
+    this.redact = scrubberFor([...Object.values(cfg.headers), cfg.signing_secret, ...urlSecrets(cfg.url), new URL(cfg.url).search]);
     for (const name of Object.keys(cfg.headers)) {
       if (RESERVED_HEADERS.includes(name.toLowerCase())) {
         throw configError(`headers: ${name} is set by the relay and cannot be configured`);
@@ -297,10 +294,6 @@ class HttpSink implements Sink {
       ? `${what} answered HTTP ${response.status} (redirect not followed; point url at the final address)`
       : detail;
     return { error, status: response.status };
-  }
-
-  private redact(text: string): string {
-    return redact(text, this.secrets);
   }
 }
 

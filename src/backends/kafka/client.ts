@@ -6,7 +6,7 @@
 import { logLevel, type KafkaConfig, type LogEntry, type SASLOptions } from "kafkajs";
 import type { ConsolaInstance } from "consola";
 import { configError, errorMessage, permanentError, transientError, type RelayError } from "../../errors.ts";
-import { redact } from "../../redact.ts";
+import { scrubberFor, type Scrub } from "../../redact.ts";
 import { describeTlsError, loadTls } from "../../tls.ts";
 import { registerKafkaCodecs } from "./codecs.ts";
 import type { KafkaConnectionOptions } from "./config.ts";
@@ -27,11 +27,11 @@ globalThis.setTimeout = Object.assign(
 // kafkajs ships only gzip; snappy, lz4 and zstd are registered once, for sinks and sources.
 registerKafkaCodecs();
 
+/** A few quick retries inside kafkajs; longer outages go back to the pipeline's backoff. */
+export const KAFKAJS_RETRY = { initialRetryTime: 250, retries: 3, maxRetryTime: 5000 };
+
 /** Removes the SASL password (and TLS key passphrase) from any text kafkajs hands us. */
-export function scrubber(cfg: KafkaConnectionOptions): (text: string) => string {
-  const secrets = [cfg.sasl_password, cfg.tls_key_password, cfg.ssl_key_password].filter((s): s is string => !!s && s.length >= 1);
-  return (text) => redact(text, secrets);
-}
+export const scrubber = (cfg: KafkaConnectionOptions): Scrub => scrubberFor([cfg.sasl_password, cfg.tls_key_password, cfg.ssl_key_password]);
 
 /**
  * kafkajs logs every retry at ERROR; each failure it finally gives up on reaches the pipeline as
@@ -77,11 +77,31 @@ export function kafkaClientConfig(cfg: KafkaConnectionOptions, log: ConsolaInsta
     connectionTimeout: cfg.connection_timeout_ms,
     authenticationTimeout: cfg.connection_timeout_ms,
     requestTimeout: cfg.request_timeout_ms,
-    // A few quick retries inside kafkajs; longer outages go back to the pipeline's backoff.
-    retry: { initialRetryTime: 250, retries: 3, maxRetryTime: 5000 },
+    retry: KAFKAJS_RETRY,
     logLevel: level,
     logCreator: kafkaLogCreator(log, scrubber(cfg)),
   };
+}
+
+/** Connects kafkajs clients (producer, admin) one after the other; on a failure disconnects them all, so no half-open one keeps retrying. */
+export async function connectAll(clients: { connect(): Promise<void>; disconnect(): Promise<void> }[]): Promise<void> {
+  try {
+    for (const c of clients) await c.connect();
+  } catch (err) {
+    await Promise.allSettled(clients.map((c) => c.disconnect()));
+    throw err;
+  }
+}
+
+/**
+ * Where a group stands in a partition: its committed offset, or where auto_offset_reset starts a
+ * partition without one; never below the low watermark (what retention deleted can never be
+ * delivered). `committed` is kafkajs's text, "-1" for none.
+ */
+export function groupPosition(committed: string, low: string, high: string, reset: "earliest" | "latest"): bigint {
+  const c = BigInt(committed);
+  const position = c >= 0n ? c : reset === "earliest" ? BigInt(low) : BigInt(high);
+  return position < BigInt(low) ? BigInt(low) : position;
 }
 
 /** Protocol error types found anywhere in a kafkajs error's cause chain. */

@@ -5,15 +5,14 @@
  */
 import * as v from "valibot";
 import { TLS_ALIAS_ENTRIES, TLS_ENTRIES, type TlsConfig } from "../../tls.ts";
+import { hasPlaceholder } from "../../message.ts";
 import { reverseSourceKeys } from "../../inbound.ts";
+import { intInRange, positiveInt } from "../schema.ts";
 import { COMPRESSION_TYPES, type KafkaCompression } from "./codecs.ts";
 
 /** Kafka's own rule for topic names (plus: not `.` or `..`). */
 const TOPIC_NAME = /^[A-Za-z0-9._-]{1,249}$/;
-const PLACEHOLDER = /\{[A-Za-z0-9_]+\}/;
 export const isLegalTopic = (t: string) => TOPIC_NAME.test(t) && t !== "." && t !== "..";
-
-const positiveInt = (what: string) => v.pipe(v.number(), v.integer(`${what} must be an integer`), v.minValue(1, `${what} must be ≥ 1`));
 
 const lower = (x: string) => x.toLowerCase();
 
@@ -72,21 +71,19 @@ const KafkaSinkOptions = v.looseObject({
   ),
   linger_ms: v.optional(
     v.pipe(
-      v.number(),
-      v.integer(),
-      v.minValue(0),
+      intInRange(0),
       v.description(
         "Accepted for compatibility with librdkafka settings; it has no effect: kafkajs has no client-side linger, and the relay sends each pipeline batch as soon as it has it.",
       ),
     ),
   ),
   batch_num_messages: v.optional(
-    v.pipe(positiveInt("batch_num_messages"), v.description("Most records in one produce request; larger batches are sent as consecutive requests.")),
+    v.pipe(positiveInt(), v.description("Most records in one produce request; larger batches are sent as consecutive requests.")),
     1000,
   ),
   max_message_bytes: v.optional(
     v.pipe(
-      positiveInt("max_message_bytes"),
+      positiveInt(),
       v.description(
         "Upper bound for one record batch, in bytes. Default: the topic's `max.message.bytes` as the broker reports it (1048588 when it cannot be read). Larger single messages are dead-lettered.",
       ),
@@ -115,10 +112,10 @@ const KafkaSinkOptions = v.looseObject({
   ...TLS_ENTRIES,
   ...TLS_ALIAS_ENTRIES.kafka,
   create_topic: v.optional(v.pipe(v.boolean(), v.description("Create a missing topic (at start, and for new rendered topics) instead of failing.")), false),
-  num_partitions: v.optional(v.pipe(positiveInt("num_partitions"), v.description("Partitions of a topic created by `create_topic`; default: the broker's `num.partitions`."))),
-  replication_factor: v.optional(v.pipe(positiveInt("replication_factor"), v.description("Replication factor of a topic created by `create_topic`; default: the broker's."))),
-  connection_timeout_ms: v.optional(v.pipe(positiveInt("connection_timeout_ms"), v.description("Milliseconds to establish a broker connection.")), 5000),
-  request_timeout_ms: v.optional(v.pipe(positiveInt("request_timeout_ms"), v.description("Milliseconds a request (and the broker's wait for acks) may take.")), 30000),
+  num_partitions: v.optional(v.pipe(positiveInt(), v.description("Partitions of a topic created by `create_topic`; default: the broker's `num.partitions`."))),
+  replication_factor: v.optional(v.pipe(positiveInt(), v.description("Replication factor of a topic created by `create_topic`; default: the broker's."))),
+  connection_timeout_ms: v.optional(v.pipe(positiveInt(), v.description("Milliseconds to establish a broker connection.")), 5000),
+  request_timeout_ms: v.optional(v.pipe(positiveInt(), v.description("Milliseconds a request (and the broker's wait for acks) may take.")), 30000),
 });
 
 const TLS_TURNED_OFF = "security_protocol SSL or SASL_SSL is TLS, but tls is false";
@@ -129,7 +126,7 @@ export const KafkaSinkConfig = v.pipe(
   KafkaSinkOptions,
   v.transform((c) => {
     // A `topic` that holds placeholders is a template (users write it that way).
-    const topicTemplate = c.topic_template ?? (c.topic !== undefined && PLACEHOLDER.test(c.topic) ? c.topic : undefined);
+    const topicTemplate = c.topic_template ?? (c.topic !== undefined && hasPlaceholder(c.topic) ? c.topic : undefined);
     const topic = topicTemplate === undefined ? c.topic : undefined;
     return { ...c, topic, topic_template: topicTemplate, topicBoth: c.topic !== undefined && c.topic_template !== undefined };
   }),
@@ -140,18 +137,14 @@ export const KafkaSinkConfig = v.pipe(
     "topic is not a legal Kafka topic name (letters, digits, '.', '_', '-'; 1–249 characters)",
   ),
   v.check(
-    (c) => c.topic_template === undefined || PLACEHOLDER.test(c.topic_template) || isLegalTopic(c.topic_template),
+    (c) => c.topic_template === undefined || hasPlaceholder(c.topic_template) || isLegalTopic(c.topic_template),
     "topic_template has no placeholder and is not a legal Kafka topic name",
   ),
   v.check((c) => !(c.key_template !== undefined && c.key_field !== undefined), "set either key_template or key_field, not both"),
-  v.check(
-    (c) => c.sasl_mechanism === undefined || c.security_protocol.startsWith("SASL_"),
-    "sasl_mechanism needs security_protocol SASL_PLAINTEXT or SASL_SSL",
-  ),
-  v.check(
-    (c) => !c.security_protocol.startsWith("SASL_") || (c.sasl_mechanism !== undefined && c.sasl_username !== undefined && c.sasl_password !== undefined),
-    "security_protocol SASL_* needs sasl_mechanism, sasl_username and sasl_password",
-  ),
+  v.rawCheck(({ dataset, addIssue }) => {
+    const problem = dataset.typed ? kafkaSecurityProblem(dataset.value) : null;
+    if (problem) addIssue({ message: problem });
+  }),
   v.check((c) => !tlsTurnedOff(c), TLS_TURNED_OFF),
 );
 
@@ -213,7 +206,7 @@ const KafkaSourceOptions = v.looseObject({
   ),
   session_timeout_ms: v.optional(
     v.pipe(
-      positiveInt("session_timeout_ms"),
+      positiveInt(),
       v.description(
         "Milliseconds without a heartbeat after which the broker drops this member and hands its partitions to others. Heartbeats go on while a batch is being written to the inbox.",
       ),
@@ -221,12 +214,12 @@ const KafkaSourceOptions = v.looseObject({
     30000,
   ),
   heartbeat_interval_ms: v.optional(
-    v.pipe(positiveInt("heartbeat_interval_ms"), v.description("Milliseconds between heartbeats; must be below session_timeout_ms (a third of it or less is usual).")),
+    v.pipe(positiveInt(), v.description("Milliseconds between heartbeats; must be below session_timeout_ms (a third of it or less is usual).")),
     3000,
   ),
   rebalance_timeout_ms: v.optional(
     v.pipe(
-      positiveInt("rebalance_timeout_ms"),
+      positiveInt(),
       v.description(
         "Milliseconds the group waits for its members to rejoin during a rebalance. A batch being written when a rebalance starts is finished and committed within this time.",
       ),
@@ -235,7 +228,7 @@ const KafkaSourceOptions = v.looseObject({
   ),
   max_wait_ms: v.optional(
     v.pipe(
-      positiveInt("max_wait_ms"),
+      positiveInt(),
       v.description("Longest time the broker holds a fetch open while the partitions have nothing new (new records end it at once)."),
     ),
     1000,
@@ -251,7 +244,7 @@ const KafkaSourceOptions = v.looseObject({
   request_timeout_ms: sinkKeys.request_timeout_ms,
 });
 
-/** Security settings that do not fit together (the same rules as the sink's), or null. */
+/** Security settings that do not fit together (the sink's and the source's rule), or null. */
 export function kafkaSecurityProblem(c: KafkaConnectionOptions): string | null {
   if (c.sasl_mechanism !== undefined && !c.security_protocol.startsWith("SASL_")) return "sasl_mechanism needs security_protocol SASL_PLAINTEXT or SASL_SSL";
   if (c.security_protocol.startsWith("SASL_") && (c.sasl_mechanism === undefined || c.sasl_username === undefined || c.sasl_password === undefined)) {

@@ -7,7 +7,7 @@ import type { Admin, Consumer, EachBatchPayload, KafkaMessage } from "kafkajs";
 import { errorMessage, RelayError, transientError } from "../../errors.ts";
 import type { Message } from "../../message.ts";
 import { Sleeper } from "../../sleep.ts";
-import { kafkaErrorTypes } from "./client.ts";
+import { groupPosition, kafkaErrorTypes } from "./client.ts";
 import type { KafkaSourceConfig } from "./config.ts";
 import { convertKafkaRecord } from "./records.ts";
 import type { KafkaSource } from "./source.ts";
@@ -208,29 +208,27 @@ export class KafkaSession {
 
   /** The next batch, or null when the signal aborted or (drain) the group has caught up. */
   async next(signal: AbortSignal): Promise<Batch | null> {
-    const wake = () => this.sleeper.wake();
-    signal.addEventListener("abort", wake, { once: true });
-    try {
-      let idleSince = Date.now();
-      for (;;) {
-        if (this.crashed) throw this.crashed;
-        if (signal.aborted) return null;
-        if (this.rebalancing && this.parts.length === 0 && Date.now() - this.rebalancingSince > this.cfg.rebalance_timeout_ms + this.cfg.session_timeout_ms) {
-          // kafkajs rejoins as soon as nothing is held; if it has not, start over with a new consumer.
-          throw transientError(`kafka group '${this.src.groupId}' on ${this.src.brokerList}: not rejoined ${this.cfg.rebalance_timeout_ms + this.cfg.session_timeout_ms} ms after a rebalance began`);
-        }
-        if (!this.rebalancing && this.available() > 0) {
-          // The other partitions of the same fetch reach eachBatch within this turn of the event loop.
-          if (this.available() < this.cfg.batch_size) await new Promise<void>((r) => setImmediate(r));
-          if (this.crashed) throw this.crashed;
-          if (!this.rebalancing && this.available() > 0) return this.take();
-          idleSince = Date.now();
-        }
-        if (this.ctx.drain && Date.now() - idleSince >= this.cfg.max_wait_ms && (await this.caughtUp())) return null;
-        await this.sleeper.sleep(this.ctx.drain ? Math.min(this.cfg.poll_interval_ms, this.cfg.max_wait_ms) : this.cfg.poll_interval_ms);
+    return this.sleeper.wakingOn(signal, () => this.waitForBatch(signal));
+  }
+
+  private async waitForBatch(signal: AbortSignal): Promise<Batch | null> {
+    let idleSince = Date.now();
+    for (;;) {
+      if (this.crashed) throw this.crashed;
+      if (signal.aborted) return null;
+      if (this.rebalancing && this.parts.length === 0 && Date.now() - this.rebalancingSince > this.cfg.rebalance_timeout_ms + this.cfg.session_timeout_ms) {
+        // kafkajs rejoins as soon as nothing is held; if it has not, start over with a new consumer.
+        throw transientError(`kafka group '${this.src.groupId}' on ${this.src.brokerList}: not rejoined ${this.cfg.rebalance_timeout_ms + this.cfg.session_timeout_ms} ms after a rebalance began`);
       }
-    } finally {
-      signal.removeEventListener("abort", wake);
+      if (!this.rebalancing && this.available() > 0) {
+        // The other partitions of the same fetch reach eachBatch within this turn of the event loop.
+        if (this.available() < this.cfg.batch_size) await new Promise<void>((r) => setImmediate(r));
+        if (this.crashed) throw this.crashed;
+        if (!this.rebalancing && this.available() > 0) return this.take();
+        idleSince = Date.now();
+      }
+      if (this.ctx.drain && Date.now() - idleSince >= this.cfg.max_wait_ms && (await this.caughtUp())) return null;
+      await this.sleeper.sleep(this.ctx.drain ? Math.min(this.cfg.poll_interval_ms, this.cfg.max_wait_ms) : this.cfg.poll_interval_ms);
     }
   }
 
@@ -356,14 +354,11 @@ export class KafkaSession {
       for (const p of partitions) {
         const h = highs.find((x) => x.partition === p);
         if (!h) return false;
-        const high = BigInt(h.high);
-        const low = BigInt(h.low);
-        const c = BigInt(committed.find((t) => t.topic === topic)?.partitions.find((x) => x.partition === p)?.offset ?? "-1");
-        let position = c >= 0n ? c : this.cfg.auto_offset_reset === "earliest" ? low : high;
-        if (position < low) position = low; // what retention deleted can never be delivered
+        const mine = committed.find((t) => t.topic === topic)?.partitions.find((x) => x.partition === p)?.offset ?? "-1";
+        let position = groupPosition(mine, h.low, h.high, this.cfg.auto_offset_reset);
         const known = this.position.get(tp(topic, p));
         if (known !== undefined && known > position) position = known;
-        if (position < high) return false;
+        if (position < BigInt(h.high)) return false;
       }
     }
     return this.parts.length === 0 && !this.rebalancing;

@@ -11,7 +11,7 @@ import { ConfigResourceTypes, Kafka, Partitioners, type Admin, type Producer, ty
 import { configError, errorMessage, RelayError, transientError } from "../../errors.ts";
 import { envelopeJson, renderTemplate, type Message } from "../../message.ts";
 import { COMPRESSION_TYPES, compressSync } from "./codecs.ts";
-import { classifyKafkaError, kafkaClientConfig, kafkaFailure, scrubber } from "./client.ts";
+import { classifyKafkaError, connectAll, KAFKAJS_RETRY, kafkaClientConfig, kafkaFailure, scrubber } from "./client.ts";
 import { isLegalTopic, KafkaSinkConfig } from "./config.ts";
 import { sinkSpec, type BackendContext, type Rejection, type Sink } from "../types.ts";
 
@@ -238,14 +238,12 @@ class KafkaSink implements Sink {
       // retried request could overtake a later one, so then only one at a time.
       maxInFlightRequests: this.idempotent ? 5 : 1,
       allowAutoTopicCreation: false,
-      retry: { initialRetryTime: 250, retries: 3, maxRetryTime: 5000 },
+      retry: KAFKAJS_RETRY,
     });
     const admin = this.kafka.admin();
     try {
-      await producer.connect();
-      await admin.connect();
+      await connectAll([producer, admin]);
     } catch (err) {
-      await Promise.allSettled([producer.disconnect(), admin.disconnect()]);
       throw this.failure(err, "connecting");
     }
     this.producer = producer;

@@ -8,9 +8,10 @@ import { Kafka, type Admin } from "kafkajs";
 import { decodeError, errorMessage, transientError, type RelayError } from "../../errors.ts";
 import type { Message } from "../../message.ts";
 import { withTimeout } from "../../sleep.ts";
-import { kafkaClientConfig, kafkaFailure, scrubber } from "./client.ts";
+import { connectAll, groupPosition, kafkaClientConfig, kafkaFailure, scrubber } from "./client.ts";
 import { KafkaSourceConfig } from "./config.ts";
 import { convertKafkaRecord } from "./records.ts";
+import { sessionBatches } from "../session-batches.ts";
 import { KafkaSession } from "./session.ts";
 import { LAG_TIMEOUT_MS, sourceSpec, type BackendContext, type Batch, type Lag, type Source } from "../types.ts";
 
@@ -58,9 +59,8 @@ export class KafkaSource implements Source {
     this.adminConnecting ??= (async () => {
       const admin = this.client().admin();
       try {
-        await admin.connect();
+        await connectAll([admin]);
       } catch (err) {
-        await admin.disconnect().catch(() => {});
         throw this.failure(err, "connecting");
       }
       this.admin = admin;
@@ -122,24 +122,12 @@ export class KafkaSource implements Source {
     }
   }
 
-  batches(signal: AbortSignal): AsyncIterable<Batch> {
-    return this.consume(signal);
-  }
-
-  private async *consume(signal: AbortSignal): AsyncGenerator<Batch> {
+  async *batches(signal: AbortSignal): AsyncGenerator<Batch> {
     const session = new KafkaSession(this, this.cfg, this.ctx);
     this.session = session;
-    try {
-      await session.open();
-      for (;;) {
-        const batch = await session.next(signal);
-        if (!batch) return;
-        yield batch;
-      }
-    } finally {
+    yield* sessionBatches(session, signal, () => {
       if (this.session === session) this.session = null;
-      await session.close();
-    }
+    });
   }
 
   async close(): Promise<void> {
@@ -165,12 +153,8 @@ export class KafkaSource implements Source {
         const [highs, committed] = await Promise.all([admin.fetchTopicOffsets(topic), admin.fetchOffsets({ groupId: this.groupId, topics: [topic] })]);
         const mine = committed.find((t) => t.topic === topic)?.partitions ?? [];
         for (const h of highs) {
-          const high = BigInt(h.high);
-          const low = BigInt(h.low);
-          const c = BigInt(mine.find((x) => x.partition === h.partition)?.offset ?? "-1");
-          let position = c >= 0n ? c : this.cfg.auto_offset_reset === "earliest" ? low : high;
-          if (position < low) position = low;
-          if (high > position) rows += high - position;
+          const position = groupPosition(mine.find((x) => x.partition === h.partition)?.offset ?? "-1", h.low, h.high, this.cfg.auto_offset_reset);
+          if (BigInt(h.high) > position) rows += BigInt(h.high) - position;
         }
       }
       return { rows: Number(rows), seconds: 0 };

@@ -7,7 +7,7 @@
 import { readFileSync } from "node:fs";
 import { connect, credsAuthenticator, type ConnectionOptions, type NatsConnection } from "nats";
 import { configError, errorMessage, RelayError, transientError } from "../../errors.ts";
-import { redact as scrub } from "../../redact.ts";
+import { scrubberFor, type Scrub } from "../../redact.ts";
 import type { ConnectionOptionsOf } from "./config.ts";
 import type { BackendContext } from "../types.ts";
 import { describeTlsError, loadTls } from "../../tls.ts";
@@ -53,11 +53,6 @@ export function parseNatsUrl(url: string, side: Side = "sink"): Target {
 
 /** A server entry without anything before `@`, for error messages about unparseable URLs. */
 const describeRawServer = (raw: string) => raw.replace(/^([^/]*\/\/)?[^@/]*@/, "$1***@");
-
-/** Every secret the options hold, so driver messages can be scrubbed before they are shown. */
-function secretsOf(cfg: ConnectionOptionsOf, target: Target): string[] {
-  return [cfg.pass, cfg.token, target.pass, target.token].filter((s): s is string => !!s && s.length >= 3);
-}
 
 /** The client's `tls` option (docs/TLS.md), or undefined without TLS: `tls://` or a `tls*` key turns it on. */
 function natsTls(cfg: ConnectionOptionsOf, target: Target, side: Side): ConnectionOptions["tls"] | undefined {
@@ -114,7 +109,7 @@ export function apiError(err: unknown): { code?: number; err_code?: number; desc
 export class NatsLink {
   readonly target: Target;
   readonly where: string;
-  readonly secrets: string[];
+  readonly scrub: Scrub;
   nc: NatsConnection | null = null;
   /** True between a `disconnect` and the next `reconnect` status of the current connection. */
   disconnected = false;
@@ -126,7 +121,8 @@ export class NatsLink {
     readonly side: Side,
   ) {
     this.target = parseNatsUrl(cfg.url, side);
-    this.secrets = secretsOf(cfg, this.target);
+    // Every secret the options hold, so driver messages can be scrubbed before they are shown.
+    this.scrub = scrubberFor([cfg.pass, cfg.token, this.target.pass, this.target.token]);
     this.where = this.target.hostports.join(",");
   }
 
@@ -166,7 +162,7 @@ export class NatsLink {
         } else if (s.type === "reconnect") {
           if (this.nc === nc) this.disconnected = false;
           this.ctx.log.info(`nats: reconnected to ${s.data}`);
-        } else if (s.type === "error") this.ctx.log.warn(`nats: ${scrub(errorMessage(s.data), this.secrets)}`);
+        } else if (s.type === "error") this.ctx.log.warn(`nats: ${this.scrub(errorMessage(s.data))}`);
       }
     } catch {
       /* the status iterator ends with the connection */
@@ -176,7 +172,7 @@ export class NatsLink {
   connectFailure(err: unknown): RelayError {
     if (err instanceof RelayError) return err;
     const code = natsCode(err);
-    const detail = scrub(errorMessage(err), this.secrets);
+    const detail = this.scrub(errorMessage(err));
     const side = this.side;
     switch (code) {
       case "CONNECTION_REFUSED":
@@ -205,15 +201,11 @@ export class NatsLink {
   fail(err: unknown, what: string): RelayError {
     if (err instanceof RelayError) return err;
     const code = natsCode(err);
-    const detail = scrub(errorMessage(err), this.secrets);
+    const detail = this.scrub(errorMessage(err));
     if (code === "503") return configError(`${what} at NATS ${this.where}: is the server started with JetStream (-js)?`, err);
     if (code === "PERMISSIONS_VIOLATION") return configError(`${what} at NATS ${this.where}: ${detail}`, err);
     if (apiError(err)) return configError(`${what} at NATS ${this.where}: ${detail}`, err);
     return transientError(`${what} at NATS ${this.where}: ${detail}`, err);
-  }
-
-  scrub(text: string): string {
-    return scrub(text, this.secrets);
   }
 
   async close(): Promise<void> {

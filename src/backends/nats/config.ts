@@ -5,17 +5,17 @@
  * durable consumer names.
  */
 import * as v from "valibot";
+import { hasPlaceholder } from "../../message.ts";
 import { configError } from "../../errors.ts";
 import { reverseSourceKeys } from "../../inbound.ts";
 import { TLS_ENTRIES } from "../../tls.ts";
+import { intInRange, nonEmptyString, positiveInt } from "../schema.ts";
 
-const positiveInt = (max = Number.MAX_SAFE_INTEGER) => v.pipe(v.number(), v.integer(), v.minValue(1), v.maxValue(max));
-const nonEmpty = () => v.pipe(v.string(), v.nonEmpty());
 
 /** Connection and authentication keys, the same for the sink and the source. */
 const connectionKeys = {
   url: v.pipe(
-    nonEmpty(),
+    nonEmptyString(),
     v.description(
       "Server URL, e.g. `nats://127.0.0.1:4222`; several servers comma-separated. `tls://` turns TLS on. `nats://user:pass@host:4222` or `nats://token@host:4222` carry credentials (prefer the `user`/`pass`/`token` keys with `${env:…}` secrets).",
     ),
@@ -23,7 +23,7 @@ const connectionKeys = {
   user: v.optional(v.pipe(v.string(), v.description("User name for user/password authentication."))),
   pass: v.optional(v.pipe(v.string(), v.description("Password for user/password authentication."))),
   token: v.optional(v.pipe(v.string(), v.description("Token authentication."))),
-  credentials_file: v.optional(v.pipe(nonEmpty(), v.description("Path of a `.creds` file (JWT + NKey seed) for decentralised authentication."))),
+  credentials_file: v.optional(v.pipe(nonEmptyString(), v.description("Path of a `.creds` file (JWT + NKey seed) for decentralised authentication."))),
   ...TLS_ENTRIES,
   connect_timeout_ms: v.optional(v.pipe(positiveInt(600_000), v.description("Give up connecting after this long.")), 5000),
 };
@@ -37,16 +37,16 @@ const NatsSinkObject = v.looseObject({
   ...connectionKeys,
   subject_template: v.optional(
     v.pipe(
-      nonEmpty(),
+      nonEmptyString(),
       v.description(
         "Subject per message, rendered with {stream_table} {schema} {outbox} {pipeline} {op} {outbox_id} {refresh_id} and row fields. Absent: the subject the source rendered from the pipeline's `subject_template` (default `pgtrickle.{stream_table}.{op}`). Alias `subject`.",
       ),
     ),
   ),
-  subject: v.optional(v.pipe(nonEmpty(), v.description(SUBJECT_DESCRIPTION))),
+  subject: v.optional(v.pipe(nonEmptyString(), v.description(SUBJECT_DESCRIPTION))),
   stream: v.optional(
     v.pipe(
-      nonEmpty(),
+      nonEmptyString(),
       v.description(
         "JetStream stream. Sink: it must capture the subjects (checked at start) and every publish expects it (a subject captured by another stream is refused); absent, any stream whose subjects overlap the subject template is accepted. Source: the stream the consumer reads; absent, the one stream whose subjects overlap `subject`.",
       ),
@@ -63,7 +63,7 @@ const NatsSinkObject = v.looseObject({
   ),
   stream_subjects: v.optional(
     v.pipe(
-      v.array(nonEmpty()),
+      v.array(nonEmptyString()),
       v.minLength(1),
       v.description(
         "Subjects of a stream created by `create_stream`. Default: the literal start of the subject template followed by `>` (`pgtrickle.{stream_table}.{op}` → `pgtrickle.>`), or the template itself when it has no placeholder.",
@@ -82,12 +82,19 @@ const NatsSinkObject = v.looseObject({
   max_in_flight: v.optional(v.pipe(positiveInt(65_536), v.description("Publishes awaiting their acknowledgement at any time.")), 256),
 });
 
+/** The rules both sides' options follow, for v.pipe after the side's own transform. */
+type SharedRules = { create_stream: boolean; stream?: string; tls_cert?: string; tls_key?: string };
+const streamToCreateNamed = <T extends SharedRules>() =>
+  v.check<T, string>((c) => !c.create_stream || c.stream !== undefined, "create_stream needs `stream` (the name of the stream to create)");
+const clientCertWithKey = <T extends SharedRules>() =>
+  v.check<T, string>((c) => (c.tls_cert === undefined) === (c.tls_key === undefined), "tls_cert and tls_key go together");
+
 /** `subject` is an alias of `subject_template` (SQL_REFERENCE example); the canonical key wins. */
 export const NatsSinkConfig = v.pipe(
   NatsSinkObject,
   v.transform(({ subject, ...rest }) => ({ ...rest, subject_template: rest.subject_template ?? subject })),
-  v.check((c) => !c.create_stream || c.stream !== undefined, "create_stream needs `stream` (the name of the stream to create)"),
-  v.check((c) => (c.tls_cert === undefined) === (c.tls_key === undefined), "tls_cert and tls_key go together"),
+  streamToCreateNamed(),
+  clientCertWithKey(),
 );
 
 export type NatsSinkOptions = v.InferOutput<typeof NatsSinkConfig>;
@@ -100,18 +107,18 @@ const NatsSourceObject = v.looseObject({
   type: v.optional(v.string()),
   ...connectionKeys,
   ...reverseSourceKeys,
-  subject: v.pipe(nonEmpty(), v.description(SUBJECT_DESCRIPTION)),
+  subject: v.pipe(nonEmptyString(), v.description(SUBJECT_DESCRIPTION)),
   stream: sinkKeys.stream,
   create_stream: sinkKeys.create_stream,
   durable_name: v.optional(
     v.pipe(
-      nonEmpty(),
+      nonEmptyString(),
       v.description(
         "Durable pull consumer; created when missing, its ack wait, max deliveries and filter updated when they differ. Default `pgtrickle-relay-<pipeline>`: stable across restarts, so a restart resumes where the last acknowledgement left off. Alias `consumer`.",
       ),
     ),
   ),
-  consumer: v.optional(v.pipe(nonEmpty(), v.description("Alias of `durable_name`."))),
+  consumer: v.optional(v.pipe(nonEmptyString(), v.description("Alias of `durable_name`."))),
   deliver_policy: v.optional(
     v.pipe(
       v.picklist(DELIVER_POLICIES),
@@ -139,9 +146,7 @@ const NatsSourceObject = v.looseObject({
   ),
   max_deliver: v.optional(
     v.pipe(
-      v.number(),
-      v.integer(),
-      v.minValue(-1),
+      intInRange(-1),
       v.check((n) => n !== 0, "must be -1 or at least 1"),
       v.description(
         "Deliveries of a message after which JetStream stops redelivering it (-1: no limit). The relay acknowledges every message it takes, dead-lettering what cannot be written, so only repeated crashes with the same batch in flight can use them up; a message whose last delivery is handed back unwritten is dead-lettered instead.",
@@ -159,9 +164,9 @@ const NatsSourceObject = v.looseObject({
 export const NatsSourceConfig = v.pipe(
   NatsSourceObject,
   v.transform(({ consumer, ...rest }) => ({ ...rest, durable_name: rest.durable_name ?? consumer })),
-  v.check((c) => !c.create_stream || c.stream !== undefined, "create_stream needs `stream` (the name of the stream to create)"),
+  streamToCreateNamed(),
   v.check((c) => c.deliver_policy !== "by_start_time" || c.opt_start_time !== undefined, "deliver_policy by_start_time needs opt_start_time"),
-  v.check((c) => (c.tls_cert === undefined) === (c.tls_key === undefined), "tls_cert and tls_key go together"),
+  clientCertWithKey(),
 );
 
 export type NatsSourceOptions = v.InferOutput<typeof NatsSourceConfig>;
@@ -169,20 +174,19 @@ export type NatsSourceOptions = v.InferOutput<typeof NatsSourceConfig>;
 /** What connecting needs; both sides' options have it. */
 export type ConnectionOptionsOf = v.InferOutput<v.ObjectSchema<typeof connectionKeys, undefined>>;
 
-const PLACEHOLDER = /\{[A-Za-z0-9_]+\}/;
 
 /** The template as a subject pattern: every token holding a placeholder becomes `*`. */
 export function templatePattern(template: string): string {
   return template
     .split(".")
-    .map((t) => (PLACEHOLDER.test(t) ? "*" : t))
+    .map((t) => (hasPlaceholder(t) ? "*" : t))
     .join(".");
 }
 
 /** Subjects for a created stream: the literal leading tokens plus `>` (placeholder values may hold dots). */
 export function defaultStreamSubjects(template: string): string[] {
   const tokens = template.split(".");
-  const firstVariable = tokens.findIndex((t) => PLACEHOLDER.test(t));
+  const firstVariable = tokens.findIndex((t) => hasPlaceholder(t));
   if (firstVariable === -1) return [template];
   if (firstVariable === 0) {
     throw configError(`sink.create_stream: subject template "${template}" starts with a placeholder; set sink.stream_subjects`);

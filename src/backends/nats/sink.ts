@@ -11,14 +11,13 @@ import {
   type NatsConnection,
   type StreamInfo,
 } from "nats";
-import { configError, errorMessage, RelayError, transientError } from "../../errors.ts";
+import { configError, errorMessage, RelayError, transientError, worseError } from "../../errors.ts";
 import { DEFAULT_SUBJECT_TEMPLATE, envelopeJson, renderTemplate, type Message } from "../../message.ts";
 import { apiError, natsCode, NatsLink } from "./client.ts";
 import { defaultStreamSubjects, filterCovers, invalidSubject, NatsSinkConfig, subjectsOverlap, templatePattern, type NatsSinkOptions } from "./config.ts";
+import { inOrderLanes } from "../concurrency.ts";
 import { sinkSpec, type BackendContext, type Rejection, type Sink } from "../types.ts";
 
-/** The error a failed batch reports: a config error wins, since retrying cannot cure it. */
-const worse = (a: RelayError | null, b: RelayError): RelayError => (a === null || (b.kind === "config" && a.kind !== "config") ? b : a);
 
 type Outcome = { ok: true } | { ok: false; reject: string } | { ok: false; error: RelayError };
 
@@ -139,7 +138,6 @@ class NatsSink implements Sink {
     const rejections: Rejection[] = [];
     // Held in an object: the lanes below set it, which flow analysis of a plain `let` cannot see.
     const failure: { error: RelayError | null } = { error: null };
-    let next = 0;
 
     const publishOne = async (m: Message): Promise<Outcome> => {
       const subject = this.cfg.subject_template ? renderTemplate(this.cfg.subject_template, m) : m.subject;
@@ -162,16 +160,13 @@ class NatsSink implements Sink {
 
     // Each lane takes the next message in order, so publishes leave in batch order over the one
     // connection and the stream stores each subject's messages in that order.
-    const lane = async () => {
-      while (failure.error === null && next < messages.length) {
-        const m = messages[next++]!;
-        const outcome = await publishOne(m);
-        if (outcome.ok) continue;
-        if ("reject" in outcome) rejections.push({ message: m, error: outcome.reject });
-        else failure.error = worse(failure.error, outcome.error);
-      }
+    const publishInOrder = async (m: Message) => {
+      const outcome = await publishOne(m);
+      if (outcome.ok) return;
+      if ("reject" in outcome) rejections.push({ message: m, error: outcome.reject });
+      else failure.error = worseError(failure.error, outcome.error);
     };
-    await Promise.all(Array.from({ length: Math.min(this.cfg.max_in_flight, messages.length) }, lane));
+    await inOrderLanes(messages, this.cfg.max_in_flight, publishInOrder, () => failure.error !== null);
     if (failure.error !== null) throw failure.error;
     return rejections;
   }

@@ -266,16 +266,20 @@ class NatsSource implements Source {
   }
 
   private toMessage(m: JsMsg): Message {
-    const headers = headerObject(m.headers);
+    return this.mapped(m.subject, m.data, headerObject(m.headers), m.info.stream, m.info.streamSequence);
+  }
+
+  /** The inbound mapping of one stream message, delivered or replayed from the dead-letter table. */
+  private mapped(subject: string, body: Uint8Array, headers: Record<string, string>, stream: string, seq: number): Message {
     return inboundMessage({
       pipeline: this.ctx.pipeline,
       sourceType: "nats",
-      where: m.subject,
-      body: m.data,
+      where: subject,
+      body,
       headers,
       producerKey: headerValue(headers, "Nats-Msg-Id"),
-      synthesizedKey: `nats:${m.info.stream}:${m.info.streamSequence}`,
-      eventTypeCandidate: m.subject,
+      synthesizedKey: `nats:${stream}:${seq}`,
+      eventTypeCandidate: subject,
       config: this.cfg,
     });
   }
@@ -298,19 +302,7 @@ class NatsSource implements Source {
       throw configError("the stored message is not a NATS message of this source");
     }
     const headers = s.headers ?? {};
-    return [
-      inboundMessage({
-        pipeline: this.ctx.pipeline,
-        sourceType: "nats",
-        where: s.subject,
-        body: Buffer.from(s.data_base64, "base64"),
-        headers,
-        producerKey: headerValue(headers, "Nats-Msg-Id"),
-        synthesizedKey: `nats:${s.stream}:${s.seq}`,
-        eventTypeCandidate: s.subject,
-        config: this.cfg,
-      }),
-    ];
+    return [this.mapped(s.subject, Buffer.from(s.data_base64, "base64"), headers, s.stream, s.seq)];
   }
 
   /**

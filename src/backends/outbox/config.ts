@@ -1,9 +1,7 @@
 /** The outbox source's options; docs/OPTIONS.md is generated from their descriptions. */
 import * as v from "valibot";
+import { positiveIntOption } from "../schema.ts";
 import { DEFAULT_SUBJECT_TEMPLATE } from "../../message.ts";
-
-const positiveInt = (fallback: number, description: string) =>
-  v.pipe(v.optional(v.pipe(v.number(), v.integer(), v.minValue(1)), fallback), v.description(description));
 
 /** Options of the outbox source (docs/interface.md §5.2). Pipeline tuning keys live here too. */
 export const OutboxSourceConfig = v.looseObject({
@@ -16,12 +14,12 @@ export const OutboxSourceConfig = v.looseObject({
     v.optional(v.nullable(v.string()), null),
     v.description("Consumer group: set ⇒ consumer-group mode (poll_outbox/commit_offset); null ⇒ simple mode."),
   ),
-  retention_hours: positiveInt(24, "Only used to enable the outbox when `auto_enable_outbox` is true."),
+  retention_hours: positiveIntOption(24, "Only used to enable the outbox when `auto_enable_outbox` is true."),
   consumer_id: v.pipe(
     v.optional(v.string()),
     v.description("Group mode: the consumer id; must stay the same across restarts. Default `<relay group>:<pipeline>`."),
   ),
-  visibility_seconds: positiveInt(30, "Group mode: lease length passed to poll_outbox, extended while a batch is slow."),
+  visibility_seconds: positiveIntOption(30, "Group mode: lease length passed to poll_outbox, extended while a batch is slow."),
   create_group: v.pipe(
     v.optional(v.boolean(), true),
     v.description("Group mode: create the group when missing (checked first: create_consumer_group is not idempotent)."),
@@ -30,17 +28,17 @@ export const OutboxSourceConfig = v.looseObject({
     v.optional(v.picklist(["earliest", "latest"]), "earliest"),
     v.description("Group mode: start position of a group this pipeline creates."),
   ),
-  batch_size: positiveInt(100, "Outbox header rows per poll. One header row may expand to many messages."),
-  max_batch_messages: positiveInt(
+  batch_size: positiveIntOption(100, "Outbox header rows per poll. One header row may expand to many messages."),
+  max_batch_messages: positiveIntOption(
     1000,
     "Most messages handed to the sink at once. A header row that does not fit in the batch being filled starts the next one, and a larger one is split every this many messages, so a change set is cut at the same places on every replay. Clipped to a third of `--sink-max-inflight` (docs/PIPELINE.md).",
   ),
-  poll_interval_ms: positiveInt(1000, "Idle poll interval; doubles while idle up to max(this, 5 s). A NOTIFY cuts the sleep short."),
+  poll_interval_ms: positiveIntOption(1000, "Idle poll interval; doubles while idle up to max(this, 5 s). A NOTIFY cuts the sleep short."),
   subject_template: v.pipe(
     v.optional(v.string(), DEFAULT_SUBJECT_TEMPLATE),
     v.description("Subject of each message, e.g. `pgtrickle.{stream_table}.{op}`; sinks may have their own template."),
   ),
-  claim_check_fetch_size: positiveInt(1000, "Delta-table rows read per query for claim-check rows."),
+  claim_check_fetch_size: positiveIntOption(1000, "Delta-table rows read per query for claim-check rows."),
   release_claim_check: v.pipe(
     v.optional(v.boolean(), false),
     v.description("Call outbox_rows_consumed after committing claim-check rows. It frees them for EVERY reader."),

@@ -5,7 +5,7 @@
 import type { ConnectionOptions } from "node:tls";
 import postgres from "postgres";
 import type { Sql } from "../../db.ts";
-import { configError, isRowSqlstate } from "../../errors.ts";
+import { configError, errorMessage, isRowSqlstate, sqlstateOf } from "../../errors.ts";
 import { log } from "../../observe/log.ts";
 import { loadTls } from "../../tls.ts";
 import { SSL_MODES, type PgInboxSinkOptions, type SslMode } from "./config.ts";
@@ -13,10 +13,6 @@ import { SSL_MODES, type PgInboxSinkOptions, type SslMode } from "./config.ts";
 /** This row, not the batch, is bad (classes 22, 23, 54: errors.ts isRowSqlstate). */
 export const isRowError = (err: unknown) => isRowSqlstate(sqlstateOf(err));
 
-export const sqlstateOf = (err: unknown): string | undefined => {
-  const code = (err as { code?: unknown })?.code;
-  return typeof code === "string" && /^[0-9A-Z]{5}$/.test(code) ? code : undefined;
-};
 
 /** postgres.js `ssl` for a libpq sslmode and the TLS material loaded by src/tls.ts (docs/TLS.md). */
 export function tlsOption(mode: SslMode | undefined, tls: ConnectionOptions | undefined, systemCa = false): false | "prefer" | "require" | ConnectionOptions {

@@ -4,8 +4,7 @@
  */
 import * as v from "valibot";
 import { TLS_ENTRIES } from "../../tls.ts";
-
-const nonEmpty = v.pipe(v.string(), v.minLength(1));
+import { intInRange, nonEmptyString, positiveInt } from "../schema.ts";
 
 /** Inbox fields a mapping may rename; `received_at` only matters for tables without a default. */
 export const INBOX_FIELDS = ["event_id", "event_type", "source", "aggregate_id", "payload", "trace_id", "received_at"] as const;
@@ -16,20 +15,20 @@ export type SslMode = (typeof SSL_MODES)[number];
 
 export const PgInboxSinkConfig = v.looseObject({
   inbox: v.pipe(
-    v.optional(nonEmpty),
+    v.optional(nonEmptyString()),
     v.description("Inbox table, `name` or `schema.name` (required; `set_relay_inbox` writes this key). Alias `inbox_table`."),
   ),
-  inbox_table: v.pipe(v.optional(nonEmpty), v.description("Alias of `inbox`.")),
+  inbox_table: v.pipe(v.optional(nonEmptyString()), v.description("Alias of `inbox`.")),
   inbox_schema: v.pipe(
-    v.optional(nonEmpty),
+    v.optional(nonEmptyString()),
     v.description("Schema of the inbox. Default: `inbox_schema` of its pgt_inbox_config row, else `pgtrickle`. Alias `schema`."),
   ),
-  schema: v.pipe(v.optional(nonEmpty), v.description("Alias of `inbox_schema`.")),
+  schema: v.pipe(v.optional(nonEmptyString()), v.description("Alias of `inbox_schema`.")),
   url: v.pipe(
-    v.optional(nonEmpty),
+    v.optional(nonEmptyString()),
     v.description("Remote PostgreSQL URL (forward pipelines; required there). Reverse pipelines use the relay's own database. Alias `postgres_url`."),
   ),
-  postgres_url: v.pipe(v.optional(nonEmpty), v.description("Alias of `url`.")),
+  postgres_url: v.pipe(v.optional(nonEmptyString()), v.description("Alias of `url`.")),
   ssl: v.pipe(
     v.optional(v.union([v.boolean(), v.picklist(SSL_MODES)])),
     v.description("Old spelling of the URL's libpq `sslmode` (`true` meant `require`), accepted with a warning; it wins over the URL's."),
@@ -46,21 +45,21 @@ export const PgInboxSinkConfig = v.looseObject({
     v.description("Conflict handling on the id column; only `DO NOTHING` exists (dedup by event_id)."),
   ),
   max_retries: v.pipe(
-    v.optional(v.pipe(v.number(), v.integer(), v.minValue(0)), 3),
+    v.optional(intInRange(0), 3),
     v.description("create_inbox argument when a reverse pipeline's inbox is missing."),
   ),
-  schedule: v.pipe(v.optional(nonEmpty, "1s"), v.description("create_inbox argument (schedule of the companion stream tables).")),
+  schedule: v.pipe(v.optional(nonEmptyString(), "1s"), v.description("create_inbox argument (schedule of the companion stream tables).")),
   with_dead_letter: v.pipe(v.optional(v.boolean(), true), v.description("create_inbox argument: also create `<inbox>_dlq`.")),
   retention_hours: v.pipe(
-    v.optional(v.pipe(v.number(), v.integer(), v.minValue(1)), 24),
+    v.optional(positiveInt(), 24),
     v.description("create_inbox argument (`set_relay_inbox` default 24)."),
   ),
   timeout_ms: v.pipe(
-    v.optional(v.pipe(v.number(), v.integer(), v.minValue(1000)), 30000),
+    v.optional(intInRange(1000), 30000),
     v.description("Remote only: most milliseconds start() or one batch write may take; then the connection is dropped and the batch retried (a server that resets connections during startup would otherwise keep postgres.js reconnecting for ever)."),
   ),
   mapping: v.pipe(
-    v.optional(v.record(v.picklist(INBOX_FIELDS), nonEmpty)),
+    v.optional(v.record(v.picklist(INBOX_FIELDS), nonEmptyString())),
     v.description("Column names by field: `{\"event_id\": \"msg_id\", \"event_type\": \"kind\", \"source\": …, \"aggregate_id\": …, \"payload\": …, \"trace_id\": …, \"received_at\": …}`; wins over pgt_inbox_config."),
   ),
 });

@@ -19,12 +19,13 @@
  * `retry_count` are never written; `received_at` is left to the column default.
  */
 import { describeUrl, explainConnectError, type Sql } from "../../db.ts";
-import { redact, urlSecrets } from "../../redact.ts";
-import { configError, errorMessage, pgErrorKind, RelayError, transientError } from "../../errors.ts";
+import { scrubberFor, urlSecrets, type Scrub } from "../../redact.ts";
+import { configError, errorMessage, pgErrorKind, RelayError, sqlstateOf, transientError } from "../../errors.ts";
 import type { Message } from "../../message.ts";
+import { withTimeout } from "../../sleep.ts";
 import { sinkSpec, type BackendContext, type Rejection, type Sink } from "../types.ts";
 import { describeTlsError } from "../../tls.ts";
-import { connectRemote, isRowError, sqlstateOf } from "./client.ts";
+import { connectRemote, isRowError } from "./client.ts";
 import { PgInboxSinkConfig, splitQualifiedName, type InboxField, type PgInboxSinkOptions } from "./config.ts";
 import { configRow, findTable, hasCreateInbox, planFor, quoteIdent, type InboxPlan } from "./table.ts";
 
@@ -35,7 +36,7 @@ export class PgInboxSink implements Sink {
   readonly describe: string;
   private readonly url: string | undefined;
   /** The URL's password and credential parameters, masked in every error this sink raises. */
-  private readonly urlSecrets: string[];
+  private readonly redact: Scrub;
   private readonly requested: { schema: string | null; name: string };
   private readonly mapping: Partial<Record<InboxField, string>>;
   private client: Sql | null = null;
@@ -67,7 +68,7 @@ export class PgInboxSink implements Sink {
     this.requested = { schema: parts.schema ?? schemaKey, name: parts.name };
     this.mapping = cfg.mapping ?? {};
     this.url = cfg.url ?? cfg.postgres_url;
-    this.urlSecrets = urlSecrets(this.url ?? "");
+    this.redact = scrubberFor(urlSecrets(this.url ?? ""));
     if (cfg.url && cfg.postgres_url && cfg.url !== cfg.postgres_url) throw configError(`${where}: sink.url and sink.postgres_url disagree`);
     if (ctx.direction === "forward" && !this.url) {
       throw configError(`${where}: a forward pg-inbox sink writes to a remote database: set sink.url (postgres://…)`);
@@ -103,12 +104,12 @@ export class PgInboxSink implements Sink {
     if (!state) {
       // No SQLSTATE: the connection itself failed (refused, reset, timed out); postgres.js reconnects.
       if (this.url) return transientError(`pg-inbox ${what} ${this.label(null, false)}: ${explainConnectError(err, this.url)}`, err);
-      return transientError(`pg-inbox ${what} ${this.label()}: ${redact(errorMessage(err))}`, err);
+      return transientError(`pg-inbox ${what} ${this.label()}: ${this.redact(errorMessage(err))}`, err);
     }
     // Class 42 (undefined table/column, no unique index for ON CONFLICT, type mismatch): the
     // table does not fit the configuration; retrying cannot help.
     const kind = state.startsWith("42") ? "config" : pgErrorKind(state);
-    return new RelayError(kind, `pg-inbox ${what} ${this.label()}: ${redact(errorMessage(err), this.urlSecrets)} (SQLSTATE ${state})`, { cause: err });
+    return new RelayError(kind, `pg-inbox ${what} ${this.label()}: ${this.redact(errorMessage(err))} (SQLSTATE ${state})`, { cause: err });
   }
 
   async start(): Promise<void> {
@@ -236,7 +237,7 @@ export class PgInboxSink implements Sink {
           if (!isRowError(err)) throw err;
           rejections.push({
             message: messages[i]!,
-            error: `inbox ${this.label(plan)} refused event_id ${quotedKey(messages[i]!.dedup_key)}: ${redact(errorMessage(err), this.urlSecrets)} (SQLSTATE ${sqlstateOf(err)})`,
+            error: `inbox ${this.label(plan)} refused event_id ${quotedKey(messages[i]!.dedup_key)}: ${this.redact(errorMessage(err))} (SQLSTATE ${sqlstateOf(err)})`,
           });
         }
       }
@@ -249,23 +250,14 @@ export class PgInboxSink implements Sink {
    * pending and stops reconnecting); the next call connects afresh. A statement that did commit
    * meanwhile is harmless: the retry's rows are skipped by ON CONFLICT.
    */
-  private async withDeadline<T>(work: Promise<T>, what: string): Promise<T> {
+  private withDeadline<T>(work: Promise<T>, what: string): Promise<T> {
     if (!this.url) return work;
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const expired = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => {
-        const client = this.client;
-        this.client = null;
-        void client?.end({ timeout: 0 }).catch(() => {});
-        reject(transientError(`pg-inbox ${what} ${this.label(null, false)}: no answer from ${describeUrl(this.url!)} within ${this.cfg.timeout_ms / 1000} s; reconnecting`));
-      }, this.cfg.timeout_ms);
+    return withTimeout(work, this.cfg.timeout_ms, what, () => {
+      const client = this.client;
+      this.client = null;
+      void client?.end({ timeout: 0 }).catch(() => {});
+      return transientError(`pg-inbox ${what} ${this.label(null, false)}: no answer from ${describeUrl(this.url!)} within ${this.cfg.timeout_ms / 1000} s; reconnecting`);
     });
-    work.catch(() => {}); // settled after the deadline: nobody is listening any more
-    try {
-      return await Promise.race([work, expired]);
-    } finally {
-      clearTimeout(timer);
-    }
   }
 
   async close(): Promise<void> {

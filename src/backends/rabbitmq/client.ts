@@ -4,7 +4,7 @@
  * are classified (config or transient).
  */
 import { configError, errorMessage, RelayError, transientError } from "../../errors.ts";
-import { redact, urlSecrets } from "../../redact.ts";
+import { scrubberFor, urlSecrets, type Scrub } from "../../redact.ts";
 import { describeTlsError, loadTls, type TlsConfig } from "../../tls.ts";
 
 /** `amqp://user@host:port/vhost` — never the password. */
@@ -49,10 +49,7 @@ function applyTls(cfg: AmqpConnectionOptions, u: URL, socket: Record<string, unk
 const CONFIG_CODES = new Set([403 /* access refused */, 530 /* not allowed (vhost) */]);
 
 /** Removes the URL's password (and the TLS key passphrase) from any text amqplib hands us. */
-export function amqpScrubber(cfg: AmqpConnectionOptions): (text: string) => string {
-  const secrets = [...urlSecrets(cfg.url), cfg.tls_key_password ?? ""].filter((s) => s.length > 0);
-  return (text) => redact(text, secrets);
-}
+export const amqpScrubber = (cfg: AmqpConnectionOptions): Scrub => scrubberFor([...urlSecrets(cfg.url), cfg.tls_key_password]);
 
 /** A RelayError naming host:port (`where`); access problems are config, everything else transient. */
 export function amqpFailure(err: unknown, doing: string, where: string, scrub: (t: string) => string): RelayError {

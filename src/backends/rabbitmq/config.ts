@@ -5,12 +5,11 @@
 import * as v from "valibot";
 import { TLS_ENTRIES } from "../../tls.ts";
 import { reverseSourceKeys } from "../../inbound.ts";
+import { intInRange, positiveInt } from "../schema.ts";
 
 export const DEFAULT_ROUTING_KEY_TEMPLATE = "{stream_table}.{op}";
 /** RabbitMQ 4's default `max_message_size` (3.x allowed 128 MiB). */
 const DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024;
-
-const positiveInt = (what: string) => v.pipe(v.number(), v.integer(`${what} must be an integer`), v.minValue(1, `${what} must be ≥ 1`));
 
 const RabbitSinkOptions = v.looseObject({
   /** The sink type; ignored here (the loader picks the backend by it). */
@@ -48,20 +47,20 @@ const RabbitSinkOptions = v.looseObject({
   ),
   ...TLS_ENTRIES,
   heartbeat_seconds: v.pipe(
-    v.optional(v.pipe(v.number(), v.integer(), v.minValue(0)), 30),
+    v.optional(intInRange(0), 30),
     v.description("AMQP heartbeat interval in seconds (0 disables heartbeats)."),
   ),
   max_in_flight: v.pipe(
-    v.optional(positiveInt("max_in_flight"), 1000),
+    v.optional(positiveInt(), 1000),
     v.description("Most published messages awaiting a broker confirm at any time."),
   ),
   max_message_bytes: v.pipe(
-    v.optional(positiveInt("max_message_bytes"), DEFAULT_MAX_MESSAGE_BYTES),
+    v.optional(positiveInt(), DEFAULT_MAX_MESSAGE_BYTES),
     v.description("Largest message body sent, in bytes; larger messages go to the dead-letter table (RabbitMQ would close the channel on them). Keep it ≤ the broker's `max_message_size`."),
   ),
-  connection_timeout_ms: v.pipe(v.optional(positiveInt("connection_timeout_ms"), 10000), v.description("Milliseconds to open the connection.")),
+  connection_timeout_ms: v.pipe(v.optional(positiveInt(), 10000), v.description("Milliseconds to open the connection.")),
   confirm_timeout_ms: v.pipe(
-    v.optional(positiveInt("confirm_timeout_ms"), 30000),
+    v.optional(positiveInt(), 30000),
     v.description("Milliseconds a write waits for the broker's confirms before failing (transient)."),
   ),
 });
@@ -95,7 +94,7 @@ const RabbitSourceOptions = v.looseObject({
     v.description("Consumer tag (as the management UI shows it). Default `pgtrickle-relay-<pipeline>`."),
   ),
   prefetch_count: v.pipe(
-    v.optional(v.pipe(positiveInt("prefetch_count"), v.maxValue(65535, "prefetch_count must be ≤ 65535")), 100),
+    v.optional(positiveInt(65535), 100),
     v.description("Most unacknowledged deliveries RabbitMQ sends ahead to this consumer (basic.qos). Raised to batch_size when lower, since a batch holds its deliveries unacknowledged until the inbox commit."),
   ),
   declare_queue: v.pipe(
@@ -115,7 +114,7 @@ const RabbitSourceOptions = v.looseObject({
     v.description("Must stay false. With automatic acknowledgement RabbitMQ forgets a message the moment it is delivered, before it reaches the inbox, so a crash or a failed insert would lose it."),
   ),
   batch_wait_ms: v.pipe(
-    v.optional(v.pipe(v.number(), v.integer(), v.minValue(0)), 20),
+    v.optional(intInRange(0), 20),
     v.description("After a batch's first delivery, how long (ms) to wait for more before handing out a batch smaller than batch_size."),
   ),
   ...TLS_ENTRIES,

@@ -4,6 +4,7 @@
  */
 import { headerValue, inboundMessage, sha256Hex, utf8OrNull } from "../../inbound.ts";
 import type { Message } from "../../message.ts";
+import { isNonEmptyString } from "../schema.ts";
 import type { RabbitSourceConfig } from "./config.ts";
 
 /** AMQP header values as text: strings as they are, byte arrays as UTF-8, numbers and booleans printed, tables as JSON. */
@@ -29,7 +30,6 @@ export interface AmqpDelivery {
   content: Buffer;
 }
 
-const nonEmpty = (x: unknown): x is string => typeof x === "string" && x !== "";
 
 /**
  * One delivery → its inbox message (docs/interface.md §6.5, §6.6): event_id = property `message_id`,
@@ -39,7 +39,7 @@ const nonEmpty = (x: unknown): x is string => typeof x === "string" && x !== "";
  */
 export function convertAmqpDelivery(d: AmqpDelivery, queue: string, cfg: Pick<RabbitSourceConfig, "event_type" | "event_type_field">, pipeline: string): Message {
   const headers = amqpHeaders(d.properties.headers);
-  const producerKey = nonEmpty(d.properties.messageId) ? d.properties.messageId : headerValue(headers, "pgt_dedup_key");
+  const producerKey = isNonEmptyString(d.properties.messageId) ? d.properties.messageId : headerValue(headers, "pgt_dedup_key");
   const nul = Buffer.from([0]);
   return inboundMessage({
     pipeline,
@@ -49,7 +49,7 @@ export function convertAmqpDelivery(d: AmqpDelivery, queue: string, cfg: Pick<Ra
     headers,
     producerKey,
     synthesizedKey: () => `amqp:${sha256Hex(Buffer.concat([Buffer.from(d.fields.exchange), nul, Buffer.from(d.fields.routingKey), nul, d.content]))}`,
-    eventTypeCandidate: nonEmpty(d.properties.type) ? d.properties.type : d.fields.routingKey,
+    eventTypeCandidate: isNonEmptyString(d.properties.type) ? d.properties.type : d.fields.routingKey,
     config: cfg,
   });
 }

@@ -72,28 +72,26 @@ export class RabbitSession {
 
   /** The next batch, or null when the signal aborted or (drain) the queue has nothing ready. */
   async next(signal: AbortSignal): Promise<Batch | null> {
-    const wake = () => this.sleeper.wake();
-    signal.addEventListener("abort", wake, { once: true });
-    try {
-      let idleSince = Date.now();
-      for (;;) {
-        if (this.failed) throw this.failed;
-        if (signal.aborted) return null;
-        if (this.buffer.length >= this.cfg.batch_size) return this.take();
-        if (this.buffer.length > 0) {
-          const waited = Date.now() - this.firstBufferedAt;
-          if (waited >= this.cfg.batch_wait_ms) return this.take();
-          await this.sleeper.sleep(this.cfg.batch_wait_ms - waited);
-          continue;
-        }
-        if (this.ctx.drain && Date.now() - idleSince >= this.cfg.poll_interval_ms) {
-          if ((await this.nothingReady()) && this.buffer.length === 0 && !this.failed) return null;
-          idleSince = Date.now();
-        }
-        await this.sleeper.sleep(this.cfg.poll_interval_ms);
+    return this.sleeper.wakingOn(signal, () => this.waitForBatch(signal));
+  }
+
+  private async waitForBatch(signal: AbortSignal): Promise<Batch | null> {
+    let idleSince = Date.now();
+    for (;;) {
+      if (this.failed) throw this.failed;
+      if (signal.aborted) return null;
+      if (this.buffer.length >= this.cfg.batch_size) return this.take();
+      if (this.buffer.length > 0) {
+        const waited = Date.now() - this.firstBufferedAt;
+        if (waited >= this.cfg.batch_wait_ms) return this.take();
+        await this.sleeper.sleep(this.cfg.batch_wait_ms - waited);
+        continue;
       }
-    } finally {
-      signal.removeEventListener("abort", wake);
+      if (this.ctx.drain && Date.now() - idleSince >= this.cfg.poll_interval_ms) {
+        if ((await this.nothingReady()) && this.buffer.length === 0 && !this.failed) return null;
+        idleSince = Date.now();
+      }
+      await this.sleeper.sleep(this.cfg.poll_interval_ms);
     }
   }
 

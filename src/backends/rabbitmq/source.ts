@@ -10,6 +10,7 @@ import { withTimeout } from "../../sleep.ts";
 import { LAG_TIMEOUT_MS, sourceSpec, type BackendContext, type Batch, type Lag, type Source } from "../types.ts";
 import { amqpConnectArgs, amqpFailure, amqpScrubber, describeAmqpUrl } from "./client.ts";
 import { RabbitSourceConfig } from "./config.ts";
+import { sessionBatches } from "../session-batches.ts";
 import { RabbitSession } from "./session.ts";
 import { tlsWanted } from "../../tls.ts";
 
@@ -123,24 +124,12 @@ export class RabbitSource implements Source {
     }
   }
 
-  batches(signal: AbortSignal): AsyncIterable<Batch> {
-    return this.consume(signal);
-  }
-
-  private async *consume(signal: AbortSignal): AsyncGenerator<Batch> {
+  async *batches(signal: AbortSignal): AsyncGenerator<Batch> {
     const session = new RabbitSession(this, this.cfg, this.ctx);
     this.session = session;
-    try {
-      await session.open();
-      for (;;) {
-        const batch = await session.next(signal);
-        if (!batch) return;
-        yield batch;
-      }
-    } finally {
+    yield* sessionBatches(session, signal, () => {
       if (this.session === session) this.session = null;
-      await session.close();
-    }
+    });
   }
 
   /**

@@ -5,7 +5,7 @@
 import type { ConnectionOptions as TlsConnectionOptions } from "node:tls";
 import { Redis, type RedisOptions } from "ioredis";
 import { configError, errorMessage, RelayError, transientError } from "../../errors.ts";
-import { redact as scrub } from "../../redact.ts";
+import { scrubberFor, type Scrub } from "../../redact.ts";
 import type { BackendContext } from "../types.ts";
 import { describeTlsError, loadTls } from "../../tls.ts";
 import type { ConnectionOptionsOf, Side } from "./config.ts";
@@ -92,7 +92,7 @@ const TRANSIENT_REPLIES = new Set(["OOM", "LOADING", "BUSY", "MASTERDOWN", "TRYA
  */
 export class RedisLink {
   readonly target: Target;
-  readonly secrets: string[];
+  readonly scrub: Scrub;
   client: Redis | null = null;
   /** The last socket-level error, which ioredis reports only on its `error` event. */
   private lastError: Error | null = null;
@@ -106,7 +106,7 @@ export class RedisLink {
     private readonly onReady?: (client: Redis) => void,
   ) {
     this.target = parseRedisUrl(cfg.url, side);
-    this.secrets = [cfg.password, this.target.password].filter((s): s is string => !!s && s.length >= 3);
+    this.scrub = scrubberFor([cfg.password, this.target.password]);
   }
 
   get where(): string {
@@ -136,7 +136,7 @@ export class RedisLink {
       this.lastError = err;
       if (this.client === client && !reported) {
         reported = true; // one line per outage, not one per reconnect attempt
-        this.ctx.log.warn(`redis: ${this.target.where}: ${scrub(this.describeSocketError(err), this.secrets)}`);
+        this.ctx.log.warn(`redis: ${this.target.where}: ${this.scrub(this.describeSocketError(err))}`);
       }
     });
     client.on("ready", () => {
@@ -173,12 +173,12 @@ export class RedisLink {
     if (code === "ECONNREFUSED") return "connection refused";
     if (code === "ETIMEDOUT") return `no answer within ${this.cfg.connect_timeout_ms} ms`;
     if (code === "ENOTFOUND" || code === "EAI_AGAIN") return `host not found (${code})`;
-    return scrub(errorMessage(err), this.secrets);
+    return this.scrub(errorMessage(err));
   }
 
   private connectFailure(err: Error): RelayError {
     const code = replyCode(err);
-    const detail = scrub(errorMessage(err), this.secrets);
+    const detail = this.scrub(errorMessage(err));
     const side = this.side;
     if (code === "WRONGPASS" || code === "NOAUTH" || code === "NOPERM" || /invalid password|AUTH.*without any password/i.test(detail)) {
       return configError(`Redis at ${this.target.where} refused the credentials: ${detail} (check ${side}.username/password/url)`, err);
@@ -192,7 +192,7 @@ export class RedisLink {
   commandFailure(err: unknown, what: string): RelayError {
     if (err instanceof RelayError) return err;
     const code = replyCode(err);
-    const detail = scrub(errorMessage(err), this.secrets);
+    const detail = this.scrub(errorMessage(err));
     if (code === "NOPERM" || code === "NOAUTH") {
       return configError(`Redis at ${this.target.where} does not permit ${what}: ${detail} (check the ACL of ${this.side}.username)`, err);
     }
@@ -207,10 +207,6 @@ export class RedisLink {
     }
     // An unknown reply: retried rather than dead-lettered, so a message is never skipped by guess.
     return transientError(`Redis at ${this.target.where}: ${what} failed: ${detail}`, err);
-  }
-
-  scrub(text: string): string {
-    return scrub(text, this.secrets);
   }
 
   /** Drops the connection at once (a blocked read returns with an error). */

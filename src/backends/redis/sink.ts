@@ -10,8 +10,9 @@
  * DEDUP_XADD below and bench/redis-sink.ts).
  */
 import type { Redis } from "ioredis";
-import { configError, RelayError, transientError } from "../../errors.ts";
-import { renderTemplate, type Message } from "../../message.ts";
+import { configError, RelayError, transientError, worseError } from "../../errors.ts";
+import { hasPlaceholder, renderTemplate, type Message } from "../../message.ts";
+import { chunks } from "../concurrency.ts";
 import { sinkSpec, type BackendContext, type Rejection, type Sink } from "../types.ts";
 import { RedisLink, replyCode, type Target } from "./client.ts";
 import { RedisSinkConfig, type RedisSinkOptions } from "./config.ts";
@@ -68,10 +69,6 @@ const FIELD_ITEMS = 14;
 // ---------------------------------------------------------------------------------------------
 // Sink
 
-/** The error a failed batch reports: a config error wins, since retrying cannot cure it. */
-const worse = (a: RelayError | null, b: RelayError): RelayError => (a === null || (b.kind === "config" && a.kind !== "config") ? b : a);
-
-const HAS_PLACEHOLDER = /\{[A-Za-z0-9_]+\}/;
 
 class RedisSink implements Sink {
   readonly describe: string;
@@ -87,7 +84,7 @@ class RedisSink implements Sink {
       if (cfg.dedup_window_seconds > 0) client.defineCommand("pgtDedupXadd", { numberOfKeys: 2, lua: DEDUP_XADD });
     });
     this.target = this.link.target;
-    this.fixedKey = !HAS_PLACEHOLDER.test(cfg.stream_key);
+    this.fixedKey = !hasPlaceholder(cfg.stream_key);
     const extras = [cfg.maxlen ? `MAXLEN ~ ${cfg.maxlen}` : "", cfg.dedup_window_seconds ? `dedup ${cfg.dedup_window_seconds}s` : ""].filter(Boolean);
     this.describe = `redis ${this.target.tls || cfg.tls ? "rediss" : "redis"}://${this.target.where}/${this.target.db} → ${cfg.stream_key}${extras.length ? ` (${extras.join(", ")})` : ""}`;
   }
@@ -124,8 +121,8 @@ class RedisSink implements Sink {
 
     // Chunks go one after the other: a chunk's replies are in before the next is sent, which
     // bounds memory and keeps every stream key's entries in batch order.
-    for (let start = 0; start < messages.length && failure === null; start += this.cfg.max_in_flight) {
-      const chunk = messages.slice(start, start + this.cfg.max_in_flight);
+    for (const chunk of chunks(messages, this.cfg.max_in_flight)) {
+      if (failure !== null) break;
       // One command per message, or with dedup one script call per stream key.
       const commands: { key: string; messages: Message[] }[] = [];
       const pipeline = client.pipeline();
@@ -164,9 +161,9 @@ class RedisSink implements Sink {
         if (!err) continue;
         const { key, messages: affected } = commands[i]!;
         if (replyCode(err) !== "WRONGTYPE") {
-          failure = worse(failure, this.commandFailure(err, "XADD"));
+          failure = worseError(failure, this.commandFailure(err, "XADD"));
         } else if (this.fixedKey) {
-          failure = worse(failure, configError(`Redis key "${key}" (sink.stream_key) at ${this.target.where} is not a stream (WRONGTYPE)`, err));
+          failure = worseError(failure, configError(`Redis key "${key}" (sink.stream_key) at ${this.target.where} is not a stream (WRONGTYPE)`, err));
         } else {
           // A templated key: only the messages rendered to that key can never be added.
           for (const m of affected) rejections.push({ message: m, error: `Redis: key "${key}" holds another type than a stream (WRONGTYPE)` });

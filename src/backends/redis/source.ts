@@ -6,7 +6,7 @@
  */
 import type { Redis } from "ioredis";
 import { configError, errorMessage, RelayError, transientError } from "../../errors.ts";
-import { decodeBody, inboundMessage, type DecodedBody } from "../../inbound.ts";
+import { decodeBody, inboundMessage, utf8OrNull, type DecodedBody } from "../../inbound.ts";
 import type { Message } from "../../message.ts";
 import { LAG_TIMEOUT_MS, sourceSpec, type Batch, type BackendContext, type DeadLetter, type Lag, type Source } from "../types.ts";
 import { RedisLink, replyCode } from "./client.ts";
@@ -39,15 +39,8 @@ function entriesOfStream(raw: unknown): unknown {
   return Array.isArray(raw[0]) ? (raw[0] as unknown[])[1] : raw[1];
 }
 
-const utf8 = new TextDecoder("utf-8", { fatal: true });
-function text(b: Buffer | undefined): string | null {
-  if (b === undefined) return null;
-  try {
-    return utf8.decode(b);
-  } catch {
-    return null;
-  }
-}
+/** A field's value as UTF-8 text; null when absent or not UTF-8. */
+const text = (b: Buffer | undefined): string | null => (b === undefined ? null : utf8OrNull(b));
 
 /** How an entry that could not be mapped is kept in the dead-letter table, for decodeStored(). */
 interface StoredRedisEntry {

@@ -5,7 +5,7 @@
  */
 import { SQSClient } from "@aws-sdk/client-sqs";
 import { configError, errorMessage, RelayError, transientError } from "../../errors.ts";
-import { redact } from "../../redact.ts";
+import { scrubberFor, type Scrub } from "../../redact.ts";
 import type { SqsConnectionOptions } from "./config.ts";
 
 /** Most entries SQS takes in one batch call (SendMessageBatch, DeleteMessageBatch, ChangeMessageVisibilityBatch). */
@@ -68,7 +68,7 @@ export class SqsConnection {
   readonly region: string | undefined;
   /** host:port of the endpoint the client talks to. */
   readonly where: string;
-  private readonly secrets: string[];
+  readonly redact: Scrub;
 
   constructor(private readonly cfg: SqsConnectionOptions) {
     if (Boolean(cfg.access_key_id) !== Boolean(cfg.secret_access_key)) {
@@ -83,7 +83,7 @@ export class SqsConnection {
       (cfg.endpoint ? "us-east-1" : undefined);
     const endpoint = new URL(cfg.endpoint ?? (this.region ? `https://sqs.${this.region}.amazonaws.com` : cfg.queue_url));
     this.where = `${endpoint.hostname}:${endpoint.port || (endpoint.protocol === "https:" ? "443" : "80")}`;
-    this.secrets = [cfg.secret_access_key ?? "", cfg.session_token ?? ""].filter((s) => s.length >= 4);
+    this.redact = scrubberFor([cfg.secret_access_key, cfg.session_token]);
   }
 
   /** A new client; `requestTimeoutMs` must cover a long poll where the caller long-polls. */
@@ -124,9 +124,5 @@ export class SqsConnection {
       return transientError(`${doing}: sqs endpoint ${this.where} unreachable: ${code}: ${text}`);
     }
     return transientError(`${doing} at ${this.where} failed: ${code}: ${text}`);
-  }
-
-  redact(text: string): string {
-    return redact(text, this.secrets);
   }
 }

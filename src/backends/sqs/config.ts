@@ -3,6 +3,7 @@
  * with each key's documentation in its v.description(). The connection keys are shared.
  */
 import * as v from "valibot";
+import { intInRange, positiveInt } from "../schema.ts";
 import { reverseSourceKeys } from "../../inbound.ts";
 
 /** Where the queue is and how to reach it: shared by the sink and the source. */
@@ -21,7 +22,7 @@ const sqsConnectionKeys = {
     v.description("Endpoint of an SQS-compatible server (or a VPC endpoint), e.g. `http://127.0.0.1:4566`."),
   ),
   timeout_ms: v.pipe(
-    v.optional(v.pipe(v.number(), v.integer(), v.minValue(1)), 10000),
+    v.optional(positiveInt(), 10000),
     v.description("Timeout of one SQS request in milliseconds (a source's long poll gets `wait_time_seconds` on top)."),
   ),
   access_key_id: v.pipe(
@@ -50,15 +51,15 @@ export const SqsSinkConfig = v.pipe(
     ),
     batch_send: v.pipe(v.optional(v.boolean(), true), v.description("false: one SendMessage call per message instead of SendMessageBatch.")),
     max_in_flight: v.pipe(
-      v.optional(v.pipe(v.number(), v.integer(), v.minValue(1)), 16),
+      v.optional(positiveInt(), 16),
       v.description("SQS calls in flight at once (across message groups)."),
     ),
     max_batch_bytes: v.pipe(
-      v.optional(v.pipe(v.number(), v.integer(), v.minValue(1024), v.maxValue(1048576)), 262144),
+      v.optional(intInRange(1024, 1048576), 262144),
       v.description("Bytes per SendMessageBatch call (bodies plus attributes). 256 KiB suits every SQS-compatible server; a larger message still goes alone in its own call."),
     ),
     max_message_bytes: v.pipe(
-      v.optional(v.pipe(v.number(), v.integer(), v.minValue(1024), v.maxValue(1048576))),
+      v.optional(intInRange(1024, 1048576)),
       v.description("Per-message size limit; default: the queue's MaximumMessageSize."),
     ),
   }),
@@ -74,15 +75,15 @@ export const SqsSourceConfig = v.looseObject({
   ...reverseSourceKeys,
   ...sqsConnectionKeys,
   max_messages: v.pipe(
-    v.optional(v.pipe(v.number(), v.integer(), v.minValue(1), v.maxValue(10)), 10),
+    v.optional(positiveInt(10), 10),
     v.description("Messages per ReceiveMessage call (SQS allows at most 10); a larger `batch_size` takes several calls per batch."),
   ),
   wait_time_seconds: v.pipe(
-    v.optional(v.pipe(v.number(), v.integer(), v.minValue(0), v.maxValue(20)), 20),
+    v.optional(intInRange(0, 20), 20),
     v.description("Long-poll wait of a receive in seconds (0–20); an empty receive is followed by the next one at once. 0 = short polls, `poll_interval_ms` apart when empty. Drain mode always waits 1 s."),
   ),
   visibility_timeout: v.pipe(
-    v.optional(v.pipe(v.number(), v.integer(), v.minValue(1), v.maxValue(43200)), 30),
+    v.optional(positiveInt(43200), 30),
     v.description("Seconds received messages stay invisible to other consumers. While their batch is being written it is extended every `visibility_timeout`/2, so a slow inbox causes no redelivery; a crashed relay's messages come back after it."),
   ),
 });

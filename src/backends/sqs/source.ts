@@ -15,6 +15,8 @@ import { errorMessage, transientError } from "../../errors.ts";
 import { inboundMessage, sha256Hex } from "../../inbound.ts";
 import type { Message } from "../../message.ts";
 import { Sleeper } from "../../sleep.ts";
+import { chunks } from "../concurrency.ts";
+import { isNonEmptyString } from "../schema.ts";
 import { LAG_TIMEOUT_MS, sourceSpec, type BackendContext, type Batch, type Lag, type Source } from "../types.ts";
 import { awsCode, MAX_ENTRIES, SqsConnection, TRANSIENT_CODES } from "./client.ts";
 import { SqsSourceConfig, type SqsSourceOptions } from "./config.ts";
@@ -26,13 +28,6 @@ const DRAIN_WAIT_SECONDS = 1;
 const DRAIN_EMPTY_POLLS = 3;
 const DELETE_ATTEMPTS = 3;
 
-const chunks = <T>(items: T[], size: number): T[][] => {
-  const out: T[][] = [];
-  for (let i = 0; i < items.length; i += size) out.push(items.slice(i, i + size));
-  return out;
-};
-
-const nonEmpty = (s: string | undefined | null): string | null => (typeof s === "string" && s !== "" ? s : null);
 
 /**
  * Reads an SQS queue into the inbox (docs/interface.md §5.4, §6.5, §7.5).
@@ -165,9 +160,9 @@ export class SqsSource implements Source {
       where: this.queueName,
       body: m.Body ?? "",
       headers: attributes,
-      producerKey: nonEmpty(attributes.pgt_dedup_key) ?? nonEmpty(dedupId),
+      producerKey: [attributes.pgt_dedup_key, dedupId].find(isNonEmptyString) ?? null,
       synthesizedKey: () => `sqs:${m.MessageId ?? `md5:${m.MD5OfBody ?? sha256Hex(m.Body ?? "")}`}`,
-      eventTypeCandidate: nonEmpty(attributes.event_type) ?? this.queueName,
+      eventTypeCandidate: isNonEmptyString(attributes.event_type) ? attributes.event_type : this.queueName,
       config: this.cfg,
     });
   }
