@@ -14,7 +14,7 @@ import { writeDeadLetters, storedMessage } from "../../deadletters.ts";
 import { configError, errorMessage, RelayError, transientError } from "../../errors.ts";
 import { headerValue, inboundMessage, readAheadBatchSize } from "../../inbound.ts";
 import type { Message } from "../../message.ts";
-import { abortableDelay, Sleeper, withTimeout } from "../../sleep.ts";
+import { abortableDelay, Sleeper, sleepUntil, withTimeout } from "../../sleep.ts";
 import { natsCode, NatsLink } from "./client.ts";
 import { BAD_DURABLE, defaultDurableName, NatsSourceConfig, type NatsSourceOptions } from "./config.ts";
 import { ensureConsumer, resolveStream, type ConsumerSetup } from "./consumer.ts";
@@ -145,7 +145,7 @@ class NatsSource implements Source {
       if (waited < (drain ? DRAIN_FETCH_WAIT_MS : this.fetchWaitMs) / 2) await abortableDelay(this.cfg.poll_interval_ms, signal);
       if (!drain || signal.aborted) continue;
       // Our batches in hand count as unacknowledged at the server: let them be acknowledged (or handed back) first.
-      if (await this.awaitHandEmpty(signal)) return;
+      if (await sleepUntil(() => this.inFlight.size === 0, this.handEmptied, signal)) return;
       const info = await this.consumerInfo(jsm, stream);
       if (info.num_pending === 0 && info.num_ack_pending === 0) return;
       if (info.num_pending > 0) {
@@ -246,18 +246,6 @@ class NatsSource implements Source {
     flight.keepAlive = null;
     this.inFlight.delete(flight);
     this.handEmptied.wake();
-  }
-
-  /** Waits until every batch handed out was acknowledged or released; true when the signal aborted meanwhile. */
-  private async awaitHandEmpty(signal: AbortSignal): Promise<boolean> {
-    const wake = () => this.handEmptied.wake();
-    signal.addEventListener("abort", wake, { once: true });
-    try {
-      while (this.inFlight.size > 0 && !signal.aborted) await this.handEmptied.sleep(1000);
-    } finally {
-      signal.removeEventListener("abort", wake);
-    }
-    return signal.aborted;
   }
 
   private batchOf(msgs: JsMsg[], stream: string, flight: InFlight): Batch {

@@ -14,7 +14,7 @@ import type { Redis } from "ioredis";
 import { configError, errorMessage, RelayError, transientError } from "../../errors.ts";
 import { decodeBody, inboundMessage, readAheadBatchSize, type DecodedBody } from "../../inbound.ts";
 import type { Message } from "../../message.ts";
-import { Sleeper } from "../../sleep.ts";
+import { Sleeper, sleepUntil } from "../../sleep.ts";
 import { LAG_TIMEOUT_MS, sourceSpec, type Batch, type BackendContext, type DeadLetter, type Lag, type Source } from "../types.ts";
 import { RedisLink, replyCode } from "./client.ts";
 import { RedisSourceConfig, type RedisSourceOptions } from "./config.ts";
@@ -72,6 +72,11 @@ class RedisSource implements Source {
   private readonly link: RedisLink;
   /** A connection for lag() only, opened on first use. */
   private readonly lagLink: RedisLink;
+  /**
+   * A connection for the batches' XACKs: on the reading one an XACK would wait behind the
+   * blocking XREADGROUP of the batch read ahead (up to block_ms).
+   */
+  private readonly ackLink: RedisLink;
   private readonly key: string;
   private readonly group: string;
   private readonly consumer: string;
@@ -90,6 +95,7 @@ class RedisSource implements Source {
     // A blocking read legitimately stays unanswered for block_ms.
     this.link = new RedisLink(cfg, ctx, "source", cfg.command_timeout_ms + cfg.block_ms);
     this.lagLink = new RedisLink(cfg, ctx, "source", Math.min(cfg.command_timeout_ms, LAG_TIMEOUT_MS));
+    this.ackLink = new RedisLink(cfg, ctx, "source", cfg.command_timeout_ms);
     this.key = cfg.stream_key;
     this.group = cfg.group_name;
     this.consumer = cfg.consumer_name ?? `${ctx.relayGroupId}:${ctx.pipeline}`;
@@ -211,7 +217,7 @@ class RedisSource implements Source {
           if (signal.aborted) return;
           if (drain) {
             // Our batches still in hand are pending too: let them be acknowledged (or handed back) first.
-            if (await this.awaitHandEmpty(signal)) return;
+            if (await sleepUntil(() => this.inHand.size === 0, this.handEmptied, signal)) return;
             const left = await this.ownPending(client);
             if (left === 0) return;
             if (rereadOwn) {
@@ -230,18 +236,6 @@ class RedisSource implements Source {
       const batch = await this.batchOf(client, entries);
       if (batch) yield batch;
     }
-  }
-
-  /** Waits until every batch handed out was acknowledged or released; true when the signal aborted meanwhile. */
-  private async awaitHandEmpty(signal: AbortSignal): Promise<boolean> {
-    const wake = () => this.handEmptied.wake();
-    signal.addEventListener("abort", wake, { once: true });
-    try {
-      while (this.inHand.size > 0 && !signal.aborted) await this.handEmptied.sleep(1000);
-    } finally {
-      signal.removeEventListener("abort", wake);
-    }
-    return signal.aborted;
   }
 
   private async readGroup(client: Redis, id: string, block: boolean, signal: AbortSignal): Promise<Entry[]> {
@@ -344,7 +338,13 @@ class RedisSource implements Source {
       deadLetters,
       // Every id of the batch in one XACK, and only once the inbox has committed them.
       ack: async () => {
-        await this.xack(await this.link.connect(), ids);
+        try {
+          await this.xack(await this.ackLink.connect(), ids);
+        } catch (err) {
+          // A connection that timed out may never answer again: the retry opens a new one.
+          this.ackLink.abort();
+          throw err;
+        }
         settle();
       },
       // Unacknowledged entries stay in this consumer's pending list; the next start reads them first.
@@ -405,7 +405,7 @@ class RedisSource implements Source {
   }
 
   async close(): Promise<void> {
-    await Promise.all([this.link.close(), this.lagLink.close()]);
+    await Promise.all([this.link.close(), this.lagLink.close(), this.ackLink.close()]);
   }
 }
 
