@@ -29,6 +29,16 @@ export const reverseSourceKeys = {
   poll_interval_ms: positiveIntOption(1000, "Idle poll interval, for sources that poll."),
 };
 
+/**
+ * Messages per batch of a reverse source that reads ahead (`Source.readAhead`): its `batch_size`,
+ * but at most the `max_batch_messages` the pipeline passes it, a third of `--sink-max-inflight`,
+ * so that the batches in hand at once fit that window (docs/PIPELINE.md).
+ */
+export function readAheadBatchSize(cfg: { batch_size: number; max_batch_messages?: unknown }): number {
+  const limit = cfg.max_batch_messages;
+  return typeof limit === "number" && limit >= 1 ? Math.min(cfg.batch_size, Math.floor(limit)) : cfg.batch_size;
+}
+
 type JsonObject = Record<string, unknown>;
 
 export const isJsonObject = (x: unknown): x is JsonObject => typeof x === "object" && x !== null && !Array.isArray(x);

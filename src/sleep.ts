@@ -38,6 +38,21 @@ export class Sleeper {
   }
 }
 
+/**
+ * Sleeps on `sleeper` (woken by whoever changes what `done` reads, and by the signal) until
+ * `done()` holds; true when the signal aborted first.
+ */
+export async function sleepUntil(done: () => boolean, sleeper: Sleeper, signal: AbortSignal): Promise<boolean> {
+  const wake = () => sleeper.wake();
+  signal.addEventListener("abort", wake, { once: true });
+  try {
+    while (!done() && !signal.aborted) await sleeper.sleep(1000);
+  } finally {
+    signal.removeEventListener("abort", wake);
+  }
+  return signal.aborted;
+}
+
 /** Exponential backoff with ±20 % jitter: base·2^attempt, capped. */
 export function backoffMs(attempt: number, baseMs = 500, capMs = 60_000): number {
   const raw = Math.min(capMs, baseMs * 2 ** Math.min(attempt, 30));

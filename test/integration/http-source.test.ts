@@ -19,6 +19,7 @@ import { eventually, relayOnce, RunningRelay } from "../helpers/relay.ts";
 import { expectPoisonIsolated, LONG_KEY_POISON, POISONS, poisonedStream } from "../helpers/poison.ts";
 import { disableInboxes, poisonable } from "../helpers/reverse.ts";
 import { requireServer } from "../helpers/servers.ts";
+import { PIPELINE_DEPTH } from "../../src/pipeline.ts";
 
 let db: TestDatabase;
 const run = Math.random().toString(36).slice(2, 7);
@@ -370,22 +371,26 @@ describe("failures and crashes", () => {
     }
   });
 
-  test("SIGTERM: the batch in hand is committed and answered, queued requests get 503, the port is closed", async () => {
+  test("SIGTERM: the batches in hand are committed and answered, queued requests get 503, the port is closed", async () => {
     const p = await pipeline("shutdown", { batch_size: 1, linger_ms: 0 });
     await slowInbox(p.inbox, 1.5);
     const r = relay();
     await started(r, p.name);
-    const inHand = post(p.url, JSON.stringify({ first: true }));
-    await Bun.sleep(300);
-    const queued = post(p.url, JSON.stringify({ second: true }));
+    // One batch being written, two read ahead of it (docs/PIPELINE.md), then one left in the queue.
+    const inHand: Promise<Response>[] = [];
+    for (let i = 0; i < PIPELINE_DEPTH; i++) {
+      inHand.push(post(p.url, JSON.stringify({ in_hand: i })));
+      await Bun.sleep(300);
+    }
+    const queued = post(p.url, JSON.stringify({ queued: true }));
     await Bun.sleep(100);
     r.proc.kill("SIGTERM");
-    const [a, b] = await Promise.all([inHand, queued]);
-    expect(a.status).toBe(200);
+    const [b, ...a] = await Promise.all([queued, ...inHand]);
+    for (const answer of a) expect(answer.status).toBe(200);
     expect(b.status).toBe(503);
     expect(b.headers.get("retry-after")).toBe("5");
     expect(await r.proc.exited).toBe(0);
-    expect(await p.count()).toBe(1);
+    expect(await p.count()).toBe(PIPELINE_DEPTH);
     await expect(post(p.url, "{}")).rejects.toThrow();
   });
 

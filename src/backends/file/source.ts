@@ -5,7 +5,7 @@
 import { open, stat, type FileHandle } from "node:fs/promises";
 import { resolve as resolvePath } from "node:path";
 import { configError, decodeError, errorMessage } from "../../errors.ts";
-import { bodyDedupKey, inboundMessage, parseJson, sha256Hex, utf8OrNull } from "../../inbound.ts";
+import { bodyDedupKey, inboundMessage, parseJson, readAheadBatchSize, sha256Hex, utf8OrNull } from "../../inbound.ts";
 import type { Message } from "../../message.ts";
 import { Sleeper } from "../../sleep.ts";
 import { loadSourcePosition, saveSourcePosition } from "../../source-positions.ts";
@@ -62,16 +62,30 @@ const LAG_SCAN_BYTES = 1024 * 1024;
  * A file's position (byte offset past the last acknowledged value) is committed in the relay
  * catalog by ack(), after the inbox commit; a crash in between replays values whose keys the
  * inbox already holds, so nothing is duplicated.
+ *
+ * It reads ahead (docs/PIPELINE.md): the next batch is cut from where the last one handed out
+ * ended, and each ack() commits its own batch's end. A new pass (after a failure) starts again at
+ * the committed position. Standard input cannot be read again, so the batches a failed pass
+ * hands back (release()) are kept and handed out first by the next pass.
  */
 export class StdinSource implements Source {
   readonly describe: string;
+  readonly readAhead = Number.POSITIVE_INFINITY;
   private readonly sourceType: "file" | "stdin";
   /** Absolute path, or null for standard input. */
   private readonly path: string | null;
   private readonly sleeper = new Sleeper();
   private committed: FilePosition | null = null;
-  private stdin: { reader: ReadableStreamDefaultReader<Uint8Array>; scanner: RecordScanner; pending: ReturnType<ReadableStreamDefaultReader<Uint8Array>["read"]> | null; eof: boolean } | null =
-    null;
+  private stdin: {
+    reader: ReadableStreamDefaultReader<Uint8Array>;
+    scanner: RecordScanner;
+    pending: ReturnType<ReadableStreamDefaultReader<Uint8Array>["read"]> | null;
+    eof: boolean;
+    /** Records of batches handed back unwritten, oldest first: delivered again before anything new. */
+    returned: RawRecord[][];
+  } | null = null;
+  /** Records per batch. */
+  private readonly batchSize: number;
   private ended = false;
 
   constructor(
@@ -82,6 +96,7 @@ export class StdinSource implements Source {
     this.path = input && input !== "-" ? resolvePath(input) : null;
     this.sourceType = this.path ? "file" : "stdin";
     this.describe = `${this.path ? `file ${this.path}` : "stdin"} (${cfg.format}${cfg.follow && this.path ? ", follow" : ""})`;
+    this.batchSize = readAheadBatchSize(cfg);
   }
 
   get exhausted(): boolean {
@@ -224,7 +239,7 @@ export class StdinSource implements Source {
         }
         const records: RawRecord[] = [];
         let atEof = false;
-        while (records.length < this.cfg.batch_size) {
+        while (records.length < this.batchSize) {
           const r = scanner.next();
           if (r) {
             records.push(r);
@@ -283,14 +298,20 @@ export class StdinSource implements Source {
       scanner: new RecordScanner(this.cfg.format, 0, 1),
       pending: null,
       eof: false,
+      returned: [],
     });
     const aborted = new Promise<"aborted">((resolve) => {
       if (signal.aborted) resolve("aborted");
       signal.addEventListener("abort", () => resolve("aborted"), { once: true });
     });
     while (!signal.aborted) {
+      const returned = s.returned.shift();
+      if (returned) {
+        yield this.batch(returned, null, 0);
+        continue;
+      }
       const records: RawRecord[] = [];
-      for (let r = s.scanner.next(); r; r = records.length < this.cfg.batch_size ? s.scanner.next() : null) records.push(r);
+      for (let r = s.scanner.next(); r; r = records.length < this.batchSize ? s.scanner.next() : null) records.push(r);
       if (records.length === 0 && s.eof) {
         const last = s.scanner.finish();
         if (last) records.push(last);
@@ -332,6 +353,10 @@ export class StdinSource implements Source {
         position.head = (await headHash(position.path, position.headLength)) ?? undefined;
         await saveSourcePosition(this.ctx.sql, this.ctx, JSON.stringify(position));
         this.committed = position;
+      },
+      // A file is read again from the committed position; standard input only once.
+      release: async () => {
+        if (!this.path) this.stdin?.returned.push(records);
       },
     };
   }

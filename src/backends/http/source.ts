@@ -1,7 +1,7 @@
 /** HTTP webhook receiver source (docs/interface.md §5.4 http, §7.5, §7.9); see HttpSource below. */
 import { createHash, timingSafeEqual } from "node:crypto";
 import { errorMessage, configError, transientError } from "../../errors.ts";
-import { bodyDedupKey, decodeBody, inboundMessage, sha256Hex, TOO_DEEP, type DecodedBody } from "../../inbound.ts";
+import { bodyDedupKey, decodeBody, inboundMessage, readAheadBatchSize, sha256Hex, TOO_DEEP, type DecodedBody } from "../../inbound.ts";
 import type { Message } from "../../message.ts";
 import { Sleeper } from "../../sleep.ts";
 import { sourceSpec, type BackendContext, type Batch, type Source } from "../types.ts";
@@ -55,18 +55,26 @@ const digest = (text: string) => createHash("sha256").update(text).digest();
  * Event type: body field, else the `event_type_header` header, else the path suffix, else
  * `event_type`, else `http`. Trace: the `traceparent` header.
  *
+ * It reads ahead (docs/PIPELINE.md): the next batch is taken from the queue while the ones before
+ * it are written, and each batch's ack() answers for its own events only (a request split over
+ * several batches is answered when its last event is committed).
+ *
  * The receiver has no backlog, so `drain` skips it (the pipeline ends at once, nothing is bound).
  */
 export class HttpSource implements Source {
+  readonly readAhead = Number.POSITIVE_INFINITY;
   private server: ReturnType<typeof Bun.serve> | null = null;
   private readonly listen: { host: string; port: number };
   private readonly base: string;
   private queue: Queued[] = [];
   private readonly waiting = new Set<Waiting>();
-  /** Messages of the batch handed to the pipeline and not yet acked/released. */
+  /** Messages of the batches handed to the pipeline and not yet acked/released. */
   private inFlight = 0;
-  private inFlightSince = 0;
-  /** The batch in flight has outlived a request's timeout: new requests answer 503 until it settles. */
+  /** When each batch not yet acked/released was handed out, oldest first. */
+  private readonly handedOut = new Set<{ at: number }>();
+  /** Events per batch. */
+  private readonly batchSize: number;
+  /** A batch in flight has outlived a request's timeout: new requests answer 503 until one settles. */
   private stalled = false;
   private consuming = false;
   private closing = false;
@@ -81,6 +89,13 @@ export class HttpSource implements Source {
     this.listen = parseListenAddr(cfg.listen_addr)!;
     this.base = cfg.path.replace(/\/+$/, "");
     this.authDigest = cfg.auth_value ? digest(cfg.auth_value) : null;
+    this.batchSize = readAheadBatchSize(cfg);
+  }
+
+  /** When the oldest batch in flight was handed out; 0 when none is. */
+  private get inFlightSince(): number {
+    for (const batch of this.handedOut) return batch.at;
+    return 0;
   }
 
   get describe(): string {
@@ -157,14 +172,14 @@ export class HttpSource implements Source {
           await this.arrivals.sleep(60_000);
           continue;
         }
-        if (this.queue.length < this.cfg.batch_size && this.cfg.linger_ms > 0) {
+        if (this.queue.length < this.batchSize && this.cfg.linger_ms > 0) {
           const until = Date.now() + this.cfg.linger_ms;
-          while (this.queue.length < this.cfg.batch_size && Date.now() < until && !signal.aborted) {
+          while (this.queue.length < this.batchSize && Date.now() < until && !signal.aborted) {
             await this.arrivals.sleep(until - Date.now());
           }
         }
         if (signal.aborted) break;
-        const entries = this.queue.splice(0, this.cfg.batch_size);
+        const entries = this.queue.splice(0, this.batchSize);
         if (entries.length > 0) yield this.batch(entries);
       }
     } finally {
@@ -175,13 +190,14 @@ export class HttpSource implements Source {
 
   private batch(entries: Queued[]): Batch {
     this.inFlight += entries.length;
-    this.inFlightSince = Date.now();
+    const handed = { at: Date.now() };
+    this.handedOut.add(handed);
     let settled = false;
     const settle = () => {
       if (settled) return false;
       settled = true;
       this.inFlight -= entries.length;
-      this.inFlightSince = 0;
+      this.handedOut.delete(handed);
       this.stalled = false;
       this.stallLogged = false;
       return true;

@@ -74,8 +74,9 @@ function wantedConsumer(s: ConsumerSetup): Partial<ConsumerConfig> {
     ack_wait: nanos(s.ackWaitMs),
     max_deliver: s.cfg.max_deliver,
     filter_subject: s.cfg.subject,
-    // A fetch can never hold more than the consumer's unacknowledged limit.
-    max_ack_pending: Math.max(1000, s.cfg.batch_size),
+    // The batches in hand (up to three: the pipeline's read-ahead, docs/PIPELINE.md) can never
+    // hold more than the consumer's unacknowledged limit.
+    max_ack_pending: Math.max(1000, 3 * s.cfg.batch_size),
   };
   if (s.cfg.deliver_policy === "by_start_time") c.opt_start_time = new Date(s.cfg.opt_start_time!).toISOString();
   return c;

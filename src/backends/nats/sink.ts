@@ -21,6 +21,9 @@ import { sinkSpec, type BackendContext, type Rejection, type Sink } from "../typ
 
 type Outcome = { ok: true } | { ok: false; reject: string } | { ok: false; error: RelayError };
 
+/** Subjects whose check is remembered; a template with row fields makes them unbounded, so past this the memory starts over. */
+const SUBJECT_MEMORY = 1000;
+
 class NatsSink implements Sink {
   readonly describe: string;
   private readonly link: NatsLink;
@@ -29,6 +32,8 @@ class NatsSink implements Sink {
   /** The connection `js` belongs to. */
   private jsOf: NatsConnection | null = null;
   private readonly encoder = new TextEncoder();
+  /** invalidSubject() of each subject seen: subjects repeat (one per stream table and op), and the check showed in the profile. */
+  private readonly subjectProblems = new Map<string, string | null>();
 
   constructor(
     private readonly cfg: NatsSinkOptions,
@@ -141,7 +146,7 @@ class NatsSink implements Sink {
 
     const publishOne = async (m: Message): Promise<Outcome> => {
       const subject = this.cfg.subject_template ? renderTemplate(this.cfg.subject_template, m) : m.subject;
-      const bad = invalidSubject(subject);
+      const bad = this.subjectProblem(subject);
       if (bad) return { ok: false, reject: `NATS: ${bad}` };
       if (/[\r\n]/.test(m.dedup_key)) return { ok: false, reject: "NATS: the dedup key contains a line break, illegal in a header" };
       const body = this.encoder.encode(envelopeJson(m));
@@ -169,6 +174,16 @@ class NatsSink implements Sink {
     await inOrderLanes(messages, this.cfg.max_in_flight, publishInOrder, () => failure.error !== null);
     if (failure.error !== null) throw failure.error;
     return rejections;
+  }
+
+  private subjectProblem(subject: string): string | null {
+    let problem = this.subjectProblems.get(subject);
+    if (problem === undefined) {
+      if (this.subjectProblems.size >= SUBJECT_MEMORY) this.subjectProblems.clear();
+      problem = invalidSubject(subject);
+      this.subjectProblems.set(subject, problem);
+    }
+    return problem;
   }
 
   private classifyPublish(err: unknown, subject: string, size: number): Outcome {

@@ -3,13 +3,18 @@
  * acks. Each message of a batch is acknowledged (and the server's confirmation awaited) only
  * after the inbox committed it; `Nats-Msg-Id` is the dedup key, so what this relay's sink
  * published keeps its original key. The stream and consumer are set up in consumer.ts.
+ *
+ * It reads ahead (docs/PIPELINE.md): a pull delivers the messages the consumer has not delivered
+ * yet, so the next fetch continues after the batches in hand, acknowledged or not, and each
+ * batch's ack() acknowledges its own messages. Every batch in hand is kept from redelivery by
+ * "working" signals until its ack or release, however long the batches ahead of it take.
  */
 import type { ConsumerInfo, JetStreamClient, JetStreamManager, JsMsg, MsgHdrs, NatsConnection } from "nats";
 import { writeDeadLetters, storedMessage } from "../../deadletters.ts";
 import { configError, errorMessage, RelayError, transientError } from "../../errors.ts";
-import { headerValue, inboundMessage } from "../../inbound.ts";
+import { headerValue, inboundMessage, readAheadBatchSize } from "../../inbound.ts";
 import type { Message } from "../../message.ts";
-import { abortableDelay, withTimeout } from "../../sleep.ts";
+import { abortableDelay, Sleeper, sleepUntil, withTimeout } from "../../sleep.ts";
 import { natsCode, NatsLink } from "./client.ts";
 import { BAD_DURABLE, defaultDurableName, NatsSourceConfig, type NatsSourceOptions } from "./config.ts";
 import { ensureConsumer, resolveStream, type ConsumerSetup } from "./consumer.ts";
@@ -53,6 +58,7 @@ class NatsSource implements Source {
   readonly describe: string;
   /** Every fetch the server answered, an empty one too (the pipeline's poll deadline, docs/WATCHDOG.md). */
   readonly reportsPolls = true;
+  readonly readAhead = Number.POSITIVE_INFINITY;
   private readonly link: NatsLink;
   private readonly durable: string;
   private readonly ackWaitMs: number;
@@ -62,7 +68,12 @@ class NatsSource implements Source {
   private jsm: JetStreamManager | null = null;
   private js: JetStreamClient | null = null;
   private jsOf: NatsConnection | null = null;
+  /** Batches handed out and not yet acknowledged or released. */
   private readonly inFlight = new Set<InFlight>();
+  /** Woken whenever a batch leaves `inFlight` (a drain waits for the batches in hand). */
+  private readonly handEmptied = new Sleeper();
+  /** Messages per fetch. */
+  private readonly batchSize: number;
 
   constructor(
     private readonly cfg: NatsSourceOptions,
@@ -74,6 +85,7 @@ class NatsSource implements Source {
       throw configError(`source.durable_name "${this.durable}" is not a valid consumer name (no ".", "*", ">", slashes or whitespace)`);
     }
     this.ackWaitMs = cfg.ack_wait_seconds * 1000;
+    this.batchSize = readAheadBatchSize(cfg);
     this.fetchWaitMs = Math.max(100, Math.min(MAX_FETCH_WAIT_MS, Math.floor(this.ackWaitMs / 2)));
     this.setup = { cfg, ctx, link: this.link, durable: this.durable, ackWaitMs: this.ackWaitMs };
     const stream = cfg.stream ? `stream ${cfg.stream}, ` : "";
@@ -123,12 +135,8 @@ class NatsSource implements Source {
       }
       if (msgs.length > 0) {
         outstandingSince = null;
-        const flight = this.track(msgs);
-        try {
-          yield this.batchOf(msgs, stream, flight);
-        } finally {
-          this.untrack(flight);
-        }
+        // Tracked until its ack or release (or close), not just while the generator is suspended here.
+        yield this.batchOf(msgs, stream, this.track(msgs));
         continue;
       }
       // An empty answer long before the wait was up (the server refusing pulls for a while):
@@ -136,6 +144,8 @@ class NatsSource implements Source {
       const waited = Date.now() - started;
       if (waited < (drain ? DRAIN_FETCH_WAIT_MS : this.fetchWaitMs) / 2) await abortableDelay(this.cfg.poll_interval_ms, signal);
       if (!drain || signal.aborted) continue;
+      // Our batches in hand count as unacknowledged at the server: let them be acknowledged (or handed back) first.
+      if (await sleepUntil(() => this.inFlight.size === 0, this.handEmptied, signal)) return;
       const info = await this.consumerInfo(jsm, stream);
       if (info.num_pending === 0 && info.num_ack_pending === 0) return;
       if (info.num_pending > 0) {
@@ -163,7 +173,7 @@ class NatsSource implements Source {
     const out: JsMsg[] = [];
     let it: ReturnType<JetStreamClient["fetch"]>;
     try {
-      it = js.fetch(stream, this.durable, { batch: this.cfg.batch_size, no_wait: true, expires: waitMs });
+      it = js.fetch(stream, this.durable, { batch: this.batchSize, no_wait: true, expires: waitMs });
     } catch (err) {
       throw this.fetchFailure(err, stream);
     }
@@ -235,6 +245,7 @@ class NatsSource implements Source {
     if (flight.keepAlive) clearInterval(flight.keepAlive);
     flight.keepAlive = null;
     this.inFlight.delete(flight);
+    this.handEmptied.wake();
   }
 
   private batchOf(msgs: JsMsg[], stream: string, flight: InFlight): Batch {

@@ -3,11 +3,18 @@
  * every (re)start it reads its own pending entries first, then claims entries other consumers
  * left idle (XAUTOCLAIM), then new ones; each batch is XACKed — every id of it, in one call —
  * only after the inbox committed it.
+ *
+ * It reads ahead (docs/PIPELINE.md): `XREADGROUP >` moves the group's last-delivered id on at
+ * every read, so the next read continues after the last batch handed out whether or not that one
+ * was acknowledged yet, and each batch's XACK names its own ids only. Entries handed out and not
+ * yet acknowledged are this consumer's pending entries at Redis, as before, only for the few
+ * milliseconds longer that the batches ahead of them take.
  */
 import type { Redis } from "ioredis";
 import { configError, errorMessage, RelayError, transientError } from "../../errors.ts";
-import { decodeBody, inboundMessage, utf8OrNull, type DecodedBody } from "../../inbound.ts";
+import { decodeBody, inboundMessage, readAheadBatchSize, utf8OrNull, type DecodedBody } from "../../inbound.ts";
 import type { Message } from "../../message.ts";
+import { Sleeper, sleepUntil } from "../../sleep.ts";
 import { LAG_TIMEOUT_MS, sourceSpec, type Batch, type BackendContext, type DeadLetter, type Lag, type Source } from "../types.ts";
 import { RedisLink, replyCode } from "./client.ts";
 import { RedisSourceConfig, type RedisSourceOptions } from "./config.ts";
@@ -54,15 +61,25 @@ class RedisSource implements Source {
   readonly describe: string;
   /** Every XREADGROUP answer, an empty one too (the pipeline's poll deadline, docs/WATCHDOG.md). */
   readonly reportsPolls = true;
+  readonly readAhead = Number.POSITIVE_INFINITY;
   private readonly link: RedisLink;
   /** A connection for lag() only, opened on first use. */
   private readonly lagLink: RedisLink;
+  /**
+   * A connection for the batches' XACKs: on the reading one an XACK would wait behind the
+   * blocking XREADGROUP of the batch read ahead (up to block_ms).
+   */
+  private readonly ackLink: RedisLink;
   private readonly key: string;
   private readonly group: string;
   private readonly consumer: string;
   private readonly count: number;
   /** When the next XAUTOCLAIM pass is due. */
   private nextClaimAt = 0;
+  /** Ids of the entries handed out in batches not yet acknowledged or released. */
+  private readonly inHand = new Set<string>();
+  /** Woken whenever a batch is acknowledged or released (a drain waits for the batches in hand). */
+  private readonly handEmptied = new Sleeper();
 
   constructor(
     private readonly cfg: RedisSourceOptions,
@@ -71,10 +88,12 @@ class RedisSource implements Source {
     // A blocking read legitimately stays unanswered for block_ms.
     this.link = new RedisLink(cfg, ctx, "source", cfg.command_timeout_ms + cfg.block_ms);
     this.lagLink = new RedisLink(cfg, ctx, "source", Math.min(cfg.command_timeout_ms, LAG_TIMEOUT_MS));
+    this.ackLink = new RedisLink(cfg, ctx, "source", cfg.command_timeout_ms);
     this.key = cfg.stream_key;
     this.group = cfg.group_name;
     this.consumer = cfg.consumer_name ?? `${ctx.relayGroupId}:${ctx.pipeline}`;
-    this.count = Math.min(cfg.count ?? cfg.batch_size, cfg.batch_size);
+    const batchSize = readAheadBatchSize(cfg);
+    this.count = Math.min(cfg.count ?? batchSize, batchSize);
     const t = this.link.target;
     this.describe = `redis ${t.tls || cfg.tls ? "rediss" : "redis"}://${t.where}/${t.db} ← ${this.key} (group ${this.group}, consumer ${this.consumer})`;
   }
@@ -172,7 +191,8 @@ class RedisSource implements Source {
           continue;
         }
         const claimed = await this.autoclaim(client, claimCursor);
-        entries = claimed.entries;
+        // Entries of our own batches still in hand turn idle too when a write is slow: they are on their way.
+        entries = claimed.entries.filter((e) => !this.inHand.has(e.id));
         claimCursor = claimed.next;
         if (claimCursor === "0-0") {
           this.nextClaimAt = Date.now() + Math.max(1000, Math.floor(this.cfg.claim_idle_ms / 2));
@@ -189,6 +209,8 @@ class RedisSource implements Source {
         if (entries.length === 0) {
           if (signal.aborted) return;
           if (drain) {
+            // Our batches still in hand are pending too: let them be acknowledged (or handed back) first.
+            if (await sleepUntil(() => this.inHand.size === 0, this.handEmptied, signal)) return;
             const left = await this.ownPending(client);
             if (left === 0) return;
             if (rereadOwn) {
@@ -299,13 +321,27 @@ class RedisSource implements Source {
       }
     }
     const ids = live.map((e) => e.id);
+    for (const id of ids) this.inHand.add(id);
+    const settle = () => {
+      for (const id of ids) this.inHand.delete(id);
+      this.handEmptied.wake();
+    };
     return {
       messages,
       deadLetters,
       // Every id of the batch in one XACK, and only once the inbox has committed them.
-      ack: async () => this.xack(await this.link.connect(), ids),
+      ack: async () => {
+        try {
+          await this.xack(await this.ackLink.connect(), ids);
+        } catch (err) {
+          // A connection that timed out may never answer again: the retry opens a new one.
+          this.ackLink.abort();
+          throw err;
+        }
+        settle();
+      },
       // Unacknowledged entries stay in this consumer's pending list; the next start reads them first.
-      release: async () => {},
+      release: async () => settle(),
     };
   }
 
@@ -362,7 +398,7 @@ class RedisSource implements Source {
   }
 
   async close(): Promise<void> {
-    await Promise.all([this.link.close(), this.lagLink.close()]);
+    await Promise.all([this.link.close(), this.lagLink.close(), this.ackLink.close()]);
   }
 }
 

@@ -12,7 +12,7 @@ import {
   type Message as SqsMessage,
 } from "@aws-sdk/client-sqs";
 import { errorMessage, transientError } from "../../errors.ts";
-import { inboundMessage, sha256Hex } from "../../inbound.ts";
+import { inboundMessage, readAheadBatchSize, sha256Hex } from "../../inbound.ts";
 import type { Message } from "../../message.ts";
 import { Sleeper } from "../../sleep.ts";
 import { chunks } from "../concurrency.ts";
@@ -39,6 +39,10 @@ const DELETE_ATTEMPTS = 3;
  * invisible until `visibility_timeout` runs out; they are then received again and the inbox skips
  * them by event_id.
  *
+ * It reads ahead (docs/PIPELINE.md): a receive returns only messages not in flight, so the next
+ * batch is received while the ones before it are still held, each with its own receipt handles,
+ * its own visibility extension and its own delete.
+ *
  * Dedup key (event_id): message attribute `pgt_dedup_key` (what the SQS sink sets, so a relayed
  * message keeps its original key), else the FIFO MessageDeduplicationId, else `sqs:<MessageId>`
  * (stable across redeliveries). Event type: message attribute `event_type`, else the queue name.
@@ -53,6 +57,7 @@ export class SqsSource implements Source {
   readonly describe: string;
   /** Every ReceiveMessage answer, an empty one too (the pipeline's poll deadline, docs/WATCHDOG.md). */
   readonly reportsPolls = true;
+  readonly readAhead = Number.POSITIVE_INFINITY;
   readonly queueUrl: string;
   readonly visibility: number;
   readonly log: BackendContext["log"];
@@ -60,6 +65,8 @@ export class SqsSource implements Source {
   private readonly conn: SqsConnection;
   private readonly queueName: string;
   private readonly sleeper = new Sleeper();
+  /** Messages per batch. */
+  private readonly batchSize: number;
 
   constructor(
     private readonly cfg: SqsSourceOptions,
@@ -68,6 +75,7 @@ export class SqsSource implements Source {
     this.conn = new SqsConnection(cfg);
     this.queueUrl = cfg.queue_url;
     this.visibility = cfg.visibility_timeout;
+    this.batchSize = readAheadBatchSize(cfg);
     this.log = ctx.log;
     const segments = new URL(cfg.queue_url).pathname.split("/").filter(Boolean);
     this.queueName = decodeURIComponent(segments[segments.length - 1] ?? cfg.queue_url);
@@ -97,7 +105,7 @@ export class SqsSource implements Source {
     let emptyPolls = 0;
     try {
       while (!signal.aborted) {
-        const first = await this.receive(perCall(this.cfg.batch_size), wait, signal);
+        const first = await this.receive(perCall(this.batchSize), wait, signal);
         if (first.length === 0) {
           if (signal.aborted) return;
           if (this.ctx.drain) {
@@ -110,10 +118,10 @@ export class SqsSource implements Source {
         inFlight.add(first);
         const received = [...first];
         // Fill the batch without waiting while the queue still hands out messages.
-        for (let last = first.length; received.length < this.cfg.batch_size && last > 0 && !signal.aborted; ) {
+        for (let last = first.length; received.length < this.batchSize && last > 0 && !signal.aborted; ) {
           let more: SqsMessage[];
           try {
-            more = await this.receive(perCall(this.cfg.batch_size - received.length), 0, signal);
+            more = await this.receive(perCall(this.batchSize - received.length), 0, signal);
           } catch (err) {
             // What is in hand goes out now; the next receive reports the error.
             this.log.debug(`receive failed while filling a batch (${errorMessage(err)}); delivering the ${received.length} message(s) in hand`);
