@@ -223,7 +223,6 @@ export class KafkaSession {
     const wake = () => this.sleeper.wake();
     signal.addEventListener("abort", wake, { once: true });
     try {
-      let idleSince = Date.now();
       for (;;) {
         if (this.crashed) throw this.crashed;
         if (signal.aborted) return null;
@@ -236,9 +235,10 @@ export class KafkaSession {
           if (this.available() < this.batchLimit) await new Promise<void>((r) => setImmediate(r));
           if (this.crashed) throw this.crashed;
           if (!this.rebalancing && this.available() > 0) return this.take();
-          idleSince = Date.now();
         }
-        if (this.ctx.drain && Date.now() - idleSince >= this.cfg.max_wait_ms && (await this.caughtUp())) return null;
+        // caughtUp() compares committed positions with the high watermarks, so it is exact at any
+        // moment, and it asks the broker only when nothing is held: checked at once when idle.
+        if (this.ctx.drain && (await this.caughtUp())) return null;
         await this.sleeper.sleep(this.ctx.drain ? Math.min(this.cfg.poll_interval_ms, this.cfg.max_wait_ms) : this.cfg.poll_interval_ms);
       }
     } finally {
