@@ -34,10 +34,6 @@ export class RabbitSession {
     private readonly ctx: BackendContext,
   ) {}
 
-  private get batchLimit(): number {
-    return this.src.batchLimit;
-  }
-
   async open(): Promise<void> {
     const conn = await this.src.connect();
     this.conn = conn;
@@ -63,7 +59,7 @@ export class RabbitSession {
     if (this.buffer.length === 0) this.firstBufferedAt = Date.now();
     this.buffer.push(msg);
     this.lastDeliveryAt = Date.now();
-    if (this.buffer.length >= this.batchLimit || this.buffer.length === 1) this.sleeper.wake();
+    if (this.buffer.length >= this.src.batchLimit || this.buffer.length === 1) this.sleeper.wake();
   }
 
   private fail(cause: Error | undefined, what: string): void {
@@ -83,7 +79,7 @@ export class RabbitSession {
       for (;;) {
         if (this.failed) throw this.failed;
         if (signal.aborted) return null;
-        if (this.buffer.length >= this.batchLimit) return this.take();
+        if (this.buffer.length >= this.src.batchLimit) return this.take();
         if (this.buffer.length > 0) {
           const waited = Date.now() - this.firstBufferedAt;
           if (waited >= this.cfg.batch_wait_ms) return this.take();
@@ -114,7 +110,7 @@ export class RabbitSession {
   }
 
   private take(): Batch {
-    const deliveries = this.buffer.splice(0, this.batchLimit);
+    const deliveries = this.buffer.splice(0, this.src.batchLimit);
     this.firstBufferedAt = Date.now();
     const channel = this.channel!;
     const last = deliveries[deliveries.length - 1]!;
