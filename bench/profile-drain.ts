@@ -1,11 +1,12 @@
 /**
  * CPU profile and CPU time of a forward `drain` to Redis, NATS or a file, or of a reverse drain
- * from Redis Streams into an inbox.
+ * from Redis Streams or Kafka into an inbox.
  *
- *   node_modules/.bin/bun bench/profile-drain.ts <redis|nats|file|redis-in> [rows-per-set=10] [messages=200000] [runs=1]
+ *   node_modules/.bin/bun bench/profile-drain.ts <redis|nats|file|redis-in|kafka-in> [rows-per-set=10] [messages=200000] [runs=1]
  *
  * Forward: writes an outbox of `messages` messages in change sets of `rows-per-set` rows (as
- * bench/e2e.ts does); reverse (`redis-in`, rows-per-set ignored): XADDs `messages` events. Then
+ * bench/e2e.ts does); reverse (`redis-in`, `kafka-in`: rows-per-set ignored): XADDs `messages`
+ * events, or produces them to a topic of 3 partitions (as bench/e2e.ts does). Then
  * drains `runs` times (a new pipeline each time, so each run starts from the first row or entry,
  * batch_size 1000) with `bun --cpu-prof src/main.ts drain …` (PGTRICKLE_RELAY_MAIN: another main.ts, e.g. a
  * checkout of an older commit). Prints each run's wall time and the drain process's CPU time
@@ -14,13 +15,14 @@
  * directory it names.
  */
 import { Redis } from "ioredis";
+import { Kafka, logLevel, Partitioners } from "kafkajs";
 import { connect as natsConnect } from "nats";
 import { mkdtempSync, readdirSync } from "node:fs";
 import { loadavg, tmpdir } from "node:os";
 import { join } from "node:path";
 import { createStreamTable, enableOutbox } from "../test/fixtures/outbox.ts";
 import { testDatabase } from "../test/helpers/pg.ts";
-import { NATS_URL, REDIS_URL } from "../test/helpers/servers.ts";
+import { KAFKA_BROKERS, NATS_URL, REDIS_URL } from "../test/helpers/servers.ts";
 import { fillOutbox } from "./lib.ts";
 
 const [system = "redis", setArg = "10", nArg = "200000", runsArg = "1"] = process.argv.slice(2);
@@ -34,23 +36,39 @@ const dir = mkdtempSync(join(tmpdir(), "relay-prof-"));
 const db = await testDatabase("bench_profile");
 const nc = system === "nats" ? await natsConnect({ servers: NATS_URL }) : null;
 const redis = system.startsWith("redis") ? new Redis(REDIS_URL) : null;
+const kafka = system === "kafka-in" ? new Kafka({ brokers: KAFKA_BROKERS, logLevel: logLevel.NOTHING }) : null;
+const admin = kafka?.admin();
 try {
   const streamTable = `prof_${run}`;
   await createStreamTable(db.sql, `public.${streamTable}`, "id int primary key");
   const { outboxTable } = await enableOutbox(db.sql, `public.${streamTable}`);
   await fillOutbox(db.sql, outboxTable, rowsPerSet, N);
   const events = `prof_${run}_events`;
+  const eventBody = (i: number) => JSON.stringify({ event_id: `e-${i}`, event_type: "bench", order_id: i, customer: `c${i % 97}`, amount: i * 1.5 });
+  if (admin) {
+    await admin.connect();
+    await admin.createTopics({ topics: [{ topic: events, numPartitions: 3 }], waitForLeaders: true });
+    const producer = kafka!.producer({ createPartitioner: Partitioners.DefaultPartitioner });
+    await producer.connect();
+    for (let at = 0; at < N; at += 1000) {
+      await producer.send({ topic: events, messages: Array.from({ length: Math.min(1000, N - at) }, (_, k) => ({ value: eventBody(at + k) })) });
+    }
+    await producer.disconnect();
+  }
   if (system === "redis-in") {
     for (let at = 0; at < N; at += 1000) {
       const p = redis!.pipeline();
-      for (let i = at; i < Math.min(N, at + 1000); i++) p.xadd(events, "*", "payload", JSON.stringify({ event_id: `e-${i}`, event_type: "bench", order_id: i, customer: `c${i % 97}`, amount: i * 1.5 }));
+      for (let i = at; i < Math.min(N, at + 1000); i++) p.xadd(events, "*", "payload", eventBody(i));
       await p.exec();
     }
   }
   for (let r = 0; r < runs; r++) {
     const name = `prof_${run}_${r}`;
-    if (system === "redis-in") {
-      const config = { type: "redis", url: REDIS_URL, stream_key: events, group_name: name, batch_size: 1000 };
+    if (system.endsWith("-in")) {
+      const config =
+        system === "kafka-in"
+          ? { type: "kafka", brokers: KAFKA_BROKERS.join(","), topic: events, group_id: name, auto_offset_reset: "earliest", batch_size: 1000 }
+          : { type: "redis", url: REDIS_URL, stream_key: events, group_name: name, batch_size: 1000 };
       await db.sql`SELECT pgtrickle.set_relay_inbox(${name}, ${`${name}_inbox`}, ${db.sql.json(config)})`;
       await drain(name, `${system}, ${N} events`);
       await db.sql`SELECT pgtrickle.disable_relay(${name})`;
@@ -77,6 +95,10 @@ try {
   await nc?.close();
   if (redis) await redis.del(`prof_${run}_events`);
   redis?.disconnect();
+  if (admin) {
+    await admin.deleteTopics({ topics: [`prof_${run}_events`] }).catch(() => {});
+    await admin.disconnect();
+  }
   await db.drop();
 }
 

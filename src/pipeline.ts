@@ -89,19 +89,19 @@ const sourceUnresponsive = (err: unknown) => err instanceof Unresponsive && err.
 
 /**
  * Backpressure (docs/interface.md §7.9, docs/PIPELINE.md), applied to a source's validated
- * options: a source without read-ahead has one batch in hand at a time, and its `batch_size`
- * (broker messages per poll) is clipped to the window. A source with read-ahead (the outbox) has
- * up to PIPELINE_DEPTH batches in hand, each of at most `max_batch_messages`, clipped to a
- * PIPELINE_DEPTH-th of the window. 0 = no window.
+ * options: `batch_size` (rows or broker messages per poll) is clipped to the window, and a source
+ * that reads ahead has up to PIPELINE_DEPTH batches in hand, each of at most `max_batch_messages`,
+ * clipped to a PIPELINE_DEPTH-th of the window. 0 = no window.
  */
 function clipBatchSizes<C>(config: C, window: number): C {
   if (window <= 0) return config;
   const options = config as Record<string, unknown>;
-  const limits: Record<string, number> = { batch_size: window, max_batch_messages: Math.max(1, Math.floor(window / PIPELINE_DEPTH)) };
-  for (const [key, limit] of Object.entries(limits)) {
-    const value = options[key];
-    if (typeof value === "number" && value > limit) options[key] = limit;
-  }
+  if (typeof options.batch_size === "number" && options.batch_size > window) options.batch_size = window;
+  // Set even where the schema has no such key: every source that reads ahead takes its batch
+  // limit from here (readAheadBatchSize in src/inbound.ts, the Kafka and RabbitMQ sessions).
+  const perBatch = Math.max(1, Math.floor(window / PIPELINE_DEPTH));
+  const configured = options.max_batch_messages;
+  options.max_batch_messages = typeof configured === "number" ? Math.min(configured, perBatch) : perBatch;
   return config;
 }
 

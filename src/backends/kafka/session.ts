@@ -3,6 +3,7 @@
  * (eachBatch) bridged to the pipeline's pull, offsets committed only in a batch's ack(), and
  * rebalances handled without skipping a record.
  */
+import { readAheadBatchSize } from "../../inbound.ts";
 import type { Admin, Consumer, EachBatchPayload, KafkaMessage } from "kafkajs";
 import { errorMessage, RelayError, transientError } from "../../errors.ts";
 import type { Message } from "../../message.ts";
@@ -50,10 +51,15 @@ const tp = (topic: string, partition: number) => `${topic}|${partition}`;
  * One consumer-group membership: created by each batches() call, closed when the iteration ends
  * (so a transient failure is followed by a fresh consumer). Bridges kafkajs's push model to the
  * pipeline's pull: eachBatch parks each fetched partition batch as a Part and waits; next()
- * builds a Batch of at most batch_size records from the parked parts (several partitions of one
+ * builds a Batch of at most `batchLimit` records from the parked parts (several partitions of one
  * fetch arrive together, since every partition may be processed concurrently); ack() commits
- * offset+1 per partition and only then lets the parts go. At most one Batch is out at a time
- * (the pipeline acks or releases before asking for the next).
+ * offset+1 per partition and only then lets the parts go.
+ *
+ * Read-ahead (docs/PIPELINE.md): several Batches may be out at once. Each takes the records after
+ * the last one handed out (`Part.handed`), and the pipeline acks them in the order they were
+ * handed out, each after its own inbox commit, so a partition's committed offset only moves
+ * forward and only past records already in the inbox. A part is let go (eachBatch returns, and
+ * kafkajs may fetch again or rejoin) only once nothing of it is out unacknowledged.
  */
 export class KafkaSession {
   private consumer?: Consumer;
@@ -71,12 +77,16 @@ export class KafkaSession {
   private heartbeatTimer?: ReturnType<typeof setInterval>;
   /** Next offset per partition known here: acknowledged records, and batches kafkajs skipped entirely (control records). */
   private readonly position = new Map<string, bigint>();
+  /** Most records in one Batch: batch_size, or less when the pipeline clipped max_batch_messages for read-ahead. */
+  private readonly batchLimit: number;
 
   constructor(
     private readonly src: KafkaSource,
     private readonly cfg: KafkaSourceConfig,
     private readonly ctx: BackendContext,
-  ) {}
+  ) {
+    this.batchLimit = readAheadBatchSize(cfg);
+  }
 
   async open(): Promise<void> {
     const cfg = this.cfg;
@@ -180,7 +190,7 @@ export class KafkaSession {
 
   /**
    * A rebalance started: the group waits for this member to rejoin, which it can only do once
-   * every part is settled. The batch in hand is finished and committed (the broker accepts the
+   * every part is settled. The batches in hand are finished and committed (the broker accepts the
    * old generation's commit until the rebalance completes); everything not yet handed out is let
    * go at once and fetched again by whoever owns the partition after the rebalance.
    */
@@ -194,7 +204,7 @@ export class KafkaSession {
     this.sleeper.wake();
   }
 
-  /** Settles every part none of whose records is in the batch in hand. */
+  /** Settles every part none of whose records is in a batch in hand. */
   private letGoIdle(): void {
     for (const p of this.parts) if (p.handed === p.acked) p.settle();
     this.parts = this.parts.filter((p) => !p.settled);
@@ -212,7 +222,6 @@ export class KafkaSession {
   }
 
   private async waitForBatch(signal: AbortSignal): Promise<Batch | null> {
-    let idleSince = Date.now();
     for (;;) {
       if (this.crashed) throw this.crashed;
       if (signal.aborted) return null;
@@ -222,19 +231,20 @@ export class KafkaSession {
       }
       if (!this.rebalancing && this.available() > 0) {
         // The other partitions of the same fetch reach eachBatch within this turn of the event loop.
-        if (this.available() < this.cfg.batch_size) await new Promise<void>((r) => setImmediate(r));
+        if (this.available() < this.batchLimit) await new Promise<void>((r) => setImmediate(r));
         if (this.crashed) throw this.crashed;
         if (!this.rebalancing && this.available() > 0) return this.take();
-        idleSince = Date.now();
       }
-      if (this.ctx.drain && Date.now() - idleSince >= this.cfg.max_wait_ms && (await this.caughtUp())) return null;
+      // caughtUp() compares committed positions with the high watermarks, so it is exact at any
+      // moment, and it asks the broker only when nothing is held: checked at once when idle.
+      if (this.ctx.drain && (await this.caughtUp())) return null;
       await this.sleeper.sleep(this.ctx.drain ? Math.min(this.cfg.poll_interval_ms, this.cfg.max_wait_ms) : this.cfg.poll_interval_ms);
     }
   }
 
   private take(): Batch {
     const segments: Segment[] = [];
-    let room = this.cfg.batch_size;
+    let room = this.batchLimit;
     for (const part of this.parts) {
       if (room === 0) break;
       const n = Math.min(room, part.messages.length - part.handed);
@@ -318,14 +328,20 @@ export class KafkaSession {
     for (const { part, to } of segments) {
       part.payload.resolveOffset(part.messages[to - 1]!.offset);
       part.acked = to;
-      if (part.acked === part.messages.length || this.rebalancing || this.closing) part.settle();
+      // While a rebalance waits, a part goes as soon as no later batch holds records of it.
+      if (part.acked === part.messages.length || ((this.rebalancing || this.closing) && part.acked === part.handed)) part.settle();
     }
     for (const o of offsets.values()) this.advance(o.topic, o.partition, BigInt(o.offset));
     this.parts = this.parts.filter((p) => !p.settled);
     this.sleeper.wake();
   }
 
-  /** The batch's records go back unacknowledged: their parts are let go without resolving them. */
+  /**
+   * The batch's records go back unacknowledged: their parts are let go without resolving them, so
+   * kafkajs fetches again from the last acknowledged record. A batch read ahead of this one holds
+   * records after it: it is released too (the pipeline releases in order) or, if its ack comes,
+   * its records are in the inbox and committing past them is safe.
+   */
   private handBack(segments: Segment[]): void {
     for (const { part } of segments) {
       part.handed = part.acked;

@@ -18,9 +18,9 @@ import { LAG_TIMEOUT_MS, sourceSpec, type BackendContext, type Batch, type Lag, 
 /**
  * Reads a topic (or several) as a member of a consumer group, with auto-commit off: a batch's
  * offsets are committed (offset+1 per partition) only by its ack(), after the inbox commit, so a
- * crash anywhere replays at most the batch in hand, under the same dedup keys.
+ * crash anywhere replays at most the batches in hand, under the same dedup keys.
  *
- * Rebalances: while a batch is being written, this member keeps heartbeating and does not rejoin,
+ * Rebalances: while batches are being written, this member keeps heartbeating and does not rejoin,
  * so the group waits for it (up to rebalance_timeout_ms) and the commit, made under the old
  * generation while the rebalance is still preparing, is accepted. If the group moved on anyway
  * (the commit is refused with REBALANCE_IN_PROGRESS, ILLEGAL_GENERATION or UNKNOWN_MEMBER_ID),
@@ -32,6 +32,13 @@ export class KafkaSource implements Source {
   readonly describe: string;
   /** Every fetch the broker answered, an empty one too (the pipeline's poll deadline, docs/WATCHDOG.md). */
   readonly reportsPolls = true;
+  /**
+   * Batches out unacknowledged at once (docs/PIPELINE.md): each continues after the records the
+   * last one took, and their acks come in order, so offsets only move forward (KafkaSession).
+   * Kafka puts no deadline on a record fetched and not committed; the membership is kept alive
+   * by heartbeats while parts are held, so holding three batches changes no timeout's meaning.
+   */
+  readonly readAhead = 3;
   readonly groupId: string;
   readonly scrub: (t: string) => string;
   readonly brokerList: string;

@@ -95,7 +95,7 @@ const RabbitSourceOptions = v.looseObject({
   ),
   prefetch_count: v.pipe(
     v.optional(positiveInt(65535), 100),
-    v.description("Most unacknowledged deliveries RabbitMQ sends ahead to this consumer (basic.qos). Raised to batch_size when lower, since a batch holds its deliveries unacknowledged until the inbox commit."),
+    v.description("Most unacknowledged deliveries RabbitMQ sends ahead to this consumer (basic.qos). Raised to three batches when lower, since up to three batches (read ahead) hold their deliveries unacknowledged until their inbox commit."),
   ),
   declare_queue: v.pipe(
     v.optional(v.boolean(), true),

@@ -59,7 +59,7 @@ export class RabbitSession {
     if (this.buffer.length === 0) this.firstBufferedAt = Date.now();
     this.buffer.push(msg);
     this.lastDeliveryAt = Date.now();
-    if (this.buffer.length >= this.cfg.batch_size || this.buffer.length === 1) this.sleeper.wake();
+    if (this.buffer.length >= this.src.batchLimit || this.buffer.length === 1) this.sleeper.wake();
   }
 
   private fail(cause: Error | undefined, what: string): void {
@@ -80,7 +80,7 @@ export class RabbitSession {
     for (;;) {
       if (this.failed) throw this.failed;
       if (signal.aborted) return null;
-      if (this.buffer.length >= this.cfg.batch_size) return this.take();
+      if (this.buffer.length >= this.src.batchLimit) return this.take();
       if (this.buffer.length > 0) {
         const waited = Date.now() - this.firstBufferedAt;
         if (waited >= this.cfg.batch_wait_ms) return this.take();
@@ -108,7 +108,7 @@ export class RabbitSession {
   }
 
   private take(): Batch {
-    const deliveries = this.buffer.splice(0, this.cfg.batch_size);
+    const deliveries = this.buffer.splice(0, this.src.batchLimit);
     this.firstBufferedAt = Date.now();
     const channel = this.channel!;
     const last = deliveries[deliveries.length - 1]!;
@@ -116,8 +116,9 @@ export class RabbitSession {
     let state: "open" | "acked" | "released" = "open";
     this.outstanding += deliveries.length;
     // Delivery tags grow with delivery order on a channel, batches are handed out oldest first,
-    // and the pipeline acks (or releases) one batch before it asks for the next: so `multiple`
-    // up to the batch's last tag covers exactly this batch's deliveries.
+    // and the pipeline settles the batches it read ahead in that same order — acks each after its
+    // inbox commit, releases (after a failure) only once every earlier batch was acked or
+    // released — so `multiple` up to the batch's last tag covers exactly this batch's deliveries.
     const settle = (what: "ack" | "release") => {
       this.outstanding = Math.max(0, this.outstanding - deliveries.length);
       if (this.failed || this.channel !== channel) {

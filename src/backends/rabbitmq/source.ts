@@ -4,6 +4,7 @@
  * mapped by delivery.ts, and acknowledged cumulatively (`multiple`) after the inbox commit. See
  * RabbitSource.
  */
+import { readAheadBatchSize } from "../../inbound.ts";
 import amqp, { type Channel, type ChannelModel } from "amqplib";
 import { configError, RelayError } from "../../errors.ts";
 import { withTimeout } from "../../sleep.ts";
@@ -16,9 +17,9 @@ import { tlsWanted } from "../../tls.ts";
 
 /**
  * Consumes a queue with manual acknowledgement (auto_ack is refused). Deliveries are collected
- * into batches of up to batch_size (or what arrived within batch_wait_ms); a batch is
- * acknowledged with one `basic.ack multiple=true` up to its last delivery tag, only after the
- * inbox commit, and handed back with `basic.nack multiple requeue` when the write failed. A lost
+ * into batches of up to batch_size (or what arrived within batch_wait_ms), up to three of them
+ * in hand at once (read-ahead); a batch is acknowledged with one `basic.ack multiple=true` up to
+ * its last delivery tag, only after its inbox commit and every earlier batch's ack, and handed back with `basic.nack multiple requeue` when the write failed. A lost
  * channel or connection makes RabbitMQ requeue every unacknowledged delivery; the iteration
  * fails transient and the next one opens a new connection. Drain ends once the queue has no
  * ready message and nothing arrived for one poll interval.
@@ -29,6 +30,14 @@ export class RabbitSource implements Source {
   readonly scrub: (text: string) => string;
   readonly consumerTag: string;
   readonly prefetch: number;
+  /**
+   * Batches out unacknowledged at once (docs/PIPELINE.md). A delivery read ahead waits at most
+   * two more inbox writes for its ack; RabbitMQ's only deadline on unacknowledged deliveries is
+   * the channel's consumer_timeout (30 min by default), and a closed channel requeues them all.
+   */
+  readonly readAhead = 3;
+  /** Most deliveries in one batch: batch_size, or less when the pipeline clipped max_batch_messages for read-ahead. */
+  readonly batchLimit: number;
   private session: RabbitSession | null = null;
   /** A connection for lag() only, opened on first use; never consumes. */
   private lagConn: Promise<ChannelModel> | null = null;
@@ -40,9 +49,13 @@ export class RabbitSource implements Source {
     this.where = describeAmqpUrl(cfg.url, tlsWanted(cfg));
     this.scrub = amqpScrubber(cfg);
     this.consumerTag = cfg.consumer_tag ?? `pgtrickle-relay-${ctx.pipeline}`;
-    this.prefetch = Math.min(65535, Math.max(cfg.prefetch_count, cfg.batch_size));
+    this.batchLimit = readAheadBatchSize(cfg);
+    // Every batch in hand holds its deliveries unacknowledged until its inbox commit: a smaller
+    // prefetch would stop deliveries while the batches read ahead are written.
+    const inHand = this.readAhead * this.batchLimit;
+    this.prefetch = Math.min(65535, Math.max(cfg.prefetch_count, inHand));
     if (this.prefetch > cfg.prefetch_count) {
-      ctx.log.info(`rabbitmq source: prefetch_count ${cfg.prefetch_count} raised to batch_size ${this.prefetch} (a batch holds its deliveries unacknowledged until the inbox commit)`);
+      ctx.log.info(`rabbitmq source: prefetch_count ${cfg.prefetch_count} raised to ${this.prefetch} (${this.readAhead} batches of ${this.batchLimit} hold their deliveries unacknowledged until their inbox commit)`);
     }
     this.describe = `rabbitmq ${this.where} ← queue '${cfg.queue}'${cfg.bind_exchange ? ` (bound to '${cfg.bind_exchange}' ${cfg.bind_routing_key})` : ""}`;
   }
