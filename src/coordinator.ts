@@ -1,203 +1,19 @@
-import { createHash } from "node:crypto";
-import { hostname } from "node:os";
-import postgres from "postgres";
-import type { Sql } from "./db.ts";
-import { explainConnectError } from "./db.ts";
 import { errorKind, errorMessage } from "./errors.ts";
+import { explainConnectError, type Sql } from "./db.ts";
 import { log, pipelineLog } from "./observe/log.ts";
 import type { Metrics } from "./observe/metrics.ts";
 import { forwardProgress } from "./backends/outbox/progress.ts";
 import { OutboxSource } from "./backends/outbox/source.ts";
-import { Pipeline, type LockGuard, type PipelineState } from "./pipeline.ts";
-import { loadBackends } from "./backends/index.ts";
-import { normalizePipeline, type CatalogRow, type PipelineSpec } from "./pipeline-config.ts";
+import type { Pipeline, PipelineState } from "./pipeline.ts";
+import { normalizePipeline, type CatalogRow } from "./pipeline-config.ts";
 import { redact } from "./redact.ts";
-import { resolveSecrets } from "./secrets.ts";
 import type { Settings } from "./settings.ts";
 import { abortableDelay, backoffMs, Sleeper } from "./sleep.ts";
-
-// ── identities and lock keys ──────────────────────────────────────────────────────────────────
-
-/** `<host>:<pid>`: names this process in application_name, relay_pipeline_status and logs. */
-export const processIdentity = () => `${hostname()}:${process.pid}`;
-
-/** application_name of the coordinator session, so `status` (pg_stat_activity) can say who owns what. */
-export const COORDINATOR_APP = "pgtrickle-relay coordinator";
-export const coordinatorAppName = () => `${COORDINATOR_APP} ${processIdentity()}`.slice(0, 63);
-
-/**
- * A pipeline's lock is `pg_try_advisory_lock(hashtext(group), hashtext(name))` (docs/interface.md §7.3);
- * in pg_locks that is classid = hashtext(group), objid = hashtext(name), objsubid = 2, in this
- * database only (advisory locks are per database; pg_locks shows every database).
- */
-export const PIPELINE_LOCK_SQL = `l.locktype = 'advisory' AND l.objsubid = 2 AND l.granted
-  AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())`;
-
-/**
- * Every `run` coordinator also holds a SHARED advisory lock on one bigint key per relay group:
- * counting its holders tells how many replicas share the work. The single-bigint form lives in a
- * different lock space (objsubid 1) from the two-int pipeline locks, so it cannot collide with one.
- */
-export const MEMBER_KEY_SQL = `('x' || left(md5('pgtrickle-relay members:' || $1::text), 16))::bit(64)::bigint`;
-
-const keyOf = (r: { name: string; direction: string }) => `${r.direction}:${r.name}`;
-
-/** The pipeline a catalog row names; none when the row is invalid (startWorker reports that). */
-function validSpecs(row: CatalogRow): PipelineSpec[] {
-  try {
-    return [normalizePipeline(row)];
-  } catch {
-    return [];
-  }
-}
-
-/** Who holds each desired pipeline's lock (coordinator backend pid), and which replicas run. */
-interface LockSnapshot {
-  holders: Map<string, number>;
-  /** Coordinator backends of the `run` processes of this relay group (their shared member lock). */
-  memberPids: number[];
-  perPid: Map<number, number>;
-}
-
-const membersKey = (snapshot: LockSnapshot) => [...snapshot.memberPids].sort((x, y) => x - y).join(",");
-
-// ── the lock session ──────────────────────────────────────────────────────────────────────────
-
-/**
- * The one pinned connection that holds every advisory lock of this process. It is never pooled
- * and never recycled (postgres.js would otherwise close it after 30–60 min by default, dropping
- * every lock). Once it closes or answers from a different backend, it is `lost` for good: a new
- * session is opened and the locks are raced for again.
- */
-class LockSession {
-  readonly sql: Sql;
-  pid = 0;
-  lost = false;
-  private opened = false;
-  private closing = false;
-
-  constructor(
-    url: string,
-    private readonly timeoutMs: number,
-    private readonly onLost: (why: string) => void,
-  ) {
-    this.sql = postgres(url, {
-      max: 1,
-      idle_timeout: 0,
-      max_lifetime: null,
-      connect_timeout: 10,
-      onnotice: () => {},
-      connection: { application_name: coordinatorAppName() },
-      // Fires as soon as the socket closes (pg_terminate_backend, server restart, network reset).
-      onclose: () => {
-        if (this.opened && !this.closing) this.markLost("the coordinator connection closed");
-      },
-    }) as unknown as Sql;
-  }
-
-  async open(groupId: string, member: boolean): Promise<void> {
-    const [row] = await this.query<{ pid: number }[]>((q) => q`SELECT pg_backend_pid() AS pid`);
-    this.pid = row!.pid;
-    this.opened = true;
-    if (member) await this.query((q) => q.unsafe(`SELECT pg_advisory_lock_shared(${MEMBER_KEY_SQL})`, [groupId]));
-  }
-
-  markLost(why: string): void {
-    if (this.lost) return;
-    this.lost = true;
-    this.onLost(why);
-  }
-
-  /** A query on the session, bounded in time: no answer (a partition) counts as a lost session. */
-  async query<T>(run: (sql: Sql) => Promise<T>): Promise<T> {
-    if (this.lost) throw new Error("coordinator session lost");
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => {
-        const why = `the coordinator connection did not answer within ${this.timeoutMs} ms`;
-        if (this.opened) this.markLost(why);
-        reject(new Error(why));
-      }, this.timeoutMs);
-    });
-    try {
-      return await Promise.race([run(this.sql), timeout]);
-    } finally {
-      clearTimeout(timer);
-    }
-  }
-
-  /** Session locks die with their backend: the same pid answering proves the session survived. */
-  async verify(): Promise<void> {
-    let pid: number;
-    try {
-      const [row] = await this.query<{ pid: number }[]>((q) => q`SELECT pg_backend_pid() AS pid`);
-      pid = row!.pid;
-    } catch (err) {
-      // Whatever failed, the locks can no longer be proven: treat them as gone.
-      this.markLost(`the coordinator connection failed (${errorMessage(err)})`);
-      throw err;
-    }
-    if (pid !== this.pid) this.markLost(`the coordinator connection was replaced (backend ${this.pid} → ${pid})`);
-  }
-
-  async tryLock(groupId: string, name: string): Promise<boolean> {
-    const [row] = await this.query((q) => q<{ ok: boolean }[]>`SELECT pg_try_advisory_lock(hashtext(${groupId}), hashtext(${name})) AS ok`);
-    return row?.ok === true;
-  }
-
-  /** True only if THIS backend still holds the lock; a replaced backend answers false. */
-  async holds(groupId: string, name: string): Promise<boolean> {
-    const [row] = await this.query((q) => q<{ same: boolean; held: boolean }[]>`
-      SELECT pg_backend_pid() = ${this.pid}::int AS same,
-             EXISTS (SELECT 1 FROM pg_catalog.pg_locks l
-                      WHERE l.pid = pg_backend_pid() AND l.locktype = 'advisory' AND l.objsubid = 2 AND l.granted
-                        AND l.classid = hashtext(${groupId})::oid AND l.objid = hashtext(${name})::oid) AS held`);
-    if (!row?.same) this.markLost("the coordinator connection was replaced");
-    return row?.same === true && row.held === true;
-  }
-
-  async unlock(groupId: string, name: string): Promise<void> {
-    if (this.lost) return;
-    await this.query((q) => q`SELECT pg_advisory_unlock(hashtext(${groupId}), hashtext(${name}))`).catch(() => {});
-  }
-
-  async close(): Promise<void> {
-    this.closing = true;
-    // Ending the session releases whatever it still holds (the member lock, stacked locks).
-    await this.sql.end({ timeout: 2 }).catch(() => {});
-  }
-}
-
-// ── the coordinator ───────────────────────────────────────────────────────────────────────────
-
-/** Why a worker is being stopped, which decides what happens to its lock afterwards. */
-type EndAction = "unlock" | "restart" | "lost";
-
-interface Worker {
-  key: string;
-  row: CatalogRow;
-  fingerprint: string;
-  pipeline: Pipeline | null;
-  /** Graceful: finish the batch in hand, commit, stop. */
-  stop: AbortController;
-  /** Hard: the lock is gone; publish and commit nothing more. */
-  lost: AbortController;
-  session: LockSession;
-  startedAt: number;
-  endAction: EndAction;
-  /** A newer catalog row to start with once this one has stopped (endAction "restart"). */
-  next?: Desired;
-  /** Resolves when the pipeline ended and the lock was released (or handed to the restart). */
-  ended: Promise<void>;
-}
-
-/** A pipeline the catalog wants running, with the fingerprint of its secret-resolved config. */
-interface Desired {
-  row: CatalogRow;
-  fingerprint: string;
-  /** Set when a `${env:…}`/`${file:…}` token cannot be resolved: the pipeline fails, others run. */
-  secretError: string | null;
-}
+import { keyOf, loadDesired, type Desired } from "./coordinator/catalog.ts";
+import { LockSession } from "./coordinator/lock-session.ts";
+import { fairShares, membersKey, readLockSnapshot, ShareMemory, type LockSnapshot } from "./coordinator/sharing.ts";
+import { StatusTable } from "./coordinator/status.ts";
+import { clearPipelineGauges, hardStop, runWorker, type Worker } from "./coordinator/worker.ts";
 
 export interface CoordinatorOptions {
   drain: boolean;
@@ -245,34 +61,21 @@ export class Coordinator {
   private desired = new Map<string, Desired>();
   /** Pipelines that failed, with the fingerprint they failed with: retried once it changes. */
   private readonly failed = new Map<string, string>();
-  /** When each desired pipeline was first seen without any owner (for taking more than a fair share). */
-  private readonly unownedSince = new Map<string, number>();
-  /**
-   * Pipelines this process handed over, with when and the members then: not taken back while
-   * the members stay the same (the round), for at most a discovery interval.
-   */
-  private readonly handedOver = new Map<string, { at: number; members: string }>();
-  /**
-   * The members (sorted coordinator backends) when this process last took a pipeline beyond its
-   * share because nobody else would: no handover while they stay the same, or it would hand the
-   * pipeline to a replica that cannot take it (its --max-workers) and take it back, for ever.
-   */
-  private overflowMembers: string | null = null;
+  private readonly sharing = new ShareMemory();
   private reloadRequested = true;
   private reloadTimer: ReturnType<typeof setTimeout> | undefined;
   private readonly sleeper = new Sleeper();
   private readonly stopAll = new AbortController();
-  private readonly identity = processIdentity();
-  /** Serialises status-table writes per pipeline so they land in order. */
-  private readonly statusWrites = new Map<string, Promise<void>>();
-  private readonly statusWritten = new Map<string, string>();
+  private readonly status: StatusTable;
 
   constructor(
     private readonly settings: Settings,
     readonly sql: Sql,
     private readonly metrics: Metrics,
     private readonly options: CoordinatorOptions,
-  ) {}
+  ) {
+    this.status = new StatusTable(sql, settings.relayGroupId);
+  }
 
   private get tickMs(): number {
     return Math.max(this.settings.coordinatorTickMs, 10);
@@ -294,7 +97,7 @@ export class Coordinator {
           await this.reconcile();
         }
         const snapshot = await this.lockSnapshot();
-        this.noteSnapshot(snapshot);
+        this.sharing.note(snapshot, this.desired, this.graceMs);
         await this.acquire(snapshot);
         if (!this.options.drain) this.handOverExcess(snapshot);
         this.postgresConnected = true;
@@ -364,40 +167,14 @@ export class Coordinator {
     if (!this.stopAll.signal.aborted) {
       log.error(`coordinator: ${why}: every advisory lock is gone; stopping ${affected.length} pipeline(s) at once`);
     }
-    for (const w of affected) this.hardStop(w);
+    for (const w of affected) hardStop(w);
     this.metrics.owned.set(this.lockCount());
     this.sleeper.wake();
   }
 
-  private hardStop(w: Worker): void {
-    w.endAction = "lost";
-    w.next = undefined;
-    w.lost.abort();
-    w.stop.abort();
-  }
-
-  private async loadCatalog(): Promise<CatalogRow[]> {
-    const rows = await this.sql<CatalogRow[]>`SELECT name, direction, enabled, config FROM pgtrickle.list_relay_configs()`;
-    return rows.filter((r) => r.enabled && (!this.options.only || this.options.only.includes(r.name)));
-  }
-
-  /** Resolves secrets now (they may have rotated) and fingerprints the RESOLVED config. */
-  private desire(row: CatalogRow): Desired {
-    const raw = JSON.stringify(row.config);
-    try {
-      const resolved = JSON.stringify(resolveSecrets(row.config, `pipeline '${row.name}'`));
-      return { row, fingerprint: sha256(resolved), secretError: null };
-    } catch (err) {
-      return { row, fingerprint: `unresolved:${sha256(raw)}`, secretError: errorMessage(err) };
-    }
-  }
-
   /** Brings the running set in line with the catalog: stop removed, restart changed, then acquire. */
   private async reconcile(): Promise<void> {
-    const rows = await this.loadCatalog();
-    // startWorker builds pipelines synchronously: their backends (client libraries) load here.
-    await loadBackends(rows.flatMap(validSpecs));
-    const desired = new Map(rows.map((r) => [keyOf(r), this.desire(r)]));
+    const desired = await loadDesired(this.sql, this.options.only);
     for (const [key, d] of desired) {
       // An unresolved secret may resolve at the next reload (a file appears): try again each time.
       if (d.secretError) this.failed.delete(key);
@@ -436,37 +213,14 @@ export class Coordinator {
     this.desired = desired;
   }
 
-  /**
-   * Notes since when each desired pipeline has had no owner (one just released counts from now),
-   * and forgets handovers of a past round.
-   */
-  private noteSnapshot(snapshot: LockSnapshot): void {
-    const now = Date.now();
-    for (const [key, d] of this.desired) {
-      if (snapshot.holders.has(d.row.name)) this.unownedSince.delete(key);
-      else if (!this.unownedSince.has(key)) this.unownedSince.set(key, now);
-    }
-    for (const key of [...this.unownedSince.keys()]) if (!this.desired.has(key)) this.unownedSince.delete(key);
-    const members = membersKey(snapshot);
-    for (const [key, h] of this.handedOver) if (now - h.at >= this.graceMs || h.members !== members) this.handedOver.delete(key);
-  }
-
   /** How long a pipeline may wait for an owner before a replica takes it beyond its share. */
   private get graceMs(): number {
     return this.settings.discoveryIntervalSecs * 1000;
   }
 
-  /**
-   * Every member's fair share, the same in every member's eyes: the pipelines split evenly, the
-   * remainder going one each to the members with the lowest coordinator backend pids. The shares
-   * add up to the whole, so a replica over its share knows another one is under it.
-   */
+  /** Every member's fair share of the desired pipelines (see fairShares). */
   private shares(snapshot: LockSnapshot): Map<number, number> {
-    const members = [...snapshot.memberPids].sort((x, y) => x - y);
-    const total = this.desired.size;
-    const base = Math.floor(total / Math.max(1, members.length));
-    const extra = total % Math.max(1, members.length);
-    return new Map(members.map((pid, rank) => [pid, Math.min(this.settings.maxWorkers, base + (rank < extra ? 1 : 0))]));
+    return fairShares(snapshot, this.desired.size, this.settings.maxWorkers);
   }
 
   /** Tries the locks of unowned pipelines, up to this process's share (docs/interface.md §7.3). */
@@ -475,7 +229,7 @@ export class Coordinator {
     const group = this.settings.relayGroupId;
     const candidates = [...this.desired.values()].filter((d) => {
       const key = keyOf(d.row);
-      if (this.workers.has(key) || this.handedOver.has(key)) return false;
+      if (this.workers.has(key) || this.sharing.handedOver.has(key)) return false;
       if (this.options.drain) return !this.outcomes.some((o) => keyOf(o) === key);
       return this.failed.get(key) !== d.fingerprint;
     });
@@ -492,12 +246,12 @@ export class Coordinator {
       if (this.lockCount() >= this.settings.maxWorkers) break;
       // Beyond the fair share only for a pipeline nobody has taken for a whole discovery interval.
       const beyondShare = this.keptCount() >= share;
-      if (beyondShare && now - (this.unownedSince.get(key) ?? now) < this.graceMs) continue;
+      if (beyondShare && now - (this.sharing.unownedSince.get(key) ?? now) < this.graceMs) continue;
       if (!(await session.tryLock(group, d.row.name))) {
         if (this.options.drain) this.outcomes.push(outcome(d.row, "locked_elsewhere", "owned by another relay process of this relay group"));
         continue;
       }
-      if (beyondShare && !this.options.drain) this.overflowMembers = membersKey(snapshot);
+      if (beyondShare && !this.options.drain) this.sharing.overflowMembers = membersKey(snapshot);
       pipelineLog(d.row.name).debug(`advisory lock won (coordinator backend ${session.pid})`);
       this.startWorker(d, session);
     }
@@ -517,9 +271,9 @@ export class Coordinator {
     const now = Date.now();
     // A pipeline that failed here is retried once per discovery interval, unowned in between: it
     // is not one the others are about to take.
-    const settling = [...this.desired.keys()].some((key) => !this.failed.has(key) && now - (this.unownedSince.get(key) ?? -Infinity) < this.graceMs);
-    if (settling || this.overflowMembers === membersKey(snapshot)) return;
-    this.overflowMembers = null;
+    const settling = [...this.desired.keys()].some((key) => !this.failed.has(key) && now - (this.sharing.unownedSince.get(key) ?? -Infinity) < this.graceMs);
+    if (settling || this.sharing.overflowMembers === membersKey(snapshot)) return;
+    this.sharing.overflowMembers = null;
     const shares = this.shares(snapshot);
     const share = shares.get(session.pid) ?? 0;
     let lacking = 0;
@@ -532,38 +286,14 @@ export class Coordinator {
       pipelineLog(victim.row.name).info(`handing over to a replica with fewer pipelines (${kept} here, fair share ${share})`);
       victim.endAction = "unlock";
       victim.stop.abort();
-      this.handedOver.set(victim.key, { at: now, members: membersKey(snapshot) });
+      this.sharing.handedOver.set(victim.key, { at: now, members: membersKey(snapshot) });
     }
   }
 
   /** Who holds each desired pipeline's lock, and how many replicas of this group are running. */
   private async lockSnapshot(): Promise<LockSnapshot> {
     const names = [...new Set([...this.desired.values()].map((d) => d.row.name))];
-    const group = this.settings.relayGroupId;
-    const rows = await this.sql.unsafe<{ name: string | null; pid: number; member: boolean }[]>(
-      `SELECT n.name, l.pid, false AS member
-         FROM unnest($2::text[]) AS n(name)
-         JOIN pg_catalog.pg_locks l ON ${PIPELINE_LOCK_SQL}
-          AND l.classid = hashtext($1)::oid AND l.objid = hashtext(n.name)::oid
-       UNION ALL
-       SELECT NULL, l.pid, true FROM pg_catalog.pg_locks l
-        WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted AND l.mode = 'ShareLock'
-          AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())
-          AND l.classid = ((${MEMBER_KEY_SQL} >> 32) & 4294967295)::oid
-          AND l.objid = (${MEMBER_KEY_SQL} & 4294967295)::oid`,
-      [group, names],
-    );
-    const holders = new Map<string, number>();
-    const perPid = new Map<number, number>();
-    const memberPids: number[] = [];
-    for (const r of rows) {
-      if (r.member) memberPids.push(r.pid);
-      else if (r.name !== null) {
-        holders.set(r.name, r.pid);
-        perPid.set(r.pid, (perPid.get(r.pid) ?? 0) + 1);
-      }
-    }
-    return { holders, memberPids, perPid };
+    return readLockSnapshot(this.sql, this.settings.relayGroupId, names);
   }
 
   /** Locks this process holds: one per worker until its end action released it. */
@@ -579,64 +309,19 @@ export class Coordinator {
   private startWorker(d: Desired, session: LockSession): void {
     const row = d.row;
     const key = keyOf(row);
-    const plog = pipelineLog(row.name);
-    const stop = new AbortController();
-    const lost = new AbortController();
-    let pipeline: Pipeline | null = null;
-    let done: Promise<PipelineState>;
     const worker: Worker = {
       key,
       row,
       fingerprint: d.fingerprint,
       pipeline: null,
-      stop,
-      lost,
+      stop: new AbortController(),
+      lost: new AbortController(),
       session,
       startedAt: Date.now(),
       endAction: "unlock",
       ended: Promise.resolve(),
     };
-    const guard: LockGuard = {
-      lost: lost.signal,
-      holder: () => (session.lost || lost.signal.aborted ? null : { pid: session.pid, groupId: this.settings.relayGroupId, pipeline: row.name }),
-      confirm: async () => {
-        if (session.lost) return false;
-        const held = await session.holds(this.settings.relayGroupId, row.name).catch(() => false);
-        if (!held && !lost.signal.aborted) {
-          plog.error("the advisory lock is no longer held by this process: stopping without committing");
-          this.hardStop(worker);
-        }
-        return held;
-      },
-    };
-    try {
-      if (d.secretError) throw Object.assign(new Error(d.secretError), { secret: true });
-      const spec = normalizePipeline(row);
-      pipeline = new Pipeline(spec, {
-        sql: this.sql,
-        postgresUrl: this.settings.postgresUrl,
-        relayGroupId: this.settings.relayGroupId,
-        metrics: this.metrics,
-        log: plog,
-        drain: this.options.drain,
-        sinkMaxInflight: this.settings.sinkMaxInflight,
-        ioTimeoutMs: this.settings.ioTimeoutSecs * 1000,
-        stallTimeoutMs: this.settings.stallTimeoutSecs * 1000,
-        guard,
-        onStatus: (p) => this.recordStatus(row, p.reportedState, p.lastError),
-      });
-      worker.pipeline = pipeline;
-      this.recordStatus(row, "starting", null);
-      done = pipeline.run(stop.signal);
-    } catch (err) {
-      const message = redact(errorMessage(err));
-      const kind = (err as { secret?: boolean }).secret ? "secret" : "config";
-      plog.error(`failed: ${message}`);
-      this.metrics.errors.inc({ pipeline: row.name, direction: row.direction, kind });
-      this.metrics.healthy.set({ pipeline: row.name }, 0);
-      this.recordStatus(row, "failed", message);
-      done = Promise.resolve("failed");
-    }
+    const done = runWorker(worker, d, { settings: this.settings, sql: this.sql, metrics: this.metrics, drain: this.options.drain, status: this.status });
     this.workers.set(key, worker);
     worker.ended = done
       .then((state) => this.workerEnded(worker, state))
@@ -645,7 +330,7 @@ export class Coordinator {
 
   private async workerEnded(w: Worker, state: PipelineState): Promise<void> {
     const p = w.pipeline;
-    const error = p ? p.lastError : this.lastStatusError(w);
+    const error = p ? p.lastError : this.status.lastError(w.key);
     if (state === "failed") {
       this.failed.set(w.key, w.fingerprint);
       this.failedPipelines.set(w.key, { name: w.row.name, direction: w.row.direction, error: redact(error ?? "failed"), at: new Date() });
@@ -653,7 +338,7 @@ export class Coordinator {
     if (this.options.drain && w.endAction !== "restart") {
       this.outcomes.push({ ...outcome(w.row, state, error ? redact(error) : null), delivered: p?.delivered ?? 0, deadLettered: p?.deadLettered ?? 0 });
     }
-    this.clearPipelineGauges(w.row.name, state);
+    clearPipelineGauges(this.metrics, w.row.name, state);
     if (state !== "failed") {
       const why = w.endAction === "lost" ? " at once: its lock was lost (a batch in hand stays uncommitted, for the next owner to replay)" : w.endAction === "restart" ? "; restarting" : "";
       pipelineLog(w.row.name).info(`${state}${why}`);
@@ -664,8 +349,8 @@ export class Coordinator {
       return;
     }
     // The state is written before the lock goes, so the next owner's "starting" lands after it.
-    if (state !== "failed") this.recordStatus(w.row, state, p?.lastError ?? null);
-    await this.statusWrites.get(w.key)?.catch(() => {});
+    if (state !== "failed") this.status.record(w.row, state, p?.lastError ?? null);
+    await this.status.settled(w.key);
     const next = w.endAction === "restart" && !this.stopAll.signal.aborted && !w.session.lost ? w.next : undefined;
     this.workers.delete(w.key);
     if (next && next.row && this.desired.has(w.key)) {
@@ -676,42 +361,6 @@ export class Coordinator {
     }
     this.metrics.owned.set(this.lockCount());
     this.sleeper.wake();
-  }
-
-  private lastStatusError(w: Worker): string | null {
-    const written = this.statusWritten.get(w.key);
-    return written ? (JSON.parse(written) as { error: string | null }).error : null;
-  }
-
-  /** Per-pipeline gauges must not outlive ownership: another replica reports them now. */
-  private clearPipelineGauges(name: string, state: PipelineState): void {
-    const m = this.metrics;
-    for (const g of [m.lagRows, m.lagSeconds, m.lastOffset, m.sourceConnected, m.sinkConnected, m.stalled]) g.remove({ pipeline: name });
-    if (state === "failed") m.healthy.set({ pipeline: name }, 0);
-    else m.healthy.remove({ pipeline: name });
-  }
-
-  /** Persists state and last error for `status` (relay_pipeline_status); best effort, in order. */
-  private recordStatus(row: CatalogRow, state: string, error: string | null): void {
-    const key = keyOf(row);
-    const lastError = error === null ? null : redact(error).slice(0, 2000);
-    const text = JSON.stringify({ state, error: lastError });
-    if (this.statusWritten.get(key) === text) return;
-    this.statusWritten.set(key, text);
-    const prev = this.statusWrites.get(key) ?? Promise.resolve();
-    const write = prev.then(() =>
-      this.sql`
-        INSERT INTO pgtrickle.relay_pipeline_status (relay_group_id, pipeline, direction, owner, state, last_error, updated_at)
-        VALUES (${this.settings.relayGroupId}, ${row.name}, ${row.direction}, ${this.identity}, ${state}, ${lastError}, now())
-        ON CONFLICT (relay_group_id, pipeline, direction) DO UPDATE
-          SET owner = EXCLUDED.owner, state = EXCLUDED.state, last_error = EXCLUDED.last_error, updated_at = now()`
-        .then(() => {})
-        .catch((err) => {
-          this.statusWritten.delete(key); // retried at the next change
-          log.debug(`relay_pipeline_status not written for ${row.name}: ${errorMessage(err)}`);
-        }),
-    );
-    this.statusWrites.set(key, write);
   }
 
   private drainFinished(): boolean {
@@ -758,10 +407,6 @@ export class Coordinator {
   get pipelines(): Pipeline[] {
     return [...this.workers.values()].flatMap((w) => (w.pipeline && w.endAction !== "lost" ? [w.pipeline] : []));
   }
-}
-
-function sha256(text: string): string {
-  return createHash("sha256").update(text).digest("hex");
 }
 
 function outcome(row: CatalogRow, state: Outcome["state"], error: string | null): Outcome {

@@ -1,4 +1,5 @@
-import { Coordinator, processIdentity, type Outcome } from "./coordinator.ts";
+import { Coordinator, type Outcome } from "./coordinator.ts";
+import { processIdentity } from "./coordinator/lock-session.ts";
 import { connect, describeUrl, explainConnectError, type Sql } from "./db.ts";
 import { requireCatalog } from "./catalog/status.ts";
 import { errorKind, errorMessage } from "./errors.ts";

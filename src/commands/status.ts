@@ -2,7 +2,7 @@ import { defineCommand } from "citty";
 import { requireCatalog } from "../catalog/status.ts";
 import { listFlag } from "../cli.ts";
 import { connectionArgs, EXIT, fail, loadSettings, printOut, withDatabase } from "../cli-common.ts";
-import { COORDINATOR_APP, MEMBER_KEY_SQL, PIPELINE_LOCK_SQL } from "../coordinator.ts";
+import { COORDINATOR_APP, MEMBER_KEY_SQL, PIPELINE_LOCK_SQL } from "../coordinator/lock-session.ts";
 import type { Sql } from "../db.ts";
 import { redact } from "../redact.ts";
 import { errorMessage } from "../errors.ts";

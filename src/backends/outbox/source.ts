@@ -1,19 +1,20 @@
+/**
+ * The outbox source's batches and their acknowledgement (docs/interface.md §7.5): offsets, the
+ * position within a change set that spans batches, dead letters for rows that cannot be decoded.
+ * Rows are read by simple.ts or group.ts; their messages are made by messages.ts.
+ */
 import { sourceSpec, type BackendContext, type Batch, type DeadLetter, type Lag, type LockHolder, type Source } from "../types.ts";
-import { ident, qualifiedIdent, type Sql } from "../../db.ts";
-import { configError, decodeError, errorKind, errorMessage, RelayError } from "../../errors.ts";
-import { DEFAULT_SUBJECT_TEMPLATE, forwardDedupKey, renderTemplate, templateUsesRowFields, type Message, type MessageContext, type Op } from "../../message.ts";
-import { cleanRow, planFor, safeOutboxId, summaryPayload, type HeaderRow, type Plan } from "./decode.ts";
+import { qualifiedIdent, type Sql } from "../../db.ts";
+import { configError, decodeError, errorKind, errorMessage } from "../../errors.ts";
+import type { Message } from "../../message.ts";
+import { planFor, safeOutboxId, type HeaderRow, type Plan } from "./decode.ts";
 import { enableOutbox, findOutbox, type OutboxTarget } from "./resolve.ts";
 import { Sleeper } from "../../sleep.ts";
 import { loadSourcePosition, saveSourcePosition } from "../../source-positions.ts";
 import { OutboxSourceConfig } from "./config.ts";
-
-/** How far the simple-mode reader may go: see `deliverablePrefix`. */
-interface WriterCheck {
-  writers: Set<string>;
-  /** Highest id the sequence has handed out at check time. */
-  hwm: bigint;
-}
+import { ConsumerGroup } from "./group.ts";
+import { RowMessages } from "./messages.ts";
+import { SimpleReader } from "./simple.ts";
 
 /**
  * How far into one outbox row's messages the acknowledged batches went, when a batch ended in
@@ -29,17 +30,6 @@ interface WithinRow {
   delivered: number;
 }
 
-interface RowFacts {
-  header: HeaderRow;
-  outboxId: number;
-  /** The subject of each op, when the template does not depend on the row; null when it does. */
-  subjects: Map<Op, string> | null;
-}
-
-/** Bigints as text (exact); ORDER BY must then name `h.id`, or it would sort the text alias. */
-const HEADER_COLUMNS =
-  "h.id::text AS id, h.refresh_id::text AS refresh_id, h.created_at, h.inserted_count::text AS inserted_count, h.deleted_count::text AS deleted_count, h.is_claim_check, h.payload";
-
 /**
  * The forward source: reads an outbox, decodes every payload shape, and hands out batches whose
  * ack() commits the offset (and then, if configured, releases claim-check rows).
@@ -49,25 +39,11 @@ export class OutboxSource implements Source {
   readonly reportsPolls = true;
   private target!: OutboxTarget;
   private committed = 0n;
-  /**
-   * The last header id this pass has read (yielded or being expanded): the next poll continues
-   * after it while earlier batches still await their acknowledgement (read-ahead).
-   */
-  private readPos = 0n;
   private consumerId: string;
   private readonly sleeper = new Sleeper();
-  /** Gaps in the id sequence seen earlier, with the writers that could still fill them. */
-  private readonly openGaps = new Map<string, Set<string>>();
-  /** True when the last poll stopped at a gap that may still be filled. */
-  private blockedOnGap = false;
-  private heartbeat: ReturnType<typeof setInterval> | undefined;
-  /** The shared facts of the header row whose messages are being made (see factsOf). */
-  private facts: RowFacts | null = null;
-  /** How widely one rendered subject can be shared (see factsOf). */
-  private readonly subjectScope: "source" | "row" | "message";
-  private readonly sourceSubjects = new Map<Op, string>();
-  /** Every message's context: the same for all of them, so one object (messages never change it). */
-  private messageContext!: MessageContext;
+  private readonly simple: SimpleReader;
+  private readonly group: ConsumerGroup | null;
+  private messages!: RowMessages;
   /** The stored position within an outbox row, if the last acknowledged batch ended inside one. */
   private withinRow: WithinRow | null = null;
 
@@ -76,7 +52,8 @@ export class OutboxSource implements Source {
     private readonly ctx: BackendContext,
   ) {
     this.consumerId = cfg.consumer_id ?? `${ctx.relayGroupId}:${ctx.pipeline}`;
-    this.subjectScope = templateUsesRowFields(cfg.subject_template) ? "message" : /\{(outbox_id|refresh_id)\}/.test(cfg.subject_template) ? "row" : "source";
+    this.simple = new SimpleReader(ctx.sql, cfg.batch_size);
+    this.group = cfg.group ? new ConsumerGroup(ctx.sql, cfg, ctx, cfg.group, this.consumerId) : null;
     this.describe = `outbox ${cfg.outbox}${cfg.group ? ` (group ${cfg.group}, consumer ${this.consumerId})` : ""}`;
   }
 
@@ -114,19 +91,11 @@ export class OutboxSource implements Source {
       );
     }
     this.target = target;
-    this.messageContext = { pipeline: this.ctx.pipeline, stream_table: target.streamTable, schema: target.schema, outbox: target.outboxTable };
-    this.sourceSubjects.clear();
-    if (this.groupMode) await this.ensureGroup();
+    this.messages = new RowMessages(this.sql, this.cfg, this.ctx, target);
+    if (this.group) this.committed = await this.group.ensure(target.outboxTable);
     else this.committed = await this.readSimpleOffset();
     this.withinRow = await this.readWithinRow();
-    if (this.groupMode) {
-      clearInterval(this.heartbeat); // start() runs again after a transient failure
-      this.heartbeat = setInterval(() => {
-        this.sql`SELECT pgtrickle.consumer_heartbeat(${this.cfg.group!}, ${this.consumerId})`.catch((err) =>
-          this.ctx.log.warn(`consumer heartbeat failed: ${errorMessage(err)}`),
-        );
-      }, 10_000);
-    }
+    this.group?.startHeartbeat();
   }
 
   wake(): void {
@@ -134,8 +103,7 @@ export class OutboxSource implements Source {
   }
 
   async close(): Promise<void> {
-    clearInterval(this.heartbeat);
-    clearInterval(this.leaseTimer);
+    this.group?.close();
     this.sleeper.wake();
   }
 
@@ -155,16 +123,16 @@ export class OutboxSource implements Source {
   async *batches(signal: AbortSignal): AsyncIterable<Batch> {
     signal.addEventListener("abort", () => this.sleeper.wake(), { once: true });
     // A new pass (after a failure) starts again after the last commit; nothing else is in flight.
-    this.readPos = this.committed;
+    this.simple.readPos = this.committed;
     let idlePolls = 0;
     while (!signal.aborted) {
       const started = performance.now();
-      const headers = this.groupMode ? await this.pollGroup() : await this.pollSimple();
+      const headers = this.group ? await this.group.poll() : await this.simple.poll(this.target);
       this.ctx.onPoll?.((performance.now() - started) / 1000);
       if (headers.length === 0) {
-        if (this.ctx.drain && !this.blockedOnGap) return;
+        if (this.ctx.drain && !this.simple.blockedOnGap) return;
         const base = this.cfg.poll_interval_ms;
-        const delay = this.blockedOnGap ? Math.min(base, 200) : Math.min(base * 2 ** idlePolls, Math.max(base, 5000));
+        const delay = this.simple.blockedOnGap ? Math.min(base, 200) : Math.min(base * 2 ** idlePolls, Math.max(base, 5000));
         idlePolls++;
         await this.sleeper.sleep(delay);
         continue;
@@ -202,7 +170,7 @@ export class OutboxSource implements Source {
       const resumes = this.withinRow?.outbox === this.target.outboxTable && this.withinRow.outbox_id === header.id;
       let delivered = resumes ? this.withinRow!.delivered : 0;
       try {
-        for await (const chunk of this.messagesOf(header, plan, delivered)) {
+        for await (const chunk of this.messages.messagesOf(header, plan, delivered)) {
           for (const m of chunk) {
             messages.push(m);
             delivered++;
@@ -304,129 +272,12 @@ export class OutboxSource implements Source {
     return null;
   }
 
-  /**
-   * The messages of one header row, in chunks, in delivery order: deletes, then inserts; the
-   * first `skip` of them (already delivered) left out.
-   */
-  async *messagesOf(header: HeaderRow, plan: Plan, skip = 0): AsyncIterable<Message[]> {
-    if (plan.kind === "none") return;
-    if (plan.kind === "summary") {
-      if (skip === 0) yield [this.message(header, "summary", 0, plan.payload, plan.fullRefresh, plan.refreshId)];
-      return;
-    }
-    if (plan.kind === "rows") {
-      // An UPDATE is a delete plus an insert: deletes go first so that a consumer applying
-      // messages in order ends with the new row. Indexes follow docs/interface.md §6.2 (inserts first).
-      const inserted = plan.inserted.length;
-      const out: Message[] = [];
-      plan.deleted.forEach((row, i) => out.push(this.message(header, "delete", inserted + i, row, plan.fullRefresh, plan.refreshId)));
-      plan.inserted.forEach((row, i) => out.push(this.message(header, "insert", i, row, plan.fullRefresh, plan.refreshId)));
-      for (let i = skip; i < out.length; i += this.cfg.max_batch_messages) yield out.slice(i, i + this.cfg.max_batch_messages);
-      return;
-    }
-    yield* this.claimCheckMessages(header, plan.fullRefresh, plan.refreshId, skip);
-  }
-
-  /**
-   * Claim-check rows are paged from the delta table by keyset (row_num > last) in pages of
-   * claim_check_fetch_size, so memory stays flat however large the delta. The delta rows of a
-   * committed header never change, so pages need no long-lived transaction or cursor, and the
-   * first page after `skip` delivered messages is found with OFFSET (once, at a resume).
-   */
-  private async *claimCheckMessages(header: HeaderRow, fullRefresh: boolean, refreshId: string | null, skip: number): AsyncIterable<Message[]> {
-    const cols = this.target.deltaColumns;
-    if (!cols) {
-      throw new RelayError(
-        "transient",
-        `claim-check row id=${header.id}: delta table pgtrickle."${this.target.deltaTable}" is missing or has unknown columns`,
-      );
-    }
-    const table = qualifiedIdent(this.sql, "pgtrickle", this.target.deltaTable);
-    const opCol = ident(this.sql, cols.op);
-    const dataCol = ident(this.sql, cols.data);
-    const opValues = (op: Op) => (op === "insert" ? ["INSERT", "I"] : ["DELETE", "D"]);
-    const [counts] = await this.sql<{ inserted: string; deleted: string }[]>`
-      SELECT count(*) FILTER (WHERE ${opCol} = ANY(${opValues("insert")}))::text AS inserted,
-             count(*) FILTER (WHERE ${opCol} = ANY(${opValues("delete")}))::text AS deleted
-        FROM ${table} WHERE outbox_id = ${header.id}::bigint`;
-    const insertedCount = Number(counts?.inserted ?? 0);
-    const deletedCount = Number(counts?.deleted ?? 0);
-    for (const op of ["delete", "insert"] as const) {
-      const skipHere = Math.min(skip, op === "delete" ? deletedCount : insertedCount);
-      skip -= skipHere;
-      let offset = skipHere;
-      let after = "0";
-      let index = (op === "insert" ? 0 : insertedCount) + skipHere;
-      for (;;) {
-        const page = await this.sql<{ row_num: string; data: unknown }[]>`
-          SELECT d.row_num::text AS row_num, d.${dataCol} AS data FROM ${table} AS d
-          WHERE d.outbox_id = ${header.id}::bigint AND d.${opCol} = ANY(${opValues(op)}) AND d.row_num > ${after}::bigint
-          ORDER BY d.row_num OFFSET ${offset} LIMIT ${this.cfg.claim_check_fetch_size}`;
-        if (page.length === 0) break;
-        this.ctx.onClaimCheckFetch?.();
-        yield page.map((r) => this.message(header, op, index++, r.data, fullRefresh, refreshId));
-        after = page[page.length - 1]!.row_num;
-        offset = 0;
-        if (page.length < this.cfg.claim_check_fetch_size) break;
-      }
-    }
-    if (insertedCount + deletedCount === 0 && Number(header.inserted_count) + Number(header.deleted_count) > 0) {
-      if (header.payload === null || header.payload === undefined) {
-        // 0.37–0.45: the delta table holds a snapshot, and an emptied stream table has none; a
-        // summary tells downstream that this full refresh happened (its rows are all gone).
-        if (this.cfg.summary_messages) yield [this.message(header, "summary", 0, summaryPayload(header, this.target.streamTable, refreshId), true, refreshId)];
-        return;
-      }
-      // A designed v1 header announces its delta rows. The extension only warns when its insert
-      // fails, and outbox_rows_consumed run by another pipeline deletes them for every reader:
-      // either way the change set is gone, which must be visible rather than silent.
-      throw decodeError(
-        `claim-check row id=${header.id} announces ${Number(header.inserted_count) + Number(header.deleted_count)} rows but pgtrickle."${this.target.deltaTable}" holds none (failed extension insert, or released by another pipeline's release_claim_check)`,
-      );
-    }
-  }
-
-  private message(header: HeaderRow, op: Op, index: number, row: unknown, fullRefresh: boolean, refreshId: string | null): Message {
-    const facts = this.factsOf(header);
-    const m: Message = {
-      dedup_key: forwardDedupKey(this.target.outboxTable, header.id, index),
-      subject: "",
-      payload: op === "summary" ? row : cleanRow(row, this.cfg.keep_internal_columns),
-      op,
-      is_full_refresh: fullRefresh,
-      outbox_id: facts.outboxId,
-      refresh_id: refreshId,
-      context: this.messageContext,
-    };
-    if (facts.subjects) {
-      let subject = facts.subjects.get(op);
-      if (subject === undefined) facts.subjects.set(op, (subject = renderTemplate(this.cfg.subject_template, m)));
-      m.subject = subject;
-    } else m.subject = renderTemplate(this.cfg.subject_template, m);
-    return m;
-  }
-
-  /**
-   * What every message of one header row shares, worked out once per row rather than per message
-   * (the profile of a drain showed the per-message template rendering): its outbox id, and the
-   * subject of each op — shared by every row when the template names neither row fields nor
-   * `{outbox_id}`/`{refresh_id}`, by the row's messages when it names only those two, and
-   * rendered per message (subjects null) when it names row fields.
-   */
-  private factsOf(header: HeaderRow): RowFacts {
-    if (this.facts?.header !== header) {
-      const subjects = this.subjectScope === "message" ? null : this.subjectScope === "source" ? this.sourceSubjects : new Map<Op, string>();
-      this.facts = { header, outboxId: safeOutboxId(header.id), subjects };
-    }
-    return this.facts;
-  }
-
   async decodeStored(stored: unknown): Promise<Message[]> {
     const header = (stored as { header?: HeaderRow } | null)?.header;
     if (!header || typeof header.id !== "string") throw decodeError("dead letter holds no outbox header row");
     const plan = planFor(header, this.target.streamTable, { summaryMessages: this.cfg.summary_messages, keepInternalColumns: this.cfg.keep_internal_columns });
     const out: Message[] = [];
-    for await (const chunk of this.messagesOf(header, plan)) out.push(...chunk);
+    for await (const chunk of this.messages.messagesOf(header, plan)) out.push(...chunk);
     return out;
   }
 
@@ -443,71 +294,6 @@ export class OutboxSource implements Source {
     const [end] = await this.sql<{ max: string }[]>`SELECT coalesce(max(h.id), 0)::text AS max FROM ${this.headerTable()} AS h`;
     await this.commit(this.sql, end!.max);
     return BigInt(end!.max);
-  }
-
-  private async pollSimple(): Promise<HeaderRow[]> {
-    const check = await this.checkWriters();
-    const rows = await this.sql<HeaderRow[]>`
-      SELECT ${this.sql.unsafe(HEADER_COLUMNS)} FROM ${this.headerTable()} AS h
-      WHERE h.id > ${this.readPos.toString()}::bigint ORDER BY h.id LIMIT ${this.cfg.batch_size}`;
-    const deliverable = this.deliverablePrefix(rows, check);
-    if (deliverable.length > 0) this.readPos = BigInt(deliverable[deliverable.length - 1]!.id);
-    return deliverable;
-  }
-
-  /**
-   * Who is writing to the outbox right now, and how far its id sequence has gone. Taken BEFORE
-   * the rows are read: any id up to `hwm` that the read does not see belongs to a transaction
-   * that held RowExclusiveLock at check time (the lock is taken before the id is drawn) or
-   * rolled back.
-   */
-  private async checkWriters(): Promise<WriterCheck> {
-    const [row] = await this.sql<{ writers: string[]; hwm: string | null }[]>`
-      SELECT coalesce(array_agg(DISTINCT l.virtualtransaction), '{}') AS writers,
-             (SELECT pg_sequence_last_value(${this.target.idSequence ?? ""}::regclass)::text
-              WHERE ${this.target.idSequence !== null}) AS hwm
-      FROM pg_locks l
-      WHERE l.locktype = 'relation' AND l.relation = ${this.target.headerOid}::oid
-        AND l.mode = 'RowExclusiveLock' AND l.pid IS DISTINCT FROM pg_backend_pid()`;
-    return { writers: new Set(row?.writers ?? []), hwm: BigInt(row?.hwm ?? "0") };
-  }
-
-  /**
-   * Rows are handed out in id order, but ids are drawn at insert and become visible at commit,
-   * so `id > last` alone would skip a lower id committed after a higher one. A gap in the ids
-   * is crossed only once it is known to be permanent (rolled back): every transaction that could
-   * fill it has ended and it is still empty. Until then the poll stops at the gap.
-   */
-  deliverablePrefix(rows: HeaderRow[], check: WriterCheck): HeaderRow[] {
-    this.blockedOnGap = false;
-    let expected = this.readPos + 1n;
-    const out: HeaderRow[] = [];
-    for (const row of rows) {
-      const id = BigInt(row.id);
-      if (id > expected && !this.gapClosed(expected, id - 1n, check)) {
-        this.blockedOnGap = true;
-        break;
-      }
-      out.push(row);
-      expected = id + 1n;
-    }
-    return out;
-  }
-
-  private gapClosed(first: bigint, last: bigint, check: WriterCheck): boolean {
-    const key = first.toString();
-    if (last > check.hwm) return false; // drawn after the check: judge it at the next poll
-    if (check.writers.size === 0) {
-      this.openGaps.delete(key);
-      return true;
-    }
-    const earlier = this.openGaps.get(key);
-    if (earlier && ![...earlier].some((w) => check.writers.has(w))) {
-      this.openGaps.delete(key);
-      return true;
-    }
-    if (!earlier) this.openGaps.set(key, check.writers);
-    return false;
   }
 
   /**
@@ -536,61 +322,12 @@ export class OutboxSource implements Source {
   /** After the commit landed (not before: a failed transaction must leave the offset to retry). */
   private committedTo(id: string): void {
     this.committed = BigInt(id);
-    for (const key of this.openGaps.keys()) if (BigInt(key) <= this.committed) this.openGaps.delete(key);
+    this.simple.forgetGapsUpTo(this.committed);
   }
 
   private async releaseClaimChecks(ids: string[]): Promise<void> {
     const last = ids[ids.length - 1]!;
     await this.sql`SELECT pgtrickle.outbox_rows_consumed(${`${this.target.schema}.${this.target.streamTable}`}, ${last}::bigint)`;
-  }
-
-  // ---- consumer-group mode: poll_outbox / commit_offset ------------------------------------
-
-  private async ensureGroup(): Promise<void> {
-    const group = this.cfg.group!;
-    const [existing] = await this.sql<{ outbox_name: string }[]>`
-      SELECT outbox_name FROM pgtrickle.pgt_consumer_groups WHERE group_name = ${group}`;
-    if (existing && existing.outbox_name !== this.target.outboxTable) {
-      throw configError(
-        `pipeline '${this.ctx.pipeline}': consumer group '${group}' belongs to outbox '${existing.outbox_name}', not '${this.target.outboxTable}'`,
-      );
-    }
-    if (!existing) {
-      if (!this.cfg.create_group) throw configError(`pipeline '${this.ctx.pipeline}': consumer group '${group}' does not exist (source.create_group is false)`);
-      try {
-        await this.sql`SELECT pgtrickle.create_consumer_group(${group}, ${this.target.outboxTable}, ${this.cfg.auto_offset_reset})`;
-        this.ctx.log.info(`created consumer group '${group}' on ${this.target.outboxTable} (${this.cfg.auto_offset_reset})`);
-      } catch (err) {
-        if (!/already exists/.test(errorMessage(err))) throw err; // another replica won the race
-      }
-    }
-    const [row] = await this.sql<{ off: string | null }[]>`
-      SELECT committed_offset::text AS off FROM pgtrickle.pgt_consumer_offsets WHERE group_name = ${group} AND consumer_id = ${this.consumerId}`;
-    this.committed = BigInt(row?.off ?? "0");
-  }
-
-  private async pollGroup(): Promise<HeaderRow[]> {
-    const rows = await this.sql<HeaderRow[]>`
-      SELECT outbox_id::text AS id, NULL::text AS refresh_id, created_at, inserted_count::text AS inserted_count,
-             deleted_count::text AS deleted_count, is_claim_check, payload
-      FROM pgtrickle.poll_outbox(${this.cfg.group!}, ${this.consumerId}, ${this.cfg.batch_size}::int, ${this.cfg.visibility_seconds}::int)`;
-    if (rows.length > 0) this.keepLeaseWhileBusy();
-    return rows;
-  }
-
-  private leaseTimer: ReturnType<typeof setInterval> | undefined;
-
-  /** A slow batch keeps its lease: extend_lease every visibility/2 until the next poll. */
-  private keepLeaseWhileBusy(): void {
-    clearInterval(this.leaseTimer);
-    const every = (this.cfg.visibility_seconds * 1000) / 2;
-    this.leaseTimer = setInterval(() => {
-      this.sql`SELECT pgtrickle.extend_lease(${this.cfg.group!}, ${this.consumerId}, ${this.cfg.visibility_seconds}::int)`
-        .then(([r]) => {
-          if (!r || Object.values(r)[0] === null) clearInterval(this.leaseTimer); // committed: no lease left
-        })
-        .catch((err) => this.ctx.log.warn(`extend_lease failed: ${errorMessage(err)}`));
-    }, every);
   }
 
   // ---- lag ---------------------------------------------------------------------------------
