@@ -1,3 +1,10 @@
+/**
+ * One pipeline's life: build its source and sink, run the stages (src/pipeline-loop.ts), and the
+ * states around them — retries, the watchdog (docs/WATCHDOG.md), stall detection, dead letters
+ * and their replay. Longer than ~400 lines on purpose: these parts read and write the same
+ * per-pipeline state (state, lastError, failingSide, the clients being rebuilt), and split apart
+ * they would pass it all back and forth.
+ */
 import type { ConsolaInstance } from "consola";
 import { sinkOf, sourceOf } from "./backends/index.ts";
 import { LAG_TIMEOUT_MS, type LockHolder, type Batch, type Lag, type DeadLetter, type Direction, type Rejection, type Sink, type Source } from "./backends/types.ts";
