@@ -24,7 +24,7 @@ import { testDatabase } from "../test/helpers/pg.ts";
 import { relayCommand } from "../test/helpers/relay.ts";
 import * as v from "valibot";
 
-const PAGE = v.parse(OutboxSourceConfig, { outbox: "x" }).claim_check_fetch_size;
+const PAGE = Number(process.env.CLAIM_FETCH_SIZE ?? v.parse(OutboxSourceConfig, { outbox: "x" }).claim_check_fetch_size);
 
 if (process.argv[2] === "--raw") {
   const [, , , url, outboxTable, deltaTable, streamTable, outboxId, file] = process.argv;
@@ -62,8 +62,16 @@ try {
   const relayFile = join(dir, "relay.jsonl");
   const name = `claim_${run}`;
   await db.sql`SELECT pgtrickle.set_relay_outbox(${name}, ${`public.${streamTable}`}, NULL, ${db.sql.json({ type: "file", output: relayFile })})`;
-  const which = process.env.PGTRICKLE_RELAY_BIN ? `binary ${process.env.PGTRICKLE_RELAY_BIN}` : "bun src/main.ts";
-  report(`relay drain (${which})`, await timed(relayCommand(["drain", "--postgres-url", db.url, "--pipeline", name, "--log-level", "warn", "--metrics-addr", "127.0.0.1:0"])), relayFile);
+  await db.sql`UPDATE pgtrickle.relay_outbox_config SET config = jsonb_set(config, '{source,claim_check_fetch_size}', ${PAGE}::text::jsonb) WHERE name = ${name}`;
+  // PGTRICKLE_RELAY_MAIN: another main.ts (e.g. a checkout of an older commit), as bench/profile-drain.ts.
+  const main = process.env.PGTRICKLE_RELAY_MAIN;
+  const relay = (args: string[]) => (main ? [process.execPath, main, ...args] : relayCommand(args));
+  const which = main ? `bun ${main}` : process.env.PGTRICKLE_RELAY_BIN ? `binary ${process.env.PGTRICKLE_RELAY_BIN}` : "bun src/main.ts";
+  const drain = relay(["drain", "--postgres-url", db.url, "--pipeline", name, "--log-level", "warn", "--metrics-addr", "127.0.0.1:0", ...(process.env.CLAIM_RELAY_ARGS ?? "").split(" ").filter(Boolean)]);
+  // CLAIM_CPU_PROF=<dir>: the drain under `bun --cpu-prof` (sources only), summarised with bench/cpuprofile.ts.
+  const profDir = process.env.CLAIM_CPU_PROF;
+  if (profDir && !which.startsWith("binary")) drain.splice(1, 0, "--cpu-prof", `--cpu-prof-dir=${profDir}`);
+  report(`relay drain (${which}${profDir ? ", profiled" : ""})`, await timed(drain), relayFile);
 
   const rawFile = join(dir, "raw.jsonl");
   report("raw postgres.js loop", await timed([process.execPath, import.meta.path, "--raw", db.url, outboxTable, deltaTable, streamTable, outboxId, rawFile]), rawFile);
