@@ -68,10 +68,11 @@ try {
   const relay = (args: string[]) => (main ? [process.execPath, main, ...args] : relayCommand(args));
   const which = main ? `bun ${main}` : process.env.PGTRICKLE_RELAY_BIN ? `binary ${process.env.PGTRICKLE_RELAY_BIN}` : "bun src/main.ts";
   const drain = relay(["drain", "--postgres-url", db.url, "--pipeline", name, "--log-level", "warn", "--metrics-addr", "127.0.0.1:0", ...(process.env.CLAIM_RELAY_ARGS ?? "").split(" ").filter(Boolean)]);
-  // CLAIM_CPU_PROF=<dir>: the drain under `bun --cpu-prof` (sources only), summarised with bench/cpuprofile.ts.
-  const profDir = process.env.CLAIM_CPU_PROF;
-  if (profDir && !which.startsWith("binary")) drain.splice(1, 0, "--cpu-prof", `--cpu-prof-dir=${profDir}`);
-  report(`relay drain (${which}${profDir ? ", profiled" : ""})`, await timed(drain), relayFile);
+  // CLAIM_BUN_FLAGS: flags for Bun running the sources, e.g. `--cpu-prof --cpu-prof-dir=/tmp/p`
+  // (summarise with bench/cpuprofile.ts) or `--smol`.
+  const bunFlags = which.startsWith("binary") ? [] : (process.env.CLAIM_BUN_FLAGS ?? "").split(" ").filter(Boolean);
+  drain.splice(1, 0, ...bunFlags);
+  report(`relay drain (${which}${bunFlags.length ? ` ${bunFlags.join(" ")}` : ""})`, await timed(drain), relayFile);
 
   const rawFile = join(dir, "raw.jsonl");
   report("raw postgres.js loop", await timed([process.execPath, import.meta.path, "--raw", db.url, outboxTable, deltaTable, streamTable, outboxId, rawFile]), rawFile);
