@@ -12,9 +12,13 @@
  * rows by the same keyset query and page size (claim_check_fetch_size's default), writes the same
  * envelopes as JSON Lines to a file, fsyncs once at the end. Both run under `/usr/bin/time` for
  * their peak RSS; both files are checked to hold N lines. Prints rows/s, peak RSS, CPU time.
+ *
+ * Environment: PGTRICKLE_RELAY_MAIN (another main.ts, e.g. a checkout of an older commit),
+ * CLAIM_RELAY_ARGS (more `drain` arguments, e.g. `--sink-max-inflight 3000`), CLAIM_BUN_FLAGS (Bun
+ * flags for the sources, e.g. `--cpu-prof --cpu-prof-dir=/tmp/p`), CLAIM_FETCH_SIZE (the page size
+ * of both, instead of claim_check_fetch_size's default).
  */
-import { closeSync, fsyncSync, mkdtempSync, openSync, readFileSync, rmSync, writeSync } from "node:fs";
-import { existsSync } from "node:fs";
+import { closeSync, existsSync, fsyncSync, mkdtempSync, openSync, readFileSync, rmSync, writeSync } from "node:fs";
 import { loadavg, tmpdir } from "node:os";
 import { join } from "node:path";
 import postgres from "postgres";
@@ -63,13 +67,11 @@ try {
   const name = `claim_${run}`;
   await db.sql`SELECT pgtrickle.set_relay_outbox(${name}, ${`public.${streamTable}`}, NULL, ${db.sql.json({ type: "file", output: relayFile })})`;
   await db.sql`UPDATE pgtrickle.relay_outbox_config SET config = jsonb_set(config, '{source,claim_check_fetch_size}', ${PAGE}::text::jsonb) WHERE name = ${name}`;
-  // PGTRICKLE_RELAY_MAIN: another main.ts (e.g. a checkout of an older commit), as bench/profile-drain.ts.
   const main = process.env.PGTRICKLE_RELAY_MAIN;
   const relay = (args: string[]) => (main ? [process.execPath, main, ...args] : relayCommand(args));
   const which = main ? `bun ${main}` : process.env.PGTRICKLE_RELAY_BIN ? `binary ${process.env.PGTRICKLE_RELAY_BIN}` : "bun src/main.ts";
   const drain = relay(["drain", "--postgres-url", db.url, "--pipeline", name, "--log-level", "warn", "--metrics-addr", "127.0.0.1:0", ...(process.env.CLAIM_RELAY_ARGS ?? "").split(" ").filter(Boolean)]);
-  // CLAIM_BUN_FLAGS: flags for Bun running the sources, e.g. `--cpu-prof --cpu-prof-dir=/tmp/p`
-  // (summarise with bench/cpuprofile.ts) or `--smol`.
+  // A profile (CLAIM_BUN_FLAGS) is summarised with bench/cpuprofile.ts.
   const bunFlags = which.startsWith("binary") ? [] : (process.env.CLAIM_BUN_FLAGS ?? "").split(" ").filter(Boolean);
   drain.splice(1, 0, ...bunFlags);
   report(`relay drain (${which}${bunFlags.length ? ` ${bunFlags.join(" ")}` : ""})`, await timed(drain), relayFile);
