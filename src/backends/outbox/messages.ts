@@ -88,29 +88,20 @@ export class RowMessages {
     for (const op of ["delete", "insert"] as const) {
       const skipHere = Math.min(skip, op === "delete" ? deletedCount : insertedCount);
       skip -= skipHere;
-      const fetchSize = this.cfg.claim_check_fetch_size;
-      const fetchPage = (after: string, offset: number) => this.sql<{ row_num: string; data: unknown }[]>`
+      let offset = skipHere;
+      let after = "0";
+      let index = (op === "insert" ? 0 : insertedCount) + skipHere;
+      for (;;) {
+        const page = await this.sql<{ row_num: string; data: unknown }[]>`
           SELECT d.row_num::text AS row_num, d.${dataCol} AS data FROM ${table} AS d
           WHERE d.outbox_id = ${header.id}::bigint AND d.${opCol} = ANY(${opValues(op)}) AND d.row_num > ${after}::bigint
-          ORDER BY d.row_num OFFSET ${offset} LIMIT ${fetchSize}`.execute();
-      let index = (op === "insert" ? 0 : insertedCount) + skipHere;
-      let next: Promise<{ row_num: string; data: unknown }[]> | null = fetchPage("0", skipHere);
-      try {
-        while (next) {
-          const page = await next;
-          next = null;
-          if (page.length === 0) break;
-          this.ctx.onClaimCheckFetch?.();
-          // The next page is asked for before this one's messages are made and delivered, so the
-          // database reads it while the relay works (one page more in memory; bench/RESULTS.md,
-          // "Claim-check"). Its position is known already: the last row_num of this page.
-          if (page.length === fetchSize) next = fetchPage(page[page.length - 1]!.row_num, 0);
-          yield page.map((r) => this.message(header, op, index++, r.data, fullRefresh, refreshId));
-        }
-      } finally {
-        // Left early (a failure downstream, a stop): the page read ahead is not wanted, and its
-        // failure must not surface as an unhandled rejection.
-        next?.catch(() => {});
+          ORDER BY d.row_num OFFSET ${offset} LIMIT ${this.cfg.claim_check_fetch_size}`;
+        if (page.length === 0) break;
+        this.ctx.onClaimCheckFetch?.();
+        yield page.map((r) => this.message(header, op, index++, r.data, fullRefresh, refreshId));
+        after = page[page.length - 1]!.row_num;
+        offset = 0;
+        if (page.length < this.cfg.claim_check_fetch_size) break;
       }
     }
     if (insertedCount + deletedCount === 0 && Number(header.inserted_count) + Number(header.deleted_count) > 0) {
