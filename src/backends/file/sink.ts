@@ -22,7 +22,7 @@ export function formatMessages(format: StdoutSinkConfig["format"], messages: Mes
       return CSV_COLUMNS.map((c) => csvField(e[c])).join(",") + "\n";
     }).join("");
   }
-  // One string grown in a loop: the per-message array and join of a map cost more (bench/claim-check.ts).
+  // One string grown in a loop: the per-message array and join of a map cost more (bench/RESULTS.md, "Claim-check").
   const indent = format === "json_pretty" ? 2 : undefined;
   let text = "";
   for (const m of messages) text += JSON.stringify(toEnvelope(m), null, indent) + "\n";
