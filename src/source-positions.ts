@@ -20,13 +20,18 @@ export async function loadSourcePosition(sql: Sql, ctx: BackendContext): Promise
   }
 }
 
-/** Upserts the position; called from a batch's ack(), after the sink committed. */
-export async function saveSourcePosition(sql: Sql, ctx: BackendContext, position: string): Promise<void> {
+/**
+ * Upserts the position; called from a batch's ack(), after the sink committed. With `onlyIf` (an
+ * SQL condition, e.g. the proof of ownership) the statement writes nothing when it is false, and
+ * the result says whether it wrote: one statement, so condition and write are one round trip.
+ */
+export async function saveSourcePosition(sql: Sql, ctx: BackendContext, position: string, onlyIf = sql`true`): Promise<boolean> {
   try {
-    await sql`
+    const result = await sql`
       INSERT INTO pgtrickle.relay_source_positions (relay_group_id, pipeline, direction, position, updated_at)
-      VALUES (${ctx.relayGroupId}, ${ctx.pipeline}, ${ctx.direction}, ${position}, now())
+      SELECT ${ctx.relayGroupId}, ${ctx.pipeline}, ${ctx.direction}, ${position}, now() WHERE ${onlyIf}
       ON CONFLICT (relay_group_id, pipeline, direction) DO UPDATE SET position = EXCLUDED.position, updated_at = now()`;
+    return result.count > 0;
   } catch (err) {
     throw positionError(err);
   }

@@ -13,7 +13,7 @@ import outboxSource from "../../src/backends/outbox/source.ts";
 import { OutboxSourceConfig } from "../../src/backends/outbox/config.ts";
 import type { Batch } from "../../src/backends/types.ts";
 import { backendContext } from "../helpers/backend.ts";
-import { createStreamTable, enableOutbox } from "../fixtures/outbox.ts";
+import { createStreamTable, enableOutbox, writeClaimCheck } from "../fixtures/outbox.ts";
 import { testDatabase, type TestDatabase } from "../helpers/pg.ts";
 import { tcpProxy } from "../helpers/proxy.ts";
 import { eventually, relayOnce, RunningRelay } from "../helpers/relay.ts";
@@ -201,6 +201,41 @@ test("the outbox commit carries the proof of ownership: refused (nothing written
     expect(await batches[0]!.ack(owner)).toBe(true);
     const [top] = await db.sql.unsafe<{ max: string }[]>(`SELECT max(id)::text AS max FROM pgtrickle."${outboxTable}"`);
     expect(await offset()).toBe(top!.max);
+  } finally {
+    await source.close();
+    await lockSession.end();
+  }
+});
+
+test("inside a claim-check change set the position is saved with the same proof of ownership: refused (nothing written) unless the named backend holds the lock", async () => {
+  const name = "p_owner_within";
+  await createStreamTable(db.sql, `public.${name}`, "k int primary key");
+  const { outboxTable, deltaTable } = await enableOutbox(db.sql, `public.${name}`);
+  const rows = [1, 2, 3, 4, 5].map((k) => ({ op: "INSERT" as const, data: { k } }));
+  const id = await writeClaimCheck(db.sql, outboxTable, deltaTable, rows);
+  const source = outboxSource.create(v.parse(OutboxSourceConfig, { outbox: `public.${name}`, max_batch_messages: 2 }), backendContext(name, { sql: db.sql, drain: true }));
+  const lockSession = postgres(db.url, { max: 1, onnotice: () => {} });
+  try {
+    await source.start();
+    const batches: Batch[] = [];
+    for await (const b of source.batches(new AbortController().signal)) batches.push(b);
+    expect(batches.map((b) => b.messages.length)).toEqual([2, 2, 1]);
+    const [session] = await lockSession<{ pid: number }[]>`SELECT pg_backend_pid() AS pid`;
+    const owner = { pid: session!.pid, groupId: "test", pipeline: name };
+    const position = async () =>
+      (await db.sql<{ position: string }[]>`SELECT position FROM pgtrickle.relay_source_positions WHERE relay_group_id = 'test' AND pipeline = ${name}`)[0]?.position ?? null;
+
+    expect(await batches[0]!.ack(owner)).toBe(false); // the session does not hold the lock (yet)
+    expect(await position()).toBeNull();
+    await lockSession`SELECT pg_advisory_lock(hashtext('test'), hashtext(${name}))`;
+    expect(await batches[0]!.ack({ ...owner, pipeline: "another" })).toBe(false);
+    expect(await position()).toBeNull();
+    expect(await batches[0]!.ack(owner)).toBe(true);
+    expect(JSON.parse((await position())!)).toEqual({ outbox: outboxTable, outbox_id: id, delivered: 2 });
+    expect(await batches[1]!.ack(owner)).toBe(true);
+    expect(JSON.parse((await position())!)).toEqual({ outbox: outboxTable, outbox_id: id, delivered: 4 });
+    expect(await batches[2]!.ack(owner)).toBe(true); // the change set is done: offset moves, position cleared
+    expect(await position()).toBe("null");
   } finally {
     await source.close();
     await lockSession.end();

@@ -233,17 +233,25 @@ export class OutboxSource implements Source {
   }
 
   /**
-   * The offset and the position within a row in one transaction: a crash leaves both or neither.
+   * The offset and the position within a row in one transaction (a crash leaves both or neither),
+   * or the position alone when the offset does not move.
    * Once batches no longer end inside a row the position becomes `null` (an UPDATE: the relay's
    * role may insert and update relay_source_positions, not delete).
    */
   private async commitWithin(advance: string | null, within: WithinRow | null, owner?: LockHolder): Promise<boolean> {
+    if (advance === null) {
+      // No offset to move (a batch inside a change set): the position alone, in one statement that
+      // proves ownership too — one round trip where a transaction took four, once per batch of a
+      // claim-check change set (bench/RESULTS.md, "Claim-check").
+      if (!(await saveSourcePosition(this.sql, this.ctx, JSON.stringify(within), owner ? ownedBy(this.sql, owner) : undefined))) return false;
+      this.withinRow = within;
+      return true;
+    }
     const notOwned = new Error("not owned");
     try {
       await this.sql.begin(async (transaction) => {
         const tx = transaction as unknown as Sql; // the same tagged queries, on the transaction's connection
-        const owned = advance ? await this.commit(tx, advance, owner) : !owner || (await tx`SELECT ${ownedBy(tx, owner)} AS ok`)[0]?.ok === true;
-        if (!owned) throw notOwned; // rolls the transaction back
+        if (!(await this.commit(tx, advance, owner))) throw notOwned; // rolls the transaction back
         await saveSourcePosition(tx, this.ctx, JSON.stringify(within));
       });
     } catch (err) {
