@@ -43,13 +43,9 @@ export class Sleeper {
  * `done()` holds; true when the signal aborted first.
  */
 export async function sleepUntil(done: () => boolean, sleeper: Sleeper, signal: AbortSignal): Promise<boolean> {
-  const wake = () => sleeper.wake();
-  signal.addEventListener("abort", wake, { once: true });
-  try {
+  await sleeper.wakingOn(signal, async () => {
     while (!done() && !signal.aborted) await sleeper.sleep(1000);
-  } finally {
-    signal.removeEventListener("abort", wake);
-  }
+  });
   return signal.aborted;
 }
 

@@ -107,15 +107,15 @@ export class OutboxSource implements Source {
     this.sleeper.wake();
   }
 
+  /** ack(owner) proves ownership in its commit statement (see commit). */
+  readonly foldsOwnership = true;
+
   /**
    * Simple mode reads ahead any number of batches: polls continue from `readPos`, and acks commit
    * each batch's own position, in order. Group mode does not: poll_outbox returns the rows after
    * the COMMITTED offset, so a poll before the previous batch's commit would return it again
    * (docs/interface.md §2.7).
    */
-  /** ack(owner) proves ownership in its commit statement (see commit). */
-  readonly foldsOwnership = true;
-
   get readAhead(): number {
     return this.groupMode ? 1 : Number.POSITIVE_INFINITY;
   }
