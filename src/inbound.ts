@@ -10,6 +10,7 @@
 import { createHash } from "node:crypto";
 import * as v from "valibot";
 import { isNonEmptyString, nonEmptyString, positiveIntOption } from "./backends/schema.ts";
+import type { BackendContext } from "./backends/types.ts";
 import type { Message } from "./message.ts";
 
 /**
@@ -31,12 +32,11 @@ export const reverseSourceKeys = {
 
 /**
  * Messages per batch of a reverse source that reads ahead (`Source.readAhead`): its `batch_size`,
- * but at most the `max_batch_messages` the pipeline passes it, a third of `--sink-max-inflight`,
- * so that the batches in hand at once fit that window (docs/PIPELINE.md).
+ * but at most the pipeline's `ctx.batchLimit` (a third of `--sink-max-inflight`), so that the
+ * batches in hand at once fit that window (docs/PIPELINE.md).
  */
-export function readAheadBatchSize(cfg: { batch_size: number; max_batch_messages?: unknown }): number {
-  const limit = cfg.max_batch_messages;
-  return typeof limit === "number" && limit >= 1 ? Math.min(cfg.batch_size, Math.floor(limit)) : cfg.batch_size;
+export function readAheadBatchSize(batchSize: number, ctx: BackendContext): number {
+  return Math.min(batchSize, ctx.batchLimit ?? batchSize);
 }
 
 type JsonObject = Record<string, unknown>;

@@ -95,20 +95,22 @@ export class Unresponsive extends RelayError {
 const sourceUnresponsive = (err: unknown) => err instanceof Unresponsive && err.side === "source";
 
 /**
- * Backpressure (docs/interface.md §7.9, docs/PIPELINE.md), applied to a source's validated
- * options: `batch_size` (rows or broker messages per poll) is clipped to the window, and a source
- * that reads ahead has up to PIPELINE_DEPTH batches in hand, each of at most `max_batch_messages`,
- * clipped to a PIPELINE_DEPTH-th of the window. 0 = no window.
+ * Backpressure (docs/interface.md §7.9, docs/PIPELINE.md): a source that reads ahead has up to
+ * PIPELINE_DEPTH batches in hand, each of at most this many messages. Undefined = no window.
+ */
+const batchLimitOf = (window: number) => (window > 0 ? Math.max(1, Math.floor(window / PIPELINE_DEPTH)) : undefined);
+
+/**
+ * The window applied to a source's validated options: `batch_size` (rows or broker messages per
+ * poll) at most the window, the outbox's `max_batch_messages` at most the batch limit (the other
+ * sources take the limit from `ctx.batchLimit`, readAheadBatchSize in src/inbound.ts).
  */
 function clipBatchSizes<C>(config: C, window: number): C {
-  if (window <= 0) return config;
+  const limit = batchLimitOf(window);
+  if (limit === undefined) return config;
   const options = config as Record<string, unknown>;
   if (typeof options.batch_size === "number" && options.batch_size > window) options.batch_size = window;
-  // Set even where the schema has no such key: every source that reads ahead takes its batch
-  // limit from here (readAheadBatchSize in src/inbound.ts, the Kafka and RabbitMQ sessions).
-  const perBatch = Math.max(1, Math.floor(window / PIPELINE_DEPTH));
-  const configured = options.max_batch_messages;
-  options.max_batch_messages = typeof configured === "number" ? Math.min(configured, perBatch) : perBatch;
+  if (typeof options.max_batch_messages === "number" && options.max_batch_messages > limit) options.max_batch_messages = limit;
   return config;
 }
 
@@ -173,6 +175,7 @@ export class Pipeline {
       sql: deps.sql,
       postgresUrl: deps.postgresUrl,
       drain: deps.drain,
+      batchLimit: batchLimitOf(deps.sinkMaxInflight ?? 0),
       check: deps.check,
       onInboxWrite: (inserted: number, dedupSkipped: number) => {
         deps.metrics.inboxWrites.inc({ pipeline: spec.name }, inserted);

@@ -14,6 +14,11 @@ export interface BackendContext {
   /** The relay's own database (the outbox source and the inbox sink use it). */
   sql: Sql;
   postgresUrl: string;
+  /**
+   * Most messages one batch may hold when the source reads ahead: a PIPELINE_DEPTH-th of
+   * `--sink-max-inflight` (docs/PIPELINE.md); absent when there is no window.
+   */
+  batchLimit?: number;
   /** Drain mode: a source ends its iteration once it has nothing pending. */
   drain: boolean;
   /**
@@ -111,8 +116,9 @@ export interface Source {
    * How many yielded batches may await their acknowledgement at once (docs/PIPELINE.md). Absent =
    * 1: the generator is not resumed before the previous batch was acknowledged. A source above 1
    * continues from the last batch it yielded, its `ack()` commits the position of its own batch
-   * (acks come in yield order), and every batch holds at most the source's `max_batch_messages`
-   * messages (the pipeline clips it so that the batches in hand fit `--sink-max-inflight`).
+   * (acks come in yield order), and every batch holds at most `ctx.batchLimit` messages (the
+   * outbox: its `max_batch_messages`, which the pipeline clips to that limit), so that the batches
+   * in hand fit `--sink-max-inflight`.
    */
   readonly readAhead?: number;
   /**

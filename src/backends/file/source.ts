@@ -96,7 +96,7 @@ export class StdinSource implements Source {
     this.path = input && input !== "-" ? resolvePath(input) : null;
     this.sourceType = this.path ? "file" : "stdin";
     this.describe = `${this.path ? `file ${this.path}` : "stdin"} (${cfg.format}${cfg.follow && this.path ? ", follow" : ""})`;
-    this.batchSize = readAheadBatchSize(cfg);
+    this.batchSize = readAheadBatchSize(cfg.batch_size, ctx);
   }
 
   get exhausted(): boolean {

@@ -89,7 +89,7 @@ export class HttpSource implements Source {
     this.listen = parseListenAddr(cfg.listen_addr)!;
     this.base = cfg.path.replace(/\/+$/, "");
     this.authDigest = cfg.auth_value ? digest(cfg.auth_value) : null;
-    this.batchSize = readAheadBatchSize(cfg);
+    this.batchSize = readAheadBatchSize(cfg.batch_size, ctx);
   }
 
   /** When the oldest batch in flight was handed out; 0 when none is. */

@@ -77,7 +77,7 @@ export class KafkaSession {
   private heartbeatTimer?: ReturnType<typeof setInterval>;
   /** Next offset per partition known here: acknowledged records, and batches kafkajs skipped entirely (control records). */
   private readonly position = new Map<string, bigint>();
-  /** Most records in one Batch: batch_size, or less when the pipeline clipped max_batch_messages for read-ahead. */
+  /** Most records in one Batch: batch_size, or less within the pipeline's window (ctx.batchLimit). */
   private readonly batchLimit: number;
 
   constructor(
@@ -85,7 +85,7 @@ export class KafkaSession {
     private readonly cfg: KafkaSourceConfig,
     private readonly ctx: BackendContext,
   ) {
-    this.batchLimit = readAheadBatchSize(cfg);
+    this.batchLimit = readAheadBatchSize(cfg.batch_size, ctx);
   }
 
   async open(): Promise<void> {

@@ -85,7 +85,7 @@ class NatsSource implements Source {
       throw configError(`source.durable_name "${this.durable}" is not a valid consumer name (no ".", "*", ">", slashes or whitespace)`);
     }
     this.ackWaitMs = cfg.ack_wait_seconds * 1000;
-    this.batchSize = readAheadBatchSize(cfg);
+    this.batchSize = readAheadBatchSize(cfg.batch_size, ctx);
     this.fetchWaitMs = Math.max(100, Math.min(MAX_FETCH_WAIT_MS, Math.floor(this.ackWaitMs / 2)));
     this.setup = { cfg, ctx, link: this.link, durable: this.durable, ackWaitMs: this.ackWaitMs };
     const stream = cfg.stream ? `stream ${cfg.stream}, ` : "";

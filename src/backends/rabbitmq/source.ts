@@ -36,7 +36,7 @@ export class RabbitSource implements Source {
    * the channel's consumer_timeout (30 min by default), and a closed channel requeues them all.
    */
   readonly readAhead = 3;
-  /** Most deliveries in one batch: batch_size, or less when the pipeline clipped max_batch_messages for read-ahead. */
+  /** Most deliveries in one batch: batch_size, or less within the pipeline's window (ctx.batchLimit). */
   readonly batchLimit: number;
   private session: RabbitSession | null = null;
   /** A connection for lag() only, opened on first use; never consumes. */
@@ -49,7 +49,7 @@ export class RabbitSource implements Source {
     this.where = describeAmqpUrl(cfg.url, tlsWanted(cfg));
     this.scrub = amqpScrubber(cfg);
     this.consumerTag = cfg.consumer_tag ?? `pgtrickle-relay-${ctx.pipeline}`;
-    this.batchLimit = readAheadBatchSize(cfg);
+    this.batchLimit = readAheadBatchSize(cfg.batch_size, ctx);
     // Every batch in hand holds its deliveries unacknowledged until its inbox commit: a smaller
     // prefetch would stop deliveries while the batches read ahead are written.
     const inHand = this.readAhead * this.batchLimit;

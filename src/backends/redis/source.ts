@@ -92,7 +92,7 @@ class RedisSource implements Source {
     this.key = cfg.stream_key;
     this.group = cfg.group_name;
     this.consumer = cfg.consumer_name ?? `${ctx.relayGroupId}:${ctx.pipeline}`;
-    const batchSize = readAheadBatchSize(cfg);
+    const batchSize = readAheadBatchSize(cfg.batch_size, ctx);
     this.count = Math.min(cfg.count ?? batchSize, batchSize);
     const t = this.link.target;
     this.describe = `redis ${t.tls || cfg.tls ? "rediss" : "redis"}://${t.where}/${t.db} ← ${this.key} (group ${this.group}, consumer ${this.consumer})`;

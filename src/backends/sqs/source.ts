@@ -75,7 +75,7 @@ export class SqsSource implements Source {
     this.conn = new SqsConnection(cfg);
     this.queueUrl = cfg.queue_url;
     this.visibility = cfg.visibility_timeout;
-    this.batchSize = readAheadBatchSize(cfg);
+    this.batchSize = readAheadBatchSize(cfg.batch_size, ctx);
     this.log = ctx.log;
     const segments = new URL(cfg.queue_url).pathname.split("/").filter(Boolean);
     this.queueName = decodeURIComponent(segments[segments.length - 1] ?? cfg.queue_url);
