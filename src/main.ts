@@ -1,7 +1,7 @@
 #!/usr/bin/env bun
 /**
  * The entry point. It imports only the command-line parser: each command's module (and what it
- * needs: postgres, prom-client, consola…) is imported when that command runs, so `--version`
+ * needs: postgres, consola…) is imported when that command runs, so `--version`
  * and `help <command>` load almost nothing (bench/startup.ts measures it).
  */
 import { defineCommand } from "citty";
