@@ -41,7 +41,7 @@ export const SETTINGS: Record<keyof Settings, Key> = {
   coordinatorTickMs: { flag: "coordinator-tick-ms", env: "PGTRICKLE_RELAY_COORDINATOR_TICK_MS", file: "coordinator_tick_ms", fallback: "500", hint: "ms" },
   maxWorkers: { flag: "max-workers", env: "PGTRICKLE_RELAY_MAX_WORKERS_PER_POD", file: "max_workers_per_pod", fallback: "10", hint: "n" },
   shutdownTimeoutSecs: { flag: "shutdown-timeout", env: "PGTRICKLE_RELAY_SHUTDOWN_TIMEOUT_SECS", file: "shutdown_timeout_seconds", fallback: "30", hint: "seconds" },
-  sinkMaxInflight: { flag: "sink-max-inflight", env: "PGTRICKLE_RELAY_SINK_MAX_INFLIGHT", file: "sink_max_inflight", fallback: "1000", hint: "n" },
+  sinkMaxInflight: { flag: "sink-max-inflight", env: "PGTRICKLE_RELAY_SINK_MAX_INFLIGHT", file: "sink_max_inflight", fallback: "3000", hint: "n" },
   ioTimeoutSecs: { flag: "io-timeout", env: "PGTRICKLE_RELAY_IO_TIMEOUT_SECS", file: "io_timeout_secs", fallback: "60", hint: "seconds" },
   stallTimeoutSecs: { flag: "stall-timeout", env: "PGTRICKLE_RELAY_STALL_TIMEOUT_SECS", file: "stall_timeout_secs", fallback: "300", hint: "seconds" },
 };

@@ -38,7 +38,7 @@ describe("resolveSettings", () => {
       coordinatorTickMs: 500,
       maxWorkers: 10,
       shutdownTimeoutSecs: 30,
-      sinkMaxInflight: 1000,
+      sinkMaxInflight: 3000,
       ioTimeoutSecs: 60,
       stallTimeoutSecs: 300,
     });
@@ -89,7 +89,7 @@ stall_timeout_secs = 40
     expect(Object.keys(env)).toContain("PGTRICKLE_RELAY_COORDINATOR_TICK_MS");
     expect(resolveSettings({}, { ...env, PGTRICKLE_RELAY_SINK_MAX_INFLIGHT: "17" }).sinkMaxInflight).toBe(17);
     const args = settingArgs({ sinkMaxInflight: "window", maxWorkers: "workers" });
-    expect(args["sink-max-inflight"]!.description).toBe('window (env PGTRICKLE_RELAY_SINK_MAX_INFLIGHT, TOML sink_max_inflight, default "1000")');
+    expect(args["sink-max-inflight"]!.description).toBe('window (env PGTRICKLE_RELAY_SINK_MAX_INFLIGHT, TOML sink_max_inflight, default "3000")');
     expect(args["max-workers"]!.description).toBe('workers (env PGTRICKLE_RELAY_MAX_WORKERS_PER_POD, TOML max_workers_per_pod, default "10")');
   });
 

@@ -31,7 +31,7 @@ export const OutboxSourceConfig = v.looseObject({
   batch_size: positiveIntOption(100, "Outbox header rows per poll. One header row may expand to many messages."),
   max_batch_messages: positiveIntOption(
     1000,
-    "Most messages handed to the sink at once. A header row that does not fit in the batch being filled starts the next one, and a larger one is split every this many messages, so a change set is cut at the same places on every replay. Clipped to a third of `--sink-max-inflight` (docs/PIPELINE.md).",
+    "Most messages handed to the sink at once. A header row that does not fit in the batch being filled starts the next one, and a larger one is split every this many messages, so a change set is cut at the same places on every replay. Clipped to a third of `--sink-max-inflight`; a batch may hold the rows of two polls (docs/PIPELINE.md).",
   ),
   poll_interval_ms: positiveIntOption(1000, "Idle poll interval; doubles while idle up to max(this, 5 s). A NOTIFY cuts the sleep short."),
   subject_template: v.pipe(

@@ -30,6 +30,33 @@ interface WithinRow {
   delivered: number;
 }
 
+/** The batch being filled: its messages, dead letters, the last header row it completes. */
+class BatchFill {
+  messages: Message[] = [];
+  deadLetters: DeadLetter[] = [];
+  completed: string | null = null;
+  claimChecks: string[] = [];
+  /** `completed` when the last batch was taken. */
+  private taken: string | null = null;
+
+  constructor(private readonly make: (fill: BatchFill, within: WithinRow | null) => Batch) {}
+
+  /** Nothing to send or to commit (`completed` stays: it is where the next batch's offset goes). */
+  get empty(): boolean {
+    return this.messages.length === 0 && this.deadLetters.length === 0 && this.claimChecks.length === 0 && this.completed === this.taken;
+  }
+
+  /** The batch so far; the fill starts over (the offset it completes carries on). */
+  take(within: WithinRow | null = null): Batch {
+    const batch = this.make(this, within);
+    this.messages = [];
+    this.deadLetters = [];
+    this.claimChecks = [];
+    this.taken = this.completed;
+    return batch;
+  }
+}
+
 /**
  * The forward source: reads an outbox, decodes every payload shape, and hands out batches whose
  * ack() commits the offset (and then, if configured, releases claim-check rows).
@@ -125,10 +152,23 @@ export class OutboxSource implements Source {
     // A new pass (after a failure) starts again after the last commit; nothing else is in flight.
     this.simple.readPos = this.committed;
     let idlePolls = 0;
+    const fill = new BatchFill((f, within) => this.makeBatch(f.messages, f.deadLetters, f.completed, f.claimChecks, within));
     while (!signal.aborted) {
       const started = performance.now();
       const headers = this.group ? await this.group.poll() : await this.simple.poll(this.target);
       this.ctx.onPoll?.((performance.now() - started) / 1000);
+      let spilled = false; // this poll filled at least one whole batch
+      for await (const batch of this.expandHeaders(headers, fill)) {
+        spilled = true;
+        yield batch;
+      }
+      // The remainder of a poll that spilled over max_batch_messages exists only because a poll is
+      // not a whole number of batches: when more rows are waiting (the poll was full) the next poll
+      // tops it up instead of it going out small — fewer batches, one commit and one sink round
+      // trip each. A poll smaller than a batch still goes out as it is (batch_size is the knob).
+      // Group mode never carries one over: its next poll starts after the committed offset.
+      const carry = spilled && !this.group && headers.length === this.cfg.batch_size && !this.simple.blockedOnGap;
+      if (!carry && !fill.empty) yield fill.take();
       if (headers.length === 0) {
         if (this.ctx.drain && !this.simple.blockedOnGap) return;
         const base = this.cfg.poll_interval_ms;
@@ -138,53 +178,43 @@ export class OutboxSource implements Source {
         continue;
       }
       idlePolls = 0;
-      yield* this.expandHeaders(headers);
     }
   }
 
-  /** Turns polled header rows into batches of at most max_batch_messages messages. */
-  private async *expandHeaders(headers: HeaderRow[]): AsyncIterable<Batch> {
-    let messages: Message[] = [];
-    let deadLetters: DeadLetter[] = [];
-    let completed: string | null = null;
-    let claimChecks: string[] = [];
-    const take = (within: WithinRow | null = null) => {
-      const batch = this.makeBatch(messages, deadLetters, completed, claimChecks, within);
-      messages = [];
-      deadLetters = [];
-      claimChecks = [];
-      return batch;
-    };
+  /**
+   * Adds polled header rows to `fill`, yielding every batch that reaches max_batch_messages; the
+   * last, partial one stays in `fill` for the caller to send or top up.
+   */
+  private async *expandHeaders(headers: HeaderRow[], fill: BatchFill): AsyncIterable<Batch> {
     for (const header of headers) {
       let plan: Plan;
       try {
         plan = planFor(header, this.target.streamTable, { summaryMessages: this.cfg.summary_messages, keepInternalColumns: this.cfg.keep_internal_columns });
         safeOutboxId(header.id);
       } catch (err) {
-        deadLetters.push(this.decodeDeadLetter(header, err));
-        completed = header.id;
+        fill.deadLetters.push(this.decodeDeadLetter(header, err));
+        fill.completed = header.id;
         continue;
       }
-      if (messages.length > 0 && !this.fitsBatch(plan, messages.length)) yield take();
+      if (fill.messages.length > 0 && !this.fitsBatch(plan, fill.messages.length)) yield fill.take();
       // Messages of this row that acknowledged batches already carried (a restart mid-row).
       const resumes = this.withinRow?.outbox === this.target.outboxTable && this.withinRow.outbox_id === header.id;
       let delivered = resumes ? this.withinRow!.delivered : 0;
       try {
         for await (const chunk of this.messages.messagesOf(header, plan, delivered)) {
           for (const m of chunk) {
-            messages.push(m);
+            fill.messages.push(m);
             delivered++;
-            if (messages.length >= this.cfg.max_batch_messages) yield take({ outbox: this.target.outboxTable, outbox_id: header.id, delivered });
+            if (fill.messages.length >= this.cfg.max_batch_messages) yield fill.take({ outbox: this.target.outboxTable, outbox_id: header.id, delivered });
           }
         }
       } catch (err) {
         if (errorKind(err) !== "decode") throw err;
-        deadLetters.push(this.decodeDeadLetter(header, err));
+        fill.deadLetters.push(this.decodeDeadLetter(header, err));
       }
-      completed = header.id;
-      if (plan.kind === "claim_check") claimChecks.push(header.id);
+      fill.completed = header.id;
+      if (plan.kind === "claim_check") fill.claimChecks.push(header.id);
     }
-    yield take();
   }
 
   /**
