@@ -75,6 +75,8 @@ class HttpSink implements Sink {
   private readonly retryable: Set<number>;
   private tls: ReturnType<typeof loadTls>;
   private closing = new AbortController();
+  /** The requests being sent: close() aborts them. */
+  private readonly inFlight = new Set<AbortController>();
   /**
    * Outcome per dedup key of the messages a failed write did settle: null = accepted (2xx),
    * else the rejection error. The pipeline replays a failed batch whole; the replay sends only
@@ -134,6 +136,7 @@ class HttpSink implements Sink {
 
   async close(): Promise<void> {
     this.closing.abort();
+    for (const request of this.inFlight) request.abort();
     this.settled.clear();
   }
 
@@ -256,32 +259,46 @@ class HttpSink implements Sink {
     if (this.cfg.signing_secret) headers["X-Pgtrickle-Signature"] = signPayload(this.cfg.signing_secret, body);
 
     const what = `${this.cfg.method} ${this.target}`;
+    // One controller and one timer per request, aborted by the timeout or by close(): the
+    // AbortSignal.any(closing, AbortSignal.timeout) this replaced cost 10 % of a per-event drain's
+    // profile (bench/RESULTS.md, "Window and batch fill").
+    if (this.closing.signal.aborted) throw transientError(`${what}: aborted, the sink is closing`);
+    const abort = new AbortController();
+    let timedOut = false;
+    const timer = setTimeout(() => {
+      timedOut = true;
+      abort.abort();
+    }, this.cfg.timeout_ms);
+    this.inFlight.add(abort);
     let response: Response;
-    try {
-      response = await fetch(this.cfg.url, {
-        method: this.cfg.method,
-        headers,
-        body,
-        // A followed 301/302 turns the POST into a body-less GET that may well answer 200.
-        redirect: "manual",
-        signal: AbortSignal.any([this.closing.signal, AbortSignal.timeout(this.cfg.timeout_ms)]),
-        ...(this.tls ? { tls: this.tls } : {}),
-      });
-    } catch (err) {
-      const name = (err as { name?: string }).name;
-      if (name === "TimeoutError") throw transientError(`${what}: no response within ${this.cfg.timeout_ms} ms`);
-      if (name === "AbortError") throw transientError(`${what}: aborted, the sink is closing`);
-      const tls = describeTlsError(err, what);
-      if (tls) throw tls;
-      const code = (err as { code?: string }).code;
-      throw transientError(`${what} failed: ${this.redact(errorMessage(err))}${code ? ` (${code})` : ""}`);
-    }
-
     let text = "";
     try {
-      text = await response.text();
-    } catch (err) {
-      if (response.ok) throw transientError(`${what}: connection lost while reading the response (${this.redact(errorMessage(err))})`);
+      try {
+        response = await fetch(this.cfg.url, {
+          method: this.cfg.method,
+          headers,
+          body,
+          // A followed 301/302 turns the POST into a body-less GET that may well answer 200.
+          redirect: "manual",
+          signal: abort.signal,
+          ...(this.tls ? { tls: this.tls } : {}),
+        });
+      } catch (err) {
+        if (timedOut) throw transientError(`${what}: no response within ${this.cfg.timeout_ms} ms`);
+        if (abort.signal.aborted) throw transientError(`${what}: aborted, the sink is closing`);
+        const tls = describeTlsError(err, what);
+        if (tls) throw tls;
+        const code = (err as { code?: string }).code;
+        throw transientError(`${what} failed: ${this.redact(errorMessage(err))}${code ? ` (${code})` : ""}`);
+      }
+      try {
+        text = await response.text();
+      } catch (err) {
+        if (response.ok) throw transientError(`${what}: connection lost while reading the response (${this.redact(errorMessage(err))})`);
+      }
+    } finally {
+      clearTimeout(timer);
+      this.inFlight.delete(abort);
     }
     if (response.ok) return null;
     const snippet = this.redact(text.replace(/\s+/g, " ").trim().slice(0, 200));
