@@ -153,7 +153,8 @@ test("the sink's connection frozen mid-run: the offset never passes what Redis h
     await eventually(async () => (await redis.xlen(stream)) >= 5_000, 60_000, "5,000 messages in Redis");
     // Silent from now on, nothing closed: whatever the relay writes after this never reaches Redis.
     proxy.freeze();
-    await relay.waitForLog(/degraded, will retry: sink/, 60_000);
+    // The sink's own timeout (command_timeout_ms, 5 s by default) comes before the watchdog's 10 s.
+    await relay.waitForLog(/degraded, will retry: sink.*XADD got no reply within 5000 ms/, 60_000);
     // While the sink is unreachable: read the offset repeatedly; it never passes the messages Redis holds.
     for (let i = 0; i < 10; i++) {
       const offset = await offsetOf(name);

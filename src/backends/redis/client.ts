@@ -47,7 +47,7 @@ export function parseRedisUrl(url: string, side: Side = "sink"): Target {
   };
 }
 
-function redisOptions(cfg: ConnectionOptionsOf, target: Target, ctx: BackendContext, side: Side, commandTimeoutMs: number): RedisOptions {
+function redisOptions(cfg: ConnectionOptionsOf, target: Target, ctx: BackendContext, side: Side, commandTimeoutMs: number | undefined): RedisOptions {
   const opts: RedisOptions = {
     host: target.host,
     port: target.port,
@@ -60,6 +60,7 @@ function redisOptions(cfg: ConnectionOptionsOf, target: Target, ctx: BackendCont
     maxRetriesPerRequest: 0,
     autoResendUnfulfilledCommands: false,
     connectTimeout: cfg.connect_timeout_ms,
+    // ioredis times every command once this is a number; undefined leaves timing to the caller.
     commandTimeout: commandTimeoutMs,
     retryStrategy: (times) => Math.min(times * 200, 2000),
   };
@@ -102,7 +103,8 @@ export class RedisLink {
     private readonly cfg: ConnectionOptionsOf,
     private readonly ctx: BackendContext,
     readonly side: Side,
-    private readonly commandTimeoutMs: number,
+    /** Per-command timeout; undefined: none, the caller times its calls (the sink). */
+    private readonly commandTimeoutMs: number | undefined,
     private readonly onReady?: (client: Redis) => void,
   ) {
     this.target = parseRedisUrl(cfg.url, side);

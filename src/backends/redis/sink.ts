@@ -12,6 +12,7 @@
 import type { Redis } from "ioredis";
 import { configError, RelayError, transientError, worseError } from "../../errors.ts";
 import { hasPlaceholder, renderTemplate, type Message } from "../../message.ts";
+import { withTimeout } from "../../sleep.ts";
 import { chunks } from "../concurrency.ts";
 import { sinkSpec, type BackendContext, type Rejection, type Sink } from "../types.ts";
 import { RedisLink, replyCode, type Target } from "./client.ts";
@@ -80,7 +81,9 @@ class RedisSink implements Sink {
     private readonly cfg: RedisSinkOptions,
     ctx: BackendContext,
   ) {
-    this.link = new RedisLink(cfg, ctx, "sink", cfg.command_timeout_ms, (client) => {
+    // No per-command timer: the sink times its calls itself, one timer per pipeline instead of
+    // one per XADD (bench/RESULTS.md, "Window and batch fill").
+    this.link = new RedisLink(cfg, ctx, "sink", undefined, (client) => {
       if (cfg.dedup_window_seconds > 0) client.defineCommand("pgtDedupXadd", { numberOfKeys: 2, lua: DEDUP_XADD });
     });
     this.target = this.link.target;
@@ -94,7 +97,7 @@ class RedisSink implements Sink {
     if (!this.fixedKey) return; // keys depend on the messages; WRONGTYPE is judged per message
     let type: string;
     try {
-      type = await client.type(this.cfg.stream_key);
+      type = await this.timed(client.type(this.cfg.stream_key), "TYPE");
     } catch (err) {
       throw this.commandFailure(err, "TYPE");
     }
@@ -105,6 +108,17 @@ class RedisSink implements Sink {
 
   private connect(): Promise<Redis> {
     return this.link.connect();
+  }
+
+  /**
+   * `call`, or after command_timeout_ms a transient error; the connection is dropped then, so
+   * that no late reply can be taken for the answer to a later command.
+   */
+  private timed<T>(call: Promise<T>, what: string): Promise<T> {
+    return withTimeout(call, this.cfg.command_timeout_ms, what, () => {
+      this.link.abort();
+      return transientError(`Redis at ${this.target.where}: ${what} got no reply within ${this.cfg.command_timeout_ms} ms (sink.command_timeout_ms); reconnecting`);
+    });
   }
 
   private commandFailure(err: unknown, what: string): RelayError {
@@ -150,7 +164,7 @@ class RedisSink implements Sink {
       }
       let replies: [Error | null, unknown][] | null;
       try {
-        replies = await pipeline.exec();
+        replies = await this.timed(pipeline.exec(), "XADD");
       } catch (err) {
         throw this.commandFailure(err, "XADD");
       }
