@@ -67,11 +67,13 @@ export class Coordinator {
   private readonly sleeper = new Sleeper();
   private readonly stopAll = new AbortController();
   private readonly status: StatusTable;
+  /** Loaded once the catalog names a pipeline: a drain with nothing to do never loads prom-client. */
+  private metrics: Metrics | null = null;
 
   constructor(
     private readonly settings: Settings,
     readonly sql: Sql,
-    private readonly metrics: Metrics,
+    private readonly loadMetrics: () => Promise<Metrics>,
     private readonly options: CoordinatorOptions,
   ) {
     this.status = new StatusTable(sql, settings.relayGroupId);
@@ -83,11 +85,22 @@ export class Coordinator {
 
   /** Runs until stop() (or, when draining, until every pipeline is done). */
   async run(): Promise<void> {
-    await this.listen();
+    // The lock session and the LISTEN connection are two connections: they open together. The
+    // first turn of the loop awaits the session, so its failure is retried like any other.
+    let opening: Promise<void> | null = this.newSession();
+    opening.catch(() => {});
+    try {
+      await this.listen();
+    } catch (err) {
+      await opening.catch(() => {});
+      await this.session?.close();
+      throw err;
+    }
     let lastDiscovery = 0;
     let attempt = 0;
     while (!this.stopAll.signal.aborted) {
       try {
+        if (opening) await opening.finally(() => (opening = null));
         if (!this.session || this.session.lost) await this.newSession();
         await this.session!.verify();
         const due = Date.now() - lastDiscovery >= this.settings.discoveryIntervalSecs * 1000;
@@ -131,17 +144,20 @@ export class Coordinator {
   private async listen(): Promise<void> {
     // onlisten fires again after the LISTEN connection reconnects: notifications sent meanwhile
     // are lost, so re-read everything and wake every pipeline once.
-    await this.sql.listen("pgtrickle_relay_config", () => this.requestReload(), () => this.requestReload());
-    await this.sql.listen(
-      "pgtrickle_outbox_new",
-      (outboxTable) => {
-        for (const w of this.workers.values()) {
-          const src = w.pipeline?.source;
-          if (src instanceof OutboxSource && src.ready && src.outboxTable === outboxTable) src.wake();
-        }
-      },
-      () => this.workers.forEach((w) => w.pipeline?.source.wake?.()),
-    );
+    // Both on postgres.js's one LISTEN connection, sent together.
+    await Promise.all([
+      this.sql.listen("pgtrickle_relay_config", () => this.requestReload(), () => this.requestReload()),
+      this.sql.listen(
+        "pgtrickle_outbox_new",
+        (outboxTable) => {
+          for (const w of this.workers.values()) {
+            const src = w.pipeline?.source;
+            if (src instanceof OutboxSource && src.ready && src.outboxTable === outboxTable) src.wake();
+          }
+        },
+        () => this.workers.forEach((w) => w.pipeline?.source.wake?.()),
+      ),
+    ]);
   }
 
   private async newSession(): Promise<void> {
@@ -168,13 +184,14 @@ export class Coordinator {
       log.error(`coordinator: ${why}: every advisory lock is gone; stopping ${affected.length} pipeline(s) at once`);
     }
     for (const w of affected) hardStop(w);
-    this.metrics.owned.set(this.lockCount());
+    this.metrics?.owned.set(this.lockCount());
     this.sleeper.wake();
   }
 
   /** Brings the running set in line with the catalog: stop removed, restart changed, then acquire. */
   private async reconcile(): Promise<void> {
     const desired = await loadDesired(this.sql, this.options.only);
+    if (desired.size > 0) this.metrics ??= await this.loadMetrics();
     for (const [key, d] of desired) {
       // An unresolved secret may resolve at the next reload (a file appears): try again each time.
       if (d.secretError) this.failed.delete(key);
@@ -255,7 +272,7 @@ export class Coordinator {
       pipelineLog(d.row.name).debug(`advisory lock won (coordinator backend ${session.pid})`);
       this.startWorker(d, session);
     }
-    this.metrics.owned.set(this.lockCount());
+    this.metrics?.owned.set(this.lockCount());
   }
 
   /**
@@ -321,7 +338,8 @@ export class Coordinator {
       endAction: "unlock",
       ended: Promise.resolve(),
     };
-    const done = runWorker(worker, d, { settings: this.settings, sql: this.sql, metrics: this.metrics, drain: this.options.drain, status: this.status });
+    // A worker starts only for a pipeline of the catalog, and reconcile loaded the metrics for it.
+    const done = runWorker(worker, d, { settings: this.settings, sql: this.sql, metrics: this.metrics!, drain: this.options.drain, status: this.status });
     this.workers.set(key, worker);
     worker.ended = done
       .then((state) => this.workerEnded(worker, state))
@@ -338,14 +356,14 @@ export class Coordinator {
     if (this.options.drain && w.endAction !== "restart") {
       this.outcomes.push({ ...outcome(w.row, state, error ? redact(error) : null), delivered: p?.delivered ?? 0, deadLettered: p?.deadLettered ?? 0 });
     }
-    clearPipelineGauges(this.metrics, w.row.name, state);
+    clearPipelineGauges(this.metrics!, w.row.name, state);
     if (state !== "failed") {
       const why = w.endAction === "lost" ? " at once: its lock was lost (a batch in hand stays uncommitted, for the next owner to replay)" : w.endAction === "restart" ? "; restarting" : "";
       pipelineLog(w.row.name).info(`${state}${why}`);
     }
     if (w.endAction === "lost") {
       this.workers.delete(w.key);
-      this.metrics.owned.set(this.lockCount());
+      this.metrics?.owned.set(this.lockCount());
       return;
     }
     // The state is written before the lock goes, so the next owner's "starting" lands after it.
@@ -359,7 +377,7 @@ export class Coordinator {
       await w.session.unlock(this.settings.relayGroupId, w.row.name);
       pipelineLog(w.row.name).debug("advisory lock released");
     }
-    this.metrics.owned.set(this.lockCount());
+    this.metrics?.owned.set(this.lockCount());
     this.sleeper.wake();
   }
 

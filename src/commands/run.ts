@@ -5,7 +5,7 @@ import { EXIT, fail, loadSettings, withDatabase } from "../cli-common.ts";
 import type { Sql } from "../db.ts";
 import { log } from "../observe/log.ts";
 import type { Outcome } from "../coordinator.ts";
-import { runRelay } from "../relay.ts";
+import { relayConnectOptions, runRelay } from "../relay.ts";
 import { settingArgs } from "../settings.ts";
 
 const processArgs = settingArgs({
@@ -62,9 +62,16 @@ export const drainCommand = defineCommand({
     const timeoutSecs = args.timeout === undefined ? DRAIN_DEFAULT_TIMEOUT_SECS : Number(args.timeout);
     if (!Number.isFinite(timeoutSecs) || timeoutSecs < 0) fail(`--timeout must be a number of seconds ≥ 0, got "${args.timeout}"`, EXIT.config);
     const only = listFlag(args.pipeline);
-    const refusal = await withDatabase(settings, (sql) => drainRefusal(sql, settings.relayGroupId, only, { allowEmpty: !!args["allow-empty"], newGroup: !!args["new-group"] }));
-    if (refusal) fail(refusal, EXIT.nothingToDrain);
-    const result = await runRelay(settings, { drain: true, only, timeoutSecs, http: !!args.metrics, retryConnect: false, catalogChecked: true }).catch(unreachable);
+    // One connection decides whether to start and then serves the run.
+    const result = await withDatabase(
+      settings,
+      async (sql) => {
+        const refusal = await drainRefusal(sql, settings.relayGroupId, only, { allowEmpty: !!args["allow-empty"], newGroup: !!args["new-group"] });
+        if (refusal) fail(refusal, EXIT.nothingToDrain);
+        return runRelay(settings, { drain: true, only, timeoutSecs, http: !!args.metrics, retryConnect: false, database: sql }).catch(unreachable);
+      },
+      relayConnectOptions(settings),
+    );
     printSummary(result.outcomes);
     const deadLettered = result.outcomes.reduce((n, o) => n + o.deadLettered, 0);
     if (result.exitCode === 0 && deadLettered > 0 && !args["allow-dead-letters"]) {

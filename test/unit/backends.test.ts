@@ -41,6 +41,12 @@ describe("backend registry: client libraries load only when used", () => {
     for (const lib of CLIENT_LIBRARIES) expect(loaded).not.toContain(lib);
   });
 
+  test("the drain command's modules import no prom-client: the metrics load once a pipeline runs or /metrics is served", () => {
+    const loaded = packagesLoadedBy(["-e", `await import("./src/commands/run.ts");`]);
+    expect(loaded).toContain("postgres");
+    expect(loaded).not.toContain("prom-client");
+  });
+
   test("a kafka pipeline imports kafkajs and nothing else of the kind (the check above can see a library)", () => {
     const loaded = packagesLoadedBy(["-e", `await (await import("./src/backends/index.ts")).loadBackends([{ sourceType: "kafka", sinkType: "kafka" }]);`]);
     expect(CLIENT_LIBRARIES.filter((lib) => loaded.includes(lib))).toEqual(["kafkajs"]);
