@@ -66,8 +66,12 @@ export const drainCommand = defineCommand({
     const result = await withDatabase(
       settings,
       async (sql) => {
-        const refusal = await drainRefusal(sql, settings.relayGroupId, only, { allowEmpty: !!args["allow-empty"], newGroup: !!args["new-group"] });
+        await requireCatalog(sql);
+        const enabled = (await sql<{ name: string }[]>`SELECT name FROM pgtrickle.list_relay_configs() WHERE enabled`).map((r) => r.name);
+        const refusal = await drainRefusal(sql, enabled, settings.relayGroupId, only, { allowEmpty: !!args["allow-empty"], newGroup: !!args["new-group"] });
         if (refusal) fail(refusal, EXIT.nothingToDrain);
+        // Nothing to drain (--allow-empty): no lock session, LISTEN connection or coordinator to start.
+        if (enabled.length === 0) return { exitCode: 0, outcomes: [] };
         return runRelay(settings, { drain: true, only, timeoutSecs, http: !!args.metrics, retryConnect: false, database: sql }).catch(unreachable);
       },
       relayConnectOptions(settings),
@@ -83,14 +87,12 @@ export const drainCommand = defineCommand({
 });
 
 /**
- * Why drain should not start, or null: no enabled pipeline (unless allowed), --pipeline names
+ * Why drain should not start, or null: no `enabled` pipeline (unless allowed), --pipeline names
  * that are not enabled pipelines, or a relay group without any stored offset while others have
  * some — simple-mode offsets are kept per group, so a mistyped group would relay every outbox
  * again from its first row.
  */
-async function drainRefusal(sql: Sql, groupId: string, only: string[] | undefined, allow: { allowEmpty: boolean; newGroup: boolean }): Promise<string | null> {
-  await requireCatalog(sql);
-  const enabled = (await sql<{ name: string }[]>`SELECT name FROM pgtrickle.list_relay_configs() WHERE enabled`).map((r) => r.name);
+async function drainRefusal(sql: Sql, enabled: string[], groupId: string, only: string[] | undefined, allow: { allowEmpty: boolean; newGroup: boolean }): Promise<string | null> {
   const missing = only?.filter((n) => !enabled.includes(n)) ?? [];
   if (missing.length > 0) return `drain: no enabled pipeline named ${missing.join(", ")}${nearest(missing[0]!, enabled)}`;
   if (enabled.length === 0) return allow.allowEmpty ? null : "drain: no enabled pipeline in the catalog (--allow-empty accepts this)";
