@@ -9,8 +9,9 @@
  *   node_modules/.bin/bun bench/startup.ts [runs=15]
  *
  * PGTRICKLE_RELAY_MAIN (default src/main.ts) and PGTRICKLE_RELAY_BIN (default
- * dist/pgtrickle-relay, from scripts/build --native) pick what is measured, e.g. another checkout
- * for a before/after comparison.
+ * dist/pgtrickle-relay, from scripts/build --native) pick what is measured;
+ * PGTRICKLE_RELAY_BEFORE_MAIN and PGTRICKLE_RELAY_BEFORE_BIN add another checkout's to the same
+ * rotation, for a before/after comparison that the machine's load touches alike.
  */
 import { existsSync, mkdtempSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -37,6 +38,9 @@ const commands: Record<string, string[]> = {
   "cold drain, one idle pipeline": ["drain", "--postgres-url", idle.url],
 };
 const programs: Record<string, string[]> = { [`bun ${main.replace(`${root}/`, "")}`]: [process.execPath, main], [exe.replace(`${root}/`, "")]: [exe] };
+const before = { main: process.env.PGTRICKLE_RELAY_BEFORE_MAIN, exe: process.env.PGTRICKLE_RELAY_BEFORE_BIN };
+if (before.main) programs[`before: bun ${before.main}`] = [process.execPath, before.main];
+if (before.exe) programs[`before: ${before.exe}`] = [before.exe];
 
 const TIME = "/usr/bin/time";
 if (!existsSync(TIME)) throw new Error(`${TIME} (GNU time) is missing: it measures the peak RSS`);

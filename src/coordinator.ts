@@ -67,13 +67,11 @@ export class Coordinator {
   private readonly sleeper = new Sleeper();
   private readonly stopAll = new AbortController();
   private readonly status: StatusTable;
-  /** Loaded once the catalog names a pipeline: a drain with nothing to do never loads prom-client. */
-  private metrics: Metrics | null = null;
 
   constructor(
     private readonly settings: Settings,
     readonly sql: Sql,
-    private readonly loadMetrics: () => Promise<Metrics>,
+    private readonly metrics: Metrics,
     private readonly options: CoordinatorOptions,
   ) {
     this.status = new StatusTable(sql, settings.relayGroupId);
@@ -184,14 +182,13 @@ export class Coordinator {
       log.error(`coordinator: ${why}: every advisory lock is gone; stopping ${affected.length} pipeline(s) at once`);
     }
     for (const w of affected) hardStop(w);
-    this.metrics?.owned.set(this.lockCount());
+    this.metrics.owned.set(this.lockCount());
     this.sleeper.wake();
   }
 
   /** Brings the running set in line with the catalog: stop removed, restart changed, then acquire. */
   private async reconcile(): Promise<void> {
     const desired = await loadDesired(this.sql, this.options.only);
-    if (desired.size > 0) this.metrics ??= await this.loadMetrics();
     for (const [key, d] of desired) {
       // An unresolved secret may resolve at the next reload (a file appears): try again each time.
       if (d.secretError) this.failed.delete(key);
@@ -272,7 +269,7 @@ export class Coordinator {
       pipelineLog(d.row.name).debug(`advisory lock won (coordinator backend ${session.pid})`);
       this.startWorker(d, session);
     }
-    this.metrics?.owned.set(this.lockCount());
+    this.metrics.owned.set(this.lockCount());
   }
 
   /**
@@ -338,8 +335,7 @@ export class Coordinator {
       endAction: "unlock",
       ended: Promise.resolve(),
     };
-    // A worker starts only for a pipeline of the catalog, and reconcile loaded the metrics for it.
-    const done = runWorker(worker, d, { settings: this.settings, sql: this.sql, metrics: this.metrics!, drain: this.options.drain, status: this.status });
+    const done = runWorker(worker, d, { settings: this.settings, sql: this.sql, metrics: this.metrics, drain: this.options.drain, status: this.status });
     this.workers.set(key, worker);
     worker.ended = done
       .then((state) => this.workerEnded(worker, state))
@@ -356,14 +352,14 @@ export class Coordinator {
     if (this.options.drain && w.endAction !== "restart") {
       this.outcomes.push({ ...outcome(w.row, state, error ? redact(error) : null), delivered: p?.delivered ?? 0, deadLettered: p?.deadLettered ?? 0 });
     }
-    clearPipelineGauges(this.metrics!, w.row.name, state);
+    clearPipelineGauges(this.metrics, w.row.name, state);
     if (state !== "failed") {
       const why = w.endAction === "lost" ? " at once: its lock was lost (a batch in hand stays uncommitted, for the next owner to replay)" : w.endAction === "restart" ? "; restarting" : "";
       pipelineLog(w.row.name).info(`${state}${why}`);
     }
     if (w.endAction === "lost") {
       this.workers.delete(w.key);
-      this.metrics?.owned.set(this.lockCount());
+      this.metrics.owned.set(this.lockCount());
       return;
     }
     // The state is written before the lock goes, so the next owner's "starting" lands after it.
@@ -377,7 +373,7 @@ export class Coordinator {
       await w.session.unlock(this.settings.relayGroupId, w.row.name);
       pipelineLog(w.row.name).debug("advisory lock released");
     }
-    this.metrics?.owned.set(this.lockCount());
+    this.metrics.owned.set(this.lockCount());
     this.sleeper.wake();
   }
 

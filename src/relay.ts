@@ -4,7 +4,6 @@ import { connect, describeUrl, explainConnectError, type ConnectOptions, type Sq
 import { requireCatalog } from "./catalog/status.ts";
 import { errorKind, errorMessage } from "./errors.ts";
 import { log } from "./observe/log.ts";
-import type { Metrics } from "./observe/metrics.ts";
 import { startHttp } from "./observe/http.ts";
 import { showDrainProgress } from "./observe/progress.ts";
 import type { Settings } from "./settings.ts";
@@ -29,21 +28,12 @@ export interface RelayOptions {
   database?: Sql;
 }
 
-/** The relay's pool: a connection per worker and a few more; named after this process (like the coordinator session), so an operator can tell whose it is. */
+/**
+ * The relay's pool: a connection per worker and a few more, named after this process (like the
+ * coordinator session), so an operator can tell whose it is.
+ */
 export function relayConnectOptions(settings: Settings): ConnectOptions {
   return { max: settings.maxWorkers + 4, connectTimeout: 10, applicationName: `pgtrickle-relay ${processIdentity()}`.slice(0, 63) };
-}
-
-let metrics: Promise<Metrics> | undefined;
-
-/**
- * The process's one metric set, created on first use: prom-client takes some 40 ms to load
- * (bench/RESULTS.md, "Startup"), which a drain that finds no pipeline and serves no /metrics
- * never needs.
- */
-function loadMetrics(): Promise<Metrics> {
-  metrics ??= import("./observe/metrics.ts").then((m) => new m.Metrics());
-  return metrics;
 }
 
 /** Connects, retrying with jittered backoff for a service, once for a one-shot command. */
@@ -94,13 +84,17 @@ export async function runRelay(settings: Settings, options: RelayOptions): Promi
   try {
     if (!options.database) await requireCatalog(sql);
     log.info(`relay ${processIdentity()} (group '${settings.relayGroupId}', ${options.drain ? "drain" : "run"}) on ${describeUrl(settings.postgresUrl)}`);
-    const coordinator = new Coordinator(settings, sql, loadMetrics, { drain: options.drain, only: options.only });
+    // Imported only here: prom-client takes some 40 ms to load (bench/RESULTS.md, "Startup"), and
+    // a drain that finds nothing to do never gets this far.
+    const { Metrics } = await import("./observe/metrics.ts");
+    const metrics = new Metrics();
+    const coordinator = new Coordinator(settings, sql, metrics, { drain: options.drain, only: options.only });
     sighup = () => {
       log.info("received SIGHUP: re-reading every pipeline config and re-resolving secrets");
       coordinator.requestReload(true);
     };
     process.on("SIGHUP", sighup);
-    const http = options.http ? startHttp(settings.metricsAddr, coordinator, await loadMetrics()) : null;
+    const http = options.http ? startHttp(settings.metricsAddr, coordinator, metrics) : null;
     const running = coordinator.run();
     const stopProgress = options.drain ? showDrainProgress(coordinator) : () => {};
     const timeout = deadline < Infinity ? setTimeout(() => ((timedOut = true), shutdown.abort()), Math.max(0, deadline - Date.now())) : undefined;
