@@ -1,4 +1,4 @@
-import { Coordinator, type Outcome } from "./coordinator.ts";
+import type { Outcome } from "./coordinator.ts";
 import { processIdentity } from "./coordinator/lock-session.ts";
 import { connect, describeUrl, explainConnectError, type ConnectOptions, type Sql } from "./db.ts";
 import { requireCatalog } from "./catalog/status.ts";
@@ -84,9 +84,9 @@ export async function runRelay(settings: Settings, options: RelayOptions): Promi
   try {
     if (!options.database) await requireCatalog(sql);
     log.info(`relay ${processIdentity()} (group '${settings.relayGroupId}', ${options.drain ? "drain" : "run"}) on ${describeUrl(settings.postgresUrl)}`);
-    // Imported only here: prom-client takes some 40 ms to load (bench/RESULTS.md, "Startup"), and
-    // a drain that finds nothing to do never gets this far.
-    const { Metrics } = await import("./observe/metrics.ts");
+    // Imported only here, the coordinator with its pipelines and prom-client (some 40 ms to load,
+    // bench/RESULTS.md "Startup"): a drain that finds nothing to do never gets this far.
+    const [{ Coordinator }, { Metrics }] = await Promise.all([import("./coordinator.ts"), import("./observe/metrics.ts")]);
     const metrics = new Metrics();
     const coordinator = new Coordinator(settings, sql, metrics, { drain: options.drain, only: options.only });
     sighup = () => {
