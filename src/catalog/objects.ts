@@ -280,7 +280,8 @@ export async function probePublicExecute(q: Q, objects: readonly ObjectState[]):
 
 /**
  * `pgtrickle.relay_catalog_version`, or null when the table is missing or unreadable. Needs no
- * object probe first, so it can be issued together with probeObjects.
+ * object probe first, and its statements take no parameters (postgres.js sends those without
+ * waiting for a describe round trip), so it travels with the statements issued beside it.
  */
 export async function readCatalogVersion(q: Q): Promise<string | null> {
   // Status must work for any login: check first, because a denied SELECT aborts the transaction.
@@ -289,7 +290,7 @@ export async function readCatalogVersion(q: Q): Promise<string | null> {
   const [can] = await q<{ ok: boolean }[]>`
     SELECT pg_catalog.has_schema_privilege(n.oid, 'USAGE') AND pg_catalog.has_table_privilege(c.oid, 'SELECT') AS ok
       FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-     WHERE n.nspname = ${RELAY_SCHEMA} AND c.relname = 'relay_catalog_version'`;
+     WHERE n.nspname = 'pgtrickle' AND c.relname = 'relay_catalog_version'`;
   if (!can?.ok) return null;
   const rows = await q<{ version: string }[]>`SELECT version FROM pgtrickle.relay_catalog_version LIMIT 1`;
   return rows[0]?.version ?? null;

@@ -296,8 +296,9 @@ export function formatCatalogStatus(s: CatalogStatus): string {
  * reads (some twenty statements, each a round trip or two): a few statements, one transaction.
  */
 export async function requireCatalog(sql: Sql): Promise<Pick<CatalogStatus, "database" | "relayCatalog" | "relayOnly">> {
-  const [[info], objects, version] = await sql.begin("read only", (tx) =>
-    Promise.all([tx<{ database: string }[]>`SELECT current_database() AS database`, probeObjects(tx, { fingerprints: false }), readCatalogVersion(tx)]),
+  // The version's statements first: without parameters, they go out with the probe's.
+  const [version, objects, [info]] = await sql.begin("read only", (tx) =>
+    Promise.all([readCatalogVersion(tx), probeObjects(tx, { fingerprints: false }), tx<{ database: string }[]>`SELECT current_database() AS database`]),
   );
   const status = { database: info!.database, ...relayCatalogState(objects, version) };
   const fix = "run `pgtrickle-relay catalog install`";
