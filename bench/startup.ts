@@ -1,18 +1,22 @@
 /**
- * Startup cost of one relay process: wall time and peak RSS of `--version`, `help`, and a cold
- * `drain --allow-empty` on a database whose catalog has no pipeline, for the sources under Bun
- * and for the compiled executable (peak RSS through GNU time). Medians of `runs` runs each, run
- * in turn so that load on the machine touches every command alike.
+ * Startup cost of one relay process: wall time and peak RSS of `--version`, `help`, a cold
+ * `drain --allow-empty` on a database whose catalog has no pipeline, and a cold `drain` of one
+ * outbox → stdout pipeline with nothing pending (what every drain pays before its first row:
+ * lock session, LISTEN, the pipeline's start), for the sources under Bun and for the compiled
+ * executable (peak RSS through GNU time). Medians of `runs` runs each, run in turn so that load
+ * on the machine touches every command alike.
  *
  *   node_modules/.bin/bun bench/startup.ts [runs=15]
  *
  * PGTRICKLE_RELAY_MAIN (default src/main.ts) and PGTRICKLE_RELAY_BIN (default
- * dist/pgtrickle-relay, from scripts/build --native) pick what is measured, e.g. another checkout
- * for a before/after comparison.
+ * dist/pgtrickle-relay, from scripts/build --native) pick what is measured;
+ * PGTRICKLE_RELAY_BEFORE_MAIN and PGTRICKLE_RELAY_BEFORE_BIN add another checkout's to the same
+ * rotation, for a before/after comparison that the machine's load touches alike.
  */
 import { existsSync, mkdtempSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { createStreamTable, enableOutbox } from "../test/fixtures/outbox.ts";
 import { testDatabase } from "../test/helpers/pg.ts";
 import { median } from "./lib.ts";
 
@@ -23,12 +27,20 @@ const exe = process.env.PGTRICKLE_RELAY_BIN ?? join(root, "dist/pgtrickle-relay"
 if (!existsSync(exe)) throw new Error(`${exe} is missing: scripts/build --native`);
 
 const db = await testDatabase("bench_startup");
+const idle = await testDatabase("bench_startup_idle");
+await createStreamTable(idle.sql, "public.idle", "id int primary key");
+await enableOutbox(idle.sql, "public.idle");
+await idle.sql`SELECT pgtrickle.set_relay_outbox('idle', 'public.idle', NULL, '{"type": "stdout"}'::jsonb)`;
 const commands: Record<string, string[]> = {
   "--version": ["--version"],
   help: ["help"],
   "cold drain, empty catalog": ["drain", "--postgres-url", db.url, "--allow-empty"],
+  "cold drain, one idle pipeline": ["drain", "--postgres-url", idle.url],
 };
 const programs: Record<string, string[]> = { [`bun ${main.replace(`${root}/`, "")}`]: [process.execPath, main], [exe.replace(`${root}/`, "")]: [exe] };
+const before = { main: process.env.PGTRICKLE_RELAY_BEFORE_MAIN, exe: process.env.PGTRICKLE_RELAY_BEFORE_BIN };
+if (before.main) programs[`before: bun ${before.main}`] = [process.execPath, before.main];
+if (before.exe) programs[`before: ${before.exe}`] = [before.exe];
 
 const TIME = "/usr/bin/time";
 if (!existsSync(TIME)) throw new Error(`${TIME} (GNU time) is missing: it measures the peak RSS`);
@@ -70,4 +82,5 @@ try {
   }
 } finally {
   await db.drop();
+  await idle.drop();
 }

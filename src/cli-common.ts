@@ -1,4 +1,4 @@
-import { connect, explainConnectError, type Sql } from "./db.ts";
+import { connect, explainConnectError, type ConnectOptions, type Sql } from "./db.ts";
 import { errorKind, errorMessage, RelayError } from "./errors.ts";
 import { configureLogging, log } from "./observe/log.ts";
 import { EXIT_USAGE } from "./cli.ts";
@@ -49,8 +49,8 @@ export function loadSettings(args: Record<string, unknown>): Settings {
  * For one-shot commands: connect once, briefly, and fail with one clear line (no stack trace)
  * when the database cannot be reached. `run` retries instead (see relay.ts).
  */
-export async function withDatabase<T>(settings: Settings, work: (sql: Sql) => Promise<T>): Promise<T> {
-  const sql = connect(settings.postgresUrl, { max: 2, connectTimeout: 5 });
+export async function withDatabase<T>(settings: Settings, work: (sql: Sql) => Promise<T>, options: ConnectOptions = { max: 2, connectTimeout: 5 }): Promise<T> {
+  const sql = connect(settings.postgresUrl, options);
   try {
     try {
       await sql`select 1`;

@@ -83,11 +83,22 @@ export class Coordinator {
 
   /** Runs until stop() (or, when draining, until every pipeline is done). */
   async run(): Promise<void> {
-    await this.listen();
+    // The lock session and the LISTEN connection are two connections: they open together. The
+    // first turn of the loop awaits the session, so its failure is retried like any other.
+    let opening: Promise<void> | null = this.newSession();
+    opening.catch(() => {});
+    try {
+      await this.listen();
+    } catch (err) {
+      await opening.catch(() => {});
+      await this.session?.close();
+      throw err;
+    }
     let lastDiscovery = 0;
     let attempt = 0;
     while (!this.stopAll.signal.aborted) {
       try {
+        if (opening) await opening.finally(() => (opening = null));
         if (!this.session || this.session.lost) await this.newSession();
         await this.session!.verify();
         const due = Date.now() - lastDiscovery >= this.settings.discoveryIntervalSecs * 1000;
@@ -131,17 +142,20 @@ export class Coordinator {
   private async listen(): Promise<void> {
     // onlisten fires again after the LISTEN connection reconnects: notifications sent meanwhile
     // are lost, so re-read everything and wake every pipeline once.
-    await this.sql.listen("pgtrickle_relay_config", () => this.requestReload(), () => this.requestReload());
-    await this.sql.listen(
-      "pgtrickle_outbox_new",
-      (outboxTable) => {
-        for (const w of this.workers.values()) {
-          const src = w.pipeline?.source;
-          if (src instanceof OutboxSource && src.ready && src.outboxTable === outboxTable) src.wake();
-        }
-      },
-      () => this.workers.forEach((w) => w.pipeline?.source.wake?.()),
-    );
+    // Both on postgres.js's one LISTEN connection, sent together.
+    await Promise.all([
+      this.sql.listen("pgtrickle_relay_config", () => this.requestReload(), () => this.requestReload()),
+      this.sql.listen(
+        "pgtrickle_outbox_new",
+        (outboxTable) => {
+          for (const w of this.workers.values()) {
+            const src = w.pipeline?.source;
+            if (src instanceof OutboxSource && src.ready && src.outboxTable === outboxTable) src.wake();
+          }
+        },
+        () => this.workers.forEach((w) => w.pipeline?.source.wake?.()),
+      ),
+    ]);
   }
 
   private async newSession(): Promise<void> {

@@ -1,10 +1,9 @@
-import { Coordinator, type Outcome } from "./coordinator.ts";
+import type { Outcome } from "./coordinator.ts";
 import { processIdentity } from "./coordinator/lock-session.ts";
-import { connect, describeUrl, explainConnectError, type Sql } from "./db.ts";
+import { connect, describeUrl, explainConnectError, type ConnectOptions, type Sql } from "./db.ts";
 import { requireCatalog } from "./catalog/status.ts";
 import { errorKind, errorMessage } from "./errors.ts";
 import { log } from "./observe/log.ts";
-import { Metrics } from "./observe/metrics.ts";
 import { startHttp } from "./observe/http.ts";
 import { showDrainProgress } from "./observe/progress.ts";
 import type { Settings } from "./settings.ts";
@@ -21,19 +20,26 @@ export interface RelayOptions {
   retryConnect: boolean;
   /** Stop gracefully once this resolves (the demo's --count). */
   stopWhen?: Promise<void>;
-  /** The command checked the catalog a moment ago (drain, before deciding to start): not again. */
-  catalogChecked?: boolean;
+  /**
+   * A client the command already opened with relayConnectOptions and checked the catalog through
+   * (drain, deciding whether to start): used instead of a new connection, and left to the
+   * command to close.
+   */
+  database?: Sql;
+}
+
+/**
+ * The relay's pool: a connection per worker and a few more, named after this process (like the
+ * coordinator session), so an operator can tell whose it is.
+ */
+export function relayConnectOptions(settings: Settings): ConnectOptions {
+  return { max: settings.maxWorkers + 4, connectTimeout: 10, applicationName: `pgtrickle-relay ${processIdentity()}`.slice(0, 63) };
 }
 
 /** Connects, retrying with jittered backoff for a service, once for a one-shot command. */
 async function connectDatabase(settings: Settings, retry: boolean, stop: AbortSignal): Promise<Sql> {
   for (let attempt = 0; ; attempt++) {
-    // Named after this process (like the coordinator session), so an operator can tell whose it is.
-    const sql = connect(settings.postgresUrl, {
-      max: settings.maxWorkers + 4,
-      connectTimeout: 10,
-      applicationName: `pgtrickle-relay ${processIdentity()}`.slice(0, 63),
-    });
+    const sql = connect(settings.postgresUrl, relayConnectOptions(settings));
     try {
       await sql`select 1`;
       return sql;
@@ -72,12 +78,15 @@ export async function runRelay(settings: Settings, options: RelayOptions): Promi
 
   // drain --timeout bounds the whole run, connecting and the graceful stop included.
   const deadline = options.timeoutSecs ? Date.now() + options.timeoutSecs * 1000 : Infinity;
-  const sql = await connectDatabase(settings, options.retryConnect, shutdown.signal);
+  const sql = options.database ?? (await connectDatabase(settings, options.retryConnect, shutdown.signal));
   let timedOut = false;
   let sighup: (() => void) | undefined;
   try {
-    if (!options.catalogChecked) await requireCatalog(sql);
+    if (!options.database) await requireCatalog(sql);
     log.info(`relay ${processIdentity()} (group '${settings.relayGroupId}', ${options.drain ? "drain" : "run"}) on ${describeUrl(settings.postgresUrl)}`);
+    // Imported only here, the coordinator with its pipelines and prom-client (some 40 ms to load,
+    // bench/RESULTS.md "Startup"): a drain that finds nothing to do never gets this far.
+    const [{ Coordinator }, { Metrics }] = await Promise.all([import("./coordinator.ts"), import("./observe/metrics.ts")]);
     const metrics = new Metrics();
     const coordinator = new Coordinator(settings, sql, metrics, { drain: options.drain, only: options.only });
     sighup = () => {
@@ -117,6 +126,6 @@ export async function runRelay(settings: Settings, options: RelayOptions): Promi
     process.off("SIGINT", sigint);
     process.off("SIGTERM", sigterm);
     if (sighup) process.off("SIGHUP", sighup);
-    await sql.end({ timeout: 2 });
+    if (!options.database) await sql.end({ timeout: 2 });
   }
 }

@@ -68,7 +68,7 @@ export async function installCatalog(sql: Sql): Promise<InstallResult> {
       const roleBefore = isPresent(before, "role", RELAY_ROLE);
       const grantsBefore = roleBefore ? await probeGrants(tx, RELAY_ROLE, before) : new Map<GrantSpec, boolean>();
       const publicBefore = await probePublicExecute(tx, before);
-      const previousVersion = await readCatalogVersion(tx, before);
+      const previousVersion = await readCatalogVersion(tx);
 
       await tx.unsafe(sections.common).simple();
       if (!ownerExtension) await tx.unsafe(sections.core).simple();
@@ -78,7 +78,7 @@ export async function installCatalog(sql: Sql): Promise<InstallResult> {
       if (ownerExtension) await grantOnExtensionObjects(tx, await probeGrants(tx, RELAY_ROLE, after));
       const grantsAfter = await probeGrants(tx, RELAY_ROLE, after);
       const publicAfter = await probePublicExecute(tx, after);
-      const version = (await readCatalogVersion(tx, after)) ?? CATALOG_VERSION;
+      const version = (await readCatalogVersion(tx)) ?? CATALOG_VERSION;
 
       const result: InstallResult = {
         database,

@@ -155,7 +155,7 @@ const DEFINER_FUNCTIONS: readonly { name: string; section: CatalogSection }[] = 
 
 // ── Probing the database ────────────────────────────────────────────────────────────────────
 
-interface ObjectState {
+export interface ObjectState {
   spec: ObjectSpec;
   label: string;
   present: boolean;
@@ -165,61 +165,57 @@ interface ObjectState {
   fingerprint: string | null;
 }
 
-export async function probeObjects(q: Q): Promise<ObjectState[]> {
-  const schemaRows = await q<{ extension: string | null }[]>`
-    SELECT (SELECT e.extname FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_extension e ON e.oid = d.refobjid
-             WHERE d.classid = 'pg_catalog.pg_namespace'::regclass AND d.objid = n.oid
-               AND d.refclassid = 'pg_catalog.pg_extension'::regclass AND d.deptype = 'e' LIMIT 1) AS extension
-      FROM pg_catalog.pg_namespace n WHERE n.nspname = ${RELAY_SCHEMA}`;
-  const roleRows = await q`SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = ${RELAY_ROLE}`;
+/**
+ * Which catalog objects exist, and the extension owning each, in one statement: postgres.js
+ * sends a new parameterized statement in two round trips (describe, then execute) and queues
+ * whatever follows behind it, so one statement costs a cold process two round trips where five
+ * cost ten. `fingerprints: false` leaves the function fingerprints out (pg_get_functiondef is the
+ * costliest part; only install compares them).
+ */
+export async function probeObjects(q: Q, { fingerprints = true } = {}): Promise<ObjectState[]> {
   const relNames = OBJECTS.filter((o) => o.kind === "table" || o.kind === "index").map((o) => o.name);
-  const rels = await q<{ relname: string; extension: string | null }[]>`
-    SELECT c.relname,
-           (SELECT e.extname FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_extension e ON e.oid = d.refobjid
-             WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objid = c.oid
-               AND d.refclassid = 'pg_catalog.pg_extension'::regclass AND d.deptype = 'e' LIMIT 1) AS extension
-      FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-     WHERE n.nspname = ${RELAY_SCHEMA} AND c.relname = ANY(${relNames})`;
   // Signatures in the RELAY_FUNCTIONS form: `name(type,type)`.
   const sigs = OBJECTS.filter((o) => o.kind === "function").map((o) => o.name);
-  // Matched through the catalogs, not to_regprocedure(): that needs USAGE on the schema, and
-  // status must work for a login that lacks it.
-  const funcs = await q<{ sig: string; fingerprint: string; extension: string | null }[]>`
-    SELECT f.sig, md5(pg_catalog.pg_get_functiondef(f.oid)) AS fingerprint,
-           (SELECT e.extname FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_extension e ON e.oid = d.refobjid
-             WHERE d.classid = 'pg_catalog.pg_proc'::regclass AND d.objid = f.oid
-               AND d.refclassid = 'pg_catalog.pg_extension'::regclass AND d.deptype = 'e' LIMIT 1) AS extension
-      FROM (SELECT p.oid, p.proname || '(' || replace(pg_catalog.oidvectortypes(p.proargtypes), ' ', '') || ')' AS sig
-              FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
-             WHERE n.nspname = ${RELAY_SCHEMA}) f
-     WHERE f.sig = ANY(${sigs}::text[])`;
-  const trigs = await q<{ tgname: string; relname: string }[]>`
-    SELECT t.tgname, c.relname
-      FROM pg_catalog.pg_trigger t
-      JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
-      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-     WHERE n.nspname = ${RELAY_SCHEMA} AND NOT t.tgisinternal
-       AND t.tgname = ANY(${CORE_TRIGGERS.map((t) => t.name)})`;
+  // The extension an object belongs to (pg_depend deptype 'e'), for objects of catalog `cls`.
+  const owner = (cls: string, oid: string) => `(SELECT e.extname FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_extension e ON e.oid = d.refobjid
+             WHERE d.classid = '${cls}'::regclass AND d.objid = ${oid}
+               AND d.refclassid = 'pg_catalog.pg_extension'::regclass AND d.deptype = 'e' LIMIT 1)`;
+  // Functions are matched through the catalogs, not to_regprocedure(): that needs USAGE on the
+  // schema, and status must work for a login that lacks it. Their names are matched first: a
+  // signature costs type lookups, which a schema with many functions (pg_trickle's) makes slow.
+  const rows = await q.unsafe<{ kind: "schema" | "role" | "rel" | "function" | "trigger"; name: string; relname: string | null; extension: string | null; fingerprint: string | null }[]>(
+    // Text columns: a `name` column (63 bytes) would cut the longest signatures short.
+    `SELECT 'schema' AS kind, n.nspname::text AS name, NULL::text AS relname, ${owner("pg_catalog.pg_namespace", "n.oid")}::text AS extension, NULL::text AS fingerprint
+       FROM pg_catalog.pg_namespace n WHERE n.nspname = $1
+     UNION ALL
+     SELECT 'role', r.rolname, NULL, NULL, NULL FROM pg_catalog.pg_roles r WHERE r.rolname = $2
+     UNION ALL
+     SELECT 'rel', c.relname, NULL, ${owner("pg_catalog.pg_class", "c.oid")}, NULL
+       FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+      WHERE n.nspname = $1 AND c.relname = ANY($3::text[])
+     UNION ALL
+     SELECT 'function', f.sig, NULL, ${owner("pg_catalog.pg_proc", "f.oid")},
+            CASE WHEN $5 THEN md5(pg_catalog.pg_get_functiondef(f.oid)) END
+       FROM (SELECT p.oid, p.proname || '(' || replace(pg_catalog.oidvectortypes(p.proargtypes), ' ', '') || ')' AS sig
+               FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+              WHERE n.nspname = $1 AND p.proname = ANY($7::text[])) f
+      WHERE f.sig = ANY($4::text[])
+     UNION ALL
+     SELECT 'trigger', t.tgname, c.relname, NULL, NULL
+       FROM pg_catalog.pg_trigger t
+       JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
+       JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+      WHERE n.nspname = $1 AND NOT t.tgisinternal AND t.tgname = ANY($6::text[])`,
+    [RELAY_SCHEMA, RELAY_ROLE, relNames, sigs, fingerprints, CORE_TRIGGERS.map((t) => t.name), sigs.map((sig) => sig.slice(0, sig.indexOf("(")))],
+  );
+  const found = (kind: string, name: string, relname: string | null = null) => rows.find((r) => r.kind === kind && r.name === name && r.relname === relname);
 
   return OBJECTS.map((spec): ObjectState => {
     const base = { spec, label: objectLabel(spec), extension: null, fingerprint: null, present: false };
-    switch (spec.kind) {
-      case "schema":
-        return { ...base, present: schemaRows.length > 0, extension: schemaRows[0]?.extension ?? null };
-      case "role":
-        return { ...base, present: roleRows.length > 0 };
-      case "table":
-      case "index": {
-        const r = rels.find((x) => x.relname === spec.name);
-        return { ...base, present: !!r, extension: r?.extension ?? null };
-      }
-      case "function": {
-        const f = funcs.find((x) => x.sig === spec.name);
-        return { ...base, present: !!f, extension: f?.extension ?? null, fingerprint: f?.fingerprint ?? null };
-      }
-      case "trigger":
-        return { ...base, present: trigs.some((t) => t.tgname === spec.name && t.relname === spec.table) };
-    }
+    const row =
+      spec.kind === "trigger" ? found("trigger", spec.name, spec.table!) : found(spec.kind === "table" || spec.kind === "index" ? "rel" : spec.kind, spec.name);
+    if (!row) return base;
+    return { ...base, present: true, extension: row.extension, fingerprint: row.fingerprint };
   });
 }
 
@@ -282,14 +278,19 @@ export async function probePublicExecute(q: Q, objects: readonly ObjectState[]):
   return specs.filter((s) => held.get(s)).map((s) => `${RELAY_SCHEMA}.${s.object}`);
 }
 
-export async function readCatalogVersion(q: Q, objects: readonly ObjectState[]): Promise<string | null> {
-  if (!isPresent(objects, "table", "relay_catalog_version")) return null;
+/**
+ * `pgtrickle.relay_catalog_version`, or null when the table is missing or unreadable. Needs no
+ * object probe first, and its statements take no parameters (postgres.js sends those without
+ * waiting for a describe round trip), so it travels with the statements issued beside it.
+ */
+export async function readCatalogVersion(q: Q): Promise<string | null> {
   // Status must work for any login: check first, because a denied SELECT aborts the transaction.
-  // By OID, like probeGrants: resolving the name would itself need USAGE on the schema.
+  // By OID, like probeGrants: resolving the name would itself need USAGE on the schema. A
+  // missing table answers no row.
   const [can] = await q<{ ok: boolean }[]>`
     SELECT pg_catalog.has_schema_privilege(n.oid, 'USAGE') AND pg_catalog.has_table_privilege(c.oid, 'SELECT') AS ok
       FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-     WHERE n.nspname = ${RELAY_SCHEMA} AND c.relname = 'relay_catalog_version'`;
+     WHERE n.nspname = 'pgtrickle' AND c.relname = 'relay_catalog_version'`;
   if (!can?.ok) return null;
   const rows = await q<{ version: string }[]>`SELECT version FROM pgtrickle.relay_catalog_version LIMIT 1`;
   return rows[0]?.version ?? null;

@@ -1,7 +1,7 @@
 /** What the database holds of pg_trickle and the relay catalog (`status`, `catalog status`, `requireCatalog`). */
 import type { Sql } from "../db.ts";
 import { configError } from "../errors.ts";
-import { CATALOG_VERSION, GRANTS, RELAY_ROLE, RELAY_SCHEMA, coreOwnerExtension, grantLabel, isPresent, probeGrants, probeObjects, probePublicExecute, readCatalogVersion, type CatalogSection, type GrantSpec } from "./objects.ts";
+import { CATALOG_VERSION, GRANTS, RELAY_ROLE, RELAY_SCHEMA, coreOwnerExtension, grantLabel, isPresent, probeGrants, probeObjects, probePublicExecute, readCatalogVersion, type CatalogSection, type GrantSpec, type ObjectState } from "./objects.ts";
 
 export type Completeness = "complete" | "partial" | "missing";
 
@@ -74,6 +74,37 @@ function versionAtLeast(version: string, major: number, minor: number): boolean 
   return maj > major || (maj === major && (min ?? 0) >= minor);
 }
 
+/** The relay catalog's part of CatalogStatus, from the probed objects and the catalog version. */
+function relayCatalogState(objects: readonly ObjectState[], version: string | null): Pick<CatalogStatus, "relayCatalog" | "relayOnly"> {
+  const presence = (section: CatalogSection): ObjectPresence[] =>
+    objects
+      .filter((o) => o.spec.section === section || (section === "core" && o.spec.kind === "role"))
+      .map((o) => ({ name: o.label, present: o.present, extension: o.extension }));
+  const core = presence("core");
+  const relayOnly = presence("relay");
+  const ownerExtension = coreOwnerExtension(objects);
+  // The role is cluster-wide: another database's install leaves it behind, so it alone does
+  // not make this database's catalog "partial".
+  const coreState = core.some((o) => o.present && !o.name.startsWith("role "))
+    ? completeness(core.filter((o) => o.present).length, core.length)
+    : "missing";
+  return {
+    relayCatalog: {
+      state: coreState,
+      owner: coreState === "missing" ? null : ownerExtension ? "extension" : "relay",
+      ownerExtension,
+      version,
+      objects: core,
+      missing: core.filter((o) => !o.present).map((o) => o.name),
+    },
+    relayOnly: {
+      state: completeness(relayOnly.filter((o) => o.present).length, relayOnly.length),
+      objects: relayOnly,
+      missing: relayOnly.filter((o) => !o.present).map((o) => o.name),
+    },
+  };
+}
+
 /** A read-only look at what the database holds; needs no privileges beyond connecting. */
 export async function catalogStatus(sql: Sql): Promise<CatalogStatus> {
   return sql.begin("read only", async (tx) => {
@@ -82,7 +113,7 @@ export async function catalogStatus(sql: Sql): Promise<CatalogStatus> {
         SELECT current_database() AS database, current_setting('server_version') AS server_version,
                current_user::text AS current_user`
     )[0]!;
-    const objects = await probeObjects(tx);
+    const [objects, version] = await Promise.all([probeObjects(tx), readCatalogVersion(tx)]);
     const roleExists = isPresent(objects, "role", RELAY_ROLE);
     const roleGrants = roleExists ? await probeGrants(tx, RELAY_ROLE, objects) : new Map<GrantSpec, boolean>();
     const userGrants = await probeGrants(
@@ -92,7 +123,6 @@ export async function catalogStatus(sql: Sql): Promise<CatalogStatus> {
       GRANTS.filter((g) => g.runtime),
     );
     const publicExecute = await probePublicExecute(tx, objects);
-    const version = await readCatalogVersion(tx, objects);
 
     const apiRels = await tx<{ relname: string }[]>`
       SELECT c.relname FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
@@ -126,19 +156,6 @@ export async function catalogStatus(sql: Sql): Promise<CatalogStatus> {
         functionVersion = null;
       }
     }
-
-    const presence = (section: CatalogSection): ObjectPresence[] =>
-      objects
-        .filter((o) => o.spec.section === section || (section === "core" && o.spec.kind === "role"))
-        .map((o) => ({ name: o.label, present: o.present, extension: o.extension }));
-    const core = presence("core");
-    const relayOnly = presence("relay");
-    const ownerExtension = coreOwnerExtension(objects);
-    // The role is cluster-wide: another database's install leaves it behind, so it alone does
-    // not make this database's catalog "partial".
-    const coreState = core.some((o) => o.present && !o.name.startsWith("role "))
-      ? completeness(core.filter((o) => o.present).length, core.length)
-      : "missing";
 
     const has = (names: readonly string[], found: readonly string[]) => names.filter((n) => found.includes(n));
     const relNames = apiRels.map((r) => r.relname);
@@ -185,19 +202,7 @@ export async function catalogStatus(sql: Sql): Promise<CatalogStatus> {
       database: info.database,
       serverVersion: info.server_version,
       currentUser: info.current_user,
-      relayCatalog: {
-        state: coreState,
-        owner: coreState === "missing" ? null : ownerExtension ? "extension" : "relay",
-        ownerExtension,
-        version,
-        objects: core,
-        missing: core.filter((o) => !o.present).map((o) => o.name),
-      },
-      relayOnly: {
-        state: completeness(relayOnly.filter((o) => o.present).length, relayOnly.length),
-        objects: relayOnly,
-        missing: relayOnly.filter((o) => !o.present).map((o) => o.name),
-      },
+      ...relayCatalogState(objects, version),
       grants: {
         roleExists,
         missing: [...roleGrants].filter(([, ok]) => !ok).map(([g]) => grantLabel(g, RELAY_ROLE)),
@@ -286,10 +291,16 @@ export function formatCatalogStatus(s: CatalogStatus): string {
 
 /**
  * The relay's startup gate (docs/interface.md §7.2): a config error naming the database and
- * the fix unless the relay catalog and the dead-letter table are both there.
+ * the fix unless the relay catalog and the dead-letter table are both there. It reads only what
+ * it decides on — not the grants, outbox/inbox APIs or pg_trickle version that catalogStatus
+ * reads (some twenty statements, each a round trip or two): a few statements, one transaction.
  */
-export async function requireCatalog(sql: Sql): Promise<CatalogStatus> {
-  const status = await catalogStatus(sql);
+export async function requireCatalog(sql: Sql): Promise<Pick<CatalogStatus, "database" | "relayCatalog" | "relayOnly">> {
+  // The version's statements first: without parameters, they go out with the probe's.
+  const [version, objects, [info]] = await sql.begin("read only", (tx) =>
+    Promise.all([readCatalogVersion(tx), probeObjects(tx, { fingerprints: false }), tx<{ database: string }[]>`SELECT current_database() AS database`]),
+  );
+  const status = { database: info!.database, ...relayCatalogState(objects, version) };
   const fix = "run `pgtrickle-relay catalog install`";
   const db = `"${status.database}"`;
   const rc = status.relayCatalog;

@@ -5,7 +5,7 @@ import { EXIT, fail, loadSettings, withDatabase } from "../cli-common.ts";
 import type { Sql } from "../db.ts";
 import { log } from "../observe/log.ts";
 import type { Outcome } from "../coordinator.ts";
-import { runRelay } from "../relay.ts";
+import { relayConnectOptions, runRelay } from "../relay.ts";
 import { settingArgs } from "../settings.ts";
 
 const processArgs = settingArgs({
@@ -62,9 +62,20 @@ export const drainCommand = defineCommand({
     const timeoutSecs = args.timeout === undefined ? DRAIN_DEFAULT_TIMEOUT_SECS : Number(args.timeout);
     if (!Number.isFinite(timeoutSecs) || timeoutSecs < 0) fail(`--timeout must be a number of seconds ≥ 0, got "${args.timeout}"`, EXIT.config);
     const only = listFlag(args.pipeline);
-    const refusal = await withDatabase(settings, (sql) => drainRefusal(sql, settings.relayGroupId, only, { allowEmpty: !!args["allow-empty"], newGroup: !!args["new-group"] }));
-    if (refusal) fail(refusal, EXIT.nothingToDrain);
-    const result = await runRelay(settings, { drain: true, only, timeoutSecs, http: !!args.metrics, retryConnect: false, catalogChecked: true }).catch(unreachable);
+    // One connection decides whether to start and then serves the run.
+    const result = await withDatabase(
+      settings,
+      async (sql) => {
+        await requireCatalog(sql);
+        const enabled = (await sql<{ name: string }[]>`SELECT name FROM pgtrickle.list_relay_configs() WHERE enabled`).map((r) => r.name);
+        const refusal = await drainRefusal(sql, enabled, settings.relayGroupId, only, { allowEmpty: !!args["allow-empty"], newGroup: !!args["new-group"] });
+        if (refusal) fail(refusal, EXIT.nothingToDrain);
+        // Nothing to drain (--allow-empty): no lock session, LISTEN connection or coordinator to start.
+        if (enabled.length === 0) return { exitCode: 0, outcomes: [] };
+        return runRelay(settings, { drain: true, only, timeoutSecs, http: !!args.metrics, retryConnect: false, database: sql }).catch(unreachable);
+      },
+      relayConnectOptions(settings),
+    );
     printSummary(result.outcomes);
     const deadLettered = result.outcomes.reduce((n, o) => n + o.deadLettered, 0);
     if (result.exitCode === 0 && deadLettered > 0 && !args["allow-dead-letters"]) {
@@ -76,14 +87,12 @@ export const drainCommand = defineCommand({
 });
 
 /**
- * Why drain should not start, or null: no enabled pipeline (unless allowed), --pipeline names
+ * Why drain should not start, or null: no `enabled` pipeline (unless allowed), --pipeline names
  * that are not enabled pipelines, or a relay group without any stored offset while others have
  * some — simple-mode offsets are kept per group, so a mistyped group would relay every outbox
  * again from its first row.
  */
-async function drainRefusal(sql: Sql, groupId: string, only: string[] | undefined, allow: { allowEmpty: boolean; newGroup: boolean }): Promise<string | null> {
-  await requireCatalog(sql);
-  const enabled = (await sql<{ name: string }[]>`SELECT name FROM pgtrickle.list_relay_configs() WHERE enabled`).map((r) => r.name);
+async function drainRefusal(sql: Sql, enabled: string[], groupId: string, only: string[] | undefined, allow: { allowEmpty: boolean; newGroup: boolean }): Promise<string | null> {
   const missing = only?.filter((n) => !enabled.includes(n)) ?? [];
   if (missing.length > 0) return `drain: no enabled pipeline named ${missing.join(", ")}${nearest(missing[0]!, enabled)}`;
   if (enabled.length === 0) return allow.allowEmpty ? null : "drain: no enabled pipeline in the catalog (--allow-empty accepts this)";

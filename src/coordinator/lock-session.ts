@@ -56,6 +56,8 @@ export class LockSession {
       idle_timeout: 0,
       max_lifetime: null,
       connect_timeout: 10,
+      // Its queries return no arrays: the array type lookup every new connection makes is not needed.
+      fetch_types: false,
       onnotice: () => {},
       connection: { application_name: coordinatorAppName() },
       // Fires as soon as the socket closes (pg_terminate_backend, server restart, network reset).

@@ -41,6 +41,13 @@ describe("backend registry: client libraries load only when used", () => {
     for (const lib of CLIENT_LIBRARIES) expect(loaded).not.toContain(lib);
   });
 
+  test("the drain command's modules import neither prom-client nor valibot: the coordinator, its pipelines and the metrics load when the relay starts, which a drain with nothing to do never does", () => {
+    const loaded = packagesLoadedBy(["-e", `await import("./src/commands/run.ts");`]);
+    expect(loaded).toContain("postgres");
+    expect(loaded).not.toContain("prom-client");
+    expect(loaded).not.toContain("valibot");
+  });
+
   test("a kafka pipeline imports kafkajs and nothing else of the kind (the check above can see a library)", () => {
     const loaded = packagesLoadedBy(["-e", `await (await import("./src/backends/index.ts")).loadBackends([{ sourceType: "kafka", sinkType: "kafka" }]);`]);
     expect(CLIENT_LIBRARIES.filter((lib) => loaded.includes(lib))).toEqual(["kafkajs"]);
