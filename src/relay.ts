@@ -84,7 +84,7 @@ export async function runRelay(settings: Settings, options: RelayOptions): Promi
   try {
     if (!options.database) await requireCatalog(sql);
     log.info(`relay ${processIdentity()} (group '${settings.relayGroupId}', ${options.drain ? "drain" : "run"}) on ${describeUrl(settings.postgresUrl)}`);
-    // Imported only here, the coordinator with its pipelines and prom-client (some 40 ms to load,
+    // Imported only here, the coordinator with its pipelines and valibot (some 15 ms to load,
     // bench/RESULTS.md "Startup"): a drain that finds nothing to do never gets this far.
     const [{ Coordinator }, { Metrics }] = await Promise.all([import("./coordinator.ts"), import("./observe/metrics.ts")]);
     const metrics = new Metrics();
