@@ -26,6 +26,9 @@
  * receiver has no backlog: the relay under `run` and a hand-written receiver (bench/e2e-receiver.ts)
  * each get 8 senders posting arrays of 100 events, every request answered after the commit.
  *
+ * Each source's line also gives the CPU time per event of the relay process and of the raw loop
+ * (the bench process while it runs it; its broker and PostgreSQL clients are in-process too).
+ *
  * With `--rounds n` each figure is the mean of n runs of each side, alternately relay first and
  * raw first (the HTTP receiver: one run). Every destination is checked to hold every message afterwards. The ratio relay/raw is the figure
  * that counts: the machine is shared, absolute rates vary with its load (printed per table).
@@ -46,7 +49,7 @@ import { createStreamTable, enableOutbox, ident } from "../test/fixtures/outbox.
 import { fillOutbox } from "./lib.ts";
 import { testDatabase, type TestDatabase } from "../test/helpers/pg.ts";
 import { freePort } from "../test/helpers/proxy.ts";
-import { relayCommand, relayOnce, RunningRelay } from "../test/helpers/relay.ts";
+import { relayCommand, RunningRelay } from "../test/helpers/relay.ts";
 import { AMQP_URL, AWS_ENV, KAFKA_BROKERS, NATS_URL, REDIS_URL, requireServer, SQS_CLIENT_CONFIG, SQS_ENDPOINT, type ServerName } from "../test/helpers/servers.ts";
 
 const { values: opts } = parseArgs({
@@ -126,12 +129,22 @@ async function attempt(name: string, bench: () => Promise<Row>): Promise<Row> {
   }
 }
 
+/** CPU time (user + system, ms) of the relay processes and of the raw loops, summed per case. */
+const cpuMs = { relay: 0, raw: 0 };
+
 /** The relay's `drain` of one pipeline as a cold process; milliseconds, or throws with its output. */
 async function relayDrain(pipeline: string, env: Record<string, string> = {}): Promise<number> {
   const t0 = performance.now();
-  const r = await relayOnce(["drain", "--postgres-url", db.url, "--pipeline", pipeline, "--log-level", "warn", "--metrics-addr", "127.0.0.1:0", "--timeout", "0"], env, 1_800_000);
+  const args = ["drain", "--postgres-url", db.url, "--pipeline", pipeline, "--log-level", "warn", "--metrics-addr", "127.0.0.1:0", "--timeout", "0"];
+  const proc = Bun.spawn(relayCommand(args), { stdout: "pipe", stderr: "pipe", env: { ...process.env, ...env } });
+  children.push(proc);
+  const timer = setTimeout(() => proc.kill("SIGKILL"), 1_800_000);
+  const [stdout, stderr, exitCode] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
+  clearTimeout(timer);
   const ms = performance.now() - t0;
-  if (r.exitCode !== 0) throw new Error(`drain ${pipeline}: exit ${r.exitCode}\n${r.stdout}\n${r.stderr}`);
+  const cpu = proc.resourceUsage()?.cpuTime;
+  if (cpu) cpuMs.relay += (Number(cpu.user) + Number(cpu.system)) / 1000;
+  if (exitCode !== 0) throw new Error(`drain ${pipeline}: exit ${exitCode}\n${stdout}\n${stderr}`);
   return ms;
 }
 
@@ -827,6 +840,7 @@ async function postEvents(url: string): Promise<number> {
 const inboxCount = async (inbox: string) => (await db.sql<{ n: number }[]>`SELECT count(*)::int AS n FROM pgtrickle.${db.sql(inbox)}`)[0]!.n;
 
 async function benchSource(src: SourceCase): Promise<Row> {
+  cpuMs.relay = cpuMs.raw = 0;
   const prepared: Awaited<ReturnType<SourceCase["prepare"]>>[] = [];
   const round = async (r: number) => (prepared[r] ??= await src.prepare(`e2e-${run}-src-${src.system}-${r}`));
   const { relayMs, rawMs } = await alternate(
@@ -844,17 +858,23 @@ async function benchSource(src: SourceCase): Promise<Row> {
       const inbox = `e2e_${run}_src_${src.system}_${r}_raw_inbox`;
       await db.sql`SELECT pgtrickle.create_inbox(${inbox})`;
       const t0 = performance.now();
+      const cpu0 = process.cpuUsage();
       const sql = connect(db.url, { max: 1 });
       await raw(sql, inbox);
       await sql.end();
       const ms = performance.now() - t0;
+      const cpu = process.cpuUsage(cpu0);
+      cpuMs.raw += (cpu.user + cpu.system) / 1000;
       expectCount(`${src.name} raw`, await inboxCount(inbox), SRC_N);
       return ms;
     },
   );
   for (const p of prepared) await p.cleanup();
   const row = { name: src.name, relay: rate(SRC_N, relayMs), raw: rate(SRC_N, rawMs) };
-  console.log(`  ${row.name}: relay ${row.relay} rows/s (${(relayMs / 1000).toFixed(1)} s), raw ${row.raw} rows/s (${(rawMs / 1000).toFixed(1)} s), ratio ${(row.relay / row.raw).toFixed(2)}`);
+  const perEvent = (ms: number) => ((ms * 1000) / (SRC_N * ROUNDS)).toFixed(1);
+  console.log(
+    `  ${row.name}: relay ${row.relay} rows/s (${(relayMs / 1000).toFixed(1)} s), raw ${row.raw} rows/s (${(rawMs / 1000).toFixed(1)} s), ratio ${(row.relay / row.raw).toFixed(2)}; CPU per event: relay ${perEvent(cpuMs.relay)} µs, raw ${perEvent(cpuMs.raw)} µs`,
+  );
   return row;
 }
 
