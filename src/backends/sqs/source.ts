@@ -133,9 +133,9 @@ export class SqsSource implements Source {
   /**
    * Fills a batch without waiting while the queue still hands out messages: up to
    * FILL_CONCURRENCY receives at once, in rounds, until the batch is full or a receive comes back
-   * empty (the queue has nothing more ready, for now). Each round's messages join the batch in call order; on
-   * a FIFO queue a message group has messages in at most one receive until they are deleted, so
-   * its order holds.
+   * empty (nothing more ready, for now). Each round's messages join the batch in call order; on a
+   * FIFO queue a message group's messages come in one receive at most until they are deleted
+   * (SQS returns none of a group with messages in flight), so the group's order holds.
    */
   private async fill(received: SqsMessage[], inFlight: InFlight, signal: AbortSignal): Promise<void> {
     let more = true;
