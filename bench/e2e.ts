@@ -3,7 +3,7 @@
  *
  *   node_modules/.bin/bun bench/e2e.ts [--messages 200000] [--source-messages 200000]
  *       [--only nats,kafka,redis,rabbitmq,sqs,http,pg-inbox,file] [--direction forward|reverse|both]
- *       [--sets 10,1] [--rounds 1]
+ *       [--sets 10,1] [--rounds 1] [--relay-args "--sink-max-inflight 3000"]
  *
  * Forward, for every sink and for change sets of 10 rows and of 1 row (`--sets`): an outbox of
  * `--messages` messages (a row of ≈ 50 B, an envelope of ≈ 200 B) is written up front, then
@@ -60,6 +60,7 @@ const { values: opts } = parseArgs({
     direction: { type: "string", default: "both" },
     sets: { type: "string", default: "10,1" },
     rounds: { type: "string", default: "1" },
+    "relay-args": { type: "string", default: "" },
   },
 });
 const N = Number(opts.messages);
@@ -67,6 +68,8 @@ const SRC_N = Number(opts["source-messages"]);
 const SETS = opts.sets!.split(",").map(Number);
 const ONLY = opts.only ? new Set(opts.only.split(",")) : null;
 const ROUNDS = Number(opts.rounds);
+/** Added to every relay command line, e.g. `--relay-args "--sink-max-inflight 3000"`. */
+const RELAY_ARGS = opts["relay-args"]!.split(" ").filter(Boolean);
 const BATCH = 1000; // messages per read, relay and raw alike
 const run = Math.random().toString(36).slice(2, 8);
 const wanted = (system: string) => !ONLY || ONLY.has(system);
@@ -135,7 +138,7 @@ const cpuMs = { relay: 0, raw: 0 };
 /** The relay's `drain` of one pipeline as a cold process; milliseconds, or throws with its output. */
 async function relayDrain(pipeline: string, env: Record<string, string> = {}): Promise<number> {
   const t0 = performance.now();
-  const args = ["drain", "--postgres-url", db.url, "--pipeline", pipeline, "--log-level", "warn", "--metrics-addr", "127.0.0.1:0", "--timeout", "0"];
+  const args = ["drain", "--postgres-url", db.url, "--pipeline", pipeline, "--log-level", "warn", "--metrics-addr", "127.0.0.1:0", "--timeout", "0", ...RELAY_ARGS];
   const proc = Bun.spawn(relayCommand(args), { stdout: "pipe", stderr: "pipe", env: { ...process.env, ...env } });
   children.push(proc);
   const timer = setTimeout(() => proc.kill("SIGKILL"), 1_800_000);
@@ -885,7 +888,7 @@ async function benchHttpSource(): Promise<Row> {
   await db.sql`SELECT pgtrickle.set_relay_inbox(${pipeline}, ${`${pipeline}_relay_inbox`}, ${db.sql.json({ type: "http", listen_addr: `127.0.0.1:${port}`, path: "/in", batch_size: BATCH })})`;
   await db.sql`UPDATE pgtrickle.relay_outbox_config SET enabled = false`;
   await db.sql`UPDATE pgtrickle.relay_inbox_config SET enabled = (name = ${pipeline})`;
-  const relay = new RunningRelay(["--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0", "--log-level", "warn"]);
+  const relay = new RunningRelay(["--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0", "--log-level", "warn", ...RELAY_ARGS]);
   children.push(relay.proc);
   let relayMs: number;
   try {
@@ -942,7 +945,7 @@ for (const server of new Set(["postgres" as ServerName, ...sinks.flatMap((s) => 
 const db: TestDatabase = await testDatabase("bench_e2e");
 const remoteDb: TestDatabase | null = sinks.some((s) => s.system === "pg-inbox") ? await testDatabase("bench_e2e_remote", { catalog: false }) : null;
 const workDir = mkdtempSync(join(tmpdir(), "relay-e2e-"));
-console.log(`relay: ${relayCommand([]).join(" ")}; ${N} messages per forward run, ${SRC_N} per source; load average ${load()}`);
+console.log(`relay: ${relayCommand(RELAY_ARGS).join(" ")}; ${N} messages per forward run, ${SRC_N} per source; load average ${load()}`);
 try {
   await db.sql`CREATE TABLE public.e2e_raw_offsets (name text PRIMARY KEY, last_id bigint NOT NULL)`;
   if (sinks.some((s) => s.system === "http")) webhookPort = (await startReceiver(["webhook"])).port;
