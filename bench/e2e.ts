@@ -3,7 +3,7 @@
  *
  *   node_modules/.bin/bun bench/e2e.ts [--messages 200000] [--source-messages 200000]
  *       [--only nats,kafka,redis,rabbitmq,sqs,http,pg-inbox,file] [--direction forward|reverse|both]
- *       [--sets 10,1] [--rounds 1] [--relay-args "--sink-max-inflight 3000"]
+ *       [--sets 10,1] [--rounds 1] [--relay-args="--sink-max-inflight 3000"]
  *
  * Forward, for every sink and for change sets of 10 rows and of 1 row (`--sets`): an outbox of
  * `--messages` messages (a row of ≈ 50 B, an envelope of ≈ 200 B) is written up front, then
@@ -68,7 +68,7 @@ const SRC_N = Number(opts["source-messages"]);
 const SETS = opts.sets!.split(",").map(Number);
 const ONLY = opts.only ? new Set(opts.only.split(",")) : null;
 const ROUNDS = Number(opts.rounds);
-/** Added to every relay command line, e.g. `--relay-args "--sink-max-inflight 3000"`. */
+/** Added to every relay command line, e.g. `--relay-args="--sink-max-inflight 3000"`. */
 const RELAY_ARGS = opts["relay-args"]!.split(" ").filter(Boolean);
 const BATCH = 1000; // messages per read, relay and raw alike
 const run = Math.random().toString(36).slice(2, 8);
