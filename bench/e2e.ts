@@ -1,9 +1,9 @@
 /**
  * End to end, against the raw client library doing the same safe work in the same run.
  *
- *   node_modules/.bin/bun bench/e2e.ts [--messages 200000] [--source-messages 50000]
+ *   node_modules/.bin/bun bench/e2e.ts [--messages 200000] [--source-messages 200000]
  *       [--only nats,kafka,redis,rabbitmq,sqs,http,pg-inbox,file] [--direction forward|reverse|both]
- *       [--sets 10,1] [--rounds 1]
+ *       [--sets 10,1] [--rounds 1] [--relay-args="--sink-max-inflight 3000"]
  *
  * Forward, for every sink and for change sets of 10 rows and of 1 row (`--sets`): an outbox of
  * `--messages` messages (a row of ≈ 50 B, an envelope of ≈ 200 B) is written up front, then
@@ -16,9 +16,18 @@
  *     offset committed (an UPSERT) before the next read.
  * Reverse, for every source: `--source-messages` events published with the system's client
  * (not timed), then the relay's `drain` into an inbox against a hand-written safe loop (broker read
- * of ≤ 1000 → INSERT … ON CONFLICT DO NOTHING → commit → ack) into another inbox. The HTTP
+ * of ≤ 1000 → INSERT … ON CONFLICT DO NOTHING → commit → ack) into another inbox. Both sides are
+ * timed from before their connections (broker and PostgreSQL; the consumer-group join) to after
+ * their last ack and disconnect, as a cold `drain` is: the raw loop opens its own clients inside
+ * its timing. The raw loop stops where the broker's own answers say nothing is left when that
+ * costs no extra request (NATS: the last message's `pending` is 0; Kafka: every partition at the
+ * high watermark its fetch reported; Redis: an empty read; file: its end); RabbitMQ and SQS give
+ * no such answer for free, and their raw loops stop at the event count. The HTTP
  * receiver has no backlog: the relay under `run` and a hand-written receiver (bench/e2e-receiver.ts)
  * each get 8 senders posting arrays of 100 events, every request answered after the commit.
+ *
+ * Each source's line also gives the CPU time per event of the relay process and of the raw loop
+ * (the bench process while it runs it; its broker and PostgreSQL clients are in-process too).
  *
  * With `--rounds n` each figure is the mean of n runs of each side, alternately relay first and
  * raw first (the HTTP receiver: one run). Every destination is checked to hold every message afterwards. The ratio relay/raw is the figure
@@ -35,22 +44,23 @@ import { open } from "node:fs/promises";
 import { loadavg, tmpdir } from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
-import type { Sql } from "../src/db.ts";
+import { connect, type Sql } from "../src/db.ts";
 import { createStreamTable, enableOutbox, ident } from "../test/fixtures/outbox.ts";
 import { fillOutbox } from "./lib.ts";
 import { testDatabase, type TestDatabase } from "../test/helpers/pg.ts";
 import { freePort } from "../test/helpers/proxy.ts";
-import { relayCommand, relayOnce, RunningRelay } from "../test/helpers/relay.ts";
+import { relayCommand, RunningRelay } from "../test/helpers/relay.ts";
 import { AMQP_URL, AWS_ENV, KAFKA_BROKERS, NATS_URL, REDIS_URL, requireServer, SQS_CLIENT_CONFIG, SQS_ENDPOINT, type ServerName } from "../test/helpers/servers.ts";
 
 const { values: opts } = parseArgs({
   options: {
     messages: { type: "string", default: "200000" },
-    "source-messages": { type: "string", default: "50000" },
+    "source-messages": { type: "string", default: "200000" },
     only: { type: "string" },
     direction: { type: "string", default: "both" },
     sets: { type: "string", default: "10,1" },
     rounds: { type: "string", default: "1" },
+    "relay-args": { type: "string", default: "" },
   },
 });
 const N = Number(opts.messages);
@@ -58,6 +68,8 @@ const SRC_N = Number(opts["source-messages"]);
 const SETS = opts.sets!.split(",").map(Number);
 const ONLY = opts.only ? new Set(opts.only.split(",")) : null;
 const ROUNDS = Number(opts.rounds);
+/** Added to every relay command line, e.g. `--relay-args="--sink-max-inflight 3000"`. */
+const RELAY_ARGS = opts["relay-args"]!.split(" ").filter(Boolean);
 const BATCH = 1000; // messages per read, relay and raw alike
 const run = Math.random().toString(36).slice(2, 8);
 const wanted = (system: string) => !ONLY || ONLY.has(system);
@@ -120,12 +132,22 @@ async function attempt(name: string, bench: () => Promise<Row>): Promise<Row> {
   }
 }
 
+/** CPU time (user + system, ms) of the relay processes and of the raw loops, summed per case. */
+const cpuMs = { relay: 0, raw: 0 };
+
 /** The relay's `drain` of one pipeline as a cold process; milliseconds, or throws with its output. */
 async function relayDrain(pipeline: string, env: Record<string, string> = {}): Promise<number> {
   const t0 = performance.now();
-  const r = await relayOnce(["drain", "--postgres-url", db.url, "--pipeline", pipeline, "--log-level", "warn", "--metrics-addr", "127.0.0.1:0", "--timeout", "0"], env, 1_800_000);
+  const args = ["drain", "--postgres-url", db.url, "--pipeline", pipeline, "--log-level", "warn", "--metrics-addr", "127.0.0.1:0", "--timeout", "0", ...RELAY_ARGS];
+  const proc = Bun.spawn(relayCommand(args), { stdout: "pipe", stderr: "pipe", env: { ...process.env, ...env } });
+  children.push(proc);
+  const timer = setTimeout(() => proc.kill("SIGKILL"), 1_800_000);
+  const [stdout, stderr, exitCode] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
+  clearTimeout(timer);
   const ms = performance.now() - t0;
-  if (r.exitCode !== 0) throw new Error(`drain ${pipeline}: exit ${r.exitCode}\n${r.stdout}\n${r.stderr}`);
+  const cpu = proc.resourceUsage()?.cpuTime;
+  if (cpu) cpuMs.relay += (Number(cpu.user) + Number(cpu.system)) / 1000;
+  if (exitCode !== 0) throw new Error(`drain ${pipeline}: exit ${exitCode}\n${stdout}\n${stderr}`);
   return ms;
 }
 
@@ -527,9 +549,9 @@ async function benchSink(sink: SinkCase, ob: Outbox): Promise<Row> {
 const eventBody = (i: number) => JSON.stringify({ event_id: `e-${run}-${i}`, event_type: "bench", order_id: i, customer: `c${i % 97}`, amount: i * 1.5, note: "e2e bench" });
 
 /** The hand-written loop's inbox write: one statement, deduplicated by event_id, committed. */
-async function rawInboxInsert(inbox: string, events: { id: string; type: string; source: string; body: string }[]) {
+async function rawInboxInsert(sql: Sql, inbox: string, events: { id: string; type: string; source: string; body: string }[]) {
   if (events.length === 0) return;
-  await db.sql`INSERT INTO pgtrickle.${db.sql(inbox)} (event_id, event_type, source, payload)
+  await sql`INSERT INTO pgtrickle.${sql(inbox)} (event_id, event_type, source, payload)
     SELECT x.id, x.type, x.source, x.body::jsonb
       FROM unnest(${events.map((e) => e.id)}::text[], ${events.map((e) => e.type)}::text[], ${events.map((e) => e.source)}::text[], ${events.map((e) => e.body)}::text[]) AS x(id, type, source, body)
     ON CONFLICT (event_id) DO NOTHING`;
@@ -546,8 +568,11 @@ interface SourceCase {
   name: string;
   servers: ServerName[];
   env?: Record<string, string>;
-  /** Publishes SRC_N events (untimed) for the relay and for the raw loop. */
-  prepare(tag: string): Promise<{ config: Record<string, unknown>; raw(inbox: string): Promise<void>; cleanup(): Promise<void> }>;
+  /**
+   * Publishes SRC_N events (untimed) for the relay and for the raw loop. `raw` is timed whole: it
+   * opens its own broker client; `sql` is a PostgreSQL client of its own, not yet connected.
+   */
+  prepare(tag: string): Promise<{ config: Record<string, unknown>; raw(sql: Sql, inbox: string): Promise<void>; cleanup(): Promise<void> }>;
 }
 
 const SOURCES: SourceCase[] = [
@@ -564,19 +589,22 @@ const SOURCES: SourceCase[] = [
       await windowed(ids, 256, (i) => js.publish(`${tag}.e`, new TextEncoder().encode(eventBody(i)), { msgID: `e-${run}-${i}` }));
       return {
         config: { type: "nats", url: NATS_URL, stream: tag, subject: `${tag}.>`, durable_name: "relay" },
-        async raw(inbox) {
-          await jsm.consumers.add(tag, { durable_name: "raw", ack_policy: AckPolicy.Explicit, filter_subject: `${tag}.>`, max_ack_pending: BATCH * 2 });
-          const consumer = await js.consumers.get(tag, "raw");
-          let got = 0;
-          while (got < SRC_N) {
+        async raw(sql, inbox) {
+          const rc = await natsConnect({ servers: NATS_URL });
+          const rjsm = await rc.jetstreamManager();
+          await rjsm.consumers.add(tag, { durable_name: "raw", ack_policy: AckPolicy.Explicit, filter_subject: `${tag}.>`, max_ack_pending: BATCH * 2 });
+          const consumer = await rc.jetstream().consumers.get(tag, "raw");
+          for (let pending = 1; pending > 0; ) {
             const msgs: JsMsg[] = [];
             for await (const m of await consumer.fetch({ max_messages: BATCH, expires: 1000 })) msgs.push(m);
-            await rawInboxInsert(inbox, msgs.map((m) => eventOf(m.string(), "nats")));
+            await rawInboxInsert(sql, inbox, msgs.map((m) => eventOf(m.string(), "nats")));
             const last = msgs.pop();
             for (const m of msgs) m.ack();
             if (last) await last.ackAck(); // the server handles a consumer's acks in order: one round trip per batch
-            got += msgs.length + (last ? 1 : 0);
+            // What the consumer had left to deliver when it sent the last message: 0 is the end.
+            pending = last ? last.info.pending : 0;
           }
+          await rc.close();
         },
         async cleanup() {
           await jsm.streams.delete(tag);
@@ -599,11 +627,12 @@ const SOURCES: SourceCase[] = [
       await producer.disconnect();
       return {
         config: { type: "kafka", brokers: KAFKA_BROKERS.join(","), topic: tag, group_id: `${tag}-relay` },
-        async raw(inbox) {
+        async raw(sql, inbox) {
           const consumer = kafka.consumer({ groupId: `${tag}-raw` });
           await consumer.connect();
           await consumer.subscribe({ topic: tag, fromBeginning: true });
-          let got = 0;
+          // Partitions whose committed offset reached the high watermark their last fetch reported.
+          const caughtUp = new Set<number>();
           await new Promise<void>((resolve, reject) => {
             consumer
               .run({
@@ -611,14 +640,14 @@ const SOURCES: SourceCase[] = [
                 eachBatchAutoResolve: false,
                 eachBatch: async ({ batch, resolveOffset, heartbeat }) => {
                   for (const part of chunks(batch.messages, BATCH)) {
-                    await rawInboxInsert(inbox, part.map((m) => eventOf(m.value!.toString(), "kafka")));
+                    await rawInboxInsert(sql, inbox, part.map((m) => eventOf(m.value!.toString(), "kafka")));
                     const last = part[part.length - 1]!.offset;
                     await consumer.commitOffsets([{ topic: batch.topic, partition: batch.partition, offset: String(Number(last) + 1) }]);
                     resolveOffset(last);
                     await heartbeat();
-                    got += part.length;
                   }
-                  if (got >= SRC_N) resolve();
+                  if (Number(batch.lastOffset()) + 1 >= Number(batch.highWatermark)) caughtUp.add(batch.partition);
+                  if (caughtUp.size === 3) resolve(); // every partition of the topic holds events
                 },
               })
               .catch(reject);
@@ -646,15 +675,17 @@ const SOURCES: SourceCase[] = [
       }
       return {
         config: { type: "redis", url: REDIS_URL, stream_key: tag, group_name: "relay" },
-        async raw(inbox) {
-          await redis.xgroup("CREATE", tag, "raw", "0");
+        async raw(sql, inbox) {
+          const rr = new Redis(REDIS_URL);
+          await rr.xgroup("CREATE", tag, "raw", "0");
           for (;;) {
-            const reply = (await redis.xreadgroup("GROUP", "raw", "bench", "COUNT", BATCH, "STREAMS", tag, ">")) as [string, [string, string[]][]][] | null;
+            const reply = (await rr.xreadgroup("GROUP", "raw", "bench", "COUNT", BATCH, "STREAMS", tag, ">")) as [string, [string, string[]][]][] | null;
             const entries = reply?.[0]?.[1] ?? [];
             if (entries.length === 0) break;
-            await rawInboxInsert(inbox, entries.map(([, fields]) => eventOf(fields[fields.indexOf("payload") + 1]!, "redis")));
-            await redis.xack(tag, "raw", ...entries.map(([id]) => id));
+            await rawInboxInsert(sql, inbox, entries.map(([, fields]) => eventOf(fields[fields.indexOf("payload") + 1]!, "redis")));
+            await rr.xack(tag, "raw", ...entries.map(([id]) => id));
           }
+          await rr.quit();
         },
         async cleanup() {
           await redis.del(tag);
@@ -677,7 +708,7 @@ const SOURCES: SourceCase[] = [
       }
       return {
         config: { type: "rabbitmq", url: AMQP_URL, queue: `${tag}-relay` },
-        async raw(inbox) {
+        async raw(sql, inbox) {
           const rc = await amqp.connect(AMQP_URL);
           const consumer = await rc.createChannel();
           await consumer.prefetch(BATCH);
@@ -694,7 +725,7 @@ const SOURCES: SourceCase[] = [
               pending = [];
               if (batch.length === 0) return;
               flushing = flushing.then(async () => {
-                await rawInboxInsert(inbox, batch.map((m) => eventOf(m.content.toString(), "rabbitmq")));
+                await rawInboxInsert(sql, inbox, batch.map((m) => eventOf(m.content.toString(), "rabbitmq")));
                 consumer.ack(batch[batch.length - 1]!, true);
                 got += batch.length;
                 if (got >= SRC_N) resolve();
@@ -734,7 +765,8 @@ const SOURCES: SourceCase[] = [
       }
       return {
         config: { type: "sqs", queue_url: urls.relay, endpoint: SQS_ENDPOINT, region: "us-east-1" },
-        async raw(inbox) {
+        async raw(sql, inbox) {
+          const sqs = new SQSClient(SQS_CLIENT_CONFIG);
           let got = 0;
           while (got < SRC_N) {
             // ≤ 1000 messages: 100 receives of 10 in flight, 10 at a time.
@@ -745,13 +777,14 @@ const SOURCES: SourceCase[] = [
                 ),
               )
             ).flatMap((r) => r.Messages ?? []);
-            await rawInboxInsert(inbox, received.map((m) => eventOf(m.Body!, "sqs")));
+            await rawInboxInsert(sql, inbox, received.map((m) => eventOf(m.Body!, "sqs")));
             await windowed(chunks(received, 10), 10, async (call) => {
               const r = await sqs.send(new DeleteMessageBatchCommand({ QueueUrl: urls.raw, Entries: call.map((m, k) => ({ Id: String(k), ReceiptHandle: m.ReceiptHandle! })) }));
               if (r.Failed?.length) throw new Error(`SQS delete failed: ${r.Failed[0]!.Message}`);
             });
             got += received.length;
           }
+          sqs.destroy();
         },
         async cleanup() {
           for (const url of Object.values(urls)) await sqs.send(new DeleteQueueCommand({ QueueUrl: url }));
@@ -769,12 +802,12 @@ const SOURCES: SourceCase[] = [
       writeFileSync(path, Array.from({ length: SRC_N }, (_, i) => eventBody(i)).join("\n") + "\n");
       return {
         config: { type: "file", input: path },
-        async raw(inbox) {
+        async raw(sql, inbox) {
           // Read, write ≤ 1000 lines per transaction, and keep the position with them.
           const lines = readFileSync(path, "utf8").split("\n").filter(Boolean);
           for (let at = 0; at < lines.length; at += BATCH) {
             const part = lines.slice(at, at + BATCH);
-            await db.sql.begin(async (tx) => {
+            await sql.begin(async (tx) => {
               await tx`INSERT INTO pgtrickle.${tx(inbox)} (event_id, event_type, source, payload)
                 SELECT x.id, x.type, 'file', x.body::jsonb
                   FROM unnest(${part.map((l) => eventOf(l, "file").id)}::text[], ${part.map(() => "bench")}::text[], ${part}::text[]) AS x(id, type, body)
@@ -810,6 +843,7 @@ async function postEvents(url: string): Promise<number> {
 const inboxCount = async (inbox: string) => (await db.sql<{ n: number }[]>`SELECT count(*)::int AS n FROM pgtrickle.${db.sql(inbox)}`)[0]!.n;
 
 async function benchSource(src: SourceCase): Promise<Row> {
+  cpuMs.relay = cpuMs.raw = 0;
   const prepared: Awaited<ReturnType<SourceCase["prepare"]>>[] = [];
   const round = async (r: number) => (prepared[r] ??= await src.prepare(`e2e-${run}-src-${src.system}-${r}`));
   const { relayMs, rawMs } = await alternate(
@@ -827,15 +861,23 @@ async function benchSource(src: SourceCase): Promise<Row> {
       const inbox = `e2e_${run}_src_${src.system}_${r}_raw_inbox`;
       await db.sql`SELECT pgtrickle.create_inbox(${inbox})`;
       const t0 = performance.now();
-      await raw(inbox);
+      const cpu0 = process.cpuUsage();
+      const sql = connect(db.url, { max: 1 });
+      await raw(sql, inbox);
+      await sql.end();
       const ms = performance.now() - t0;
+      const cpu = process.cpuUsage(cpu0);
+      cpuMs.raw += (cpu.user + cpu.system) / 1000;
       expectCount(`${src.name} raw`, await inboxCount(inbox), SRC_N);
       return ms;
     },
   );
   for (const p of prepared) await p.cleanup();
   const row = { name: src.name, relay: rate(SRC_N, relayMs), raw: rate(SRC_N, rawMs) };
-  console.log(`  ${row.name}: relay ${row.relay} rows/s (${(relayMs / 1000).toFixed(1)} s), raw ${row.raw} rows/s (${(rawMs / 1000).toFixed(1)} s), ratio ${(row.relay / row.raw).toFixed(2)}`);
+  const perEvent = (ms: number) => ((ms * 1000) / (SRC_N * ROUNDS)).toFixed(1);
+  console.log(
+    `  ${row.name}: relay ${row.relay} rows/s (${(relayMs / 1000).toFixed(1)} s), raw ${row.raw} rows/s (${(rawMs / 1000).toFixed(1)} s), ratio ${(row.relay / row.raw).toFixed(2)}; CPU per event: relay ${perEvent(cpuMs.relay)} µs, raw ${perEvent(cpuMs.raw)} µs`,
+  );
   return row;
 }
 
@@ -846,7 +888,7 @@ async function benchHttpSource(): Promise<Row> {
   await db.sql`SELECT pgtrickle.set_relay_inbox(${pipeline}, ${`${pipeline}_relay_inbox`}, ${db.sql.json({ type: "http", listen_addr: `127.0.0.1:${port}`, path: "/in", batch_size: BATCH })})`;
   await db.sql`UPDATE pgtrickle.relay_outbox_config SET enabled = false`;
   await db.sql`UPDATE pgtrickle.relay_inbox_config SET enabled = (name = ${pipeline})`;
-  const relay = new RunningRelay(["--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0", "--log-level", "warn"]);
+  const relay = new RunningRelay(["--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0", "--log-level", "warn", ...RELAY_ARGS]);
   children.push(relay.proc);
   let relayMs: number;
   try {
@@ -903,7 +945,7 @@ for (const server of new Set(["postgres" as ServerName, ...sinks.flatMap((s) => 
 const db: TestDatabase = await testDatabase("bench_e2e");
 const remoteDb: TestDatabase | null = sinks.some((s) => s.system === "pg-inbox") ? await testDatabase("bench_e2e_remote", { catalog: false }) : null;
 const workDir = mkdtempSync(join(tmpdir(), "relay-e2e-"));
-console.log(`relay: ${relayCommand([]).join(" ")}; ${N} messages per forward run, ${SRC_N} per source; load average ${load()}`);
+console.log(`relay: ${relayCommand(RELAY_ARGS).join(" ")}; ${N} messages per forward run, ${SRC_N} per source; load average ${load()}`);
 try {
   await db.sql`CREATE TABLE public.e2e_raw_offsets (name text PRIMARY KEY, last_id bigint NOT NULL)`;
   if (sinks.some((s) => s.system === "http")) webhookPort = (await startReceiver(["webhook"])).port;

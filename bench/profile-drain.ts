@@ -1,12 +1,13 @@
 /**
  * CPU profile and CPU time of a forward `drain` to Redis, NATS or a file, or of a reverse drain
- * from Redis Streams or Kafka into an inbox.
+ * from Redis Streams, Kafka or a JSON Lines file into an inbox.
  *
- *   node_modules/.bin/bun bench/profile-drain.ts <redis|nats|file|redis-in|kafka-in> [rows-per-set=10] [messages=200000] [runs=1]
+ *   node_modules/.bin/bun bench/profile-drain.ts <redis|nats|file|redis-in|kafka-in|file-in> [rows-per-set=10] [messages=200000] [runs=1]
  *
  * Forward: writes an outbox of `messages` messages in change sets of `rows-per-set` rows (as
- * bench/e2e.ts does); reverse (`redis-in`, `kafka-in`: rows-per-set ignored): XADDs `messages`
- * events, or produces them to a topic of 3 partitions (as bench/e2e.ts does). Then
+ * bench/e2e.ts does); reverse (`redis-in`, `kafka-in`, `file-in`: rows-per-set ignored): XADDs
+ * `messages` events, produces them to a topic of 3 partitions, or writes them as the lines of a
+ * file (as bench/e2e.ts does). Then
  * drains `runs` times (a new pipeline each time, so each run starts from the first row or entry,
  * batch_size 1000) with `bun --cpu-prof src/main.ts drain …` (PGTRICKLE_RELAY_MAIN: another main.ts, e.g. a
  * checkout of an older commit). Prints each run's wall time and the drain process's CPU time
@@ -17,7 +18,7 @@
 import { Redis } from "ioredis";
 import { Kafka, logLevel, Partitioners } from "kafkajs";
 import { connect as natsConnect } from "nats";
-import { mkdtempSync, readdirSync } from "node:fs";
+import { mkdtempSync, readdirSync, writeFileSync } from "node:fs";
 import { loadavg, tmpdir } from "node:os";
 import { join } from "node:path";
 import { createStreamTable, enableOutbox } from "../test/fixtures/outbox.ts";
@@ -55,6 +56,8 @@ try {
     }
     await producer.disconnect();
   }
+  const eventsFile = join(dir, `${events}.jsonl`);
+  if (system === "file-in") writeFileSync(eventsFile, Array.from({ length: N }, (_, i) => eventBody(i)).join("\n") + "\n");
   if (system === "redis-in") {
     for (let at = 0; at < N; at += 1000) {
       const p = redis!.pipeline();
@@ -68,7 +71,9 @@ try {
       const config =
         system === "kafka-in"
           ? { type: "kafka", brokers: KAFKA_BROKERS.join(","), topic: events, group_id: name, auto_offset_reset: "earliest", batch_size: 1000 }
-          : { type: "redis", url: REDIS_URL, stream_key: events, group_name: name, batch_size: 1000 };
+          : system === "file-in"
+            ? { type: "file", input: eventsFile, batch_size: 1000 }
+            : { type: "redis", url: REDIS_URL, stream_key: events, group_name: name, batch_size: 1000 };
       await db.sql`SELECT pgtrickle.set_relay_inbox(${name}, ${`${name}_inbox`}, ${db.sql.json(config)})`;
       await drain(name, `${system}, ${N} events`);
       await db.sql`SELECT pgtrickle.disable_relay(${name})`;

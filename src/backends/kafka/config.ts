@@ -229,7 +229,7 @@ const KafkaSourceOptions = v.looseObject({
   max_wait_ms: v.optional(
     v.pipe(
       positiveInt(),
-      v.description("Longest time the broker holds a fetch open while the partitions have nothing new (new records end it at once)."),
+      v.description("Longest time the broker holds a fetch open while the partitions have nothing new (new records end it at once). `drain` uses at most 100, so that it does not wait on an empty fetch at its end."),
     ),
     1000,
   ),

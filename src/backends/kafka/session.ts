@@ -48,6 +48,13 @@ interface Segment {
 const tp = (topic: string, partition: number) => `${topic}|${partition}`;
 
 /**
+ * Longest a drain lets the broker hold an empty fetch open. Records end a fetch at once, so this
+ * only matters once the partitions are caught up, where it is what close() waits for: kafkajs's
+ * disconnect waits for the fetch in progress (see close()).
+ */
+const DRAIN_MAX_WAIT_MS = 100;
+
+/**
  * One consumer-group membership: created by each batches() call, closed when the iteration ends
  * (so a transient failure is followed by a fresh consumer). Bridges kafkajs's push model to the
  * pipeline's pull: eachBatch parks each fetched partition batch as a Part and waits; next()
@@ -79,6 +86,8 @@ export class KafkaSession {
   private readonly position = new Map<string, bigint>();
   /** Most records in one Batch: batch_size, or less within the pipeline's window (ctx.batchLimit). */
   private readonly batchLimit: number;
+  /** The fetch's max_wait_ms, shorter in a drain (DRAIN_MAX_WAIT_MS). */
+  private readonly maxWaitMs: number;
 
   constructor(
     private readonly src: KafkaSource,
@@ -86,6 +95,7 @@ export class KafkaSession {
     private readonly ctx: BackendContext,
   ) {
     this.batchLimit = readAheadBatchSize(cfg.batch_size, ctx);
+    this.maxWaitMs = ctx.drain ? Math.min(cfg.max_wait_ms, DRAIN_MAX_WAIT_MS) : cfg.max_wait_ms;
   }
 
   async open(): Promise<void> {
@@ -96,7 +106,7 @@ export class KafkaSession {
       sessionTimeout: cfg.session_timeout_ms,
       rebalanceTimeout: cfg.rebalance_timeout_ms,
       heartbeatInterval: cfg.heartbeat_interval_ms,
-      maxWaitTimeInMs: cfg.max_wait_ms,
+      maxWaitTimeInMs: this.maxWaitMs,
       allowAutoTopicCreation: false,
       // A crash ends this session; the pipeline's backoff starts the next one (never kafkajs itself,
       // whose restarted consumer this session would not see).
@@ -238,7 +248,7 @@ export class KafkaSession {
       // caughtUp() compares committed positions with the high watermarks, so it is exact at any
       // moment, and it asks the broker only when nothing is held: checked at once when idle.
       if (this.ctx.drain && (await this.caughtUp())) return null;
-      await this.sleeper.sleep(this.ctx.drain ? Math.min(this.cfg.poll_interval_ms, this.cfg.max_wait_ms) : this.cfg.poll_interval_ms);
+      await this.sleeper.sleep(this.ctx.drain ? Math.min(this.cfg.poll_interval_ms, this.maxWaitMs) : this.cfg.poll_interval_ms);
     }
   }
 
@@ -388,12 +398,12 @@ export class KafkaSession {
     const consumer = this.consumer;
     this.consumer = undefined;
     if (!consumer) return;
-    // disconnect() waits for a fetch in progress (≤ max_wait_ms) and leaves the group, which hands
-    // the partitions to the other members at once; bounded in case the broker is gone.
+    // disconnect() waits for a fetch in progress (≤ the fetch's max wait) and leaves the group,
+    // which hands the partitions to the other members at once; bounded in case the broker is gone.
     let timer: ReturnType<typeof setTimeout> | undefined;
     await Promise.race([
       consumer.disconnect().catch((err: unknown) => this.ctx.log.debug(`kafka source: disconnect: ${this.src.scrub(errorMessage(err))}`)),
-      new Promise<void>((r) => (timer = setTimeout(r, this.cfg.max_wait_ms + this.cfg.request_timeout_ms))),
+      new Promise<void>((r) => (timer = setTimeout(r, this.maxWaitMs + this.cfg.request_timeout_ms))),
     ]);
     clearTimeout(timer);
   }

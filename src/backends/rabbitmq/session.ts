@@ -22,7 +22,6 @@ export class RabbitSession {
   private readonly sleeper = new Sleeper();
   private failed: RelayError | null = null;
   private lastClose?: Error;
-  private lastDeliveryAt = 0;
   private firstBufferedAt = 0;
   private closing = false;
   /** Deliveries handed out in batches and not yet acked or released. */
@@ -58,7 +57,6 @@ export class RabbitSession {
   private deliver(msg: ConsumeMessage): void {
     if (this.buffer.length === 0) this.firstBufferedAt = Date.now();
     this.buffer.push(msg);
-    this.lastDeliveryAt = Date.now();
     if (this.buffer.length >= this.src.batchLimit || this.buffer.length === 1) this.sleeper.wake();
   }
 
@@ -76,7 +74,6 @@ export class RabbitSession {
   }
 
   private async waitForBatch(signal: AbortSignal): Promise<Batch | null> {
-    let idleSince = Date.now();
     for (;;) {
       if (this.failed) throw this.failed;
       if (signal.aborted) return null;
@@ -87,24 +84,31 @@ export class RabbitSession {
         await this.sleeper.sleep(this.cfg.batch_wait_ms - waited);
         continue;
       }
-      if (this.ctx.drain && Date.now() - idleSince >= this.cfg.poll_interval_ms) {
-        if ((await this.nothingReady()) && this.buffer.length === 0 && !this.failed) return null;
-        idleSince = Date.now();
-      }
+      // A drain ends only with every batch handed out acknowledged: closing the channel earlier
+      // would requeue them. Each ack or release wakes this loop (take()).
+      if (this.ctx.drain && this.outstanding === 0 && (await this.drained())) return null;
       await this.sleeper.sleep(this.cfg.poll_interval_ms);
     }
   }
 
-  /** Drain: no ready message in the queue and no delivery within the last poll interval. */
-  private async nothingReady(): Promise<boolean> {
+  /**
+   * Drain: nothing in hand, the queue has no ready message, and no delivery is on its way to this
+   * channel. checkQueue's count leaves out the deliveries already made, including one the broker
+   * sent just before it counted; the channel's next method is answered only after such a
+   * delivery (docs/PIPELINE.md, "How a drain ends"), so a basic.qos that changes nothing is the
+   * barrier behind which the buffer is looked at again.
+   */
+  private async drained(): Promise<boolean> {
     const channel = this.channel;
-    if (!channel || Date.now() - this.lastDeliveryAt < this.cfg.poll_interval_ms) return false;
+    if (!channel) return false;
     try {
       const { messageCount } = await channel.checkQueue(this.cfg.queue);
-      return messageCount === 0;
+      if (messageCount > 0) return false;
+      await channel.prefetch(this.src.prefetch);
     } catch (err) {
       throw this.failed ?? this.src.failure(this.lastClose ?? err, `checking queue '${this.cfg.queue}'`);
     }
+    return this.buffer.length === 0 && this.outstanding === 0 && !this.failed;
   }
 
   private take(): Batch {
@@ -121,6 +125,7 @@ export class RabbitSession {
     // released — so `multiple` up to the batch's last tag covers exactly this batch's deliveries.
     const settle = (what: "ack" | "release") => {
       this.outstanding = Math.max(0, this.outstanding - deliveries.length);
+      this.sleeper.wake(); // a drain waits for every batch to be settled
       if (this.failed || this.channel !== channel) {
         this.ctx.log.warn(
           `rabbitmq source: the channel closed before the ${what} of ${deliveries.length} deliveries; RabbitMQ requeues them${what === "ack" ? ", and the inbox's ON CONFLICT absorbs their redelivery" : ""}`,

@@ -21,8 +21,8 @@ import { tlsWanted } from "../../tls.ts";
  * in hand at once (read-ahead); a batch is acknowledged with one `basic.ack multiple=true` up to
  * its last delivery tag, only after its inbox commit and every earlier batch's ack, and handed back with `basic.nack multiple requeue` when the write failed. A lost
  * channel or connection makes RabbitMQ requeue every unacknowledged delivery; the iteration
- * fails transient and the next one opens a new connection. Drain ends once the queue has no
- * ready message and nothing arrived for one poll interval.
+ * fails transient and the next one opens a new connection. Drain ends once every batch handed
+ * out is acknowledged, the queue has no ready message and no delivery is on its way (session.ts).
  */
 export class RabbitSource implements Source {
   readonly describe: string;

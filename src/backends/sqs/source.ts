@@ -27,6 +27,11 @@ const DRAIN_WAIT_SECONDS = 1;
 /** Drain: empty receives in a row while the queue still reports visible messages before giving up on them. */
 const DRAIN_EMPTY_POLLS = 3;
 const DELETE_ATTEMPTS = 3;
+/**
+ * Receives in flight at once while a batch fills: one ReceiveMessage returns at most 10 messages,
+ * so a batch of hundreds filled one call at a time waits that many round trips.
+ */
+const FILL_CONCURRENCY = 10;
 
 
 /**
@@ -117,24 +122,40 @@ export class SqsSource implements Source {
         const inFlight = new InFlight(this);
         inFlight.add(first);
         const received = [...first];
-        // Fill the batch without waiting while the queue still hands out messages.
-        for (let last = first.length; received.length < this.batchSize && last > 0 && !signal.aborted; ) {
-          let more: SqsMessage[];
-          try {
-            more = await this.receive(perCall(this.batchSize - received.length), 0, signal);
-          } catch (err) {
-            // What is in hand goes out now; the next receive reports the error.
-            this.log.debug(`receive failed while filling a batch (${errorMessage(err)}); delivering the ${received.length} message(s) in hand`);
-            break;
-          }
-          inFlight.add(more);
-          received.push(...more);
-          last = more.length;
-        }
+        await this.fill(received, inFlight, signal);
         yield this.batch(received, inFlight);
       }
     } finally {
       signal.removeEventListener("abort", wake);
+    }
+  }
+
+  /**
+   * Fills a batch without waiting while the queue still hands out messages: up to
+   * FILL_CONCURRENCY receives at once, in rounds, until the batch is full or a receive comes back
+   * empty (nothing more ready, for now). Each round's messages join the batch in call order; on a
+   * FIFO queue a message group's messages come in one receive at most until they are deleted
+   * (SQS returns none of a group with messages in flight), so the group's order holds.
+   */
+  private async fill(received: SqsMessage[], inFlight: InFlight, signal: AbortSignal): Promise<void> {
+    let more = true;
+    while (more && received.length < this.batchSize && !signal.aborted) {
+      const counts: number[] = [];
+      for (let left = this.batchSize - received.length; left > 0 && counts.length < FILL_CONCURRENCY; left -= this.cfg.max_messages) {
+        counts.push(Math.min(this.cfg.max_messages, left));
+      }
+      const results = await Promise.allSettled(counts.map((n) => this.receive(n, 0, signal)));
+      results.forEach((r) => {
+        if (r.status === "rejected") {
+          // What is in hand goes out now; the next receive reports the error.
+          this.log.debug(`receive failed while filling a batch (${errorMessage(r.reason)}); delivering the ${received.length} message(s) in hand`);
+          more = false;
+          return;
+        }
+        inFlight.add(r.value);
+        received.push(...r.value);
+        if (r.value.length === 0) more = false;
+      });
     }
   }
 
