@@ -10,8 +10,9 @@
  * `pgtrickle.create_inbox` (what `set_relay_inbox` promises) at start.
  *
  * A batch is ONE statement: `INSERT … SELECT … FROM jsonb_to_recordset($1) … ON CONFLICT (<id>)
- * DO NOTHING RETURNING <id>`, so its rows commit together and the number returned tells inserted
- * from dedup-skipped rows. When a row breaks a constraint or holds data the column type refuses
+ * DO NOTHING`, so its rows commit together and the row count of its command tag tells inserted
+ * from dedup-skipped rows (no RETURNING: sending the ids back cost ≈ 0.7 µs of CPU per event).
+ * When a row breaks a constraint or holds data the column type refuses
  * (SQLSTATE classes 23, 22 and 54, e.g. NOT NULL or CHECK on a bring-your-own table, U+0000, a
  * payload nested too deep, a key too long for the index; errors.ts isRowSqlstate), the batch is
  * redone row by row in one transaction with a savepoint per row: the good rows commit together,
@@ -204,7 +205,7 @@ export class PgInboxSink implements Sink {
     let inserted: number;
     let rejections: Rejection[] = [];
     try {
-      inserted = (await this.withDeadline(sql.unsafe(plan.statement, [records as never], { prepare: true }), "write to")).length;
+      inserted = (await this.withDeadline(sql.unsafe(plan.statement, [records as never], { prepare: true }), "write to")).count;
     } catch (err) {
       if (!isRowError(err)) throw this.wrap(err, "write to");
       try {
@@ -232,7 +233,7 @@ export class PgInboxSink implements Sink {
       for (let i = 0; i < messages.length; i++) {
         try {
           const rows = await tx.savepoint((sp) => sp.unsafe(plan.statement, [[records[i]] as never], { prepare: true }));
-          inserted += rows.length;
+          inserted += rows.count;
         } catch (err) {
           if (!isRowError(err)) throw err;
           rejections.push({

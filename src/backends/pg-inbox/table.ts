@@ -182,6 +182,6 @@ export function planFor(
   const statement =
     `INSERT INTO ${qualified} (${insertCols.join(", ")}) ` +
     `SELECT ${selectCols.join(", ")} FROM jsonb_to_recordset($1::jsonb) AS x(${recordDef}) ` +
-    `ON CONFLICT (${quoteIdent(idColumn)}) DO NOTHING RETURNING ${quoteIdent(idColumn)}`;
+    `ON CONFLICT (${quoteIdent(idColumn)}) DO NOTHING`;
   return { schema, table: inbox.name, idColumn, targets, missing, receivedAtNow, statement };
 }
