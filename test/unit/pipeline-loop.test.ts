@@ -88,4 +88,57 @@ describe("runStages", () => {
     expect(r.of("commit")).toEqual([1, 2, 3, 4, 5]);
     expect(r.of("abandon")).toEqual([]);
   });
+
+  test("written batches that queue up behind a slow commit are committed by the newest one's commit when it covers them", async () => {
+    const commits: { batch: number; covered: number[] }[] = [];
+    let next = 1;
+    let release!: () => void;
+    const firstCommit = new Promise<void>((r) => (release = r));
+    const stages: Stages<number, string> = {
+      read: async () => (next > 6 ? null : next++),
+      write: async (b) => {
+        if (b === 3) release(); // batches 2 and 3 are written while batch 1's commit is held
+        return `w${b}`;
+      },
+      commit: async (b, w, covered) => {
+        expect(w).toBe(`w${b}`);
+        if (b === 1) await firstCommit;
+        commits.push({ batch: b, covered: covered.map((c) => c.batch) });
+      },
+      // Batch 5 cannot be covered (say it has dead letters to write first).
+      covers: (newer, older) => older.batch !== 5 && older.written === `w${older.batch}`,
+      abandon: async () => {},
+    };
+    await runStages(stages, 3, () => {});
+    expect(commits[0]).toEqual({ batch: 1, covered: [] });
+    expect(commits[1]).toEqual({ batch: 3, covered: [2] });
+    // Every batch committed exactly once, in order, either alone or covered by a later one.
+    expect(commits.flatMap((c) => [...c.covered, c.batch])).toEqual([1, 2, 3, 4, 5, 6]);
+    expect(commits.find((c) => c.covered.includes(5))).toBeUndefined();
+  });
+
+  test("a failed commit that would have covered earlier batches: they are abandoned with it, none committed", async () => {
+    const events: string[] = [];
+    let next = 1;
+    let release!: () => void;
+    const firstCommit = new Promise<void>((r) => (release = r));
+    const stages: Stages<number, string> = {
+      read: async () => (next > 4 ? null : next++),
+      write: async (b) => {
+        if (b === 3) release();
+        return `w${b}`;
+      },
+      commit: async (b, _w, covered) => {
+        if (b === 1) await firstCommit;
+        if (b === 3) throw new Error("commit 3 failed");
+        events.push(`commit ${[...covered.map((c) => c.batch), b].join("+")}`);
+      },
+      covers: () => true,
+      abandon: async (b) => void events.push(`abandon ${b}`),
+    };
+    await expect(runStages(stages, 3, () => {})).rejects.toThrow("commit 3 failed");
+    expect(events.filter((e) => e.startsWith("commit"))).toEqual(["commit 1"]);
+    expect(events).toContain("abandon 2");
+    expect(events).toContain("abandon 3");
+  });
 });
