@@ -5,7 +5,7 @@
  */
 import { afterAll, beforeAll, expect, test } from "bun:test";
 import { testDatabase, type TestDatabase } from "../helpers/pg.ts";
-import { createStreamTable, enableOutbox, writeV1Inline } from "../fixtures/outbox.ts";
+import { createStreamTable, enableOutbox, openInsert, writeV1Inline } from "../fixtures/outbox.ts";
 import { findOutbox, type OutboxTarget } from "../../src/backends/outbox/resolve.ts";
 import { SimpleReader } from "../../src/backends/outbox/simple.ts";
 import type { Sql } from "../../src/db.ts";
@@ -34,18 +34,19 @@ function recording(sql: Sql): { sql: Sql; statements: string[] } {
 
 const writerChecks = (statements: string[]) => statements.filter((s) => s.includes("pg_locks")).length;
 
-async function outbox(name: string): Promise<{ target: OutboxTarget; outboxTable: string }> {
+/** A fresh outbox and a reader of it whose statements are recorded. */
+async function setup(name: string) {
   await createStreamTable(db.sql, `public.${name}`, "id int primary key");
   const { outboxTable } = await enableOutbox(db.sql, `public.${name}`);
-  return { target: (await findOutbox(db.sql, name, `public.${name}`))!, outboxTable };
+  const target: OutboxTarget = (await findOutbox(db.sql, name, `public.${name}`))!;
+  const { sql, statements } = recording(db.sql);
+  return { target, outboxTable, statements, reader: new SimpleReader(sql, 100) };
 }
 
 const write = (outboxTable: string, id: number) => writeV1Inline(db.sql, outboxTable, { inserted: [{ id }], deleted: [] });
 
 test("rows that follow the last one read without a hole are read in one statement, without the writer check", async () => {
-  const { target, outboxTable } = await outbox("contiguous");
-  const { sql, statements } = recording(db.sql);
-  const reader = new SimpleReader(sql, 100);
+  const { target, outboxTable, statements, reader } = await setup("contiguous");
   const ids = [await write(outboxTable, 1), await write(outboxTable, 2), await write(outboxTable, 3)];
   expect((await reader.poll(target)).map((r) => r.id)).toEqual(ids);
   expect((await reader.poll(target)).map((r) => r.id)).toEqual([]);
@@ -56,19 +57,9 @@ test("rows that follow the last one read without a hole are read in one statemen
 });
 
 test("a hole left by an open transaction: the writer check runs before the read, and the rows after the hole wait for it", async () => {
-  const { target, outboxTable } = await outbox("holes");
-  const { sql, statements } = recording(db.sql);
-  const reader = new SimpleReader(sql, 100);
+  const { target, outboxTable, statements, reader } = await setup("holes");
   const first = await write(outboxTable, 1);
-  let release!: () => void;
-  const held = new Promise<void>((r) => (release = r));
-  let lowId = "";
-  const open = db.sql.begin(async (tx) => {
-    const [row] = await tx.unsafe(`INSERT INTO pgtrickle."${outboxTable}" (payload) VALUES ('{"v":1,"inserted":[{"id":2}],"deleted":[]}') RETURNING id::text AS id`);
-    lowId = (row as unknown as { id: string }).id;
-    await held;
-  });
-  while (lowId === "") await Bun.sleep(10);
+  const open = await openInsert(db.sql, outboxTable, [{ id: 2 }]);
   const high = await write(outboxTable, 3);
 
   // The read sees first, (hole), high: it is made again after the writer check, which finds the
@@ -80,9 +71,8 @@ test("a hole left by an open transaction: the writer check runs before the read,
   expect(await reader.poll(target)).toEqual([]);
   expect(writerChecks(statements)).toBe(2);
 
-  release();
-  await open;
-  expect((await reader.poll(target)).map((r) => r.id)).toEqual([lowId, high]);
+  await open.end(true);
+  expect((await reader.poll(target)).map((r) => r.id)).toEqual([open.id, high]);
   expect(reader.blockedOnGap).toBe(false);
   expect(writerChecks(statements)).toBe(3);
   // Past the hole, contiguous again: no check.
@@ -92,16 +82,9 @@ test("a hole left by an open transaction: the writer check runs before the read,
 });
 
 test("a hole left by a rolled-back insert is crossed in the same poll once no writer can fill it", async () => {
-  const { target, outboxTable } = await outbox("rolled_back");
-  const { sql, statements } = recording(db.sql);
-  const reader = new SimpleReader(sql, 100);
+  const { target, outboxTable, statements, reader } = await setup("rolled_back");
   const first = await write(outboxTable, 1);
-  await db.sql
-    .begin(async (tx) => {
-      await tx.unsafe(`INSERT INTO pgtrickle."${outboxTable}" (payload) VALUES ('[]')`);
-      throw new Error("rollback");
-    })
-    .catch(() => {});
+  await (await openInsert(db.sql, outboxTable, [{ id: 2 }])).end(false);
   const third = await write(outboxTable, 3);
   expect((await reader.poll(target)).map((r) => r.id)).toEqual([first, third]);
   expect(BigInt(third) - BigInt(first)).toBe(2n);

@@ -58,7 +58,7 @@ export class SimpleReader {
   }
 
   /** True when the rows' ids are readPos+1, readPos+2, … without a hole (also for no rows). */
-  continuesReadPos(rows: HeaderRow[]): boolean {
+  private continuesReadPos(rows: HeaderRow[]): boolean {
     let expected = this.readPos + 1n;
     for (const row of rows) {
       if (BigInt(row.id) !== expected) return false;
