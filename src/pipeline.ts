@@ -501,7 +501,7 @@ export class Pipeline {
           },
           write: (batch) => this.write(batch, stop),
           commit: (batch, rejections, covered) => this.commit(batch, rejections, covered, stop),
-          covers: (newer, older) => coversEarlier(newer, older),
+          covers: coversEarlier,
           abandon: (batch) => this.abandon(batch),
         },
         depth,
