@@ -9,10 +9,25 @@ export interface Stages<B, W> {
   read(): Promise<B | null>;
   /** Writes one batch; retries transient failures itself and throws only when it gives up. */
   write(batch: B): Promise<W>;
-  /** Proof of ownership, dead letters, acknowledgement; retries like `write`. */
-  commit(batch: B, written: W): Promise<void>;
+  /**
+   * Proof of ownership, dead letters, acknowledgement; retries like `write`. `covered`: earlier
+   * written batches that this commit commits too (see `covers`), oldest first; their own commits
+   * are left out.
+   */
+  commit(batch: B, written: W, covered: Written<B, W>[]): Promise<void>;
+  /**
+   * True when committing `newer` also commits `older` (written, awaiting its commit), so that
+   * `older` need not be committed on its own. Absent: every batch is committed on its own.
+   */
+  covers?(newer: B, older: Written<B, W>): boolean;
   /** Called once for every batch that was read but will not be committed (the run ended early). */
   abandon(batch: B): Promise<void>;
+}
+
+/** A batch whose write resolved, with what the write returned. */
+export interface Written<B, W> {
+  batch: B;
+  written: W;
 }
 
 /** A one-shot wake-up: `wait()` resolves at the next `notify()` (or at once if one is pending). */
@@ -44,7 +59,8 @@ class Signal {
  *
  * Ordering: the writer takes batches in the order they were read and starts the next write only
  * after the previous one resolved; the committer takes written batches in that same order, so a
- * batch is committed only after its own write and every earlier commit. A failed read lets the
+ * batch is committed only after its own write and every earlier commit (or with a later batch's
+ * commit that covers it, after that batch's write: see `coveredCount`). A failed read lets the
  * writer and committer finish the batches read before it (they are valid). A failed write or
  * commit stops everything: the batches written ahead of a failed write are still committed
  * (their writes resolved); whatever is behind the failure is abandoned, and read again by the
@@ -52,7 +68,7 @@ class Signal {
  */
 export async function runStages<B, W>(stages: Stages<B, W>, depth: number, abort: () => void): Promise<void> {
   const toWrite: B[] = [];
-  const toCommit: { batch: B; written: W }[] = [];
+  const toCommit: Written<B, W>[] = [];
   let inFlight = 0; // read and not yet committed
   let readerDone = false;
   let writerDone = false;
@@ -121,14 +137,29 @@ export async function runStages<B, W>(stages: Stages<B, W>, depth: number, abort
           await committerWake.wait();
           continue;
         }
-        await stages.commit(next.batch, next.written);
-        toCommit.shift(); // only now, as in the writer
-        inFlight--;
+        const covered = toCommit.slice(0, coveredCount(toCommit));
+        const newest = toCommit[covered.length]!;
+        await stages.commit(newest.batch, newest.written, covered);
+        toCommit.splice(0, covered.length + 1); // only now, as in the writer
+        inFlight -= covered.length + 1;
         readerWake.notify();
       }
     } catch (err) {
       fail(err);
     }
+  };
+
+  /**
+   * How many of the written batches waiting, oldest first, the one after them commits too. Each
+   * commit is a durable write (a WAL flush for the outbox offset) and the slowest stage: batches
+   * that queued up behind one are committed by one statement instead of one each, or the
+   * committer would hold the reader back through `depth` (bench/RESULTS.md, "Commit → publish
+   * latency"). A batch alone is committed at once, never held back to wait for company.
+   */
+  const coveredCount = (waiting: Written<B, W>[]): number => {
+    let count = 0;
+    while (count + 1 < waiting.length && waiting.slice(0, count + 1).every((older) => stages.covers?.(waiting[count + 1]!.batch, older))) count++;
+    return count;
   };
 
   await Promise.all([reader(), writer(), committer()]);

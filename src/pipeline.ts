@@ -14,7 +14,7 @@ import { errorKind, errorMessage, RelayError, transientError } from "./errors.ts
 import type { Message } from "./message.ts";
 import type { Metrics } from "./observe/metrics.ts";
 import { parseBackendConfig, type PipelineSpec } from "./pipeline-config.ts";
-import { runStages } from "./pipeline-loop.ts";
+import { runStages, type Written } from "./pipeline-loop.ts";
 import { abortableDelay, backoffMs, withTimeout } from "./sleep.ts";
 
 export type PipelineState = "starting" | "running" | "degraded" | "failed" | "stopped" | "drained";
@@ -500,7 +500,8 @@ export class Pipeline {
             return r.value;
           },
           write: (batch) => this.write(batch, stop),
-          commit: (batch, rejections) => this.commit(batch, rejections, stop),
+          commit: (batch, rejections, covered) => this.commit(batch, rejections, covered, stop),
+          covers: coversEarlier,
           abandon: (batch) => this.abandon(batch),
         },
         depth,
@@ -549,8 +550,11 @@ export class Pipeline {
     return rejections;
   }
 
-  /** Proof of ownership → dead letters → acknowledgement, after the batch's own write resolved. */
-  private async commit(batch: Batch, rejections: Rejection[], stop: AbortSignal): Promise<void> {
+  /**
+   * Proof of ownership → dead letters → acknowledgement, after the batch's own write resolved;
+   * `covered`: earlier written batches its ack commits too (coversEarlier), counted with it.
+   */
+  private async commit(batch: Batch, rejections: Rejection[], covered: Written<Batch, Rejection[]>[], stop: AbortSignal): Promise<void> {
     const m = this.deps.metrics;
     const letters = [...batch.deadLetters, ...rejections.map(rejectionLetter)];
     await this.retrying(stop, "commit", async () => {
@@ -565,12 +569,14 @@ export class Pipeline {
         throw new LockLost(this.name, "at the commit");
       }
     });
-    this.inFlight--;
-    m.published.inc(this.labels, batch.messages.length - rejections.length);
-    m.batchesCommitted.inc(this.labels);
+    for (const done of [...covered, { batch, written: rejections }]) {
+      this.inFlight--;
+      m.published.inc(this.labels, done.batch.messages.length - done.written.length);
+      m.batchesCommitted.inc(this.labels);
+      this.delivered += done.batch.messages.length - done.written.length;
+    }
     const offset = this.source.committedOffset;
     if (offset !== undefined) m.lastOffset.set({ pipeline: this.name }, Number(offset));
-    this.delivered += batch.messages.length - rejections.length;
     this.lastCommitAt = new Date();
   }
 
@@ -629,6 +635,11 @@ export class Pipeline {
     const m = messageFromStored(stored);
     return m ? [m] : null;
   }
+}
+
+/** Whether `newer`'s ack commits `older` too (Batch.cumulativeAck): only when `older` has no dead letter to write first. */
+function coversEarlier(newer: Batch, older: Written<Batch, Rejection[]>): boolean {
+  return !!newer.cumulativeAck && !!older.batch.cumulativeAck && older.batch.deadLetters.length === 0 && older.written.length === 0;
 }
 
 function rejectionLetter(r: Rejection): DeadLetter {

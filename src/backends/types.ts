@@ -74,6 +74,13 @@ export interface Batch {
    * pipeline's lock, in the same statement: false = it did not, nothing was committed.
    */
   ack(owner?: LockHolder): Promise<boolean | void>;
+  /**
+   * This batch's ack also commits every earlier batch of the pass, and its own ack may be left to
+   * a later batch's with this flag (an outbox offset: moving it past later rows commits the
+   * earlier ones). The pipeline then commits written batches that queued up behind a slow commit
+   * with the newest one's ack alone (docs/PIPELINE.md) — never a batch that has dead letters.
+   */
+  cumulativeAck?: boolean;
   /** Hands the messages back after a failed write (e.g. AMQP nack with requeue). */
   release?(): Promise<void>;
 }

@@ -9,6 +9,7 @@ import { PIPELINE_DEPTH } from "../../src/pipeline.ts";
 import {
   createStreamTable,
   enableOutbox,
+  openInsert,
   writeClaimCheck,
   writeNullPayload,
   writePgTideSummary,
@@ -225,24 +226,15 @@ describe("no row skipped", () => {
     const relay = new RunningRelay(["--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0", "--max-workers", "100"]);
     try {
       await relay.waitForLog(/\[ooo\] started/);
-      let release!: () => void;
-      const held = new Promise<void>((r) => (release = r));
-      let lowId = "";
-      const writerA = db.sql.begin(async (tx) => {
-        const [row] = await tx.unsafe(`INSERT INTO pgtrickle."${tables.outboxTable}" (payload) VALUES ('{"v":1,"inserted":[{"id":1,"amount":1}],"deleted":[]}') RETURNING id::text AS id`);
-        lowId = (row as unknown as { id: string }).id;
-        await held;
-      });
-      await eventually(() => lowId !== "", 5000, "writer A to insert");
+      const writerA = await openInsert(db.sql, tables.outboxTable, [{ id: 1, amount: 1 }]);
       const highId = await writeV1Inline(db.sql, tables.outboxTable, { inserted: [{ id: 2, amount: 2 }], deleted: [] });
-      expect(BigInt(highId)).toBeGreaterThan(BigInt(lowId));
+      expect(BigInt(highId)).toBeGreaterThan(BigInt(writerA.id));
       // Give the relay several polls while A is open: it must not hand out B's row yet.
       await Bun.sleep(600);
       expect(readLines(output)).toHaveLength(0);
-      release();
-      await writerA;
+      await writerA.end(true);
       await eventually(() => readLines(output).length === 2, 10_000, "both rows");
-      expect(readLines(output).map((l) => l.outbox_id)).toEqual([Number(lowId), Number(highId)]);
+      expect(readLines(output).map((l) => l.outbox_id)).toEqual([Number(writerA.id), Number(highId)]);
     } finally {
       await relay.stop();
     }

@@ -88,4 +88,55 @@ describe("runStages", () => {
     expect(r.of("commit")).toEqual([1, 2, 3, 4, 5]);
     expect(r.of("abandon")).toEqual([]);
   });
+
+  test("written batches that queue up behind a slow commit are committed by the newest one's commit when it covers them", async () => {
+    const commits: { batch: number; covered: number[] }[] = [];
+    const stages = queuedBehindFirstCommit(6, async (batch, covered) => void commits.push({ batch, covered }));
+    // Batch 5 cannot be covered (say it has dead letters to write first).
+    stages.covers = (_newer, older) => older.batch !== 5 && older.written === `w${older.batch}`;
+    await runStages(stages, 3, () => {});
+    expect(commits[0]).toEqual({ batch: 1, covered: [] });
+    expect(commits[1]).toEqual({ batch: 3, covered: [2] });
+    // Every batch committed exactly once, in order, either alone or covered by a later one.
+    expect(commits.flatMap((c) => [...c.covered, c.batch])).toEqual([1, 2, 3, 4, 5, 6]);
+    expect(commits.find((c) => c.covered.includes(5))).toBeUndefined();
+  });
+
+  test("a failed commit that would have covered earlier batches: they are abandoned with it, none committed", async () => {
+    const commits: number[][] = [];
+    const stages = queuedBehindFirstCommit(4, async (batch, covered) => {
+      if (batch === 3) throw new Error("commit 3 failed");
+      commits.push([...covered, batch]);
+    });
+    const abandoned: number[] = [];
+    stages.abandon = async (b) => void abandoned.push(b);
+    await expect(runStages(stages, 3, () => {})).rejects.toThrow("commit 3 failed");
+    expect(commits).toEqual([[1]]);
+    expect(abandoned.slice(0, 2)).toEqual([2, 3]);
+  });
 });
+
+/**
+ * Stages over batches 1…n, every later batch covering the earlier ones, whose first commit is
+ * held until batch 3 is written: batches 2 and 3 queue up written behind it. `commit` gets the
+ * batch and the batches it covers.
+ */
+function queuedBehindFirstCommit(n: number, commit: (batch: number, covered: number[]) => Promise<void>): Stages<number, string> {
+  let next = 1;
+  let release!: () => void;
+  const firstCommit = new Promise<void>((r) => (release = r));
+  return {
+    read: async () => (next > n ? null : next++),
+    write: async (b) => {
+      if (b === 3) release();
+      return `w${b}`;
+    },
+    commit: async (b, w, covered) => {
+      expect(w).toBe(`w${b}`);
+      if (b === 1) await firstCommit;
+      await commit(b, covered.map((c) => c.batch));
+    },
+    covers: () => true,
+    abandon: async () => {},
+  };
+}

@@ -34,14 +34,42 @@ export class SimpleReader {
     private readonly batchSize: number,
   ) {}
 
+  /**
+   * The next rows. Usually one statement: rows whose ids follow `readPos` without a hole cannot
+   * have skipped anything, so they need no writer check. Only when the ids have a hole (a
+   * transaction that has not committed yet, or rolled back) — or the last poll stopped at one —
+   * is the poll made again the careful way: writer check first, then the read. The check costs a
+   * round trip and a scan of the server's whole lock table (pg_locks), which on a busy server
+   * took longer than the read itself (bench/RESULTS.md, "Commit → publish latency").
+   */
   async poll(target: OutboxTarget): Promise<HeaderRow[]> {
+    if (!this.blockedOnGap) {
+      const rows = await this.read(target);
+      if (this.continuesReadPos(rows)) return this.handOut(rows);
+    }
     const check = await this.checkWriters(target);
-    const rows = await this.sql<HeaderRow[]>`
+    return this.handOut(this.deliverablePrefix(await this.read(target), check));
+  }
+
+  private read(target: OutboxTarget): Promise<HeaderRow[]> {
+    return this.sql<HeaderRow[]>`
       SELECT ${this.sql.unsafe(HEADER_COLUMNS)} FROM ${qualifiedIdent(this.sql, "pgtrickle", target.outboxTable)} AS h
       WHERE h.id > ${this.readPos.toString()}::bigint ORDER BY h.id LIMIT ${this.batchSize}`;
-    const deliverable = this.deliverablePrefix(rows, check);
-    if (deliverable.length > 0) this.readPos = BigInt(deliverable[deliverable.length - 1]!.id);
-    return deliverable;
+  }
+
+  /** True when the rows' ids are readPos+1, readPos+2, … without a hole (also for no rows). */
+  private continuesReadPos(rows: HeaderRow[]): boolean {
+    let expected = this.readPos + 1n;
+    for (const row of rows) {
+      if (BigInt(row.id) !== expected) return false;
+      expected++;
+    }
+    return true;
+  }
+
+  private handOut(rows: HeaderRow[]): HeaderRow[] {
+    if (rows.length > 0) this.readPos = BigInt(rows[rows.length - 1]!.id);
+    return rows;
   }
 
   /**

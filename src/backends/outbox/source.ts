@@ -249,6 +249,9 @@ export class OutboxSource implements Source {
     return {
       messages,
       deadLetters,
+      // Its ack moves the offset (and the position within a row) past every earlier batch's;
+      // releasing claim-check rows is the one thing a later ack would not do for it.
+      cumulativeAck: completed !== null && claimChecks.length === 0,
       ack: async (owner) => {
         const advance = completed !== null && BigInt(completed) > this.committed ? completed : null;
         let owned = true;
