@@ -957,7 +957,7 @@ try {
     for (const sink of sinks) rows.push(await attempt(`${sink.name}, ${rowsPerSet}-row sets`, () => benchSink(sink, ob)));
     printTable(`Forward, ${rowsPerSet}-row change sets, ${N} messages`, rows, "msg/s");
   }
-  if (sources.length) {
+  if (sources.length || (reverse && wanted("http"))) {
     const rows: Row[] = [];
     for (const src of sources) rows.push(await attempt(src.name, () => benchSource(src)));
     if (wanted("http")) rows.push(await attempt("HTTP receiver → inbox", benchHttpSource));

@@ -146,7 +146,7 @@ export const HttpSourceConfig = v.pipe(
     ),
     linger_ms: v.pipe(
       v.optional(intInRange(0), 5),
-      v.description("How long an idle receiver waits for more requests to join a batch once one arrived."),
+      v.description("While a batch is being written to the inbox, how long the next one waits for more requests to join it; with nothing in flight a request's events go at once."),
     ),
     request_timeout_ms: v.pipe(
       v.optional(intInRange(100), 30000),

@@ -172,9 +172,12 @@ export class HttpSource implements Source {
           await this.arrivals.sleep(60_000);
           continue;
         }
-        if (this.queue.length < this.batchSize && this.cfg.linger_ms > 0) {
+        // Linger only while an earlier batch is still being written or committed: the inbox is
+        // busy then, and the next batch may as well gather what arrives meanwhile. With nothing in
+        // flight, waiting would only delay the answer (and hold back senders that wait for it).
+        if (this.queue.length < this.batchSize && this.cfg.linger_ms > 0 && this.inFlight > 0) {
           const until = Date.now() + this.cfg.linger_ms;
-          while (this.queue.length < this.batchSize && Date.now() < until && !signal.aborted) {
+          while (this.queue.length < this.batchSize && Date.now() < until && !signal.aborted && this.inFlight > 0) {
             await this.arrivals.sleep(until - Date.now());
           }
         }
@@ -197,6 +200,7 @@ export class HttpSource implements Source {
       if (settled) return false;
       settled = true;
       this.inFlight -= entries.length;
+      if (this.inFlight === 0) this.arrivals.wake(); // a lingering batch need not wait any longer
       this.handedOut.delete(handed);
       this.stalled = false;
       this.stallLogged = false;
