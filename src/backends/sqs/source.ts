@@ -106,11 +106,10 @@ export class SqsSource implements Source {
     const wake = () => this.sleeper.wake();
     signal.addEventListener("abort", wake, { once: true });
     const wait = this.ctx.drain ? DRAIN_WAIT_SECONDS : this.cfg.wait_time_seconds;
-    const perCall = (left: number) => Math.min(this.cfg.max_messages, left);
     let emptyPolls = 0;
     try {
       while (!signal.aborted) {
-        const first = await this.receive(perCall(this.batchSize), wait, signal);
+        const first = await this.receive(this.perCall(this.batchSize), wait, signal);
         if (first.length === 0) {
           if (signal.aborted) return;
           if (this.ctx.drain) {
@@ -130,6 +129,11 @@ export class SqsSource implements Source {
     }
   }
 
+  /** Messages to ask one ReceiveMessage for when `left` are wanted. */
+  private perCall(left: number): number {
+    return Math.min(this.cfg.max_messages, left);
+  }
+
   /**
    * Fills a batch without waiting while the queue still hands out messages: up to
    * FILL_CONCURRENCY receives at once, in rounds, until the batch is full or a receive comes back
@@ -142,7 +146,7 @@ export class SqsSource implements Source {
     while (more && received.length < this.batchSize && !signal.aborted) {
       const counts: number[] = [];
       for (let left = this.batchSize - received.length; left > 0 && counts.length < FILL_CONCURRENCY; left -= this.cfg.max_messages) {
-        counts.push(Math.min(this.cfg.max_messages, left));
+        counts.push(this.perCall(left));
       }
       const results = await Promise.allSettled(counts.map((n) => this.receive(n, 0, signal)));
       results.forEach((r) => {
