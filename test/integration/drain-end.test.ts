@@ -12,9 +12,8 @@
  * here: their acknowledgements come after the connection closed, and they are left on the broker.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import amqp, { type Channel, type ChannelModel } from "amqplib";
-import { Kafka, logLevel, type Admin, type Producer } from "kafkajs";
 import { AckPolicy, connect as natsConnect, type JetStreamManager, type NatsConnection } from "nats";
+import { KafkaAndRabbit } from "../helpers/brokers.ts";
 import { testDatabase, type TestDatabase } from "../helpers/pg.ts";
 import { drainPipeline, inboxRows, setRelayInbox } from "../helpers/reverse.ts";
 import { AMQP_URL, KAFKA_BROKERS, NATS_URL, requireServer } from "../helpers/servers.ts";
@@ -28,14 +27,9 @@ const BEFORE = 600;
 const DURING = 400;
 
 let db: TestDatabase;
-let admin: Admin;
-let producer: Producer;
-let conn: ChannelModel;
-let ch: Channel;
+const brokers = new KafkaAndRabbit();
 let nc: NatsConnection;
 let jsm: JetStreamManager;
-const topics: string[] = [];
-const queues: string[] = [];
 const streams: string[] = [];
 
 beforeAll(async () => {
@@ -45,28 +39,13 @@ beforeAll(async () => {
   await requireServer("nats");
   db = await testDatabase("drain_end");
   await db.sql`CREATE FUNCTION public.slow_write() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(0.05); RETURN NULL; END $$`;
-  const kafka = new Kafka({ brokers: KAFKA_BROKERS, logLevel: logLevel.NOTHING });
-  admin = kafka.admin();
-  await admin.connect();
-  producer = kafka.producer();
-  await producer.connect();
-  conn = await amqp.connect(AMQP_URL);
-  ch = await conn.createChannel();
+  await brokers.open();
   nc = await natsConnect({ servers: NATS_URL });
   jsm = await nc.jetstreamManager();
 });
 
 afterAll(async () => {
-  await producer?.disconnect();
-  if (admin) {
-    if (topics.length) await admin.deleteTopics({ topics }).catch(() => {});
-    await admin.deleteGroups(topics.map((t) => `${t}-group`)).catch(() => {});
-    await admin.disconnect();
-  }
-  if (ch) {
-    for (const q of queues) await ch.deleteQueue(q).catch(() => {});
-    await conn.close().catch(() => {});
-  }
+  await brokers.close();
   if (nc) {
     for (const s of streams) await jsm.streams.delete(s).catch(() => {});
     await nc.close();
@@ -87,36 +66,27 @@ interface Broker {
 }
 
 async function kafkaBroker(): Promise<Broker> {
-  const topic = `relaydrainend.${RUN}`;
-  const group = `${topic}-group`;
-  await admin.createTopics({ topics: [{ topic, numPartitions: 1 }], waitForLeaders: true });
-  topics.push(topic);
+  const { topic, group } = await brokers.topic(`relaydrainend.${RUN}`);
   return {
     source: { type: "kafka", brokers: KAFKA_BROKERS.join(","), topic, group_id: group, batch_size: BATCH },
-    send: async (eventIds) => {
-      await producer.send({ topic, messages: eventIds.map((id) => ({ value: JSON.stringify({ id }), headers: { pgt_dedup_key: id } })) });
-    },
+    send: (eventIds) => brokers.sendKafka(topic, eventIds),
     // One partition, offsets in publishing order: what is at or after the committed offset is left.
     left: async (published) => {
-      const [committed] = await admin.fetchOffsets({ groupId: group, topics: [topic] });
+      const [committed] = await brokers.admin.fetchOffsets({ groupId: group, topics: [topic] });
       return published.slice(Math.max(0, Number(committed!.partitions[0]!.offset)));
     },
   };
 }
 
 async function rabbitBroker(): Promise<Broker> {
-  const queue = `relaydrainend.${RUN}`;
-  await ch.assertQueue(queue, { durable: true });
-  queues.push(queue);
+  const queue = await brokers.queue(`relaydrainend.${RUN}`);
   return {
     source: { type: "rabbitmq", url: AMQP_URL, queue, batch_size: BATCH },
-    send: async (eventIds) => {
-      for (const id of eventIds) ch.sendToQueue(queue, Buffer.from(JSON.stringify({ id })), { messageId: id });
-    },
+    send: async (eventIds) => brokers.sendRabbit(queue, eventIds),
     // The drain's connection is closed: whatever it did not acknowledge is ready again.
     left: async () => {
       const out: string[] = [];
-      for (let m = await ch.get(queue, { noAck: true }); m; m = await ch.get(queue, { noAck: true })) out.push(m.properties.messageId as string);
+      for (let m = await brokers.ch.get(queue, { noAck: true }); m; m = await brokers.ch.get(queue, { noAck: true })) out.push(m.properties.messageId as string);
       return out;
     },
   };

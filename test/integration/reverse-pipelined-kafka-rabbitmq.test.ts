@@ -5,9 +5,8 @@
  * leave every message in the inbox exactly once and nothing unacknowledged on the broker.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import amqp, { type Channel, type ChannelModel } from "amqplib";
-import { Kafka, logLevel, type Admin, type Producer } from "kafkajs";
 import { PIPELINE_DEPTH } from "../../src/pipeline.ts";
+import { KafkaAndRabbit } from "../helpers/brokers.ts";
 import { testDatabase, type TestDatabase } from "../helpers/pg.ts";
 import { eventually, RunningRelay } from "../helpers/relay.ts";
 import { drainPipeline, enableOnly, inboxCount, inboxRows, killRelays, setRelayInbox } from "../helpers/reverse.ts";
@@ -22,40 +21,20 @@ const FIRST = BATCH;
 const SECOND = 6 * BATCH;
 
 let db: TestDatabase;
-let admin: Admin;
-let producer: Producer;
-let conn: ChannelModel;
-let ch: Channel;
+const brokers = new KafkaAndRabbit();
 const running: RunningRelay[] = [];
-const topics: string[] = [];
-const queues: string[] = [];
 
 beforeAll(async () => {
   await requireServer("postgres");
   await requireServer("kafka");
   await requireServer("rabbitmq");
   db = await testDatabase("reverse_pipelined");
-  const kafka = new Kafka({ brokers: KAFKA_BROKERS, logLevel: logLevel.NOTHING });
-  admin = kafka.admin();
-  await admin.connect();
-  producer = kafka.producer();
-  await producer.connect();
-  conn = await amqp.connect(AMQP_URL);
-  ch = await conn.createChannel();
+  await brokers.open();
 });
 
 afterAll(async () => {
   await killRelays(running);
-  await producer?.disconnect();
-  if (admin) {
-    if (topics.length) await admin.deleteTopics({ topics }).catch(() => {});
-    await admin.deleteGroups(topics.map((t) => `${t}-group`)).catch(() => {});
-    await admin.disconnect();
-  }
-  if (ch) {
-    for (const q of queues) await ch.deleteQueue(q).catch(() => {});
-    await conn.close().catch(() => {});
-  }
+  await brokers.close();
   await db?.drop();
 });
 
@@ -70,36 +49,27 @@ interface Broker {
 }
 
 async function kafkaBroker(label: string): Promise<Broker> {
-  const topic = `relaypipe.${RUN}.${label}`;
-  const group = `${topic}-group`;
-  await admin.createTopics({ topics: [{ topic, numPartitions: 1 }], waitForLeaders: true });
-  topics.push(topic);
+  const { topic, group } = await brokers.topic(`relaypipe.${RUN}.${label}`);
   return {
     source: { type: "kafka", brokers: KAFKA_BROKERS.join(","), topic, group_id: group, batch_size: BATCH },
-    send: async (eventIds) => {
-      await producer.send({ topic, messages: eventIds.map((id) => ({ value: JSON.stringify({ id }), headers: { pgt_dedup_key: id } })) });
-    },
+    send: (eventIds) => brokers.sendKafka(topic, eventIds),
     expectAcknowledged: async (n) => {
-      const [committed] = await admin.fetchOffsets({ groupId: group, topics: [topic] });
+      const [committed] = await brokers.admin.fetchOffsets({ groupId: group, topics: [topic] });
       expect(committed!.partitions.map((p) => Math.max(0, Number(p.offset)))).toEqual([n]);
     },
   };
 }
 
 async function rabbitBroker(label: string): Promise<Broker> {
-  const queue = `relaypipe.${RUN}.${label}`;
-  await ch.assertQueue(queue, { durable: true });
-  queues.push(queue);
+  const queue = await brokers.queue(`relaypipe.${RUN}.${label}`);
   return {
     source: { type: "rabbitmq", url: AMQP_URL, queue, batch_size: BATCH },
-    send: async (eventIds) => {
-      for (const id of eventIds) ch.sendToQueue(queue, Buffer.from(JSON.stringify({ id })), { messageId: id });
-    },
+    send: async (eventIds) => brokers.sendRabbit(queue, eventIds),
     // Only ready messages are counted by RabbitMQ: this holds once the consumer is gone, when
     // every delivery it did not acknowledge is ready again.
     expectAcknowledged: async (n, total) => {
-      await eventually(async () => (await ch.checkQueue(queue)).consumerCount === 0, 10_000, "the killed consumer to be gone");
-      expect((await ch.checkQueue(queue)).messageCount).toBe(total - n);
+      await eventually(async () => (await brokers.ch.checkQueue(queue)).consumerCount === 0, 10_000, "the killed consumer to be gone");
+      expect((await brokers.ch.checkQueue(queue)).messageCount).toBe(total - n);
     },
   };
 }
