@@ -24,13 +24,15 @@
  * high watermark its fetch reported; Redis: an empty read; file: its end); RabbitMQ and SQS give
  * no such answer for free, and their raw loops stop at the event count. The HTTP
  * receiver has no backlog: the relay under `run` and a hand-written receiver (bench/e2e-receiver.ts)
- * each get 8 senders posting arrays of 100 events, every request answered after the commit.
+ * each get 8 senders posting arrays of 100 events with an Idempotency-Key (the relay keys the
+ * events by it, the hand-written receiver by their event_id), every request answered after the
+ * commit.
  *
  * Each source's line also gives the CPU time per event of the relay process and of the raw loop
  * (the bench process while it runs it; its broker and PostgreSQL clients are in-process too).
  *
  * With `--rounds n` each figure is the mean of n runs of each side, alternately relay first and
- * raw first (the HTTP receiver: one run). Every destination is checked to hold every message afterwards. The ratio relay/raw is the figure
+ * raw first. Every destination is checked to hold every message afterwards. The ratio relay/raw is the figure
  * that counts: the machine is shared, absolute rates vary with its load (printed per table).
  */
 import { CreateQueueCommand, DeleteMessageBatchCommand, DeleteQueueCommand, GetQueueAttributesCommand, ReceiveMessageCommand, SendMessageBatchCommand, SQSClient } from "@aws-sdk/client-sqs";
@@ -135,6 +137,12 @@ async function attempt(name: string, bench: () => Promise<Row>): Promise<Row> {
 /** CPU time (user + system, ms) of the relay processes and of the raw loops, summed per case. */
 const cpuMs = { relay: 0, raw: 0 };
 
+/** The CPU time (user + system) of a child process that has exited, in ms. */
+function cpuOf(proc: { resourceUsage(): { cpuTime: { user: number | bigint; system: number | bigint } } | undefined }): number {
+  const cpu = proc.resourceUsage()?.cpuTime;
+  return cpu ? (Number(cpu.user) + Number(cpu.system)) / 1000 : 0;
+}
+
 /** The relay's `drain` of one pipeline as a cold process; milliseconds, or throws with its output. */
 async function relayDrain(pipeline: string, env: Record<string, string> = {}): Promise<number> {
   const t0 = performance.now();
@@ -145,8 +153,7 @@ async function relayDrain(pipeline: string, env: Record<string, string> = {}): P
   const [stdout, stderr, exitCode] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
   clearTimeout(timer);
   const ms = performance.now() - t0;
-  const cpu = proc.resourceUsage()?.cpuTime;
-  if (cpu) cpuMs.relay += (Number(cpu.user) + Number(cpu.system)) / 1000;
+  cpuMs.relay += cpuOf(proc);
   if (exitCode !== 0) throw new Error(`drain ${pipeline}: exit ${exitCode}\n${stdout}\n${stderr}`);
   return ms;
 }
@@ -822,7 +829,7 @@ const SOURCES: SourceCase[] = [
   },
 ];
 
-/** 8 senders POSTing arrays of 100 events to `url`, each request answered after the commit. */
+/** 8 senders POSTing arrays of 100 events to `url`, each with an Idempotency-Key, each request answered after the commit. */
 async function postEvents(url: string): Promise<number> {
   let next = 0;
   const t0 = performance.now();
@@ -832,7 +839,11 @@ async function postEvents(url: string): Promise<number> {
         const from = next;
         next += 100;
         const body = `[${Array.from({ length: Math.min(100, SRC_N - from) }, (_, k) => eventBody(from + k)).join(",")}]`;
-        const r = await fetch(url, { method: "POST", body, headers: { "Content-Type": "application/json" } });
+        // The key a careful sender gives (the relay keys each element `<key>:<index>`); the
+        // hand-written receiver trusts the events' own event_id instead. Without one the relay
+        // would derive each key from a SHA-256 of the event (docs/interface.md §6.5).
+        const headers = { "Content-Type": "application/json", "Idempotency-Key": `r-${run}-${from}` };
+        const r = await fetch(url, { method: "POST", body, headers });
         if (r.status !== 200) throw new Error(`HTTP ${r.status}: ${await r.text()}`);
       }
     }),
@@ -883,35 +894,50 @@ async function benchSource(src: SourceCase): Promise<Row> {
 
 /** The HTTP receiver: the relay under `run` against the hand-written receiver, 8 senders each. */
 async function benchHttpSource(): Promise<Row> {
-  const pipeline = `e2e_${run}_src_http`;
+  cpuMs.relay = cpuMs.raw = 0;
+  const { relayMs, rawMs } = await alternate(httpRelayRun, httpRawRun);
+  const row = { name: "HTTP receiver → inbox (8 senders × arrays of 100)", relay: rate(SRC_N, relayMs), raw: rate(SRC_N, rawMs) };
+  const perEvent = (ms: number) => ((ms * 1000) / (SRC_N * ROUNDS)).toFixed(1);
+  console.log(
+    `  ${row.name}: relay ${row.relay} rows/s, raw ${row.raw} rows/s, ratio ${(row.relay / row.raw).toFixed(2)}; CPU per event (the receiving process): relay ${perEvent(cpuMs.relay)} µs, raw ${perEvent(cpuMs.raw)} µs`,
+  );
+  return row;
+}
+
+async function httpRelayRun(round: number): Promise<number> {
+  const pipeline = `e2e_${run}_src_http_${round}`;
   const port = await freePort();
-  await db.sql`SELECT pgtrickle.set_relay_inbox(${pipeline}, ${`${pipeline}_relay_inbox`}, ${db.sql.json({ type: "http", listen_addr: `127.0.0.1:${port}`, path: "/in", batch_size: BATCH })})`;
+  await db.sql`SELECT pgtrickle.set_relay_inbox(${pipeline}, ${`${pipeline}_relay_inbox`}, ${db.sql.json({ type: "http", listen_addr: `127.0.0.1:${port}`, path: "/in", batch_size: BATCH, ...(process.env.LINGER ? { linger_ms: Number(process.env.LINGER) } : {}) })})`;
   await db.sql`UPDATE pgtrickle.relay_outbox_config SET enabled = false`;
   await db.sql`UPDATE pgtrickle.relay_inbox_config SET enabled = (name = ${pipeline})`;
   const relay = new RunningRelay(["--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0", "--log-level", "warn", ...RELAY_ARGS]);
   children.push(relay.proc);
-  let relayMs: number;
+  let ms: number;
   try {
     await waitForPost(`http://127.0.0.1:${port}/in`);
-    relayMs = await postEvents(`http://127.0.0.1:${port}/in`);
+    ms = await postEvents(`http://127.0.0.1:${port}/in`);
   } finally {
     await relay.stop("SIGTERM");
   }
+  cpuMs.relay += cpuOf(relay.proc);
   expectCount("HTTP relay", await inboxCount(`${pipeline}_relay_inbox`), SRC_N);
+  return ms;
+}
 
-  const rawInbox = `${pipeline}_raw_inbox`;
+async function httpRawRun(round: number): Promise<number> {
+  const rawInbox = `e2e_${run}_src_http_${round}_raw_inbox`;
   await db.sql`SELECT pgtrickle.create_inbox(${rawInbox})`;
   const receiver = await startReceiver(["inbox", db.url, rawInbox]);
-  let rawMs: number;
+  let ms: number;
   try {
-    rawMs = await postEvents(`http://127.0.0.1:${receiver.port}/`);
+    ms = await postEvents(`http://127.0.0.1:${receiver.port}/`);
   } finally {
     receiver.proc.kill("SIGTERM");
   }
+  await receiver.proc.exited;
+  cpuMs.raw += cpuOf(receiver.proc);
   expectCount("HTTP raw", await inboxCount(rawInbox), SRC_N);
-  const row = { name: "HTTP receiver → inbox (8 senders × arrays of 100)", relay: rate(SRC_N, relayMs), raw: rate(SRC_N, rawMs) };
-  console.log(`  ${row.name}: relay ${row.relay} rows/s, raw ${row.raw} rows/s, ratio ${(row.relay / row.raw).toFixed(2)}`);
-  return row;
+  return ms;
 }
 
 async function waitForPost(url: string) {

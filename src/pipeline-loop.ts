@@ -1,8 +1,8 @@
 /**
  * The three stages of a pipeline run, concurrent and in order (docs/PIPELINE.md): the reader
- * takes the next batches from the source while the writer hands one batch at a time to the sink
- * and the committer acknowledges written batches, oldest first. At most `depth` batches are read
- * and not yet committed.
+ * takes the next batches from the source while the writer hands them to the sink, one at a time
+ * unless a batch has no order with the ones before it, and the committer acknowledges written
+ * batches, oldest first. At most `depth` batches are read and not yet committed.
  */
 export interface Stages<B, W> {
   /** The next batch, or null at the source's end (drain mode, or the epoch was aborted). */
@@ -20,6 +20,11 @@ export interface Stages<B, W> {
    * `older` need not be committed on its own. Absent: every batch is committed on its own.
    */
   covers?(newer: B, older: Written<B, W>): boolean;
+  /**
+   * True when `batch` has no order with the batches read before it, so that its write may start
+   * while theirs are still running (the HTTP receiver's requests). Absent: one write at a time.
+   */
+  independent?(batch: B): boolean;
   /** Called once for every batch that was read but will not be committed (the run ended early). */
   abandon(batch: B): Promise<void>;
 }
@@ -57,17 +62,19 @@ class Signal {
  * once every stage has stopped. `abort` is called at the first write or commit failure, so that a
  * read waiting on an idle source returns at once.
  *
- * Ordering: the writer takes batches in the order they were read and starts the next write only
- * after the previous one resolved; the committer takes written batches in that same order, so a
- * batch is committed only after its own write and every earlier commit (or with a later batch's
- * commit that covers it, after that batch's write: see `coveredCount`). A failed read lets the
- * writer and committer finish the batches read before it (they are valid). A failed write or
- * commit stops everything: the batches written ahead of a failed write are still committed
- * (their writes resolved); whatever is behind the failure is abandoned, and read again by the
- * next run from the last committed position.
+ * Ordering: the writer starts the writes in the order the batches were read, the next one only
+ * after the previous one resolved unless `independent` says the batch may overlap them; the
+ * committer takes written batches in read order, so a batch is committed only after its own write
+ * and every earlier commit (or with a later batch's commit that covers it, after that batch's
+ * write: see `coveredCount`). A failed read lets the writer and committer finish the batches read
+ * before it (they are valid). A failed write or commit stops everything: the batches written
+ * ahead of a failed write are still committed (their writes resolved, and so did every write
+ * before them); whatever is behind the failure is abandoned, even when its own write resolved,
+ * and read again by the next run from the last committed position.
  */
 export async function runStages<B, W>(stages: Stages<B, W>, depth: number, abort: () => void): Promise<void> {
-  const toWrite: B[] = [];
+  const toWrite: B[] = []; // read, write not started
+  const writing: { batch: B; written?: { value: W } }[] = []; // write started, in read order, not yet passed on
   const toCommit: Written<B, W>[] = [];
   let inFlight = 0; // read and not yet committed
   let readerDone = false;
@@ -106,22 +113,44 @@ export async function runStages<B, W>(stages: Stages<B, W>, depth: number, abort
     }
   };
 
+  /** Written batches at the head of `writing` go to the committer; one behind a write still running waits for it. */
+  const passWritten = () => {
+    for (let head = writing[0]; head?.written; head = writing[0]) {
+      writing.shift();
+      toCommit.push({ batch: head.batch, written: head.written.value });
+    }
+    committerWake.notify();
+  };
+
   const writer = async () => {
+    let running = 0;
     try {
       while (!failure) {
         const batch = toWrite[0];
-        if (batch === undefined) {
-          if (readerDone) return;
+        if (batch === undefined && readerDone) break;
+        if (batch === undefined || (running > 0 && !stages.independent?.(batch))) {
           await writerWake.wait();
           continue;
         }
-        const written = await stages.write(batch);
-        toWrite.shift(); // only now: a batch whose write failed stays, to be abandoned
-        toCommit.push({ batch, written });
-        committerWake.notify();
+        toWrite.shift();
+        const slot: (typeof writing)[number] = { batch };
+        writing.push(slot);
+        running++;
+        stages
+          .write(batch)
+          .then(
+            (value) => {
+              slot.written = { value };
+              passWritten();
+            },
+            fail, // the slot stays unwritten: it and every batch behind it are abandoned
+          )
+          .finally(() => {
+            running--;
+            writerWake.notify();
+          });
       }
-    } catch (err) {
-      fail(err);
+      while (running > 0) await writerWake.wait();
     } finally {
       writerDone = true;
       committerWake.notify();
@@ -163,7 +192,7 @@ export async function runStages<B, W>(stages: Stages<B, W>, depth: number, abort
   };
 
   await Promise.all([reader(), writer(), committer()]);
-  for (const { batch } of toCommit.splice(0)) await stages.abandon(batch);
+  for (const { batch } of [...toCommit.splice(0), ...writing.splice(0)]) await stages.abandon(batch);
   for (const batch of toWrite.splice(0)) await stages.abandon(batch);
   const first = failure ?? readFailure;
   if (first) throw (first as { error: unknown }).error;

@@ -502,6 +502,7 @@ export class Pipeline {
           write: (batch) => this.write(batch, stop),
           commit: (batch, rejections, covered) => this.commit(batch, rejections, covered, stop),
           covers: coversEarlier,
+          independent: (batch) => !!batch.independent,
           abandon: (batch) => this.abandon(batch),
         },
         depth,
@@ -559,9 +560,11 @@ export class Pipeline {
     const letters = [...batch.deadLetters, ...rejections.map(rejectionLetter)];
     await this.retrying(stop, "commit", async () => {
       // The commit is the step a stale owner must not take: ask the lock's session first — or,
-      // when the source proves it in its commit statement and no dead letter comes first, there.
+      // when the source proves it in its commit statement and no dead letter comes first, there;
+      // an ack that only answers senders (Source.ackOnlyAnswers) needs no proof.
       const holder = this.source.foldsOwnership && letters.length === 0 ? this.deps.guard?.holder() : undefined;
-      await this.ensureOwned("before committing", !holder);
+      const needsNoProof = !!this.source.ackOnlyAnswers && letters.length === 0;
+      await this.ensureOwned("before committing", !holder && !needsNoProof);
       await this.deadLetter(letters, rejections.length);
       const acked = await this.onSource("acknowledgement", () => batch.ack(holder ?? undefined));
       if (acked === false) {

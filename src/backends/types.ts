@@ -81,6 +81,13 @@ export interface Batch {
    * with the newest one's ack alone (docs/PIPELINE.md) — never a batch that has dead letters.
    */
   cumulativeAck?: boolean;
+  /**
+   * The batch has no order with the batches handed out before it, so its write may run while
+   * theirs still do (docs/PIPELINE.md, "Writes that overlap"): set by the HTTP receiver for a
+   * batch that holds no part of an earlier batch's request. Only reverse sources set it; their
+   * sink, the inbox, takes concurrent writes (one INSERT each, on connections of a pool).
+   */
+  independent?: boolean;
   /** Hands the messages back after a failed write (e.g. AMQP nack with requeue). */
   release?(): Promise<void>;
 }
@@ -134,6 +141,13 @@ export interface Source {
    * session before that commit (docs/PIPELINE.md).
    */
   readonly foldsOwnership?: boolean;
+  /**
+   * True when `ack()` only tells senders what is already durable in the inbox (the HTTP
+   * receiver's answers): a process that has lost the lock harms no other owner by giving it, so
+   * the pipeline skips the round trip to the lock's session before an ack with no dead letters to
+   * write first (docs/PIPELINE.md). A lock already known to be lost still stops it.
+   */
+  readonly ackOnlyAnswers?: boolean;
   /**
    * True once the source can never yield again (stdin at EOF, a file read to its end without
    * `follow`): the pipeline then ends `drained` even outside drain mode.

@@ -162,6 +162,38 @@ describe("events → inbox rows", () => {
     }
   });
 
+  test("requests not yet answered are written to the inbox at the same time; the parts of one request split over batches are written one after another", async () => {
+    const p = await pipeline("overlap", { batch_size: 10, linger_ms: 0 });
+    await slowInbox(p.inbox, 1);
+    const r = relay();
+    try {
+      await started(r, p.name);
+      const inserting = async () =>
+        (await db.sql<{ n: number }[]>`SELECT count(*)::int AS n FROM pg_stat_activity WHERE state = 'active' AND query LIKE 'INSERT%' AND query LIKE ${`%${p.inbox}%`}`)[0]!.n;
+      const first = post(p.url, JSON.stringify({ first: true }), { "Idempotency-Key": "first" });
+      await eventually(async () => (await inserting()) === 1, 10_000, "the first request's INSERT");
+      const second = post(p.url, JSON.stringify({ second: true }), { "Idempotency-Key": "second" });
+      // On a relay that writes one batch at a time, the second INSERT starts only after the first one ends.
+      let most = 0;
+      await eventually(async () => (most = Math.max(most, await inserting())) >= 2 || (await p.count()) > 0, 10_000, "an INSERT or a row");
+      expect(most).toBe(2);
+      expect((await Promise.all([first, second])).map((x) => x.status)).toEqual([200, 200]);
+
+      // 25 events with batch_size 10: three batches of one request, in its order.
+      const split = await post(p.url, JSON.stringify(Array.from({ length: 25 }, (_, i) => ({ i }))), { "Idempotency-Key": "split" });
+      expect(split.status).toBe(200);
+      const rows = await db.sql<{ i: number; at: Date }[]>`
+        SELECT (payload->>'i')::int AS i, received_at AS at FROM pgtrickle.${db.sql(p.inbox)} WHERE event_id LIKE 'split:%' ORDER BY (payload->>'i')::int`;
+      expect(rows.map((x) => x.i)).toEqual(Array.from({ length: 25 }, (_, i) => i));
+      const starts = [...new Set(rows.map((x) => x.at.getTime()))];
+      expect(starts).toHaveLength(3);
+      // Each part's transaction began after the one before it had slept its second and committed.
+      for (let k = 1; k < 3; k++) expect(starts[k]! - starts[k - 1]!).toBeGreaterThanOrEqual(900);
+    } finally {
+      await r.stop();
+    }
+  });
+
   test("a poison element goes to relay_dead_letters, the others land, the request is answered 200", async () => {
     const p = await pipeline("poison");
     await poisonable(db, p.inbox);

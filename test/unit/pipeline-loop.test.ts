@@ -2,7 +2,7 @@ import { describe, expect, test } from "bun:test";
 import { runStages, type Stages } from "../../src/pipeline-loop.ts";
 
 /** Stages over batches 1…n whose writes take a moment; records what happened, in order. */
-function recorder(n: number, fail: { read?: number; write?: number; commit?: number } = {}) {
+function recorder(n: number, fail: { read?: number; write?: number; commit?: number } = {}, writeTicks = (_b: number) => 2) {
   const events: string[] = [];
   let next = 1;
   let inFlight = 0;
@@ -20,8 +20,7 @@ function recorder(n: number, fail: { read?: number; write?: number; commit?: num
     },
     write: async (b) => {
       events.push(`write ${b} start`);
-      await tick();
-      await tick();
+      for (let i = 0; i < writeTicks(b); i++) await tick();
       if (b === fail.write) throw new Error(`write ${b} failed`);
       events.push(`write ${b} done`);
       return `w${b}`;
@@ -87,6 +86,39 @@ describe("runStages", () => {
     await expect(runStages(r.stages, 3, () => {})).rejects.toThrow("read 6 failed");
     expect(r.of("commit")).toEqual([1, 2, 3, 4, 5]);
     expect(r.of("abandon")).toEqual([]);
+  });
+
+  test("independent batches: their writes overlap, yet each is committed in read order, after its own write and every earlier one", async () => {
+    // Batch 1's write is the slowest: 2 and 3 finish before it and must still wait for its commit.
+    const r = recorder(9, {}, (b) => (b % 3 === 1 ? 6 : 1));
+    r.stages.independent = () => true;
+    await runStages(r.stages, 3, () => {});
+    const all = Array.from({ length: 9 }, (_, i) => i + 1);
+    expect(r.of("commit")).toEqual(all);
+    expect(r.events.indexOf("write 2 start")).toBeLessThan(r.events.indexOf("write 1 done"));
+    expect(r.events.indexOf("write 2 done")).toBeLessThan(r.events.indexOf("write 1 done"));
+    for (const b of all) for (const k of all.slice(0, b)) expect(r.events.indexOf(`commit ${b}`)).toBeGreaterThan(r.events.indexOf(`write ${k} done`));
+    expect(r.maxInFlight()).toBe(3);
+  });
+
+  test("a batch that is not independent waits for every write before it", async () => {
+    const r = recorder(6, {}, (b) => (b === 1 ? 6 : 1));
+    r.stages.independent = (b) => b !== 3;
+    await runStages(r.stages, 3, () => {});
+    expect(r.events.indexOf("write 2 start")).toBeLessThan(r.events.indexOf("write 1 done"));
+    expect(r.events.indexOf("write 3 start")).toBeGreaterThan(r.events.indexOf("write 1 done"));
+    expect(r.events.indexOf("write 3 start")).toBeGreaterThan(r.events.indexOf("write 2 done"));
+    expect(r.of("commit")).toEqual([1, 2, 3, 4, 5, 6]);
+  });
+
+  test("a failed independent write: a later batch whose write resolved is abandoned with it, never committed", async () => {
+    const r = recorder(9, { write: 2 }, (b) => (b === 2 ? 4 : 1));
+    r.stages.independent = () => true;
+    await expect(runStages(r.stages, 3, () => {})).rejects.toThrow("write 2 failed");
+    expect(r.of("commit")).toEqual([1]);
+    expect(r.events).toContain("write 3 done"); // it overlapped the failing write and resolved first
+    expect(r.of("abandon")).toEqual(r.of("read").filter((b) => b >= 2));
+    expect(r.of("abandon")).toContain(3);
   });
 
   test("written batches that queue up behind a slow commit are committed by the newest one's commit when it covers them", async () => {

@@ -63,6 +63,8 @@ const digest = (text: string) => createHash("sha256").update(text).digest();
  */
 export class HttpSource implements Source {
   readonly readAhead = Number.POSITIVE_INFINITY;
+  /** An ack answers requests whose events are committed to the inbox: true whoever holds the lock. */
+  readonly ackOnlyAnswers = true;
   private server: ReturnType<typeof Bun.serve> | null = null;
   private readonly listen: { host: string; port: number };
   private readonly base: string;
@@ -80,6 +82,8 @@ export class HttpSource implements Source {
   private closing = false;
   private stallLogged = false;
   private readonly arrivals = new Sleeper();
+  /** The request of the last event handed out: a batch starting with more of it is not independent. */
+  private lastHanded: Waiting | null = null;
   private readonly authDigest: Buffer | null;
 
   constructor(
@@ -192,6 +196,11 @@ export class HttpSource implements Source {
   }
 
   private batch(entries: Queued[]): Batch {
+    // Requests that are not answered yet have no order between them (a sender that needs one
+    // waits for the answer before it sends the next), so a batch of requests of its own may be
+    // written alongside the batches before it; the events of one request keep their order.
+    const independent = entries[0]!.request !== this.lastHanded;
+    this.lastHanded = entries.at(-1)!.request;
     this.inFlight += entries.length;
     const handed = { at: Date.now() };
     this.handedOut.add(handed);
@@ -209,6 +218,7 @@ export class HttpSource implements Source {
     return {
       messages: entries.map((e) => e.message),
       deadLetters: [],
+      independent,
       ack: async () => {
         if (!settle()) return;
         const counts = new Map<Waiting, number>();
