@@ -19,7 +19,10 @@ import { eventually, relayOnce, RunningRelay } from "../helpers/relay.ts";
 import { expectPoisonIsolated, LONG_KEY_POISON, POISONS, poisonedStream } from "../helpers/poison.ts";
 import { disableInboxes, poisonable } from "../helpers/reverse.ts";
 import { requireServer } from "../helpers/servers.ts";
-import { PIPELINE_DEPTH } from "../../src/pipeline.ts";
+import { loadBackends } from "../../src/backends/index.ts";
+import { Metrics } from "../../src/observe/metrics.ts";
+import { normalizePipeline } from "../../src/pipeline-config.ts";
+import { Pipeline, PIPELINE_DEPTH } from "../../src/pipeline.ts";
 
 let db: TestDatabase;
 const run = Math.random().toString(36).slice(2, 7);
@@ -192,6 +195,37 @@ describe("events → inbox rows", () => {
     } finally {
       await r.stop();
     }
+  });
+
+  test("an answer needs no proof of ownership unless dead letters come first; a lock known to be lost stops the pipeline unanswered", async () => {
+    const name = `owner_${run}`;
+    const port = await freePort();
+    const spec = normalizePipeline({ name, direction: "reverse", enabled: true, config: { source: { type: "http", listen_addr: `127.0.0.1:${port}`, path: "/", linger_ms: 0 }, sink: { type: "pg-inbox", inbox: `${name}_inbox` } } });
+    await loadBackends([spec]);
+    const lost = new AbortController();
+    let confirmations = 0;
+    const guard = { lost: lost.signal, confirm: async () => (confirmations++, true), holder: () => null };
+    const pipe = new Pipeline(spec, { sql: db.sql, postgresUrl: db.url, relayGroupId: "test", metrics: new Metrics(), log, drain: false, guard });
+    const stop = new AbortController();
+    const running = pipe.run(stop.signal);
+    const url = `http://127.0.0.1:${port}/`;
+    try {
+      await eventually(() => post(url, "[]").then((r) => r.status === 200, () => false), 20_000, "the receiver");
+      for (let i = 0; i < 3; i++) expect((await post(url, JSON.stringify({ i }), { "Idempotency-Key": `o-${i}` })).status).toBe(200);
+      expect(confirmations).toBe(0);
+      // U+0000 cannot go into jsonb: a dead letter, written only by the owner.
+      expect((await post(url, '[{"bad": "\\u0000"}, {"good": 1}]', { "Idempotency-Key": "o-poison" })).status).toBe(200);
+      expect(confirmations).toBe(1);
+      lost.abort();
+      const unanswered = await post(url, JSON.stringify({ late: true }), { "Idempotency-Key": "o-late" });
+      expect(unanswered.status).toBe(503);
+      expect(await running).not.toBe("running");
+    } finally {
+      stop.abort();
+      await running;
+    }
+    const keys = await db.sql<{ event_id: string }[]>`SELECT event_id FROM pgtrickle.${db.sql(`${name}_inbox`)} ORDER BY event_id`;
+    expect(keys.map((k) => k.event_id)).toEqual(["o-0", "o-1", "o-2", "o-poison:1"]);
   });
 
   test("a poison element goes to relay_dead_letters, the others land, the request is answered 200", async () => {
