@@ -188,7 +188,7 @@ export function headerValue(headers: Record<string, string> | undefined, name: s
   if (!headers) return null;
   if (name in headers) return headers[name] ?? null;
   const lower = name.toLowerCase();
-  for (const [k, value] of Object.entries(headers)) if (k.toLowerCase() === lower) return value;
+  for (const k in headers) if (k.toLowerCase() === lower) return headers[k] ?? null;
   return null;
 }
 
