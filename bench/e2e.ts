@@ -907,7 +907,7 @@ async function benchHttpSource(): Promise<Row> {
 async function httpRelayRun(round: number): Promise<number> {
   const pipeline = `e2e_${run}_src_http_${round}`;
   const port = await freePort();
-  await db.sql`SELECT pgtrickle.set_relay_inbox(${pipeline}, ${`${pipeline}_relay_inbox`}, ${db.sql.json({ type: "http", listen_addr: `127.0.0.1:${port}`, path: "/in", batch_size: BATCH, ...(process.env.LINGER ? { linger_ms: Number(process.env.LINGER) } : {}) })})`;
+  await db.sql`SELECT pgtrickle.set_relay_inbox(${pipeline}, ${`${pipeline}_relay_inbox`}, ${db.sql.json({ type: "http", listen_addr: `127.0.0.1:${port}`, path: "/in", batch_size: BATCH })})`;
   await db.sql`UPDATE pgtrickle.relay_outbox_config SET enabled = false`;
   await db.sql`UPDATE pgtrickle.relay_inbox_config SET enabled = (name = ${pipeline})`;
   const relay = new RunningRelay(["--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0", "--log-level", "warn", ...RELAY_ARGS]);

@@ -145,8 +145,8 @@ export const HttpSourceConfig = v.pipe(
       v.description("Messages accepted but not yet committed to the inbox, across requests; a request that does not fit answers 503 with Retry-After (backpressure). A single request with more events answers 413."),
     ),
     linger_ms: v.pipe(
-      v.optional(intInRange(0), 5),
-      v.description("While a batch is being written to the inbox, how long the next one waits for more requests to join it; with nothing in flight a request's events go at once."),
+      v.optional(intInRange(0), 0),
+      v.description("While a batch is being written to the inbox, how long the next one waits for more requests to join it. 0: it goes at once, and is written alongside the batches in flight (up to three); requests arriving while three are in flight gather into the next one anyway."),
     ),
     request_timeout_ms: v.pipe(
       v.optional(intInRange(100), 30000),

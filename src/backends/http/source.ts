@@ -176,9 +176,11 @@ export class HttpSource implements Source {
           await this.arrivals.sleep(60_000);
           continue;
         }
-        // Linger only while an earlier batch is still being written or committed: the inbox is
-        // busy then, and the next batch may as well gather what arrives meanwhile. With nothing in
-        // flight, waiting would only delay the answer (and hold back senders that wait for it).
+        // Linger (linger_ms, 0 by default) only while an earlier batch is still being written or
+        // committed: with nothing in flight, waiting would only delay the answer. By default the
+        // batch goes at once and is written alongside those in flight (docs/PIPELINE.md, "Writes
+        // that overlap"): lingering held back the senders waiting for their answers
+        // (bench/RESULTS.md, "HTTP receiver: writes that overlap").
         if (this.queue.length < this.batchSize && this.cfg.linger_ms > 0 && this.inFlight > 0) {
           const until = Date.now() + this.cfg.linger_ms;
           while (this.queue.length < this.batchSize && Date.now() < until && !signal.aborted && this.inFlight > 0) {
