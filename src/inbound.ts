@@ -120,11 +120,24 @@ export function parseJson(text: string): { ok: true; value: unknown } | { ok: fa
 
 /**
  * Whether `value`, parsed from (or serialized as) `text`, nests deeper than MAX_JSON_DEPTH.
- * That takes more than twice as many brackets: shorter text cannot, and the common small message
- * skips the walk.
+ * That takes more than MAX_JSON_DEPTH opening brackets, and so more than twice as many
+ * characters: the walk is left to texts that have them (a batch of a hundred flat events has a
+ * hundred or so, and skips it).
  */
 export function nestedTooDeep(text: string, value: unknown): boolean {
-  return text.length > 2 * MAX_JSON_DEPTH && exceedsJsonDepth(value);
+  return text.length > 2 * MAX_JSON_DEPTH && openingBrackets(text, MAX_JSON_DEPTH) > MAX_JSON_DEPTH && exceedsJsonDepth(value);
+}
+
+/**
+ * The `{` and `[` in `text`, counted up to `limit` + 1; those inside strings count too, which
+ * only makes it a looser upper bound of the nesting depth.
+ */
+function openingBrackets(text: string, limit: number): number {
+  let count = 0;
+  for (const bracket of ["{", "["]) {
+    for (let at = text.indexOf(bracket); at >= 0 && count <= limit; at = text.indexOf(bracket, at + 1)) count++;
+  }
+  return count;
 }
 
 /** A top-level field of an object body, when it is a non-empty string. */

@@ -46,6 +46,14 @@ describe("JSON nested too deep is refused at the door", () => {
     expect(parseJson(deep(MAX_JSON_DEPTH)).ok).toBe(true);
     for (const depth of [MAX_JSON_DEPTH + 1, 30000, 200000]) expect(parseJson(deep(depth))).toEqual({ ok: false, error: TOO_DEEP, tooDeep: true });
   });
+  test("objects and arrays nested alternately count alike; many brackets side by side are not depth", () => {
+    const alternating = (depth: number) => Array.from({ length: depth }, (_, i) => (i % 2 ? '{"a":' : "[")).join("") + "1" + Array.from({ length: depth }, (_, i) => (i % 2 ? "}" : "]")).reverse().join("");
+    expect(parseJson(alternating(MAX_JSON_DEPTH)).ok).toBe(true);
+    expect(parseJson(alternating(MAX_JSON_DEPTH + 1))).toEqual({ ok: false, error: TOO_DEEP, tooDeep: true });
+    // 3 × MAX_JSON_DEPTH flat events, brackets in their strings too: depth 2.
+    const flat = JSON.stringify(Array.from({ length: 3 * MAX_JSON_DEPTH }, (_, i) => ({ i, text: "[{" })));
+    expect(parseJson(flat).ok).toBe(true);
+  });
   test("decodeBody keeps the text and says tooDeep; inboundMessage marks the message refused", () => {
     const body = deep(30000);
     expect(decodeBody(body)).toEqual({ payload: body, json: false, tooDeep: true });
