@@ -241,27 +241,68 @@ export function loadTls(cfg: TlsConfig, where: string, options: LoadTlsOptions =
   if (c.tls_insecure_skip_verify === true) {
     warnOnce(where, "tls_insecure_skip_verify is true: the server's certificate is not checked, so anyone on the path can pose as the server");
   }
-  if (c.tls_ca !== undefined) {
-    const pem = readPem(c.tls_ca, "tls_ca", where);
-    const cas = certificates(pem, "tls_ca", where);
-    if (!cas.some((ca) => outsideValidity(ca, now) === undefined)) {
-      throw configError(`${where}: tls_ca: ${cas.length > 1 ? "no certificate of the bundle is valid now" : `the CA certificate ${outsideValidity(cas[0]!, now)}`}`);
-    }
-    out.ca = pem;
-  }
-  if (c.tls_cert !== undefined && c.tls_key !== undefined) {
-    const certPem = readPem(c.tls_cert, "tls_cert", where);
-    const leaf = certificates(certPem, "tls_cert", where)[0]!;
-    const invalid = outsideValidity(leaf, now);
-    if (invalid) throw configError(`${where}: tls_cert: the client certificate ${invalid}`);
-    const keyPem = readPem(c.tls_key, "tls_key", where);
-    const key = privateKey(keyPem, c.tls_key_password, where);
-    if (!leaf.checkPrivateKey(key)) throw configError(`${where}: tls_key does not belong to tls_cert (a key of another certificate?)`);
-    out.cert = certPem;
-    out.key = keyPem;
-    if (c.tls_key_password !== undefined) out.passphrase = c.tls_key_password;
-  }
+  if (c.tls_ca !== undefined) out.ca = caBundle(c.tls_ca, where, now);
+  if (c.tls_cert !== undefined && c.tls_key !== undefined) Object.assign(out, certificateAndKey(c.tls_cert, c.tls_key, c.tls_key_password, "client", where, now));
   if (c.tls_server_name !== undefined) out.servername = c.tls_server_name;
+  return out;
+}
+
+/** `tls_ca`'s PEM, refused when no certificate of it is valid now. */
+function caBundle(value: string, where: string, now: Date): string {
+  const pem = readPem(value, "tls_ca", where);
+  const cas = certificates(pem, "tls_ca", where);
+  if (!cas.some((ca) => outsideValidity(ca, now) === undefined)) {
+    throw configError(`${where}: tls_ca: ${cas.length > 1 ? "no certificate of the bundle is valid now" : `the CA certificate ${outsideValidity(cas[0]!, now)}`}`);
+  }
+  return pem;
+}
+
+/** `tls_cert` and `tls_key` read and checked: the certificate valid now, the key its own and readable. */
+function certificateAndKey(certValue: string, keyValue: string, password: string | undefined, whose: "client" | "server", where: string, now: Date) {
+  const cert = readPem(certValue, "tls_cert", where);
+  const leaf = certificates(cert, "tls_cert", where)[0]!;
+  const invalid = outsideValidity(leaf, now);
+  if (invalid) throw configError(`${where}: tls_cert: the ${whose} certificate ${invalid}`);
+  const key = readPem(keyValue, "tls_key", where);
+  if (!leaf.checkPrivateKey(privateKey(key, password, where))) throw configError(`${where}: tls_key does not belong to tls_cert (a key of another certificate?)`);
+  return password === undefined ? { cert, key } : { cert, key, passphrase: password };
+}
+
+/** The TLS keys of a listener (the HTTP receiver): its own certificate, and the CA of its clients' certificates. */
+export interface ServerTlsConfig {
+  tls_cert?: string;
+  tls_key?: string;
+  tls_key_password?: string;
+  tls_ca?: string;
+}
+
+/** What Bun.serve takes as `tls`. */
+export interface ServerTlsOptions {
+  cert: string;
+  key: string;
+  passphrase?: string;
+  /** With `ca`: a client certificate signed by it is required (the handshake fails without one). */
+  ca?: string;
+  requestCert?: boolean;
+  rejectUnauthorized?: boolean;
+}
+
+/**
+ * A listener's TLS options (docs/TLS.md, "The HTTP receiver"), or undefined without `tls_cert`:
+ * `tls_cert` and `tls_key` are the server's certificate and key, `tls_ca` makes the client
+ * certificate required and names the CA it must be signed by. Refused with one config error
+ * naming the key, as `loadTls` does.
+ */
+export function loadServerTls(cfg: ServerTlsConfig, where: string, now = new Date()): ServerTlsOptions | undefined {
+  if (cfg.tls_key_password !== undefined) registerSecrets([cfg.tls_key_password]);
+  if (cfg.tls_cert === undefined || cfg.tls_key === undefined) {
+    const given = (["tls_key", "tls_key_password", "tls_ca"] as const).filter((k) => cfg[k] !== undefined);
+    if (cfg.tls_cert !== undefined) throw configError(`${where}: tls_cert needs tls_key (the listener's private key)`);
+    if (given.length > 0) throw configError(`${where}: ${given.join(", ")} ${given.length > 1 ? "need" : "needs"} tls_cert (the listener's certificate) and tls_key`);
+    return undefined;
+  }
+  const out: ServerTlsOptions = certificateAndKey(cfg.tls_cert, cfg.tls_key, cfg.tls_key_password, "server", where, now);
+  if (cfg.tls_ca !== undefined) Object.assign(out, { ca: caBundle(cfg.tls_ca, where, now), requestCert: true, rejectUnauthorized: true });
   return out;
 }
 

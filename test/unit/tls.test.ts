@@ -12,7 +12,7 @@ import { connect, createServer, type ConnectionOptions, type TLSSocket } from "n
 import * as v from "valibot";
 import { RelayError } from "../../src/errors.ts";
 import { redact } from "../../src/redact.ts";
-import { describeTlsError, loadTls, TLS_ALIAS_ENTRIES, TLS_ENTRIES } from "../../src/tls.ts";
+import { describeTlsError, loadServerTls, loadTls, TLS_ALIAS_ENTRIES, TLS_ENTRIES } from "../../src/tls.ts";
 import { configErrorOf as configErrorOfCall } from "../helpers/backend.ts";
 
 const PASSPHRASE = "unit-key-passphrase";
@@ -75,6 +75,45 @@ function stderrOf(fn: () => void): string {
     spy.mockRestore();
   }
 }
+
+describe("loadServerTls (the HTTP receiver's listener)", () => {
+  test("nothing without tls_cert; the server's pair alone is HTTPS, with tls_ca a client certificate is required", () => {
+    expect(loadServerTls({}, "w")).toBeUndefined();
+    expect(loadServerTls({ tls_cert: file("server.crt"), tls_key: file("server.key") }, "w")).toEqual({ cert: text("server.crt"), key: text("server.key") });
+    expect(loadServerTls({ tls_cert: text("server.crt"), tls_key: text("server.key"), tls_ca: file("ca.crt") }, "w")).toEqual({
+      cert: text("server.crt"),
+      key: text("server.key"),
+      ca: text("ca.crt"),
+      requestCert: true,
+      rejectUnauthorized: true,
+    });
+  });
+
+  test("half a pair, or a CA or passphrase without the pair, is one error naming what is missing", () => {
+    expect(configErrorOf(() => loadServerTls({ tls_cert: file("server.crt") }, "w")).message).toBe("w: tls_cert needs tls_key (the listener's private key)");
+    expect(configErrorOf(() => loadServerTls({ tls_key: file("server.key") }, "w")).message).toBe("w: tls_key needs tls_cert (the listener's certificate) and tls_key");
+    expect(configErrorOf(() => loadServerTls({ tls_ca: file("ca.crt"), tls_key_password: PASSPHRASE }, "w")).message).toBe(
+      "w: tls_key_password, tls_ca need tls_cert (the listener's certificate) and tls_key",
+    );
+  });
+
+  test("an expired certificate, a key of another one, a wrong passphrase, an expired CA: refused as for a client", () => {
+    expect(configErrorOf(() => loadServerTls({ tls_cert: file("expired-server.crt"), tls_key: file("expired-server.key") }, "w")).message).toBe(
+      "w: tls_cert: the server certificate expired on 2020-01-02T00:00:00.000Z",
+    );
+    expect(configErrorOf(() => loadServerTls({ tls_cert: file("server.crt"), tls_key: file("client.key") }, "w")).message).toBe(
+      "w: tls_key does not belong to tls_cert (a key of another certificate?)",
+    );
+    const encrypted = { tls_cert: file("client.crt"), tls_key: file("client-encrypted.key") };
+    expect(configErrorOf(() => loadServerTls({ ...encrypted, tls_key_password: "not-the-passphrase" }, "w")).message).toBe(
+      "w: tls_key cannot be decrypted with tls_key_password (wrong passphrase?)",
+    );
+    expect(loadServerTls({ ...encrypted, tls_key_password: PASSPHRASE }, "w")?.passphrase).toBe(PASSPHRASE);
+    expect(configErrorOf(() => loadServerTls({ tls_cert: file("server.crt"), tls_key: file("server.key"), tls_ca: file("expired-server.crt") }, "w")).message).toContain(
+      "tls_ca: the CA certificate expired on 2020-01-02",
+    );
+  });
+});
 
 describe("loadTls", () => {
   test("no TLS without a tls key; `implied` (a TLS URL) turns it on with the system CAs", () => {

@@ -91,6 +91,9 @@ export function parseListenAddr(addr: string): { host: string; port: number } | 
   return { host: m[1] ?? (m[2] || "0.0.0.0"), port };
 }
 
+/** A TLS key of the receiver: non-empty text (src/tls.ts loadServerTls reads and checks it). */
+const pemKey = (description: string) => v.pipe(v.optional(v.pipe(v.string(), v.minLength(1, "must not be empty"))), v.description(description));
+
 export const HttpSourceConfig = v.pipe(
   v.looseObject({
     /** Source type (`http` or `webhook`); ignored here. */
@@ -110,6 +113,10 @@ export const HttpSourceConfig = v.pipe(
       ),
       v.description("Requests to `<path>` and `<path>/<suffix>` are accepted (POST or PUT); the suffix is the event type when the request has no event-type header. Any other path answers 404."),
     ),
+    tls_cert: pemKey("The receiver's own certificate, to listen over HTTPS (needs `tls_key`): a PEM file path or the PEM text itself (docs/TLS.md)."),
+    tls_key: pemKey("Private key of `tls_cert`: a PEM file path or the PEM text itself."),
+    tls_key_password: pemKey("Passphrase of an encrypted `tls_key`; a secret, shown as `***` everywhere (keep it out of the catalog with `${env:…}` or `${file:…}`)."),
+    tls_ca: pemKey("Require a client certificate signed by this CA (mutual TLS; needs `tls_cert`): a PEM file path or the PEM text itself. A client without one fails the handshake."),
     auth_header: v.pipe(
       v.optional(
         v.pipe(v.string("auth_header must be a string"), v.check((h) => HEADER_NAME.test(h), "auth_header is not a valid HTTP header name")),

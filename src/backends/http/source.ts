@@ -4,6 +4,7 @@ import { errorMessage, configError, transientError } from "../../errors.ts";
 import { bodyDedupKey, decodeBody, inboundMessage, readAheadBatchSize, sha256Hex, TOO_DEEP, type DecodedBody } from "../../inbound.ts";
 import type { Message } from "../../message.ts";
 import { Sleeper } from "../../sleep.ts";
+import { loadServerTls, type ServerTlsOptions } from "../../tls.ts";
 import { sourceSpec, type BackendContext, type Batch, type Source } from "../types.ts";
 import { verifySignature } from "./client.ts";
 import { HttpSourceConfig, parseListenAddr, type HttpSourceOptions } from "./config.ts";
@@ -85,6 +86,7 @@ export class HttpSource implements Source {
   /** The request of the last event handed out: a batch starting with more of it is not independent. */
   private lastHanded: Waiting | null = null;
   private readonly authDigest: Buffer | null;
+  private readonly tls: ServerTlsOptions | undefined;
 
   constructor(
     private readonly cfg: HttpSourceOptions,
@@ -94,6 +96,7 @@ export class HttpSource implements Source {
     this.base = cfg.path.replace(/\/+$/, "");
     this.authDigest = cfg.auth_value ? digest(cfg.auth_value) : null;
     this.batchSize = readAheadBatchSize(cfg.batch_size, ctx);
+    this.tls = loadServerTls(cfg, `pipeline '${ctx.pipeline}': http receiver`);
   }
 
   /** When the oldest batch in flight was handed out; 0 when none is. */
@@ -106,6 +109,7 @@ export class HttpSource implements Source {
     const port = this.server?.port ?? this.listen.port;
     const host = this.listen.host.includes(":") ? `[${this.listen.host}]` : this.listen.host;
     const traits = [];
+    if (this.tls) traits.push(this.tls.requestCert ? "https, client certificate required" : "https");
     if (this.cfg.auth_header) traits.push(`auth ${this.cfg.auth_header}`);
     if (this.cfg.signing_secret) traits.push("signed");
     return `http receiver ${host}:${port}${this.base || "/"}${traits.length ? ` (${traits.join(", ")})` : ""}`;
@@ -120,6 +124,7 @@ export class HttpSource implements Source {
         port: this.listen.port,
         // Bun answers 413 itself past this, even for chunked bodies.
         maxRequestBodySize: this.cfg.max_body_bytes,
+        ...(this.tls ? { tls: this.tls } : {}),
         fetch: (req) => this.handle(req),
         error: (err) => {
           this.ctx.log.warn(`http receiver: ${errorMessage(err)}`);
