@@ -499,7 +499,9 @@ export class Pipeline {
             this.batchRead(r.value, depth);
             return r.value;
           },
-          write: (batch) => this.write(batch, stop),
+          // A write retrying a transient failure gives up once the pass has failed elsewhere (its
+          // batch is abandoned and read again), as the writes that overlap it may have.
+          write: (batch) => this.write(batch, epoch.signal),
           commit: (batch, rejections, covered) => this.commit(batch, rejections, covered, stop),
           covers: coversEarlier,
           independent: (batch) => !!batch.independent,
