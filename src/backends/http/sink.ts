@@ -312,6 +312,7 @@ class HttpSink implements Sink {
   }
 }
 
+/** Every request's Content-Type: relay envelopes, or CloudEvents structured (one event, a batch). */
 function contentType(cfg: HttpSinkOptions): string {
   if (!cfg.cloudevents) return "application/json";
   return cfg.batch_mode ? "application/cloudevents-batch+json" : "application/cloudevents+json";
