@@ -14,6 +14,10 @@
  *     each change set expanded into envelopes as the relay builds them, published the way a careful
  *     user of the client would (windowed/pipelined, every acknowledgement awaited), then the
  *     offset committed (an UPSERT) before the next read.
+ *   The HTTP raw loops send the relay's headers (User-Agent, Content-Type, Idempotency-Key) with
+ *   a timeout per request (the relay's `timeout_ms`, 10 s), await and check every answer and read
+ *   its body: per event 16 requests in flight (every message is a row of its own, so the relay's
+ *   per-row order holds no request back), batch mode one request per change set at a time.
  * Reverse, for every source: `--source-messages` events published with the system's client
  * (not timed), then the relay's `drain` into an inbox against a hand-written safe loop (broker read
  * of ≤ 1000 → INSERT … ON CONFLICT DO NOTHING → commit → ack) into another inbox. Both sides are
@@ -416,8 +420,10 @@ const SINKS: SinkCase[] = [
         return {
           config,
           async publisher() {
+            // The relay's headers, and a timeout per request as the relay's (its timeout_ms, 10 s).
+            const headers = { "User-Agent": "e2e-raw", "Content-Type": "application/json" };
             const post = async (body: string, key: string) => {
-              const r = await fetch(url, { method: "POST", body, headers: { "Content-Type": "application/json", "Idempotency-Key": key } });
+              const r = await fetch(url, { method: "POST", body, headers: { ...headers, "Idempotency-Key": key }, signal: AbortSignal.timeout(10_000) });
               if (!r.ok) throw new Error(`HTTP ${r.status}`);
               await r.arrayBuffer();
             };

@@ -1,9 +1,11 @@
 /**
- * CPU profile and CPU time of a forward `drain` to Redis, NATS or a file, or of a reverse drain
- * from Redis Streams, Kafka or a JSON Lines file into an inbox.
+ * CPU profile and CPU time of a forward `drain` to Redis, NATS, a file or an HTTP webhook, or of a
+ * reverse drain from Redis Streams, Kafka or a JSON Lines file into an inbox.
  *
- *   node_modules/.bin/bun bench/profile-drain.ts <redis|nats|file|redis-in|kafka-in|file-in> [rows-per-set=10] [messages=200000] [runs=1]
+ *   node_modules/.bin/bun bench/profile-drain.ts <redis|nats|file|http|http-batch|redis-in|kafka-in|file-in> [rows-per-set=10] [messages=200000] [runs=1]
  *
+ * `http` is the per-event webhook case of bench/e2e.ts (`batch_mode` false, ordered per row),
+ * `http-batch` its batch-mode case; both POST to bench/e2e-receiver.ts in a process of its own.
  * Forward: writes an outbox of `messages` messages in change sets of `rows-per-set` rows (as
  * bench/e2e.ts does); reverse (`redis-in`, `kafka-in`, `file-in`: rows-per-set ignored): XADDs
  * `messages` events, produces them to a topic of 3 partitions, or writes them as the lines of a
@@ -19,6 +21,7 @@ import { Redis } from "ioredis";
 import { Kafka, logLevel, Partitioners } from "kafkajs";
 import { connect as natsConnect } from "nats";
 import { mkdtempSync, readdirSync, writeFileSync } from "node:fs";
+import type { Subprocess } from "bun";
 import { loadavg, tmpdir } from "node:os";
 import { join } from "node:path";
 import { createStreamTable, enableOutbox } from "../test/fixtures/outbox.ts";
@@ -39,6 +42,7 @@ const nc = system === "nats" ? await natsConnect({ servers: NATS_URL }) : null;
 const redis = system.startsWith("redis") ? new Redis(REDIS_URL) : null;
 const kafka = system === "kafka-in" ? new Kafka({ brokers: KAFKA_BROKERS, logLevel: logLevel.NOTHING }) : null;
 const admin = kafka?.admin();
+const webhook = system.startsWith("http") ? await startWebhook() : null;
 try {
   const streamTable = `prof_${run}`;
   await createStreamTable(db.sql, `public.${streamTable}`, "id int primary key");
@@ -79,12 +83,7 @@ try {
       await db.sql`SELECT pgtrickle.disable_relay(${name})`;
       continue;
     }
-    const config =
-      system === "nats"
-        ? { type: "nats", url: NATS_URL, stream: name.toUpperCase() }
-        : system === "file"
-          ? { type: "file", output: join(dir, `${name}.jsonl`) }
-          : { type: "redis", url: REDIS_URL, stream_key: name };
+    const config = forwardSinkConfig(name);
     if (nc) await (await nc.jetstreamManager()).streams.add({ name: name.toUpperCase(), subjects: [`pgtrickle.${streamTable}.>`] });
     await db.sql`SELECT pgtrickle.set_relay_outbox(${name}, ${`public.${streamTable}`}, NULL, ${db.sql.json(config)})`;
     await db.sql`UPDATE pgtrickle.relay_outbox_config SET config = jsonb_set(config, '{source,batch_size}', ${1000 / rowsPerSet}::text::jsonb) WHERE name = ${name}`;
@@ -104,7 +103,28 @@ try {
     await admin.deleteTopics({ topics: [`prof_${run}_events`] }).catch(() => {});
     await admin.disconnect();
   }
+  webhook?.proc.kill("SIGTERM");
   await db.drop();
+}
+
+/** The sink of the forward pipeline `name`. */
+function forwardSinkConfig(name: string): Record<string, string | boolean> {
+  if (system === "nats") return { type: "nats", url: NATS_URL, stream: name.toUpperCase() };
+  if (system === "file") return { type: "file", output: join(dir, `${name}.jsonl`) };
+  if (webhook) {
+    const url = `http://127.0.0.1:${webhook.port}/${name}`;
+    return system === "http" ? { type: "http", url, batch_mode: false, ordering_key_template: "{stream_table}:{id}" } : { type: "http", url };
+  }
+  return { type: "redis", url: REDIS_URL, stream_key: name };
+}
+
+/** bench/e2e-receiver.ts's webhook in a process of its own; its port. */
+async function startWebhook(): Promise<{ proc: Subprocess<"ignore", "pipe", "inherit">; port: number }> {
+  const proc = Bun.spawn([process.execPath, new URL("./e2e-receiver.ts", import.meta.url).pathname, "webhook"], { stdout: "pipe", stderr: "inherit" });
+  const { value } = await proc.stdout.getReader().read();
+  const port = Number(new TextDecoder().decode(value).trim());
+  if (!port) throw new Error("bench/e2e-receiver.ts webhook did not start");
+  return { proc, port };
 }
 
 /** One profiled drain of `name`; prints its wall and CPU time. */

@@ -13,6 +13,7 @@ import { signPayload, verifySignature } from "../../src/backends/http/client.ts"
 import { headerValue } from "../../src/backends/http/sink.ts";
 import type { Sink } from "../../src/backends/types.ts";
 import { log } from "../../src/observe/log.ts";
+import { VERSION } from "../../src/version.ts";
 import { backendContext, errorOf } from "../helpers/backend.ts";
 import { forwardMessages } from "../helpers/messages.ts";
 
@@ -145,14 +146,18 @@ describe("http sink, batch mode", () => {
     );
   });
 
-  test("X-Pgtrickle-Full-Refresh: true on the requests of a full-refresh change set; custom headers sent", async () => {
+  test("X-Pgtrickle-Full-Refresh: true on the requests of a full-refresh change set only; custom headers and User-Agent on every request", async () => {
     const sink = await makeSink({ url: server.url, headers: { "X-Tenant": "acme-corp" } });
-    const messages = [...forwardMessages(2), ...forwardMessages(1, { outboxId: 2, full_refresh: true })];
+    const messages = [...forwardMessages(2), ...forwardMessages(1, { outboxId: 2, full_refresh: true }), ...forwardMessages(1, { outboxId: 3 })];
     await sink.write(messages);
-    expect(server.requests).toHaveLength(2);
-    expect(server.requests[0]!.headers["x-pgtrickle-full-refresh"]).toBeUndefined();
-    expect(server.requests[1]!.headers["x-pgtrickle-full-refresh"]).toBe("true");
-    expect(server.requests[0]!.headers["x-tenant"]).toBe("acme-corp");
+    expect(server.requests).toHaveLength(3);
+    // The headers every request shares are built once: a request's own must not stay on them.
+    expect(server.requests.map((r) => r.headers["x-pgtrickle-full-refresh"])).toEqual([undefined, "true", undefined]);
+    for (const r of server.requests) {
+      expect(r.headers["x-tenant"]).toBe("acme-corp");
+      expect(r.headers["user-agent"]).toBe(`pgtrickle-relay/${VERSION}`);
+    }
+    expect(new Set(server.requests.map((r) => r.headers["idempotency-key"])).size).toBe(3);
   });
 
   test("a request holds one change set: a replay that finds more change sets sends the same requests with the same keys", async () => {
