@@ -54,7 +54,7 @@ return added
 type DedupPipeline = { pgtDedupXadd(stream: string, set: string, ...args: string[]): unknown };
 
 /** The entry's field/value items (docs/interface.md §6.4), in this order. */
-function entryFields(m: Message): string[] {
+export function entryFields(m: Message): string[] {
   return [
     "dedup_key", m.dedup_key,
     "pgt_dedup_key", m.dedup_key,
