@@ -12,17 +12,19 @@
  *     file sink's formatMessages (JSON Lines);
  *   - relay redis: the same messages and the Redis sink's XADD field items.
  * Prints the median of `rounds` rounds of this process's CPU time per message (user + system:
- * on a shared machine it varies far less than wall time), database round trips included.
+ * on a shared machine it varies far less than wall time), database round trips included. The
+ * process is warm after the first round: what a cold `drain` adds (its start, the JIT compiling
+ * the relay's code) is bench/e2e.ts's to show.
  */
-import { OutboxSource } from "../src/backends/outbox/source.ts";
+import * as v from "valibot";
 import { formatMessages } from "../src/backends/file/sink.ts";
+import { OutboxSourceConfig } from "../src/backends/outbox/config.ts";
+import { OutboxSource } from "../src/backends/outbox/source.ts";
 import { entryFields } from "../src/backends/redis/sink.ts";
 import type { Message } from "../src/message.ts";
 import { createStreamTable, enableOutbox, ident } from "../test/fixtures/outbox.ts";
 import { testDatabase } from "../test/helpers/pg.ts";
 import { benchContext, fillOutbox, median } from "./lib.ts";
-import { OutboxSourceConfig } from "../src/backends/outbox/config.ts";
-import * as v from "valibot";
 
 const rowsPerSet = Number(process.argv[2] ?? 10);
 const total = Number(process.argv[3] ?? 200_000);
