@@ -1,7 +1,7 @@
 /**
  * The outbox → file/Redis per-message path alone, in this process, against the raw loop's work.
  *
- *   node_modules/.bin/bun bench/forward-path.ts [rows-per-set=10] [messages=200000] [rounds=5] [raw|file|redis]
+ *   node_modules/.bin/bun bench/forward-path.ts [rows-per-set=10] [messages=200000] [rounds=5] [raw|file|redis|redis-send]
  *
  * Reads an outbox of `messages` messages (bench/lib.ts fillOutbox, as bench/e2e.ts writes it) in
  * polls of 1000 messages' worth of header rows, and turns each poll into what the sinks hand the
@@ -10,7 +10,10 @@
  *     per message, lines joined);
  *   - relay file: the outbox source's reader and message building (src/backends/outbox/) and the
  *     file sink's formatMessages (JSON Lines);
- *   - relay redis: the same messages and the Redis sink's XADD field items.
+ *   - relay redis: the same messages and the Redis sink's XADD field items;
+ *   - with `redis-send`: the raw loop's XADDs (ioredis, 1000 per pipeline, as bench/e2e.ts sends
+ *     them) against the relay's source and Redis sink writing, both to a real Redis — what the
+ *     client library costs on each side.
  * Prints the median of `rounds` rounds of this process's CPU time per message (user + system:
  * on a shared machine it varies far less than wall time), database round trips included. The
  * process is warm after the first round: what a cold `drain` adds (its start, the JIT compiling
@@ -21,7 +24,11 @@ import { formatMessages } from "../src/backends/file/sink.ts";
 import { OutboxSourceConfig } from "../src/backends/outbox/config.ts";
 import { OutboxSource } from "../src/backends/outbox/source.ts";
 import { entryFields } from "../src/backends/redis/sink.ts";
+import redisSink from "../src/backends/redis/sink.ts";
+import { RedisSinkConfig } from "../src/backends/redis/config.ts";
 import type { Message } from "../src/message.ts";
+import { Redis } from "ioredis";
+import { REDIS_URL } from "../test/helpers/servers.ts";
 import { createStreamTable, enableOutbox, ident } from "../test/fixtures/outbox.ts";
 import { testDatabase } from "../test/helpers/pg.ts";
 import { benchContext, fillOutbox, median } from "./lib.ts";
@@ -40,7 +47,10 @@ try {
   const { outboxTable } = await enableOutbox(db.sql, `public.${streamTable}`);
   await fillOutbox(db.sql, outboxTable, rowsPerSet, total);
 
-  async function raw() {
+  const redis = new Redis(REDIS_URL);
+  const streamKey = `bench:${streamTable}`;
+
+  async function raw(send = false) {
     let last = "0";
     const subject = `pgtrickle.${streamTable}.insert`;
     for (;;) {
@@ -50,34 +60,46 @@ try {
       );
       if (rows.length === 0) break;
       const bodies: string[] = [];
+      const p = send ? redis.pipeline() : null;
       for (const row of rows) {
         const outboxId = Number(row.id);
         row.payload.inserted.forEach((payload, i) => {
           const dedupKey = `${outboxTable}:${row.id}:${i}`;
-          bodies.push(JSON.stringify({ dedup_key: dedupKey, subject, payload, op: "insert", is_full_refresh: false, outbox_id: outboxId, refresh_id: null }));
+          if (p) p.xadd(streamKey, "*", "dedup_key", dedupKey, "pgt_dedup_key", dedupKey, "subject", subject, "op", "insert", "payload", JSON.stringify(payload), "full_refresh", "false", "outbox_id", String(outboxId));
+          else bodies.push(JSON.stringify({ dedup_key: dedupKey, subject, payload, op: "insert", is_full_refresh: false, outbox_id: outboxId, refresh_id: null }));
         });
       }
-      sink += (bodies.join("\n") + "\n").length;
+      if (p) {
+        for (const [err] of (await p.exec())!) if (err) throw err;
+      } else sink += (bodies.join("\n") + "\n").length;
       last = rows[rows.length - 1]!.id;
     }
   }
 
-  async function relay(use: (messages: Message[]) => void) {
+  async function relay(use: (messages: Message[]) => unknown) {
     const cfg = v.parse(OutboxSourceConfig, { outbox: `public.${streamTable}`, batch_size: BATCH / rowsPerSet, max_batch_messages: BATCH, start_position: "earliest" });
     const source = new OutboxSource(cfg, benchContext({ sql: db.sql, pipeline: "bench", drain: true }));
     await source.start();
-    for await (const batch of source.batches(new AbortController().signal)) use(batch.messages);
+    for await (const batch of source.batches(new AbortController().signal)) await use(batch.messages);
   }
 
   const cases: [string, string, () => Promise<void>][] = [
-    ["raw", "raw (2 columns, envelope objects, JSON Lines)", raw],
+    ["raw", "raw (2 columns, envelope objects, JSON Lines)", () => raw()],
     ["file", "relay → file (formatMessages jsonl)", () => relay((ms) => (sink += formatMessages("jsonl", ms).length))],
     ["redis", "relay → Redis (XADD field items)", () => relay((ms) => { for (const m of ms) sink += entryFields(m).length; })],
+    ["redis-send", "raw → Redis (XADD, 1000 per pipeline)", () => raw(true)],
+    ["redis-send", "relay → Redis (the sink's write)", async () => {
+      const redisOut = redisSink.create(v.parse(RedisSinkConfig, { url: REDIS_URL, stream_key: streamKey }), benchContext());
+      await redisOut.start();
+      await relay((ms) => redisOut.write(ms));
+      await redisOut.close();
+    }],
   ];
   for (const [key, name, fn] of cases) {
     if (only && key !== only) continue;
     const ns: number[] = [];
     for (let r = 0; r < rounds; r++) {
+      await redis.del(streamKey); // the Redis cases' entries: one round's at most
       const t0 = process.cpuUsage();
       await fn();
       const cpu = process.cpuUsage(t0);
@@ -85,6 +107,8 @@ try {
     }
     console.log(`${name.padEnd(50)} ${median(ns).toFixed(0).padStart(6)} ns/message (rounds: ${ns.map((x) => x.toFixed(0)).join(", ")})`);
   }
+  await redis.del(streamKey);
+  redis.disconnect();
 } finally {
   await db.drop();
 }
