@@ -43,22 +43,29 @@ export class RowMessages {
    * first `skip` of them (already delivered) left out.
    */
   async *messagesOf(header: HeaderRow, plan: Plan, skip = 0): AsyncIterable<Message[]> {
-    if (plan.kind === "none") return;
-    if (plan.kind === "summary") {
-      if (skip === 0) yield [this.message(header, "summary", 0, plan.payload, plan.fullRefresh, plan.refreshId)];
-      return;
+    if (plan.kind === "claim_check") yield* this.claimCheckMessages(header, plan.fullRefresh, plan.refreshId, skip);
+    else {
+      const messages = this.inlineMessages(header, plan, skip);
+      for (let i = 0; i < messages.length; i += this.cfg.max_batch_messages) yield messages.slice(i, i + this.cfg.max_batch_messages);
     }
-    if (plan.kind === "rows") {
-      // An UPDATE is a delete plus an insert: deletes go first so that a consumer applying
-      // messages in order ends with the new row. Indexes follow docs/interface.md §6.2 (inserts first).
-      const inserted = plan.inserted.length;
-      const out: Message[] = [];
-      plan.deleted.forEach((row, i) => out.push(this.message(header, "delete", inserted + i, row, plan.fullRefresh, plan.refreshId)));
-      plan.inserted.forEach((row, i) => out.push(this.message(header, "insert", i, row, plan.fullRefresh, plan.refreshId)));
-      for (let i = skip; i < out.length; i += this.cfg.max_batch_messages) yield out.slice(i, i + this.cfg.max_batch_messages);
-      return;
-    }
-    yield* this.claimCheckMessages(header, plan.fullRefresh, plan.refreshId, skip);
+  }
+
+  /**
+   * The messages of a header row that carries them itself (rows, a summary, or nothing), at once
+   * and without an await: the source reads most rows this way, and an async generator per header
+   * row cost more than the row's messages when change sets are small (bench/RESULTS.md,
+   * "Forward file and Redis: per-message path").
+   */
+  inlineMessages(header: HeaderRow, plan: Exclude<Plan, { kind: "claim_check" }>, skip = 0): Message[] {
+    if (plan.kind === "none") return [];
+    if (plan.kind === "summary") return skip === 0 ? [this.message(header, "summary", 0, plan.payload, plan.fullRefresh, plan.refreshId)] : [];
+    // An UPDATE is a delete plus an insert: deletes go first so that a consumer applying
+    // messages in order ends with the new row. Indexes follow docs/interface.md §6.2 (inserts first).
+    const { inserted, deleted, fullRefresh, refreshId } = plan;
+    const out: Message[] = [];
+    for (let i = skip; i < deleted.length; i++) out.push(this.message(header, "delete", inserted.length + i, deleted[i], fullRefresh, refreshId));
+    for (let i = Math.max(0, skip - deleted.length); i < inserted.length; i++) out.push(this.message(header, "insert", i, inserted[i], fullRefresh, refreshId));
+    return out;
   }
 
   /**

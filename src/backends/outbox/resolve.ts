@@ -20,13 +20,20 @@ function splitName(name: string): { schema?: string; table: string } {
   return m ? { schema: unquote(m[1]!), table: unquote(m[2]!) } : { table: unquote(name) };
 }
 
-export async function requireOutboxApi(sql: Sql, pipeline: string): Promise<void> {
-  const [row] = await sql<{ ok: boolean }[]>`SELECT to_regclass('pgtrickle.pgt_outbox_config') IS NOT NULL AS ok`;
+/**
+ * Checks that the outbox API is there; returns whether pgt_stream_tables is too (where the
+ * schema of a stream table comes from, see findOutbox). One round trip: a pipeline's start waits
+ * for each of them.
+ */
+async function requireOutboxApi(sql: Sql, pipeline: string): Promise<{ streamTables: boolean }> {
+  const [row] = await sql<{ ok: boolean; st: boolean }[]>`
+    SELECT to_regclass('pgtrickle.pgt_outbox_config') IS NOT NULL AS ok, to_regclass('pgtrickle.pgt_stream_tables') IS NOT NULL AS st`;
   if (!row?.ok) {
     throw configError(
       `pipeline '${pipeline}': the pg_trickle outbox API is not in this database (pgtrickle.pgt_outbox_config is missing); pg_trickle 0.28–0.45 provides it`,
     );
   }
+  return { streamTables: row.st };
 }
 
 interface ConfigRow {
@@ -40,11 +47,10 @@ interface ConfigRow {
  * or an outbox table name (docs/interface.md §5.2). Returns null when nothing matches.
  */
 export async function findOutbox(sql: Sql, pipeline: string, name: string): Promise<OutboxTarget | null> {
-  await requireOutboxApi(sql, pipeline);
+  const { streamTables } = await requireOutboxApi(sql, pipeline);
   // stream_table_oid holds the extension's pgt_id (0.28–0.71), not a relation OID: the schema
   // comes from pgt_stream_tables; the pg_class join only serves versions that store a real OID.
-  const [cat] = await sql<{ st: boolean }[]>`SELECT to_regclass('pgtrickle.pgt_stream_tables') IS NOT NULL AS st`;
-  const rows = cat?.st
+  const rows = streamTables
     ? await sql<ConfigRow[]>`
         SELECT coalesce(s.pgt_schema, n.nspname) AS schema, c.stream_table_name, c.outbox_table_name
         FROM pgtrickle.pgt_outbox_config c
@@ -76,18 +82,20 @@ export async function findOutbox(sql: Sql, pipeline: string, name: string): Prom
 
 async function describeOutbox(sql: Sql, pipeline: string, row: ConfigRow): Promise<OutboxTarget> {
   const deltaTable = `outbox_delta_rows_${[...row.stream_table_name].slice(0, 48).join("")}`;
-  const [info] = await sql<{ oid: number | null; seq: string | null; delta: boolean }[]>`
+  // The delta table's columns from pg_attribute, in the same statement (null: no delta table):
+  // information_schema.columns cost a round trip more and several milliseconds of planning on
+  // the fresh connection a pipeline starts with.
+  const [info] = await sql<{ oid: number | null; seq: string | null; delta_columns: string[] | null }[]>`
     SELECT to_regclass(format('pgtrickle.%I', ${row.outbox_table_name}::text))::oid::int AS oid,
            pg_get_serial_sequence(format('pgtrickle.%I', ${row.outbox_table_name}::text), 'id') AS seq,
-           to_regclass(format('pgtrickle.%I', ${deltaTable}::text)) IS NOT NULL AS delta`;
+           (SELECT array_agg(a.attname::text) FROM pg_catalog.pg_attribute a
+             WHERE a.attrelid = to_regclass(format('pgtrickle.%I', ${deltaTable}::text)) AND a.attnum > 0 AND NOT a.attisdropped) AS delta_columns`;
   if (!info?.oid) {
     throw configError(`pipeline '${pipeline}': outbox table pgtrickle."${row.outbox_table_name}" is registered but does not exist`);
   }
   let deltaColumns: OutboxTarget["deltaColumns"] = null;
-  if (info.delta) {
-    const cols = await sql<{ column_name: string }[]>`
-      SELECT column_name FROM information_schema.columns WHERE table_schema = 'pgtrickle' AND table_name = ${deltaTable}`;
-    const names = new Set(cols.map((c) => c.column_name));
+  if (info.delta_columns) {
+    const names = new Set(info.delta_columns);
     if (names.has("row_op") && names.has("row_data")) deltaColumns = { op: "row_op", data: "row_data", legacyOps: false };
     else if (names.has("op") && names.has("payload")) deltaColumns = { op: "op", data: "payload", legacyOps: true };
   }

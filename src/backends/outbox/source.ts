@@ -201,12 +201,14 @@ export class OutboxSource implements Source {
       const resumes = this.withinRow?.outbox === this.target.outboxTable && this.withinRow.outbox_id === header.id;
       let delivered = resumes ? this.withinRow!.delivered : 0;
       try {
-        for await (const chunk of this.messages.messagesOf(header, plan, delivered)) {
-          for (const m of chunk) {
-            fill.messages.push(m);
-            delivered++;
-            if (fill.messages.length >= this.cfg.max_batch_messages) yield fill.take({ outbox: this.target.outboxTable, outbox_id: header.id, delivered });
+        if (plan.kind === "claim_check") {
+          for await (const chunk of this.messages.messagesOf(header, plan, delivered)) {
+            for (const batch of this.addMessages(fill, chunk, header.id, delivered)) yield batch;
+            delivered += chunk.length;
           }
+        } else {
+          // Inline rows need no await: most header rows are these (see RowMessages.inlineMessages).
+          for (const batch of this.addMessages(fill, this.messages.inlineMessages(header, plan, delivered), header.id, delivered)) yield batch;
         }
       } catch (err) {
         if (errorKind(err) !== "decode") throw err;
@@ -215,6 +217,21 @@ export class OutboxSource implements Source {
       fill.completed = header.id;
       if (plan.kind === "claim_check") fill.claimChecks.push(header.id);
     }
+  }
+
+  /**
+   * Adds `messages` of header row `id` to `fill`, after the `delivered` first ones of that row;
+   * returns the batches this filled to max_batch_messages (each ending inside the row, so each
+   * saves its position in it).
+   */
+  private addMessages(fill: BatchFill, messages: Message[], id: string, delivered: number): Batch[] {
+    const full: Batch[] = [];
+    for (const m of messages) {
+      fill.messages.push(m);
+      delivered++;
+      if (fill.messages.length >= this.cfg.max_batch_messages) full.push(fill.take({ outbox: this.target.outboxTable, outbox_id: id, delivered }));
+    }
+    return full;
   }
 
   /**

@@ -9,7 +9,7 @@
  * `dedup_window_seconds` makes the sink itself idempotent within that window, at a cost (see
  * DEDUP_XADD below and bench/redis-sink.ts).
  */
-import type { Redis } from "ioredis";
+import type { ChainableCommander, Redis } from "ioredis";
 import { configError, RelayError, transientError, worseError } from "../../errors.ts";
 import { hasPlaceholder, renderTemplate, type Message } from "../../message.ts";
 import { withTimeout } from "../../sleep.ts";
@@ -54,7 +54,7 @@ return added
 type DedupPipeline = { pgtDedupXadd(stream: string, set: string, ...args: string[]): unknown };
 
 /** The entry's field/value items (docs/interface.md §6.4), in this order. */
-function entryFields(m: Message): string[] {
+export function entryFields(m: Message): string[] {
   return [
     "dedup_key", m.dedup_key,
     "pgt_dedup_key", m.dedup_key,
@@ -137,43 +137,30 @@ class RedisSink implements Sink {
     // bounds memory and keeps every stream key's entries in batch order.
     for (const chunk of chunks(messages, this.cfg.max_in_flight)) {
       if (failure !== null) break;
-      // One command per message, or with dedup one script call per stream key.
-      const commands: { key: string; messages: Message[] }[] = [];
       const pipeline = client.pipeline();
-      if (windowMs > 0) {
-        const byKey = new Map<string, { key: string; messages: Message[] }>();
+      // With dedup one script call per stream key; without, one XADD per message of the chunk,
+      // in its order (no record per message: a reply's messages are found from its index).
+      const scripts = windowMs > 0 ? this.queueDedupXadds(pipeline, chunk, windowMs, maxlen) : null;
+      if (scripts === null) {
         for (const m of chunk) {
-          const key = renderTemplate(this.cfg.stream_key, m);
-          let command = byKey.get(key);
-          if (!command) byKey.set(key, (command = { key, messages: [] }));
-          command.messages.push(m);
-        }
-        for (const command of byKey.values()) {
-          const args: string[] = [String(windowMs), maxlen, String(FIELD_ITEMS)];
-          for (const m of command.messages) args.push(m.dedup_key, ...entryFields(m));
-          (pipeline as unknown as DedupPipeline).pgtDedupXadd(command.key, `${command.key}:pgt_dedup`, ...args);
-          commands.push(command);
-        }
-      } else {
-        for (const m of chunk) {
-          const key = renderTemplate(this.cfg.stream_key, m);
+          const key = this.keyOf(m);
           if (maxlen) pipeline.xadd(key, "MAXLEN", "~", maxlen, "*", ...entryFields(m));
           else pipeline.xadd(key, "*", ...entryFields(m));
-          commands.push({ key, messages: [m] });
         }
       }
+      const commandCount = scripts?.length ?? chunk.length;
       let replies: [Error | null, unknown][] | null;
       try {
         replies = await this.timed(pipeline.exec(), "XADD");
       } catch (err) {
         throw this.commandFailure(err, "XADD");
       }
-      if (replies === null || replies.length !== commands.length) {
-        throw transientError(`Redis at ${this.target.where}: XADD pipeline returned ${replies?.length ?? "no"} replies for ${commands.length} commands`);
+      if (replies === null || replies.length !== commandCount) {
+        throw transientError(`Redis at ${this.target.where}: XADD pipeline returned ${replies?.length ?? "no"} replies for ${commandCount} commands`);
       }
       for (const [i, [err]] of replies.entries()) {
         if (!err) continue;
-        const { key, messages: affected } = commands[i]!;
+        const { key, messages: affected } = scripts?.[i] ?? { key: this.keyOf(chunk[i]!), messages: [chunk[i]!] };
         if (replyCode(err) !== "WRONGTYPE") {
           failure = worseError(failure, this.commandFailure(err, "XADD"));
         } else if (this.fixedKey) {
@@ -186,6 +173,28 @@ class RedisSink implements Sink {
     }
     if (failure !== null) throw failure;
     return rejections;
+  }
+
+  /** The stream key of `m`: the configured one as it is when it has no placeholder. */
+  private keyOf(m: Message): string {
+    return this.fixedKey ? this.cfg.stream_key : renderTemplate(this.cfg.stream_key, m);
+  }
+
+  /** Queues one dedup script call per stream key of `chunk`; returns each call's key and messages, in queue order. */
+  private queueDedupXadds(pipeline: ChainableCommander, chunk: Message[], windowMs: number, maxlen: string): { key: string; messages: Message[] }[] {
+    const byKey = new Map<string, { key: string; messages: Message[] }>();
+    for (const m of chunk) {
+      const key = this.keyOf(m);
+      let command = byKey.get(key);
+      if (!command) byKey.set(key, (command = { key, messages: [] }));
+      command.messages.push(m);
+    }
+    for (const command of byKey.values()) {
+      const args: string[] = [String(windowMs), maxlen, String(FIELD_ITEMS)];
+      for (const m of command.messages) args.push(m.dedup_key, ...entryFields(m));
+      (pipeline as unknown as DedupPipeline).pgtDedupXadd(command.key, `${command.key}:pgt_dedup`, ...args);
+    }
+    return [...byKey.values()];
   }
 
   async close(): Promise<void> {
