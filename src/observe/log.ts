@@ -1,4 +1,6 @@
-import { createConsola, type ConsolaInstance, type LogObject } from "consola";
+// consola/core: the logger alone. The package root also loads its fancy reporters and prompts,
+// some 14 ms of every start (bench/RESULTS.md, "Startup"); the relay has reporters of its own.
+import { createConsola, type ConsolaInstance, type LogObject } from "consola/core";
 import { redact } from "../redact.ts";
 
 export type LogFormat = "text" | "json";
