@@ -39,19 +39,23 @@ abstract class Family<V> {
   protected abstract lines(key: string, labels: Labels, value: V): string;
 }
 
-class Counter extends Family<number> {
+/** A family of one number per series: a line `name{labels} value` each. */
+abstract class NumberFamily extends Family<number> {
+  protected lines(key: string, _labels: Labels, value: number): string {
+    return `${this.name}${key} ${formatNumber(value)}\n`;
+  }
+}
+
+class Counter extends NumberFamily {
   constructor(name: string, help: string) {
     super(name, help, "counter");
   }
   inc(labels: Labels, by = 1): void {
     this.entry(labels, () => 0).value += by;
   }
-  protected lines(key: string, _labels: Labels, value: number): string {
-    return `${this.name}${key} ${formatNumber(value)}\n`;
-  }
 }
 
-class Gauge extends Family<number> {
+class Gauge extends NumberFamily {
   constructor(name: string, help: string, unlabelled: boolean) {
     super(name, help, "gauge");
     if (unlabelled) this.set(0); // a gauge without labels has a value from the start
@@ -59,9 +63,6 @@ class Gauge extends Family<number> {
   set(labelsOrValue: Labels | number, value?: number): void {
     if (typeof labelsOrValue === "number") this.entry({}, () => 0).value = labelsOrValue;
     else this.entry(labelsOrValue, () => 0).value = value!;
-  }
-  protected lines(key: string, _labels: Labels, value: number): string {
-    return `${this.name}${key} ${formatNumber(value)}\n`;
   }
 }
 
